@@ -35,14 +35,15 @@ fi
 # 2. Interfaces + package: the same CMakeLists.txt colcon uses, installed into the venv.
 . "$root/scripts/env.sh"
 build=$root/build/venv
+mkdir -p "$build"
 if [ ! -f "$build/CMakeCache.txt" ]; then
   echo "[setup] configuring the fvs_ros CMake build"
   cmake -S "$root" -B "$build" -DCMAKE_INSTALL_PREFIX="$venv" -DBUILD_TESTING=OFF \
-    -DPython3_EXECUTABLE="$py" > "$build.configure.log" 2>&1 \
-    || { cat "$build.configure.log"; exit 1; }
+    -DPython3_EXECUTABLE="$py" > "$build/configure.log" 2>&1 \
+    || { cat "$build/configure.log"; exit 1; }
 fi
-cmake --build "$build" -j"$(nproc)" > "$build.build.log" 2>&1 || { cat "$build.build.log"; exit 1; }
-cmake --install "$build" > "$build.install.log" 2>&1 || { cat "$build.install.log"; exit 1; }
+cmake --build "$build" -j"$(nproc)" > "$build/build.log" 2>&1 || { cat "$build/build.log"; exit 1; }
+cmake --install "$build" > "$build/install.log" 2>&1 || { cat "$build/install.log"; exit 1; }
 "$py" -c 'import rclpy, fvs_ros.srv, fvs_ros.msg' \
   || { echo "[setup] the generated interfaces do not import"; exit 1; }
 echo "[setup] ready: $venv"
