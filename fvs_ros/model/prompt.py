@@ -1,0 +1,82 @@
+"""Chat prompt around the memory, from the checkpoint's chat template (Qwen2-VL ChatML otherwise).
+
+The prompt of one question with the video is split at the video placeholder so the part
+before the question can be cached:
+
+    head  = "<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<|vision_start|>"
+    [memory tokens] <|vision_end|>
+    tail  = "{question}<|im_end|>\\n<|im_start|>assistant\\n{answer_prefix}"
+
+Every cut lies at a special token, so tokenizing the pieces apart gives the same ids as
+tokenizing the whole prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+VIDEO_PAD = "<|video_pad|>"
+VISION_END = "<|vision_end|>"
+_SYSTEM = "FVS_SYSTEM_SENTINEL"
+_QUESTION = "FVS_QUESTION_SENTINEL"
+
+QWEN2_VL_CHAT = (
+    "<|im_start|>system\n" + _SYSTEM + "<|im_end|>\n<|im_start|>user\n<|vision_start|>" + VIDEO_PAD
+    + VISION_END + _QUESTION + "<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """The text pieces of a one-turn video question."""
+
+    before_system: str
+    before_memory: str  # after the system prompt, up to and including <|vision_start|>
+    before_question: str  # after <|vision_end|>
+    after_question: str  # ends with the assistant turn's opening
+
+    def head(self, system_prompt: str) -> str:
+        return self.before_system + system_prompt + self.before_memory
+
+
+def chat_format(ckpt_dir: Path, tokenizer) -> ChatFormat:
+    """Split the checkpoint's chat template, rendered for [system, user(video, question)], at its placeholders."""
+    template = load_chat_template(ckpt_dir, tokenizer)
+    if template is None:
+        rendered = QWEN2_VL_CHAT
+    else:
+        messages = [
+            {"role": "system", "content": _SYSTEM},
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": _QUESTION}]},
+        ]
+        rendered = tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    before_system, rest = _split_once(rendered, _SYSTEM)
+    before_memory, rest = _split_once(rest, VIDEO_PAD)
+    if not rest.startswith(VISION_END):
+        raise ValueError(f"chat template does not close the video with {VISION_END}")
+    before_question, after_question = _split_once(rest.removeprefix(VISION_END), _QUESTION)
+    return ChatFormat(before_system, before_memory, before_question, after_question)
+
+
+def load_chat_template(ckpt_dir: Path, tokenizer) -> str | None:
+    """The checkpoint's template: the tokenizer's, else chat_template.jinja / chat_template.json."""
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    jinja = ckpt_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    json_file = ckpt_dir / "chat_template.json"
+    if json_file.is_file():
+        return json.loads(json_file.read_text())["chat_template"]
+    return None
+
+
+def _split_once(text: str, marker: str) -> tuple[str, str]:
+    parts = text.split(marker)
+    if len(parts) != 2:
+        raise ValueError(f"chat template renders {marker!r} {len(parts) - 1} times, expected once")
+    return parts[0], parts[1]

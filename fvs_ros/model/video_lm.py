@@ -1,0 +1,330 @@
+"""VideoLM: frames -> ViT features for the memory; memory -> LLM prompt; greedy answers with a cached prefix.
+
+The transformers 5.x Qwen2-VL / Qwen2.5-VL modules do the math (ViT blocks, merger, decoder
+layers, rotary embeddings, attention); this class only decides what goes in:
+
+    encode_frames:  frames -> pixel patches (full + 2x2-pooled low resolution) -> one ViT call
+                    with the two resolutions as two sequences -> pre-merger features [B, N, C]
+    prefill_memory: [head text, merger(DAM features), merger(CSM features), <|vision_end|>]
+                    with the official (t, h, w) positions (positions.py) -> KV cache
+    answer:         [question tail] on a copy of that cache, then greedy decoding; text
+                    positions continue from the cached prefix's next position on all 3 axes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, DynamicCache
+from transformers.vision_utils import get_vision_window_index
+
+from .checkpoint import QWEN2_5_VL, CheckpointConfig, ModelLoadError, build_model, read_config, resolve_source
+from .positions import TRAINED_SLOTS, memory_positions, time_to_position
+from .preprocess import MAX_PIXELS, MIN_PIXELS, SlotPatches, frame_size, resize_frames, slot_patches
+from .prompt import ChatFormat, chat_format
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_MAX_NEW_TOKENS = 128
+
+TokenCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class FrameFeatures:
+    """Pre-merger ViT features of B slots, in the ViT's token order (2x2 merge windows contiguous)."""
+
+    full: torch.Tensor  # [B, Nf, C], Nf = h * w
+    low: torch.Tensor  # [B, Nl, C], Nl = h/2 * w/2
+    full_hw: tuple[int, int]  # (h, w) ViT patch grid of a full-resolution slot
+    low_hw: tuple[int, int]  # (h/2, w/2)
+
+
+@dataclass(frozen=True)
+class MemoryPrefix:
+    """KV cache of [system prompt + <|vision_start|> + memory + <|vision_end|>]; never mutated."""
+
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer (keys, values): [1, kv_heads, P, head_dim]
+    num_tokens: int  # P
+    next_position: int  # position id of the first token after <|vision_end|>
+    snapshot_version: int
+    frames_seen: int
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """A whole prompt as LLM input."""
+
+    embeds: torch.Tensor  # [1, L, hidden]
+    position_ids: torch.Tensor  # [3, 1, L] (t, h, w)
+    next_position: int  # position id of the first generated token
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    token_ids: list[int]
+    ttft_s: float  # call -> first token known (includes the question prefill)
+    total_s: float
+    prompt_tokens: int  # tokens prefilled by this call
+
+
+class VideoLM:
+    """A Qwen2-VL-family checkpoint driven for Flash Memory streaming. Build it with load_model()."""
+
+    def __init__(self, model, tokenizer, chat: ChatFormat, checkpoint: CheckpointConfig, ckpt_dir: Path,
+                 min_pixels: int, max_pixels: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.model_type = checkpoint.model_type
+        self._memory_defaults = dict(checkpoint.memory_defaults)
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.trained_slots = TRAINED_SLOTS
+        self.visual = model.model.visual
+        self.llm = model.model.language_model
+        self.lm_head = model.lm_head
+        self.device = self.lm_head.weight.device
+        self.dtype = self.lm_head.weight.dtype
+        vision = model.config.vision_config
+        self.feature_dim = vision.hidden_size if self.model_type == QWEN2_5_VL else vision.embed_dim
+        self.vision_end_id = model.config.vision_end_token_id
+        self.stop_ids = stop_token_ids(model.config, tokenizer, ckpt_dir)
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+
+    @property
+    def memory_defaults(self) -> dict:
+        """MemoryConfig keyword arguments from the checkpoint (csm_slots, dam_frames)."""
+        return dict(self._memory_defaults)
+
+    # ------------------------------------------------------------------ frames -> features
+
+    def frame_size(self, height: int, width: int) -> tuple[int, int]:
+        """Resize target (H, W) of a height x width frame: multiples of 56 within the pixel budget."""
+        return frame_size(height, width, self.min_pixels, self.max_pixels)
+
+    @torch.inference_mode()
+    def encode_frames(self, frames: np.ndarray, frames_per_slot: int = 1) -> FrameFeatures:
+        """[B, H, W, 3] uint8 RGB -> features of B / frames_per_slot slots.
+
+        frames_per_slot=1 (streaming) puts each frame in both halves of a temporal patch;
+        2 (offline, as the checkpoint was trained) pairs consecutive frames. Frames not at
+        frame_size(H, W) are resized (PIL bicubic, as the official processor).
+        """
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+            raise ValueError(f"expected [B, H, W, 3] uint8 frames, got {frames.dtype} {frames.shape}")
+        frames = resize_frames(frames, self.frame_size(*frames.shape[1:3]))
+        return self.vit(slot_patches(torch.from_numpy(frames).to(self.device), frames_per_slot))
+
+    @torch.inference_mode()
+    def vit(self, patches: SlotPatches) -> FrameFeatures:
+        """Both resolutions through the ViT in one call (two sequences); features before the merger."""
+        (h, w), (hl, wl) = patches.full_hw, patches.low_hw
+        slots = patches.full.shape[0] // (h * w)
+        grid = torch.tensor([[slots, h, w], [slots, hl, wl]], device=self.device)
+        pixels = torch.cat([patches.full, patches.low]).to(self.device, self.dtype)
+        hidden = self.visual(pixels, grid_thw=grid).last_hidden_state  # [S * (Nf + Nl), C]
+        if self.model_type == QWEN2_5_VL:
+            hidden = self._undo_window_order(hidden, grid)
+        full, low = hidden.split([slots * h * w, slots * hl * wl])
+        return FrameFeatures(full.view(slots, h * w, -1), low.view(slots, hl * wl, -1), (h, w), (hl, wl))
+
+    def _undo_window_order(self, hidden: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-VL returns pre-merger tokens grouped by attention window; restore the Qwen2-VL order."""
+        cfg = self.visual.config
+        window_index, _ = get_vision_window_index(grid, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
+        unit = cfg.spatial_merge_size**2
+        order = torch.argsort(window_index.to(hidden.device))
+        return hidden.view(-1, unit, hidden.shape[-1])[order].view(-1, hidden.shape[-1])
+
+    # ------------------------------------------------------------------ memory -> LLM input
+
+    @torch.inference_mode()
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Merger (projector): [n, N, C] pre-merger features -> [n * N / 4, hidden] LLM tokens, row-major."""
+        x = features.reshape(-1, features.shape[-1]).to(self.device, self.dtype)
+        return self.visual.merger(x)
+
+    @torch.inference_mode()
+    def memory_inputs(self, snapshot, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Memory tokens at positions from `start`: (embeds [M, hidden], position ids [3, M], <|vision_end|> position)."""
+        if getattr(snapshot, "full_hw", None) is None:
+            raise ValueError("memory snapshot without full_hw (the slots' ViT patch grid, docs/architecture.md)")
+        h, w = snapshot.full_hw
+        dam_t = time_to_position(snapshot.dam_slots, snapshot.frames_seen, self.trained_slots)
+        csm_t = time_to_position(snapshot.csm_times, snapshot.frames_seen, self.trained_slots)
+        positions, end = memory_positions(start, dam_t.cpu(), csm_t.cpu(), (h // 2, w // 2))
+        embeds = torch.cat([self.project(snapshot.dam_features), self.project(snapshot.csm_features)])
+        return embeds, positions.to(self.device), end
+
+    @torch.inference_mode()
+    def prompt_inputs(self, snapshot, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                      answer_prefix: str = "") -> PromptInputs:
+        """The whole prompt [head + memory + <|vision_end|> + question tail] as one LLM input."""
+        head, head_pos, next_position = self._head_inputs(snapshot, system_prompt)
+        tail, tail_pos = self._tail_inputs(question, answer_prefix, next_position)
+        return PromptInputs(
+            torch.cat([head, tail], dim=1), torch.cat([head_pos, tail_pos], dim=2), next_position + tail.shape[1]
+        )
+
+    def _head_inputs(self, snapshot, system_prompt: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        ids = self._tokenize(self.chat.head(system_prompt))
+        memory, memory_pos, end = self.memory_inputs(snapshot, len(ids))
+        embeds = torch.cat([self._embed(ids), memory, self._embed([self.vision_end_id])])
+        positions = torch.cat([self._text_positions(0, len(ids)), memory_pos, self._text_positions(end, 1)], dim=1)
+        return embeds[None], positions[:, None], end + 1
+
+    def _tail_inputs(self, question: str, answer_prefix: str, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = (
+            self._tokenize(self.chat.before_question)
+            + self._tokenize(question, split_special_tokens=True)  # a question cannot inject control tokens
+            + self._tokenize(self.chat.after_question + answer_prefix)
+        )
+        return self._embed(ids)[None], self._text_positions(start, len(ids))[:, None]
+
+    def _text_positions(self, start: int, n: int) -> torch.Tensor:
+        """Text tokens advance all three axes together: [3, n]."""
+        return torch.arange(start, start + n, device=self.device).expand(3, n)
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        return self.llm.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def _tokenize(self, text: str, split_special_tokens: bool = False) -> list[int]:
+        if not text:
+            return []
+        with self._tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens).input_ids
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def prefill_memory(self, snapshot, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> MemoryPrefix:
+        """Run the LLM once over [system prompt + <|vision_start|> + memory + <|vision_end|>]."""
+        embeds, positions, next_position = self._head_inputs(snapshot, system_prompt)
+        cache = self._new_cache()
+        self.llm(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True)
+        kv = tuple((layer.keys, layer.values) for layer in cache.layers)
+        return MemoryPrefix(kv, embeds.shape[1], next_position, int(snapshot.version), int(snapshot.frames_seen))
+
+    @torch.inference_mode()
+    def answer(self, prefix: MemoryPrefix, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+               on_token: TokenCallback | None = None, answer_prefix: str = "") -> Generation:
+        """Greedy answer from a cached prefix: prefill only the question tail on a copy of the cache."""
+        start = time.perf_counter()
+        cache = self._new_cache()
+        for layer, (keys, values) in enumerate(prefix.kv):
+            cache.update(keys, values, layer)  # concatenation copies: the prefix stays untouched
+        embeds, positions = self._tail_inputs(question, answer_prefix, prefix.next_position)
+        logits = self._step(embeds, positions, cache)
+        next_position = prefix.next_position + embeds.shape[1]
+        return self._decode(cache, logits, next_position, max_new_tokens, on_token, start, embeds.shape[1])
+
+    @torch.inference_mode()
+    def answer_uncached(self, snapshot, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                        system_prompt: str = DEFAULT_SYSTEM_PROMPT, on_token: TokenCallback | None = None,
+                        answer_prefix: str = "") -> Generation:
+        """The same answer as prefill_memory + answer, from one full prefill (reference path)."""
+        start = time.perf_counter()
+        inputs = self.prompt_inputs(snapshot, question, system_prompt, answer_prefix)
+        cache = self._new_cache()
+        logits = self._step(inputs.embeds, inputs.position_ids, cache)
+        prompt_tokens = inputs.embeds.shape[1]
+        return self._decode(cache, logits, inputs.next_position, max_new_tokens, on_token, start, prompt_tokens)
+
+    @torch.inference_mode()
+    def logits(self, inputs: PromptInputs) -> torch.Tensor:
+        """Float32 logits [L, vocab] of every prompt position (teacher forcing; for tests and evaluation)."""
+        hidden = self.llm(inputs_embeds=inputs.embeds, position_ids=inputs.position_ids).last_hidden_state
+        return self.lm_head(hidden[0]).float()
+
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.llm.config)
+
+    def _step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Run [1, L] new tokens through the LLM on `cache` (extended in place); float32 logits [vocab] of the last."""
+        hidden = self.llm(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        return self.lm_head(hidden[0, -1]).float()
+
+    def _decode(self, cache: DynamicCache, logits: torch.Tensor, position: int, max_new_tokens: int,
+                on_token: TokenCallback | None, start: float, prompt_tokens: int) -> Generation:
+        """Greedy decoding until a stop token or max_new_tokens; each new token takes the next text position."""
+        tokens, text, ttft = [], "", None
+        for step in range(max_new_tokens):
+            token = int(logits.argmax())
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            if token in self.stop_ids:
+                break
+            tokens.append(token)
+            text = self._stream_text(tokens, text, on_token)
+            if step + 1 < max_new_tokens:
+                logits = self._step(self._embed([token])[None], self._text_positions(position, 1)[:, None], cache)
+                position += 1
+        total = time.perf_counter() - start
+        final = self._detokenize(tokens)
+        if on_token is not None and len(final) > len(text):
+            on_token(final[len(text):])
+        return Generation(final, tokens, total if ttft is None else ttft, total, prompt_tokens)
+
+    def _stream_text(self, tokens: list[int], sent: str, on_token: TokenCallback | None) -> str:
+        """Send the newly decoded text; hold it back while it ends in an incomplete UTF-8 sequence."""
+        text = self._detokenize(tokens)
+        if on_token is None or text.endswith("\ufffd") or len(text) <= len(sent):
+            return sent
+        on_token(text[len(sent):])
+        return text
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def stop_token_ids(config, tokenizer, ckpt_dir: Path) -> frozenset[int]:
+    """<|im_end|>, <|endoftext|> and every eos id of the config and generation_config.json."""
+    ids = set(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    sources = [config.get_text_config().eos_token_id]
+    generation_config = ckpt_dir / "generation_config.json"
+    if generation_config.is_file():
+        sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
+    for eos in sources:
+        ids.update(eos if isinstance(eos, list) else [eos])
+    ids.discard(None)
+    ids.discard(tokenizer.unk_token_id)
+    return frozenset(ids)
+
+
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+               min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> VideoLM:
+    """Load a Flash-VStream-Qwen2-VL, Qwen2-VL or Qwen2.5-VL checkpoint (hub id or local directory).
+
+    Raises ModelLoadError (one-line message) for a missing source, an unsupported config, weights
+    that do not match the config, or weights that do not fit the device.
+    """
+    if "cache" not in inspect.signature(_text_model_forward()).parameters:
+        raise ModelLoadError("this transformers version is too old: fvs_ros.model needs the 5.x `cache=` LLM API")
+    device = torch.device(device)
+    ckpt_dir = resolve_source(source)
+    checkpoint = read_config(ckpt_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, config=checkpoint.hf_config)
+    except Exception as err:
+        raise ModelLoadError(f"{ckpt_dir}: cannot load the tokenizer: {type(err).__name__}: {err}") from None
+    try:
+        chat = chat_format(ckpt_dir, tokenizer)
+    except Exception as err:  # template syntax or layout: either way the prompt cannot be built
+        raise ModelLoadError(f"{ckpt_dir}: unusable chat template: {err}") from None
+    model = build_model(checkpoint, ckpt_dir, dtype, device)
+    return VideoLM(model, tokenizer, chat, checkpoint, ckpt_dir, min_pixels, max_pixels)
+
+
+def _text_model_forward():
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+
+    return Qwen2VLTextModel.forward
