@@ -11,9 +11,13 @@ from fvs_ros.model.positions import TRAINED_SLOTS, memory_positions, time_to_pos
 from fvs_ros.model.tiny import write_tiny_checkpoint
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    return load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "flash_vstream", seed=1))
+@pytest.fixture(scope="module", params=[False, True], ids=["eager", "fast_decode"])
+def lm(request, tmp_path_factory):
+    """The same checkpoint answering through the eager loop and through FastDecoder (CPU: no graphs)."""
+    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "flash_vstream", seed=1)
+    model = load_model(ckpt, fast_decode=request.param)
+    assert (model.fast is not None) == request.param
+    return model
 
 
 @pytest.fixture(scope="module")

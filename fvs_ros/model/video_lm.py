@@ -9,6 +9,8 @@ layers, rotary embeddings, attention); this class only decides what goes in:
                     with the official (t, h, w) positions (positions.py) -> KV cache
     answer:         [question tail] on a copy of that cache, then greedy decoding; text
                     positions continue from the cached prefix's next position on all 3 axes.
+                    On CUDA the same math runs through fast_decode.FastDecoder (static KV
+                    cache + CUDA graphs); answer_uncached stays eager, the reference path.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from transformers import AutoTokenizer, DynamicCache
 from transformers.vision_utils import get_vision_window_index
 
+from .fast_decode import FastDecoder
 from .checkpoint import QWEN2_5_VL, CheckpointConfig, ModelLoadError, build_model, read_config, resolve_source
 from .positions import TRAINED_SLOTS, memory_positions, time_to_position
 from .preprocess import MAX_PIXELS, MIN_PIXELS, SlotPatches, frame_size, resize_frames, slot_patches
@@ -80,7 +83,7 @@ class VideoLM:
     """A Qwen2-VL-family checkpoint driven for Flash Memory streaming. Build it with load_model()."""
 
     def __init__(self, model, tokenizer, chat: ChatFormat, checkpoint: CheckpointConfig, ckpt_dir: Path,
-                 min_pixels: int, max_pixels: int):
+                 min_pixels: int, max_pixels: int, fast_decode: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.chat = chat
@@ -98,6 +101,8 @@ class VideoLM:
         self.vision_end_id = model.config.vision_end_token_id
         self.stop_ids = stop_token_ids(model.config, tokenizer, ckpt_dir)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        # Static-cache / CUDA-graph decoding for answer(); None = the eager loop below.
+        self.fast = FastDecoder(self.llm, self.lm_head) if fast_decode else None
 
     @property
     def memory_defaults(self) -> dict:
@@ -219,6 +224,8 @@ class VideoLM:
                on_token: TokenCallback | None = None, answer_prefix: str = "") -> Generation:
         """Greedy answer from a cached prefix: prefill only the question tail on a copy of the cache."""
         start = time.perf_counter()
+        if self.fast is not None:
+            return self._answer_fast(prefix, question, max_new_tokens, on_token, answer_prefix, start)
         cache = self._new_cache()
         for layer, (keys, values) in enumerate(prefix.kv):
             cache.update(keys, values, layer)  # concatenation copies: the prefix stays untouched
@@ -226,6 +233,26 @@ class VideoLM:
         logits = self._step(embeds, positions, cache)
         next_position = prefix.next_position + embeds.shape[1]
         return self._decode(cache, logits, next_position, max_new_tokens, on_token, start, embeds.shape[1])
+
+    def _answer_fast(self, prefix: MemoryPrefix, question: str, max_new_tokens: int,
+                     on_token: TokenCallback | None, answer_prefix: str, start: float) -> Generation:
+        """answer() through the FastDecoder: the prefix KV is read into its static cache, never written."""
+        embeds, positions = self._tail_inputs(question, answer_prefix, prefix.next_position)
+        tokens, sent = [], [""]
+
+        def stream(token: int) -> None:
+            tokens.append(token)
+            sent[0] = self._stream_text(tokens, sent[0], on_token)
+
+        generate_start = time.perf_counter()
+        out = self.fast.generate(embeds, positions, prefix.next_position + embeds.shape[1], max_new_tokens,
+                                 self.stop_ids, prefix_kv=prefix.kv, prefix_len=prefix.num_tokens,
+                                 on_token=stream)
+        final = self._detokenize(out.tokens)
+        if on_token is not None and len(final) > len(sent[0]):
+            on_token(final[len(sent[0]):])
+        ttft = generate_start - start + out.ttft_s
+        return Generation(final, out.tokens, ttft, time.perf_counter() - start, embeds.shape[1])
 
     @torch.inference_mode()
     def answer_uncached(self, snapshot, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -301,8 +328,11 @@ def stop_token_ids(config, tokenizer, ckpt_dir: Path) -> frozenset[int]:
 
 
 def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
-               min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> VideoLM:
+               min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+               fast_decode: bool | None = None) -> VideoLM:
     """Load a Flash-VStream-Qwen2-VL, Qwen2-VL or Qwen2.5-VL checkpoint (hub id or local directory).
+
+    fast_decode: answer() through FastDecoder (static KV cache, CUDA graphs); None = on CUDA only.
 
     Raises ModelLoadError (one-line message) for a missing source, an unsupported config, weights
     that do not match the config, or weights that do not fit the device.
@@ -321,7 +351,8 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: s
     except Exception as err:  # template syntax or layout: either way the prompt cannot be built
         raise ModelLoadError(f"{ckpt_dir}: unusable chat template: {err}") from None
     model = build_model(checkpoint, ckpt_dir, dtype, device)
-    return VideoLM(model, tokenizer, chat, checkpoint, ckpt_dir, min_pixels, max_pixels)
+    fast_decode = device.type == "cuda" if fast_decode is None else fast_decode
+    return VideoLM(model, tokenizer, chat, checkpoint, ckpt_dir, min_pixels, max_pixels, fast_decode)
 
 
 def _text_model_forward():
