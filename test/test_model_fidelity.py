@@ -5,7 +5,6 @@ checkpoint, transformers 4.45, float32). 16 frames -> 8 slots (two frames per sl
 update of an empty memory with 4 CSM slots and 2 DAM frames -> prompt -> 5 greedy tokens.
 """
 
-import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fvs_ros.memory import FlashMemory, MemoryConfig
 from fvs_ros.model import PromptInputs, load_model
 from fvs_ros.model.preprocess import slot_patches
 
@@ -79,9 +79,8 @@ def test_pixel_values_match_official_processor(ref):
 
 def test_memory_reaches_reference_state_and_answer(lm, feats, ref, question):
     """fvs_ros.memory on the 8 slots, then the model: the official memory state, prompt and tokens."""
-    memory = pytest.importorskip("fvs_ros.memory")
-    mem = memory.FlashMemory(memory.MemoryConfig(**lm.memory_defaults))
-    snap = with_grid(mem.update(feats.low, feats.full, torch.arange(8, dtype=torch.float64)), feats)
+    mem = FlashMemory(MemoryConfig(**lm.memory_defaults))
+    snap = mem.update(feats.low, feats.full, torch.arange(8, dtype=torch.float64), feats.full_hw)
     assert lm.memory_defaults == {"csm_slots": 4, "dam_frames": 2}
     assert snap.csm_weights.tolist() == ref["csm_weights"].tolist() == [4, 2, 1, 1]
     assert snap.csm_times.tolist() == ref["csm_timestamps"].tolist() == [1.5, 4.5, 6, 7]
@@ -94,13 +93,6 @@ def test_memory_reaches_reference_state_and_answer(lm, feats, ref, question):
     torch.testing.assert_close(inputs.embeds, torch.from_numpy(ref["inputs_embeds"]), rtol=1e-5, atol=1e-5)
     gen = lm.answer(lm.prefill_memory(snap), question, max_new_tokens=5, answer_prefix=ANSWER_PREFIX)
     assert gen.token_ids == ref["generated_ids"].tolist()
-
-
-def with_grid(snap, feats):
-    """The snapshot with full_hw (docs/architecture.md); added here while fvs_ros.memory does not record it."""
-    if hasattr(snap, "full_hw"):
-        return snap
-    return SimpleNamespace(**{f.name: getattr(snap, f.name) for f in dataclasses.fields(snap)}, full_hw=feats.full_hw)
 
 
 def test_prompt_embeddings_and_positions(lm, feats, ref, question):

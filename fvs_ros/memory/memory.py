@@ -1,0 +1,344 @@
+"""Flash Memory: a fixed-size memory of a video stream (CSM + DAM) with immutable snapshots.
+
+One writer thread calls update() (and reset()/save()); any thread may call snapshot() and keep
+the returned MemorySnapshot while the writer builds the next one. See docs/memory.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import dam
+from .bank import FeatureBank
+from .csm import Clusters, absorb
+
+FORMAT = "fvs_ros.flash_memory"
+FORMAT_VERSION = 1
+
+
+class MemoryFileError(Exception):
+    """A memory file is missing, unreadable, corrupt or of another format version."""
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    csm_slots: int = 60  # K: CSM centroids
+    dam_frames: int = 30  # D: frames whose full-resolution features DAM keeps
+    kmeans_iters: int = 10  # Lloyd iterations per update, at most
+    kmeans_tol: float = 1e-4  # stop when the centroids move less than this in total
+    bank_capacity: int | None = 120  # frames retained for DAM; None keeps every frame (unbounded)
+
+    def __post_init__(self):
+        if self.csm_slots < 1 or self.dam_frames < 0 or self.kmeans_iters < 1 or not self.kmeans_tol >= 0:
+            raise ValueError(f"invalid memory config {self}")
+        if self.bank_capacity is not None and self.bank_capacity < max(self.dam_frames, 1):
+            raise ValueError(f"bank_capacity ({self.bank_capacity}) must be >= dam_frames ({self.dam_frames})")
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """What the memory holds after one update. Never mutated after creation.
+
+    Features live on the memory's device and are complete when the snapshot is published;
+    the per-slot metadata are CPU tensors. Times are in slot units (slot index = arrival order,
+    0-based); stamps in seconds of stream time.
+    """
+
+    csm_features: Tensor  # [K', Nl, C] float32 centroids, sorted by time
+    csm_weights: Tensor  # [K'] int64, frames absorbed; sums to frames_seen
+    csm_times: Tensor  # [K'] float64, weighted mean slot index, ascending
+    csm_stamps: Tensor  # [K'] float64, weighted mean stamp
+    dam_features: Tensor  # [D', Nf, C] full-resolution features of the retrieved frames
+    dam_slots: Tensor  # [D'] int64, their slot indices, ascending
+    dam_stamps: Tensor  # [D'] float64
+    frames_seen: int
+    first_stamp: float | None  # None while empty
+    last_stamp: float | None
+    version: int  # increases with every update/reset of the FlashMemory that made it
+    full_hw: tuple[int, int] | None  # ViT patch grid (h, w) of a full-res slot, as given to update()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this snapshot's tensors."""
+        return sum(t.nbytes for t in (self.csm_features, self.csm_weights, self.csm_times, self.csm_stamps,
+                                      self.dam_features, self.dam_slots, self.dam_stamps))
+
+
+def _empty_snapshot(version: int, device: torch.device) -> MemorySnapshot:
+    none = torch.zeros(0, 0, 0, device=device)
+    return MemorySnapshot(none, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64),
+                          torch.zeros(0, dtype=torch.float64), none, torch.zeros(0, dtype=torch.int64),
+                          torch.zeros(0, dtype=torch.float64), 0, None, None, version, None)
+
+
+class FlashMemory:
+    """Fixed-size memory of a stream: CSM centroids + a bounded bank for DAM retrieval.
+
+    update(low [B, Nl, C], full [B, Nf, C], stamps [B], full_hw) absorbs B frames, one after the other
+    (a batch gives exactly the memory that B single-frame updates give), and publishes a new
+    snapshot. Bad input raises ValueError and leaves the memory unchanged.
+    """
+
+    def __init__(self, config: MemoryConfig | None = None, device: str | torch.device = "cpu"):
+        self.config = config or MemoryConfig()
+        self.device = torch.device(device)
+        self._lock = threading.Lock()
+        self._new_probe = _convergence_probe(self.device)
+        self._version = 0
+        self._clear()
+
+    # ---- readers -------------------------------------------------------------------------
+    def snapshot(self) -> MemorySnapshot:
+        """The latest snapshot; safe from any thread, never changes after it is returned."""
+        return self._snapshot
+
+    @property
+    def frames_seen(self) -> int:
+        return self._frames_seen
+
+    def nbytes(self) -> int:
+        """Bytes held: writer state (centroids, feature bank) plus the published snapshot."""
+        state = 0 if self._clusters is None else self._reference.nbytes + sum(
+            getattr(self._clusters, name).nbytes for name in Clusters.__dataclass_fields__)
+        return state + self._bank.nbytes() + self._snapshot.nbytes
+
+    # ---- writer --------------------------------------------------------------------------
+    def update(self, low: Tensor, full: Tensor, stamps: Tensor | Sequence[float],
+               full_hw: tuple[int, int] | None = None) -> MemorySnapshot:
+        """Absorb B frames: low-res [B, Nl, C] and full-res [B, Nf, C] ViT features (before the
+        merger), stamps [B] in seconds (non-decreasing), full_hw = (h, w) the ViT patch grid of a
+        full-res slot (h * w = Nf; kept for the snapshot's readers). Returns the new snapshot."""
+        with self._lock:
+            low, full, stamps, full_hw = self._checked(low, full, stamps, full_hw)
+            self._absorb_all(low, full, stamps, full_hw)
+            self._version += 1
+            self._snapshot = self._publish()
+            return self._snapshot
+
+    def reset(self) -> None:
+        """Forget everything (the version keeps increasing)."""
+        with self._lock:
+            self._clear()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole memory to `path` (atomically: a crash leaves any old file intact)."""
+        with self._lock:
+            state = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "config": asdict(self.config),
+                "frames_seen": self._frames_seen,
+                "first_stamp": self._first_stamp,
+                "last_stamp": self._last_stamp,
+                "version": self._version,
+                "shape": self._shape,
+            }
+            if self._clusters is not None:
+                state["clusters"] = {name: getattr(self._clusters, name).cpu()
+                                     for name in Clusters.__dataclass_fields__}
+                state["reference"] = self._reference.cpu()
+                state["bank"] = self._bank.state_dict()
+            path = Path(path)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> FlashMemory:
+        """A memory restored from save(); raises MemoryFileError if it cannot be."""
+        path = Path(path)
+        if not path.is_file():
+            raise MemoryFileError(f"no memory file at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise MemoryFileError(f"{path} is not a readable memory file: {e}") from e
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise MemoryFileError(f"{path} is not an fvs_ros memory file")
+        if state.get("format_version") != FORMAT_VERSION:
+            raise MemoryFileError(f"{path} has memory format version {state.get('format_version')}; "
+                                  f"this fvs_ros reads version {FORMAT_VERSION}")
+        try:
+            mem = cls(MemoryConfig(**state["config"]), device)
+            mem._restore(state)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+            raise MemoryFileError(f"{path} is corrupt: {e!r}") from e
+        return mem
+
+    # ---- internals -----------------------------------------------------------------------
+    def _clear(self) -> None:
+        self._clusters: Clusters | None = None
+        self._reference: Tensor | None = None  # [Nl*C] float32, the first frame: vectors are kept relative to it
+        self._bank = FeatureBank(self.config.bank_capacity, self.device)
+        self._shape: dict[str, Any] | None = None  # low_tokens, full_tokens, channels, full_dtype (name), full_hw
+        self._frames_seen = 0
+        self._first_stamp: float | None = None
+        self._last_stamp: float | None = None
+        self._version += 1
+        self._snapshot = _empty_snapshot(self._version, self.device)
+
+    def _checked(self, low: Any, full: Any, stamps: Any, full_hw: Any) -> tuple[Tensor, Tensor, np.ndarray, Any]:
+        """Validated inputs on the memory's device, or ValueError (the memory is untouched)."""
+        for name, x in (("low", low), ("full", full)):
+            if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
+                raise ValueError(f"{name} features must be a floating-point tensor [B, tokens, C], got "
+                                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+        b, nl, c = low.shape
+        if b == 0 or full.shape[0] != b or full.shape[2] != c or nl == 0 or full.shape[1] == 0 or c == 0:
+            raise ValueError(f"low {tuple(low.shape)} and full {tuple(full.shape)} must be [B, Nl, C] and "
+                             f"[B, Nf, C] with the same B >= 1 and C")
+        if self._shape is not None and (nl, full.shape[1], c) != (
+                self._shape["low_tokens"], self._shape["full_tokens"], self._shape["channels"]):
+            raise ValueError(f"frame features changed shape: memory holds Nl={self._shape['low_tokens']}, "
+                             f"Nf={self._shape['full_tokens']}, C={self._shape['channels']}; got Nl={nl}, "
+                             f"Nf={full.shape[1]}, C={c}")
+        if full_hw is not None:
+            full_hw = tuple(int(n) for n in full_hw)
+            if len(full_hw) != 2 or full_hw[0] * full_hw[1] != full.shape[1]:
+                raise ValueError(f"full_hw {full_hw} must be the (h, w) grid of the {full.shape[1]} full-res tokens")
+            if self._shape is not None and self._shape["full_hw"] not in (None, list(full_hw)):
+                raise ValueError(f"full_hw changed: memory holds {tuple(self._shape['full_hw'])}, got {full_hw}")
+        try:
+            stamps = np.asarray(torch.as_tensor(stamps, dtype=torch.float64).cpu(), dtype=np.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"stamps must be {b} numbers: {e}") from e
+        if stamps.shape != (b,) or not np.isfinite(stamps).all():
+            raise ValueError(f"stamps must be {b} finite numbers, got {stamps}")
+        previous = -math.inf if self._last_stamp is None else self._last_stamp
+        if np.any(np.diff(stamps, prepend=previous) < 0):
+            raise ValueError(f"stamps must not decrease (last stamp {self._last_stamp}, got {stamps}); "
+                             f"reset() the memory when the clock jumps back")
+        low = low.to(self.device)
+        full = full.to(self.device, dtype=getattr(torch, self._shape["full_dtype"]) if self._shape else full.dtype)
+        if not bool(torch.isfinite(low).all() & torch.isfinite(full).all()):
+            raise ValueError("frame features contain NaN or Inf")
+        return low, full, stamps, full_hw
+
+    def _absorb_all(self, low: Tensor, full: Tensor, stamps: np.ndarray, full_hw: tuple[int, int] | None) -> None:
+        b, nl, c = low.shape
+        frames = low.reshape(b, nl * c).float()
+        if self._clusters is None:
+            self._shape = {"low_tokens": nl, "full_tokens": full.shape[1], "channels": c,
+                           "full_dtype": str(full.dtype).removeprefix("torch."), "full_hw": None}
+            self._clusters = Clusters.empty(self.config.csm_slots, nl * c, self.device)
+            self._reference = frames[0].clone()
+            self._first_stamp = float(stamps[0])
+        if full_hw is not None:
+            self._shape["full_hw"] = list(full_hw)
+        slots = torch.arange(self._frames_seen, self._frames_seen + b, dtype=torch.float64)
+        rel_stamps = torch.from_numpy(stamps - self._first_stamp)
+        slots, rel_stamps = slots.to(self.device), rel_stamps.to(self.device)
+        cfg = self.config
+        for i in range(b):  # frame by frame, with the same op shapes whatever B is: batches are exact
+            frame = frames[i] - self._reference
+            frame_sq = (frame @ frame).double()
+            center_dots = (self._clusters.centers @ frame).double()
+            frame_dots = self._bank.dots(frame)
+            self._clusters, mix = absorb(self._clusters, frame, center_dots, frame_sq, slots[i], rel_stamps[i],
+                                         cfg.kmeans_iters, cfg.kmeans_tol, self._new_probe())
+            self._bank.add(frame, frame_sq, frame_dots, center_dots, full[i], slots[i].long(), rel_stamps[i],
+                           self._clusters, mix)
+        self._frames_seen += b
+        self._last_stamp = float(stamps[-1])
+
+    def _publish(self) -> MemorySnapshot:
+        """The snapshot of the current state: live centroids by time, DAM picks."""
+        clusters, bank, shape = self._clusters, self._bank, self._shape
+        choosers = dam.choosing_order(clusters.mass, clusters.time)[: self.config.dam_frames]
+        mass, time, stamp, dist, c_sq, f_sq, slot, bank_stamp = _to_host(
+            clusters.mass, clusters.time, clusters.stamp, bank.sq_dists(clusters)[choosers],
+            clusters.gram.diagonal()[choosers], bank.sq[: bank.count], bank.slot[: bank.count],
+            bank.stamp[: bank.count])
+        live = np.flatnonzero(mass > 0)
+        order = live[np.argsort(time[live], kind="stable")]
+        n_dam = min(self.config.dam_frames, len(live))
+        rows = dam.pick_frames(dist[:n_dam], c_sq[:n_dam, None] + f_sq[None, :], slot)
+        snap = MemorySnapshot(
+            csm_features=(clusters.centers[torch.from_numpy(order).to(self.device)] + self._reference).view(
+                len(order), shape["low_tokens"], shape["channels"]),
+            csm_weights=torch.from_numpy(mass[order].astype(np.int64)),
+            csm_times=torch.from_numpy(time[order]),
+            csm_stamps=torch.from_numpy(stamp[order] + self._first_stamp),
+            dam_features=bank.full[torch.from_numpy(rows).to(self.device)],
+            dam_slots=torch.from_numpy(slot[rows].astype(np.int64)),
+            dam_stamps=torch.from_numpy(bank_stamp[rows] + self._first_stamp),
+            frames_seen=self._frames_seen,
+            first_stamp=self._first_stamp,
+            last_stamp=self._last_stamp,
+            version=self._version,
+            full_hw=None if shape["full_hw"] is None else tuple(shape["full_hw"]),
+        )
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return snap
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._frames_seen = int(state["frames_seen"])
+        self._first_stamp, self._last_stamp = state["first_stamp"], state["last_stamp"]
+        self._version = int(state["version"])
+        if self._frames_seen == 0:
+            self._snapshot = _empty_snapshot(self._version, self.device)
+            return
+        shape = dict(state["shape"])
+        if not isinstance(getattr(torch, shape["full_dtype"], None), torch.dtype):
+            raise ValueError(f"unknown dtype {shape['full_dtype']}")
+        dim = shape["low_tokens"] * shape["channels"]
+        clusters = Clusters(**{name: t.to(self.device) for name, t in state["clusters"].items()})
+        reference, bank, k = state["reference"].to(self.device), state["bank"], self.config.csm_slots
+        if (clusters.centers.shape != (k, dim) or clusters.gram.shape != (k, k) or reference.shape != (dim,)
+                or int(clusters.mass.sum()) != self._frames_seen
+                or bank["low"].shape[1:] != (dim,) or bank["cross"].shape != (k, bank["low"].shape[0])
+                or bank["full"].shape[1:] != (shape["full_tokens"], shape["channels"])):
+            raise ValueError("saved tensors do not match the saved config and counters")
+        self._shape, self._clusters, self._reference = shape, clusters, reference
+        self._bank.load_state_dict(bank)
+        self._snapshot = self._publish()
+
+
+def _to_host(*tensors: Tensor) -> list[np.ndarray]:
+    """Several small device tensors in one device->host copy, as float64 arrays (int64 values
+    up to 2**53 survive)."""
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu().numpy()
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at: at + t.numel()].reshape(t.shape))
+        at += t.numel()
+    return out
+
+
+def _convergence_probe(device: torch.device) -> Callable[[], Callable[[Tensor], bool]]:
+    """Factory of stop_early(done) for one k-means run: reads the device flag without stalling.
+
+    On CUDA each call queues an asynchronous copy of `done` to pinned host memory and answers
+    from the previous call's copy if it has landed (else: keep iterating; iterations after
+    convergence are frozen no-ops costing a little GPU time). On the CPU reading it is free.
+    """
+    if device.type != "cuda":
+        return lambda: bool
+    host = torch.zeros((), dtype=torch.bool).pin_memory()
+    landed = torch.cuda.Event()
+
+    def new_probe() -> Callable[[Tensor], bool]:
+        queued = False
+
+        def stop_early(done: Tensor) -> bool:
+            nonlocal queued
+            if queued and landed.query() and bool(host):
+                return True
+            host.copy_(done, non_blocking=True)
+            landed.record()
+            queued = True
+            return False
+
+        return stop_early
+
+    return new_probe

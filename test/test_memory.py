@@ -1,0 +1,337 @@
+"""Flash Memory (fvs_ros.memory): invariants, determinism, batches, save/load, bad input, events."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fvs_ros.memory import FORMAT_VERSION, FlashMemory, MemoryConfig, MemoryFileError, MemorySnapshot
+
+SMALL = MemoryConfig(csm_slots=8, dam_frames=4, bank_capacity=12)
+REFERENCE = Path("/work/shared/data/official_reference/offline_reference.npz")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The memory's CPU ops are tiny: intra-op threads only add overhead (and noise on a busy host)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scene_stream(seed: int, n: int, nl: int = 4, nf: int = 16, c: int = 8, scenes: int = 5):
+    """Frames drawn from a few scenes with slow drift and noise: low [n, nl, c], full [n, nf, c], stamps [n]."""
+    g = torch.Generator().manual_seed(seed)
+    centers = 3 * torch.randn(scenes, nl, c, generator=g)
+    which = torch.randint(0, scenes, (n // 10 + 1,), generator=g).repeat_interleave(10)[:n]
+    drift = 0.05 * torch.randn(n, nl, c, generator=g).cumsum(0)
+    low = centers[which] + drift + 0.3 * torch.randn(n, nl, c, generator=g)
+    full = torch.randn(n, nf, c, generator=g)
+    stamps = 100.0 + torch.rand(n, generator=g).cumsum(0).double()
+    return low, full, stamps
+
+
+def feed(mem: FlashMemory, low, full, stamps, batch_sizes) -> list[MemorySnapshot]:
+    snaps, i = [], 0
+    for b in batch_sizes:
+        if i >= len(low):
+            break
+        snaps.append(mem.update(low[i: i + b], full[i: i + b], stamps[i: i + b]))
+        i += b
+    return snaps
+
+
+def random_batches(seed: int, n: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, 8, size=n).tolist()
+
+
+def assert_same_snapshot(a: MemorySnapshot, b: MemorySnapshot):
+    for f in dataclasses.fields(MemorySnapshot):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), f.name
+        elif f.name != "version":
+            assert x == y, f.name
+
+
+def check_invariants(mem: FlashMemory, snap: MemorySnapshot, full, stamps, cfg: MemoryConfig):
+    n = snap.frames_seen
+    k = len(snap.csm_weights)
+    assert 1 <= k <= cfg.csm_slots
+    assert snap.csm_features.shape[0] == k and snap.csm_features.dtype == torch.float32
+    assert int(snap.csm_weights.sum()) == n and bool((snap.csm_weights >= 1).all())
+    times = snap.csm_times
+    assert bool((times[1:] >= times[:-1]).all())
+    assert float(times.min()) >= 0 and float(times.max()) <= n - 1
+    assert float(snap.csm_stamps.min()) >= float(stamps[0]) - 1e-9
+    assert float(snap.csm_stamps.max()) <= float(stamps[n - 1]) + 1e-9
+    slots = snap.dam_slots.tolist()
+    assert len(slots) == min(cfg.dam_frames, k)
+    assert slots == sorted(set(slots))  # distinct, ascending
+    retained = set(mem._bank.slot[: mem._bank.count].tolist())
+    assert set(slots) <= retained
+    assert torch.equal(snap.dam_features, full[slots])  # DAM hands over exactly those frames' features
+    torch.testing.assert_close(snap.dam_stamps, stamps[slots].double(), rtol=0, atol=1e-9)
+    if cfg.bank_capacity is not None:
+        assert mem._bank.count == min(n, cfg.bank_capacity)
+    assert snap.first_stamp == float(stamps[0]) and snap.last_stamp == float(stamps[n - 1])
+
+
+@pytest.mark.parametrize("cfg", [SMALL, MemoryConfig(csm_slots=6, dam_frames=6, bank_capacity=None)],
+                         ids=["bounded", "unbounded"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_invariants_on_random_streams(seed, cfg):
+    low, full, stamps = scene_stream(seed, 120)
+    mem = FlashMemory(cfg)
+    versions, i = [], 0
+    for b in random_batches(seed, 120):
+        snap = mem.update(low[i: i + b], full[i: i + b], stamps[i: i + b])
+        check_invariants(mem, snap, full, stamps, cfg)
+        versions.append(snap.version)
+        i += b
+        if i >= len(low):
+            break
+    assert versions == sorted(set(versions))
+
+
+def test_fewer_frames_than_slots_keep_one_centroid_each():
+    low, full, stamps = scene_stream(3, 6)
+    snap = FlashMemory(MemoryConfig(csm_slots=8, dam_frames=10)).update(low, full, stamps)
+    assert snap.csm_weights.tolist() == [1] * 6
+    assert snap.csm_times.tolist() == list(range(6))
+    torch.testing.assert_close(snap.csm_features, low)
+    assert snap.dam_slots.tolist() == list(range(6))
+
+
+def test_well_separated_offline_case_matches_official_reference():
+    """Like the checkpoint's reference run: 8 slots of 4 scenes (4/2/1/1) into 4 centroids and 2
+    DAM frames, in one update -> weights [4,2,1,1], times [1.5,4.5,6,7], DAM slots [0,5]. The
+    two-slot scene is an exact tie (its centroid is their midpoint): the later slot wins."""
+    g = torch.Generator().manual_seed(0)
+    scenes = 10 * torch.randn(4, 6, 5, generator=g)
+    low = scenes[[0, 0, 0, 0, 1, 1, 2, 3]] + 0.1 * torch.randn(8, 6, 5, generator=g)
+    low[0] = scenes[0] + 0.01 * (low[1:4] - scenes[0]).mean(0)  # slot 0: nearest to its scene's mean
+    full = torch.randn(8, 24, 5, generator=g)
+    snap = FlashMemory(MemoryConfig(csm_slots=4, dam_frames=2)).update(low, full, torch.arange(8.0))
+    assert snap.csm_weights.tolist() == [4, 2, 1, 1]
+    assert snap.csm_times.tolist() == [1.5, 4.5, 6.0, 7.0]
+    assert snap.dam_slots.tolist() == [0, 5]
+    torch.testing.assert_close(snap.csm_features[0], low[:4].mean(0))
+    assert torch.equal(snap.dam_features, full[[0, 5]])
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason="official reference data not present")
+def test_reference_frames_cluster_like_the_official_run():
+    """The reference run's raw pixel patches (a stand-in for ViT features) give its clusters."""
+    ref = np.load(REFERENCE)
+    slots = torch.from_numpy(ref["pixel_values"]).reshape(8, 128, 1176)
+    mem = FlashMemory(MemoryConfig(csm_slots=4, dam_frames=2))  # the checkpoint's temporal/spatial lengths 8/4, halved
+    snap = mem.update(slots[:, :32], slots, torch.arange(8.0))
+    np.testing.assert_array_equal(snap.csm_weights.numpy(), ref["csm_weights"])
+    np.testing.assert_array_equal(snap.csm_times.numpy(), ref["csm_timestamps"])
+
+
+def test_carried_dot_products_match_the_features():
+    """The Gram matrix of the centroids and their dot products with the held frames are carried
+    across updates (no pass over the features); they must agree with a fresh computation."""
+    low, full, stamps = scene_stream(13, 600)
+    mem = FlashMemory(MemoryConfig(csm_slots=20, dam_frames=10, bank_capacity=40))
+    mem.update(low, full, stamps)
+    centers, bank = mem._clusters.centers.double(), mem._bank
+    scale = float(centers.square().sum(1).max())
+    torch.testing.assert_close(mem._clusters.gram, centers @ centers.T, rtol=0, atol=1e-5 * scale)
+    held = bank.low[: bank.count].double()
+    torch.testing.assert_close(bank.cross[:, : bank.count], centers @ held.T, rtol=0, atol=1e-5 * scale)
+
+
+def test_same_config_same_stream_same_memory():
+    low, full, stamps = scene_stream(4, 120)
+    a, b = FlashMemory(SMALL), FlashMemory(SMALL)
+    for sa, sb in zip(feed(a, low, full, stamps, [5] * 24), feed(b, low, full, stamps, [5] * 24)):
+        assert_same_snapshot(sa, sb)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batch_update_equals_frame_by_frame(seed):
+    low, full, stamps = scene_stream(seed, 100)
+    one = FlashMemory(SMALL)
+    feed(one, low, full, stamps, [1] * 100)
+    batched = FlashMemory(SMALL)
+    feed(batched, low, full, stamps, random_batches(seed + 10, 100))
+    assert_same_snapshot(one.snapshot(), batched.snapshot())
+    whole = FlashMemory(SMALL)
+    whole.update(low, full, stamps)
+    assert_same_snapshot(one.snapshot(), whole.snapshot())
+
+
+def test_held_snapshot_never_changes():
+    low, full, stamps = scene_stream(5, 80)
+    mem = FlashMemory(SMALL)
+    held = mem.update(low[:40], full[:40], stamps[:40])
+    copy = {f.name: getattr(held, f.name).clone() for f in dataclasses.fields(held)
+            if isinstance(getattr(held, f.name), torch.Tensor)}
+    feed(mem, low[40:], full[40:], stamps[40:], [1] * 40)
+    assert mem.snapshot() is not held and mem.snapshot().version > held.version
+    for name, t in copy.items():
+        assert torch.equal(getattr(held, name), t), name
+
+
+def test_bounded_memory_bytes_stay_flat_unbounded_grow():
+    low, full, stamps = scene_stream(6, 200)
+    bounded, unbounded = FlashMemory(SMALL), FlashMemory(dataclasses.replace(SMALL, bank_capacity=None))
+    sizes = {"b": [], "u": []}
+    for i in range(0, 200, 20):
+        for mem, key in ((bounded, "b"), (unbounded, "u")):
+            mem.update(low[i: i + 20], full[i: i + 20], stamps[i: i + 20])
+            sizes[key].append(mem.nbytes())
+    assert len(set(sizes["b"])) == 1
+    assert unbounded._bank.count == 200 and sizes["u"] == sorted(sizes["u"]) and sizes["u"][-1] > 3 * sizes["u"][0]
+
+
+def test_save_load_round_trip_and_identical_next_update(tmp_path):
+    low, full, stamps = scene_stream(7, 90)
+    mem = FlashMemory(SMALL)
+    mem.update(low[:1], full[:1], stamps[:1], (4, 4))
+    feed(mem, low[1:70], full[1:70], stamps[1:70], random_batches(7, 69))
+    assert mem.snapshot().full_hw == (4, 4)
+    path = tmp_path / "memory.pt"
+    mem.save(path)
+    loaded = FlashMemory.load(path)
+    assert loaded.config == mem.config
+    assert_same_snapshot(mem.snapshot(), loaded.snapshot())
+    assert loaded.snapshot().version == mem.snapshot().version
+    assert_same_snapshot(mem.update(low[70:], full[70:], stamps[70:]), loaded.update(low[70:], full[70:], stamps[70:]))
+
+
+def test_save_load_empty_memory(tmp_path):
+    FlashMemory(SMALL).save(tmp_path / "empty.pt")
+    loaded = FlashMemory.load(tmp_path / "empty.pt")
+    assert loaded.snapshot().frames_seen == 0 and loaded.snapshot().first_stamp is None
+    low, full, stamps = scene_stream(8, 10)
+    assert_same_snapshot(loaded.update(low, full, stamps), FlashMemory(SMALL).update(low, full, stamps))
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(MemoryFileError, match="no memory file"):
+        FlashMemory.load(tmp_path / "missing.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00not a torch file" * 10)
+    with pytest.raises(MemoryFileError, match="not a readable memory file"):
+        FlashMemory.load(tmp_path / "garbage.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(MemoryFileError, match="not an fvs_ros memory file"):
+        FlashMemory.load(tmp_path / "other.pt")
+
+    low, full, stamps = scene_stream(9, 30)
+    mem = FlashMemory(SMALL)
+    mem.update(low, full, stamps)
+    mem.save(tmp_path / "good.pt")
+    state = torch.load(tmp_path / "good.pt", weights_only=True)
+    state["format_version"] = FORMAT_VERSION + 1
+    torch.save(state, tmp_path / "future.pt")
+    with pytest.raises(MemoryFileError, match=f"format version {FORMAT_VERSION + 1}"):
+        FlashMemory.load(tmp_path / "future.pt")
+    state["format_version"] = FORMAT_VERSION
+    state["clusters"]["centers"] = state["clusters"]["centers"][:, :5]
+    torch.save(state, tmp_path / "corrupt.pt")
+    with pytest.raises(MemoryFileError, match="corrupt"):
+        FlashMemory.load(tmp_path / "corrupt.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MemoryFileError):
+        FlashMemory.load(tmp_path / "truncated.pt")
+
+
+def bad_inputs(low, full, stamps):
+    nan_low, inf_full = low.clone(), full.clone()
+    nan_low[1, 2, 3] = float("nan")
+    inf_full[0, 0, 0] = float("inf")
+    return {
+        "low not 3-d": (low[0], full, stamps),
+        "full not a tensor": (low, full.numpy(), stamps),
+        "integer features": (low.long(), full, stamps),
+        "empty batch": (low[:0], full[:0], stamps[:0]),
+        "B mismatch": (low, full[:2], stamps),
+        "C mismatch low/full": (low, full[..., :4], stamps),
+        "Nl changed": (low[:, :3], full, stamps),
+        "Nf changed": (low, full[:, :5], stamps),
+        "C changed": (low[..., :4], full[..., :4], stamps),
+        "NaN in low": (nan_low, full, stamps),
+        "Inf in full": (low, inf_full, stamps),
+        "NaN stamp": (low, full, torch.tensor([1e9, float("nan"), 1e9 + 2])),
+        "too few stamps": (low, full, stamps[:2]),
+        "stamps go back": (low, full, stamps - 1000.0),
+        "stamps not sorted": (low, full, stamps.flip(0)),
+        "full_hw not the full-res grid": (low, full, stamps, (4, 5)),
+        "full_hw changed": (low, full, stamps, (2, 8)),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_inputs(*scene_stream(0, 3)).keys()))
+def test_bad_input_raises_and_leaves_memory_unchanged(case):
+    low, full, stamps = scene_stream(10, 23)
+    mem = FlashMemory(SMALL)
+    mem.update(low[:20], full[:20], stamps[:20], (4, 4))
+    before, nbytes = mem.snapshot(), mem.nbytes()
+    with pytest.raises(ValueError):
+        mem.update(*bad_inputs(low[20:], full[20:], stamps[20:])[case])
+    assert mem.snapshot() is before and mem.nbytes() == nbytes and mem.frames_seen == 20
+    reference = FlashMemory(SMALL)
+    reference.update(low[:20], full[:20], stamps[:20], (4, 4))
+    assert_same_snapshot(mem.update(low[20:], full[20:], stamps[20:]),
+                         reference.update(low[20:], full[20:], stamps[20:]))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        MemoryConfig(csm_slots=0)
+    with pytest.raises(ValueError):
+        MemoryConfig(dam_frames=30, bank_capacity=10)
+
+
+def test_reset_forgets_and_version_keeps_increasing():
+    low, full, stamps = scene_stream(11, 30)
+    mem = FlashMemory(SMALL)
+    v = mem.update(low, full, stamps).version
+    mem.reset()
+    assert mem.snapshot().frames_seen == 0 and mem.snapshot().version > v
+    mem.update(low[:3, :2], full[:3], stamps[:3] - 50)  # new shapes and an earlier clock are fine after reset
+    assert mem.snapshot().frames_seen == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_planted_event_keeps_a_centroid_and_dam_retrieves_it(seed):
+    """600 frames of one drifting scene with a visually distinct 18-frame event (3%) in the middle."""
+    g = torch.Generator().manual_seed(seed)
+    n, start, length, nl, c = 600, 291, 18, 4, 16
+    scene, event = torch.randn(nl, c, generator=g), torch.randn(nl, c, generator=g)
+    low = scene + 0.02 * torch.randn(n, nl, c, generator=g).cumsum(0) + 0.3 * torch.randn(n, nl, c, generator=g)
+    low[start: start + length] = event + 0.3 * torch.randn(length, nl, c, generator=g)
+    full = torch.randn(n, 8, c, generator=g)
+    mem = FlashMemory(MemoryConfig())
+    for i in range(0, n, 50):
+        snap = mem.update(low[i: i + 50], full[i: i + 50], torch.arange(i, i + 50) / 10.0)
+    to_event = (snap.csm_features - event).flatten(1).norm(dim=1)
+    to_scene = (snap.csm_features - low[[0, start - 1, start + length, n - 1]].mean(0)).flatten(1).norm(dim=1)
+    event_centroids = to_event < to_scene
+    assert bool(event_centroids.any()), "no centroid for the event"
+    times = snap.csm_times[event_centroids]
+    assert bool(((times >= start) & (times < start + length)).all())
+    assert any(start <= s < start + length for s in snap.dam_slots.tolist()), "DAM has no event frame"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_on_a_clear_stream():
+    low, full, stamps = scene_stream(12, 120, scenes=SMALL.csm_slots)
+    low = 10 * low  # scenes far apart relative to the noise: no partition decided by rounding
+    cpu, gpu = FlashMemory(SMALL), FlashMemory(SMALL, device="cuda")
+    a = cpu.update(low, full, stamps)
+    b = gpu.update(low.cuda(), full.cuda().half(), stamps)
+    assert b.csm_features.is_cuda and b.dam_features.dtype == torch.float16
+    assert torch.equal(a.csm_weights, b.csm_weights) and torch.equal(a.dam_slots, b.dam_slots)
+    torch.testing.assert_close(a.csm_times, b.csm_times)
+    torch.testing.assert_close(a.csm_features, b.csm_features.cpu(), rtol=1e-4, atol=1e-4)
+    check_invariants(gpu, b, full.cuda().half(), stamps, SMALL)
