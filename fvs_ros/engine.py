@@ -1,0 +1,738 @@
+"""Streaming engine: a frame worker and an LLM worker around one VideoLM and one FlashMemory.
+
+No ROS here: the node, the video CLI, the bag evaluation and the tests all drive this class.
+Design and threading are described in docs/engine.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import cv2
+import numpy as np
+import torch
+
+from fvs_ros.memory import FlashMemory, MemoryConfig, MemorySnapshot
+
+log = logging.getLogger(__name__)
+
+TokenCallback = Callable[[str], None]
+
+_QUESTION, _SUMMARY = 0, 1  # request priorities: lower is served first
+
+
+class EngineError(RuntimeError):
+    """The engine could not serve a request (not running, shut down, model error)."""
+
+
+class FrameError(ValueError):
+    """A frame was rejected (type, dtype, shape, size or stamp); the engine keeps working."""
+
+
+class QuestionError(ValueError):
+    """A question or its limits are invalid; nothing was queued."""
+
+
+class AnswerTimeout(EngineError, TimeoutError):
+    """No answer within the timeout; the request was cancelled and the worker moved on."""
+
+
+class _Cancelled(Exception):
+    """Raised inside the token callback to stop a generation nobody waits for any more."""
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings (memory settings live in MemoryConfig, model ones in load_model)."""
+
+    sample_fps: float = 1.0  # frames per second of stream time that enter memory; <= 0: every frame
+    queue_size: int = 32  # sampled frames waiting for the ViT; the oldest is dropped when full
+    max_batch: int = 16  # frames encoded per ViT call (whatever is queued, up to this)
+    max_frame_side: int = 8192  # larger frames are rejected (FrameError)
+    max_question_chars: int = 2000
+    max_new_tokens: int = 128  # default answer length
+    max_new_tokens_limit: int = 1024  # largest max_new_tokens a caller may ask for
+    answer_timeout_s: float = 30.0  # default ask() timeout
+    system_prompt: str = "You are a helpful assistant."
+    summary_prompt: str = "Describe briefly what is happening in the video."
+    summary_max_new_tokens: int = 64
+    summary_period_s: float = 0.0  # wall seconds between automatic summaries (to on_summary); 0: off
+    prefix_cache: bool = True  # False: every answer prefills [system + memory + question] from scratch
+    prefix_refresh_s: float = 0.5  # background prefix rebuild at most this often (wall seconds)
+    max_prefix_lag_s: float = 0.0  # stream time a question's prefix may lag the newest memory (0: exact)
+    no_video_answer: str = "No video frames have been received yet, so I cannot answer about the video."
+
+    def __post_init__(self):
+        for name in ("queue_size", "max_batch", "max_frame_side", "max_question_chars",
+                     "max_new_tokens", "max_new_tokens_limit", "summary_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.answer_timeout_s > 0:
+            raise ValueError(f"EngineConfig.answer_timeout_s must be > 0, got {self.answer_timeout_s}")
+        for name in ("summary_period_s", "prefix_refresh_s", "max_prefix_lag_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("EngineConfig.max_new_tokens exceeds max_new_tokens_limit")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer and the part of the stream it was computed from."""
+
+    text: str
+    frames_seen: int  # frames the memory had absorbed (whole stream so far)
+    frames_in_memory: int  # memory slots in use (CSM entries; <= MemoryConfig.csm_slots)
+    first_stamp: Optional[float]  # stream time of the first frame seen (None: no video)
+    last_stamp: Optional[float]  # stream time of the newest frame the answer saw
+    ttft_s: float  # from the ask() call to the first token (queueing and prefill included)
+    total_s: float  # from the ask() call to the last token
+    num_tokens: int
+    from_cache: bool = False  # True when a prefix built before the question was used
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters and latest timings (frame counters restart on reset())."""
+
+    running: bool
+    frames_in: int  # valid frames offered to add_frame
+    frames_rejected: int  # FrameError
+    frames_skipped: int  # not picked by the memory sampling rate (cost nothing)
+    frames_dropped: int  # picked, then pushed out of the full queue
+    frames_into_memory: int  # encoded and added to memory
+    queue_depth: int
+    frame_size: Optional[tuple[int, int]]  # (H, W) ViT input size (lm.frame_size of the first frame)
+    memory_version: int
+    frames_seen: int  # as the current memory snapshot reports
+    last_update_time: Optional[float]  # time.time() of the last memory update
+    last_update_s: Optional[float]  # encode + memory update time of the last batch
+    last_batch_size: int
+    prefix_current: bool  # the cached prefix was built from the newest snapshot
+    last_prefill_s: Optional[float]
+    last_ttft_s: Optional[float]
+    last_answer_s: Optional[float]
+    questions_answered: int
+    questions_failed: int
+    questions_timed_out: int
+    summaries: int
+    errors: int  # caught in the workers (model errors, CUDA OOM, ...)
+    last_error: Optional[str]
+    device_memory_bytes: Optional[int]  # torch.cuda.memory_allocated on CUDA, else None
+
+
+@dataclass
+class _Counters:
+    frames_in: int = 0
+    frames_rejected: int = 0
+    frames_skipped: int = 0
+    frames_dropped: int = 0
+    frames_into_memory: int = 0
+    last_update_time: Optional[float] = None
+    last_update_s: Optional[float] = None
+    last_batch_size: int = 0
+    last_prefill_s: Optional[float] = None
+    last_ttft_s: Optional[float] = None
+    last_answer_s: Optional[float] = None
+    questions_answered: int = 0
+    questions_failed: int = 0
+    questions_timed_out: int = 0
+    summaries: int = 0
+    errors: int = 0
+    last_error: Optional[str] = None
+
+    _FRAME_FIELDS = ("frames_in", "frames_rejected", "frames_skipped", "frames_dropped",
+                     "frames_into_memory", "last_update_time", "last_update_s", "last_batch_size")
+
+    def frame_state(self) -> dict:
+        return {k: getattr(self, k) for k in self._FRAME_FIELDS}
+
+    def reset_frames(self, state: Optional[dict] = None):
+        """Zero the frame counters, or set them from a saved frame_state()."""
+        state = state or _Counters().frame_state()
+        for k in self._FRAME_FIELDS:
+            setattr(self, k, state[k])
+
+
+@dataclass(frozen=True, eq=False)
+class _Published:
+    """The memory snapshot readers use, tagged with the stream epoch (bumped by reset/load)."""
+
+    snapshot: MemorySnapshot
+    epoch: int
+
+
+@dataclass
+class _Prefix:
+    source: _Published
+    prefix: object  # the model's MemoryPrefix
+    built_at: float  # time.monotonic()
+
+
+@dataclass
+class _Request:
+    prompt: str
+    max_new_tokens: int
+    on_token: Optional[TokenCallback]
+    submitted: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: Optional[Answer] = None
+    error: Optional[BaseException] = None
+    cancelled: bool = False
+    preemptible: bool = False  # automatic summaries give way to any queued request
+
+
+class StreamEngine:
+    """Fixed-size video memory fed by a frame stream, answering questions from a warm KV prefix.
+
+    Frames: add_frame() validates, samples by stamp and enqueues (never blocks); the frame worker
+    encodes batches with the ViT, updates the FlashMemory and publishes an immutable snapshot.
+    Questions: ask() queues a request for the LLM worker, which answers from the cached
+    [system prompt + memory] prefix, keeps that prefix warm while idle, and writes summaries.
+    """
+
+    def __init__(self, lm, memory_config: Optional[MemoryConfig] = None,
+                 config: Optional[EngineConfig] = None,
+                 on_summary: Optional[Callable[[Answer], None]] = None):
+        """memory_config defaults to the checkpoint's memory size (lm.memory_defaults)."""
+        self.lm = lm
+        self.config = config or EngineConfig()
+        self.device = torch.device(getattr(lm, "device", "cpu"))
+        self.on_summary = on_summary
+        memory_config = memory_config or MemoryConfig(**getattr(lm, "memory_defaults", {}))
+        self._memory = FlashMemory(memory_config, device=self.device)
+        self._mem_lock = threading.Lock()  # memory object: update / reset / save / load
+        self._lock = threading.Lock()  # frame queue, sampling state, counters
+        self._frames_cv = threading.Condition(self._lock)  # frame worker waits for frames
+        self._idle_cv = threading.Condition(self._lock)  # flush() waits for an empty queue
+        self._llm_cv = threading.Condition()  # LLM worker waits for requests / new snapshots
+        self._queue: deque = deque(maxlen=self.config.queue_size)
+        self._requests: list = []  # heap of (priority, seq, _Request)
+        self._seq = itertools.count()
+        self._counters = _Counters()
+        self._epoch = 0
+        self._published = _Published(self._memory.snapshot(), 0)
+        self._prefix: Optional[_Prefix] = None  # written by the LLM worker only
+        self._refresh_failed: Optional[_Published] = None  # no retry until the memory changes
+        self._summarized: Optional[_Published] = None
+        self._last_summary_t = time.monotonic()
+        self._reset_stream_state()
+        self._busy = False
+        self._threads: list[threading.Thread] = []
+        self._started = self._stopping = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> "StreamEngine":
+        """Start the frame and LLM worker threads (once)."""
+        with self._lock:
+            if self._started:
+                raise EngineError("engine already started (engines cannot be restarted after shutdown)")
+            self._started = True
+        self._threads = [threading.Thread(target=self._frame_loop, name="fvs-frame-worker", daemon=True),
+                         threading.Thread(target=self._llm_loop, name="fvs-llm-worker", daemon=True)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def shutdown(self):
+        """Stop both workers, fail pending requests, wait for in-flight GPU work. Idempotent."""
+        with self._lock:
+            self._stopping = True
+            self._frames_cv.notify_all()
+            self._idle_cv.notify_all()
+        with self._llm_cv:  # a running generation stops at its next token (see _generate)
+            pending, self._requests = self._requests, []
+            self._llm_cv.notify_all()
+        for _, _, req in pending:
+            self._fail(req, EngineError("engine shut down before answering"))
+        for t in self._threads:
+            t.join()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> "StreamEngine":
+        return self if self._started else self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ----------------------------------------------------------------- frames
+
+    def add_frame(self, frame: np.ndarray, stamp: float) -> bool:
+        """Offer one RGB uint8 HxWx3 frame at stream time `stamp` (seconds).
+
+        Returns True if the frame was queued for memory, False if the sampling rate skipped it.
+        Never blocks: a full queue drops its oldest frame. Raises FrameError on bad input.
+        """
+        try:
+            stamp = self._check_frame(frame, stamp)
+        except FrameError:
+            with self._lock:
+                self._counters.frames_rejected += 1
+            raise
+        with self._lock:
+            if self._stopping:
+                raise EngineError("engine is shut down")
+            self._check_stamp(stamp)
+            if self._frame_hw is None:
+                self._fix_frame_size(frame.shape[0], frame.shape[1])
+            self._counters.frames_in += 1
+            self._last_stamp = stamp
+            if not self._sampled(stamp):
+                self._counters.frames_skipped += 1
+                return False
+            if len(self._queue) == self._queue.maxlen:
+                self._counters.frames_dropped += 1
+            self._queue.append((frame.copy(), stamp))
+            self._frames_cv.notify()
+        return True
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every queued frame is in memory (offline replay, tests). False on timeout."""
+        with self._lock:
+            if not self._started:
+                raise EngineError("engine not started: flush() would wait forever")
+            return self._idle_cv.wait_for(lambda: self._stopping or not (self._queue or self._busy), timeout)
+
+    def _check_frame(self, frame, stamp) -> float:
+        if not isinstance(frame, np.ndarray):
+            raise FrameError(f"frame must be a numpy array, got {type(frame).__name__}")
+        if frame.dtype != np.uint8:
+            raise FrameError(f"frame dtype must be uint8 (RGB 0-255), got {frame.dtype}")
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise FrameError(f"frame must have shape HxWx3 (RGB), got {frame.shape}")
+        h, w = frame.shape[:2]
+        if h == 0 or w == 0:
+            raise FrameError(f"frame is empty: {frame.shape}")
+        if max(h, w) > self.config.max_frame_side:
+            raise FrameError(f"frame {h}x{w} exceeds max_frame_side={self.config.max_frame_side}")
+        try:
+            stamp = float(stamp)
+        except (TypeError, ValueError):
+            raise FrameError(f"stamp must be a number of seconds, got {stamp!r}") from None
+        if not math.isfinite(stamp):
+            raise FrameError(f"stamp must be finite, got {stamp}")
+        return stamp
+
+    def _check_stamp(self, stamp: float):
+        if self._last_stamp is not None and stamp < self._last_stamp:
+            self._counters.frames_rejected += 1
+            raise FrameError(f"stamp {stamp:.3f} s is older than the previous frame's "
+                             f"{self._last_stamp:.3f} s; call reset() when the stream restarts")
+
+    def _sampled(self, stamp: float) -> bool:
+        """Memory sampling by stream time: keep a frame when the next sampling instant is reached."""
+        fps = self.config.sample_fps
+        if fps <= 0:
+            return True
+        period = 1.0 / fps
+        if self._next_due is not None and stamp < self._next_due - 1e-6:
+            return False
+        # Step on the sampling grid so jittered stamps do not drift; a gap restarts the grid.
+        due = (stamp if self._next_due is None else self._next_due) + period
+        self._next_due = due if due > stamp else stamp + period
+        return True
+
+    def _fix_frame_size(self, h: int, w: int):
+        """The first frame fixes the stream's size; the model resizes (h, w) to its grid lm.frame_size."""
+        try:
+            self._frame_hw = tuple(int(v) for v in self.lm.frame_size(h, w))
+        except Exception as e:
+            self._counters.frames_rejected += 1
+            raise FrameError(f"frame {h}x{w} cannot be used by the model: {e}") from e
+        self._source_hw = (h, w)
+
+    def _reset_stream_state(self):
+        self._queue.clear()
+        self._last_stamp: Optional[float] = None
+        self._next_due: Optional[float] = None
+        self._source_hw: Optional[tuple[int, int]] = None  # first frame's size; later frames are resized to it
+        self._frame_hw: Optional[tuple[int, int]] = None  # the ViT input size the model makes of it
+
+    # ----------------------------------------------------------------- frame worker
+
+    def _frame_loop(self):
+        with torch.inference_mode(), self._worker_stream():
+            while True:
+                taken = self._take_batch()
+                if taken is None:
+                    return
+                self._encode_batch(*taken)
+                with self._lock:
+                    self._busy = False
+                    self._idle_cv.notify_all()
+
+    def _take_batch(self):
+        with self._lock:
+            self._frames_cv.wait_for(lambda: self._stopping or self._queue)
+            if self._stopping:
+                return None
+            n = min(len(self._queue), self.config.max_batch)
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._busy = True
+            return batch, self._epoch, self._source_hw
+
+    def _encode_batch(self, batch, epoch: int, source_hw: tuple[int, int]):
+        t0 = time.perf_counter()
+        try:
+            frames = np.stack([_fit(f, source_hw) for f, _ in batch])
+            stamps = torch.tensor([s for _, s in batch], dtype=torch.float64)
+            feats = self.lm.encode_frames(frames)
+            with self._mem_lock:
+                if epoch != self._epoch:  # reset() or load() while encoding: drop the old stream's frames
+                    return
+                snap = self._memory.update(feats.low, feats.full, stamps, feats.full_hw)
+                self._sync()
+                self._published = _Published(snap, epoch)
+        except Exception as e:  # noqa: BLE001 - a bad batch must not kill the worker
+            self._record_error("frame worker", e)
+            return
+        with self._lock:
+            c = self._counters
+            c.frames_into_memory += len(batch)
+            c.last_update_time, c.last_update_s, c.last_batch_size = time.time(), time.perf_counter() - t0, len(batch)
+        with self._llm_cv:
+            self._llm_cv.notify_all()
+
+    # ----------------------------------------------------------------- questions
+
+    def ask(self, question: str, max_new_tokens: Optional[int] = None, timeout: Optional[float] = None,
+            on_token: Optional[TokenCallback] = None) -> Answer:
+        """Answer a question from the memory as it is now (blocking, thread-safe).
+
+        on_token receives text pieces as they are generated (called on the LLM worker thread).
+        Raises QuestionError (bad input), AnswerTimeout (request cancelled), EngineError.
+        """
+        question = self._check_question(question)
+        return self._submit(_QUESTION, question, self._check_tokens(max_new_tokens), timeout, on_token)
+
+    def summarize(self, prompt: Optional[str] = None, max_new_tokens: Optional[int] = None,
+                  timeout: Optional[float] = None) -> Answer:
+        """Scene summary with EngineConfig.summary_prompt (served after pending questions)."""
+        prompt = self._check_question(prompt or self.config.summary_prompt)
+        n = self._check_tokens(max_new_tokens or self.config.summary_max_new_tokens)
+        return self._submit(_SUMMARY, prompt, n, timeout, None)
+
+    def _check_question(self, question) -> str:
+        if not isinstance(question, str) or not question.strip():
+            raise QuestionError("question must be a non-empty string")
+        question = question.strip()
+        if len(question) > self.config.max_question_chars:
+            raise QuestionError(f"question has {len(question)} characters; the limit is "
+                                f"{self.config.max_question_chars} (EngineConfig.max_question_chars)")
+        return question
+
+    def _check_tokens(self, n: Optional[int]) -> int:
+        n = self.config.max_new_tokens if n is None else n
+        limit = self.config.max_new_tokens_limit
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+            raise QuestionError(f"max_new_tokens must be an integer in [1, {limit}], got {n!r}")
+        return n
+
+    def _submit(self, priority: int, prompt: str, max_new_tokens: int, timeout: Optional[float],
+                on_token: Optional[TokenCallback]) -> Answer:
+        timeout = self.config.answer_timeout_s if timeout is None else timeout
+        if not timeout > 0:
+            raise QuestionError(f"timeout must be > 0 seconds, got {timeout}")
+        req = _Request(prompt, max_new_tokens, on_token)
+        with self._llm_cv:
+            if not self._started or self._stopping:
+                raise EngineError("engine is not running (call start(); engines stop at shutdown())")
+            heapq.heappush(self._requests, (priority, next(self._seq), req))
+            self._llm_cv.notify_all()
+        if not req.done.wait(timeout):
+            req.cancelled = True
+            with self._lock:
+                self._counters.questions_timed_out += 1
+            raise AnswerTimeout(f"no answer within {timeout:.3g} s; the request was cancelled")
+        if req.error is not None:
+            raise req.error
+        return req.answer
+
+    # ----------------------------------------------------------------- LLM worker
+
+    def _llm_loop(self):
+        with torch.inference_mode(), self._worker_stream():
+            while True:
+                job = self._next_llm_job()
+                if job is None:
+                    return
+                job()
+
+    def _next_llm_job(self) -> Optional[Callable[[], None]]:
+        """Priority: queued requests, then prefix refresh and the periodic summary.
+
+        A due summary goes before a due refresh: it rebuilds a stale prefix itself first
+        (_prefix_for), and ordering it first keeps a slow prefill from starving it.
+        """
+        with self._llm_cv:
+            while not self._stopping:
+                while self._requests:
+                    _, _, req = heapq.heappop(self._requests)
+                    if not req.cancelled:
+                        return lambda: self._serve(req)
+                wait_summary = self._summary_wait()
+                if wait_summary == 0:
+                    return self._auto_summary
+                wait_refresh = self._refresh_wait()
+                if wait_refresh == 0:
+                    return self._refresh_prefix
+                waits = [w for w in (wait_refresh, wait_summary) if w is not None]
+                self._llm_cv.wait(min(waits) if waits else None)
+            return None
+
+    def _refresh_wait(self) -> Optional[float]:
+        """Seconds until a background prefix rebuild is due (0: now; None: not needed)."""
+        pub = self._published
+        if not self.config.prefix_cache or pub.snapshot.frames_seen == 0:
+            return None
+        p = self._prefix
+        if (p is not None and p.source is pub) or self._refresh_failed is pub:
+            return None
+        if p is None or p.source.epoch != pub.epoch:
+            return 0.0
+        return max(0.0, p.built_at + self.config.prefix_refresh_s - time.monotonic())
+
+    def _summary_wait(self) -> Optional[float]:
+        pub = self._published
+        if (self.on_summary is None or self.config.summary_period_s <= 0
+                or pub.snapshot.frames_seen == 0 or pub is self._summarized):
+            return None
+        return max(0.0, self._last_summary_t + self.config.summary_period_s - time.monotonic())
+
+    def _refresh_prefix(self):
+        pub = self._published
+        try:
+            self._build_prefix(pub)
+        except Exception as e:  # noqa: BLE001
+            self._record_error("prefix refresh", e)
+            self._refresh_failed = pub
+        finally:
+            self._sync()
+
+    def _build_prefix(self, pub: _Published) -> _Prefix:
+        t0 = time.perf_counter()
+        self._prefix = None  # free the old KV cache before allocating the new one
+        prefix = self.lm.prefill_memory(pub.snapshot, self.config.system_prompt)
+        self._prefix = _Prefix(pub, prefix, time.monotonic())
+        with self._lock:
+            self._counters.last_prefill_s = time.perf_counter() - t0
+        return self._prefix
+
+    def _prefix_for(self, pub: _Published) -> tuple[_Prefix, bool]:
+        """The cached prefix if it is of this stream and at most max_prefix_lag_s behind, else a fresh one."""
+        p, max_lag = self._prefix, self.config.max_prefix_lag_s
+        if p is not None and p.source.epoch == pub.epoch:
+            lag = pub.snapshot.last_stamp - p.source.snapshot.last_stamp
+            if p.source is pub or (max_lag > 0 and lag <= max_lag):
+                return p, True
+        return self._build_prefix(pub), False
+
+    def _serve(self, req: _Request):
+        try:
+            answer = self._generate(req)
+        except _Cancelled:  # the asker timed out (nobody reads this) or the engine is stopping
+            self._fail(req, EngineError("engine shut down before answering" if self._stopping else "cancelled"))
+            return
+        except Exception as e:  # noqa: BLE001
+            self._record_error("answer", e)
+            with self._lock:
+                self._counters.questions_failed += 1
+            self._fail(req, EngineError(f"the model failed to answer: {type(e).__name__}: {e}"), cause=e)
+            return
+        finally:
+            self._sync()
+        with self._lock:
+            c = self._counters
+            c.questions_answered += 1
+            c.last_ttft_s, c.last_answer_s = answer.ttft_s, answer.total_s
+        req.answer = answer
+        req.done.set()
+
+    def _auto_summary(self):
+        pub = self._published
+        self._summarized, self._last_summary_t = pub, time.monotonic()
+        req = _Request(self.config.summary_prompt, self.config.summary_max_new_tokens, None, preemptible=True)
+        try:
+            answer = self._generate(req)
+        except _Cancelled:  # a question arrived: it goes first, the summary is redone afterwards
+            self._summarized = None
+            return
+        except Exception as e:  # noqa: BLE001
+            self._record_error("summary", e)
+            return
+        finally:
+            self._sync()
+        with self._lock:
+            self._counters.summaries += 1
+        try:
+            self.on_summary(answer)
+        except Exception as e:  # noqa: BLE001
+            self._record_error("on_summary callback", e)
+
+    def _generate(self, req: _Request) -> Answer:
+        pub = self._published
+        snap = pub.snapshot
+        if snap.frames_seen == 0:
+            return self._no_video_answer(req)
+
+        def on_token(piece: str):  # runs inside lm.answer: raising here stops the generation
+            if req.cancelled or self._stopping or (req.preemptible and self._requests):
+                raise _Cancelled
+            if req.on_token is not None:
+                req.on_token(piece)
+
+        if self.config.prefix_cache:
+            prefix, hit = self._prefix_for(pub)
+            snap = prefix.source.snapshot
+            t_gen = time.perf_counter()
+            gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token)
+        else:
+            hit = False
+            t_gen = time.perf_counter()
+            gen = self.lm.answer_uncached(snap, req.prompt, req.max_new_tokens, self.config.system_prompt,
+                                          on_token=on_token)
+        if req.cancelled:
+            raise _Cancelled
+        return Answer(text=gen.text, frames_seen=int(snap.frames_seen),
+                      frames_in_memory=int(len(snap.csm_weights)),
+                      first_stamp=_opt_float(snap.first_stamp), last_stamp=_opt_float(snap.last_stamp),
+                      ttft_s=t_gen - req.submitted + gen.ttft_s, total_s=time.perf_counter() - req.submitted,
+                      num_tokens=len(gen.token_ids), from_cache=hit)
+
+    def _no_video_answer(self, req: _Request) -> Answer:
+        """Without frames the LLM is not run: an answer about unseen video would be invented."""
+        text = self.config.no_video_answer
+        if req.on_token is not None:
+            req.on_token(text)
+        dt = time.perf_counter() - req.submitted
+        return Answer(text, 0, 0, None, None, dt, dt, 0, False)
+
+    # ----------------------------------------------------------------- state
+
+    def reset(self):
+        """Forget the stream: empty memory and queue, sampling and frame size start over."""
+        with self._mem_lock, self._lock:
+            self._epoch += 1
+            self._reset_stream_state()
+            self._counters.reset_frames()
+            self._memory.reset()
+            self._published = _Published(self._memory.snapshot(), self._epoch)
+        with self._llm_cv:
+            self._llm_cv.notify_all()
+
+    def save(self, path) -> Path:
+        """Write memory (FlashMemory.save) and engine state to directory `path`.
+
+        Frames still queued are not in memory and are not saved; call flush() first to include them.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with self._mem_lock, self._lock:
+            self._memory.save(path / "memory.pt")
+            state = {"format": 1, "source_size": self._source_hw, "frame_size": self._frame_hw,
+                     "last_stamp": self._last_stamp, "next_due": self._next_due,
+                     "counters": self._counters.frame_state()}
+        (path / "engine.json").write_text(json.dumps(state, indent=1))
+        return path
+
+    def load(self, path):
+        """Replace memory and stream state with those saved by save(path); queued frames are dropped."""
+        path = Path(path)
+        if not (path / "engine.json").is_file() or not (path / "memory.pt").exists():
+            raise FileNotFoundError(f"no saved engine state in {path} (expected engine.json and memory.pt)")
+        state = json.loads((path / "engine.json").read_text())
+        memory = FlashMemory.load(path / "memory.pt", device=self.device)
+        with self._mem_lock, self._lock:
+            self._epoch += 1
+            self._reset_stream_state()
+            self._memory = memory
+            if state["source_size"]:
+                self._source_hw, self._frame_hw = tuple(state["source_size"]), tuple(state["frame_size"])
+            self._last_stamp, self._next_due = state["last_stamp"], state["next_due"]
+            self._counters.reset_frames(state["counters"])
+            self._published = _Published(memory.snapshot(), self._epoch)
+        with self._llm_cv:
+            self._llm_cv.notify_all()
+
+    def snapshot(self) -> MemorySnapshot:
+        """The newest published memory snapshot (immutable)."""
+        return self._published.snapshot
+
+    def stats(self) -> EngineStats:
+        pub, p = self._published, self._prefix
+        with self._lock:
+            c = asdict(self._counters)
+            queue_depth, frame_hw = len(self._queue), self._frame_hw
+        mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+        return EngineStats(
+            running=self._started and not self._stopping, queue_depth=queue_depth, frame_size=frame_hw,
+            memory_version=int(pub.snapshot.version), frames_seen=int(pub.snapshot.frames_seen),
+            prefix_current=p is not None and p.source is pub, device_memory_bytes=mem, **c)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _record_error(self, where: str, exc: BaseException):
+        """Count and log a worker error (with traceback once; a repeat of the last one logs at debug)."""
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        message = f"{where}: {type(exc).__name__}: {exc}"
+        with self._lock:
+            repeated = message == self._counters.last_error
+            self._counters.errors += 1
+            self._counters.last_error = message
+        if repeated:
+            log.debug(message)
+        else:
+            log.error(message, exc_info=exc)
+
+    @staticmethod
+    def _fail(req: _Request, error: EngineError, cause: Optional[BaseException] = None):
+        error.__cause__ = cause
+        req.error = error
+        req.done.set()
+
+    def _worker_stream(self):
+        """On CUDA each worker issues its kernels on its own stream so ViT and LLM work overlap."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.stream(torch.cuda.Stream(self.device))
+
+    def _sync(self):
+        """Wait for this thread's GPU work before publishing results to the other thread."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+
+def open_engine(model_source, memory_config: Optional[MemoryConfig] = None,
+                config: Optional[EngineConfig] = None, *, device="cpu", dtype=torch.float32,
+                on_summary: Optional[Callable[[Answer], None]] = None) -> StreamEngine:
+    """Load a checkpoint (load_model; raises ModelLoadError) and return a started engine."""
+    from fvs_ros.model import load_model
+
+    lm = load_model(model_source, dtype=dtype, device=device)
+    return StreamEngine(lm, memory_config, config, on_summary=on_summary).start()
+
+
+def _fit(frame: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Bring a frame to the stream's first-frame size (area filter when shrinking, cubic when enlarging)."""
+    h, w = hw
+    if frame.shape[:2] == (h, w):
+        return frame
+    shrink = h * w < frame.shape[0] * frame.shape[1]
+    return cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def _opt_float(x) -> Optional[float]:
+    return None if x is None else float(x)

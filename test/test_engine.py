@@ -1,0 +1,367 @@
+"""StreamEngine on CPU with tiny random checkpoints: answers, prefix cache, streaming, floods, errors, state."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fvs_ros.engine import (AnswerTimeout, EngineConfig, EngineError, FrameError, QuestionError, StreamEngine,
+                            open_engine)
+from fvs_ros.memory import MemoryConfig
+from fvs_ros.model import ModelLoadError, load_model
+from fvs_ros.model.tiny import FORMATS, write_tiny_checkpoint
+
+H, W = 112, 224  # a tiny-ViT-friendly frame: multiples of 56
+Q = "What is on the table?"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {fmt: write_tiny_checkpoint(root / fmt, fmt) for fmt in FORMATS}
+
+
+@pytest.fixture(scope="module")
+def lm(ckpts):
+    return load_model(ckpts["flash_vstream"])
+
+
+@pytest.fixture
+def make_engine():
+    """Engines built through this are shut down after the test, even when it fails."""
+    engines = []
+
+    def make(model, config=None, memory=None, **kw):
+        eng = StreamEngine(model, memory, config or EngineConfig(sample_fps=0), **kw).start()
+        engines.append(eng)
+        return eng
+
+    yield make
+    for eng in engines:
+        eng.shutdown()
+
+
+def frames(n, seed=0, h=H, w=W):
+    """n synthetic RGB frames: a few flat-coloured scenes with noise, so memory has structure."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (4, 3))
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        noise = rng.integers(-20, 21, (h, w, 3))
+        out[i] = np.clip(colours[(i * 4) // max(n, 1)] + noise, 0, 255)
+    return out
+
+
+def feed(eng, n, seed=0, dt=0.1, t0=0.0):
+    for i, f in enumerate(frames(n, seed)):
+        eng.add_frame(f, t0 + i * dt)
+
+
+def wait_for(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.01)
+
+
+class Proxy:
+    """Wraps a VideoLM to slow down or break parts of it; everything else passes through."""
+
+    def __init__(self, lm, encode_delay=0.0, answer_delay=0.0, slow_prompt=None):
+        self._lm, self.encode_delay, self.answer_delay = lm, encode_delay, answer_delay
+        self.slow_prompt = slow_prompt  # None: every answer is slow
+        self.fail_encode = self.fail_answer = False
+        self.started = threading.Event()
+        self.aborted = 0
+
+    def __getattr__(self, name):
+        return getattr(self._lm, name)
+
+    def encode_frames(self, batch):
+        time.sleep(self.encode_delay)
+        if self.fail_encode:
+            raise RuntimeError("injected ViT failure")
+        return self._lm.encode_frames(batch)
+
+    def answer(self, prefix, question, max_new_tokens, on_token=None):
+        if self.fail_answer:
+            raise RuntimeError("injected LLM failure")
+        self.started.set()
+        delay = self.answer_delay if self.slow_prompt in (None, question) else 0.0
+        try:
+            for _ in range(round(delay / 0.01)):  # a slow generation that streams tokens
+                time.sleep(0.01)
+                on_token("")
+        except Exception:
+            self.aborted += 1
+            raise
+        return self._lm.answer(prefix, question, max_new_tokens, on_token=on_token)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_backbone_format_loads_and_answers(ckpts, fmt):
+    with open_engine(ckpts[fmt], MemoryConfig(csm_slots=4, dam_frames=2), EngineConfig(sample_fps=0)) as eng:
+        feed(eng, 6)
+        assert eng.flush(10)
+        a = eng.ask(Q, max_new_tokens=4, timeout=30)
+    assert isinstance(a.text, str) and 0 <= a.num_tokens <= 4
+    assert (a.frames_seen, a.frames_in_memory, a.first_stamp, a.last_stamp) == (6, 4, 0.0, pytest.approx(0.5))
+    assert 0 < a.ttft_s <= a.total_s
+
+
+def test_cached_answer_equals_uncached_reference(lm, make_engine):
+    eng = make_engine(lm)
+    feed(eng, 12)
+    eng.flush()
+    wait_for(lambda: eng.stats().prefix_current)
+    pieces = []
+    a = eng.ask(Q, max_new_tokens=12, on_token=pieces.append)
+    ref = lm.answer_uncached(eng.snapshot(), Q, 12, eng.config.system_prompt)
+    assert a.from_cache and a.frames_seen == 12
+    assert (a.text, a.num_tokens) == (ref.text, len(ref.token_ids)) and a.num_tokens > 0
+    assert "".join(pieces) == a.text
+    cached = lm.answer(lm.prefill_memory(eng.snapshot(), eng.config.system_prompt), Q, 12)
+    assert cached.token_ids == ref.token_ids  # the same greedy tokens, not only the same text
+
+
+def test_uncached_mode_gives_the_same_answer(lm, make_engine):
+    answers = []
+    for cache in (True, False):
+        eng = make_engine(lm, EngineConfig(sample_fps=0, prefix_cache=cache))
+        feed(eng, 8)
+        eng.flush()
+        answers.append(eng.ask(Q, max_new_tokens=8))
+    assert answers[0].text == answers[1].text and not answers[1].from_cache
+
+
+def test_no_frames_yet_gives_a_clear_answer_without_the_llm(lm, make_engine):
+    a = make_engine(lm).ask(Q)
+    assert a.text == EngineConfig().no_video_answer
+    assert (a.frames_seen, a.num_tokens, a.last_stamp) == (0, 0, None)
+
+
+def test_questions_while_frames_stream_see_growing_memory(lm, make_engine):
+    eng = make_engine(lm, EngineConfig(sample_fps=0, prefix_refresh_s=0.05, max_prefix_lag_s=0.2))
+    n = 40
+
+    def camera():
+        for i, f in enumerate(frames(n)):
+            eng.add_frame(f, i * 0.05)
+            time.sleep(0.02)
+
+    feeder = threading.Thread(target=camera)
+    feeder.start()
+    seen = []
+    while feeder.is_alive():
+        seen.append(eng.ask(Q, max_new_tokens=2, timeout=10).frames_seen)
+        time.sleep(0.05)
+    feeder.join()
+    eng.flush()
+    wait_for(lambda: eng.stats().prefix_current)  # the background refresh catches up
+    final = eng.ask(Q, max_new_tokens=2)
+    seen.append(final.frames_seen)
+    assert seen == sorted(seen) and seen[-1] == n and len(set(seen)) >= 3
+    assert final.last_stamp == pytest.approx((n - 1) * 0.05)
+
+
+def test_frame_flood_keeps_memory_bounded_and_counts_drops(lm, make_engine):
+    slow = Proxy(lm, encode_delay=0.02)  # worker: ~50 frames/s with max_batch=1
+    mem = MemoryConfig(csm_slots=4, dam_frames=2, bank_capacity=8)
+    eng = make_engine(slow, EngineConfig(sample_fps=0, queue_size=4, max_batch=1), mem)
+    sent, depths, calls = 250, [], []
+    for i, f in enumerate(frames(sent)):  # ~500 frames/s: 10x the worker
+        t = time.perf_counter()
+        eng.add_frame(f, i * 0.002)
+        calls.append(time.perf_counter() - t)
+        depths.append(eng.stats().queue_depth)
+        time.sleep(0.002)
+    eng.flush()
+    s = eng.stats()
+    assert s.frames_in == sent and s.frames_dropped > sent // 2
+    assert s.frames_into_memory + s.frames_dropped == sent and max(depths) <= 4
+    snap = eng.snapshot()
+    assert snap.frames_seen == s.frames_into_memory
+    assert len(snap.csm_weights) <= 4 and len(snap.dam_slots) <= 2
+    assert np.median(calls) < 1e-3 and max(calls) < 0.1  # add_frame never waits for the worker
+
+
+def test_sampling_rate_picks_frames_by_stamp(lm, make_engine):
+    eng = make_engine(lm, EngineConfig(sample_fps=1.0))
+    f = frames(1)[0]
+    kept = [eng.add_frame(f, 5 + i / 30) for i in range(90)]  # 3 s of a 30 fps camera
+    assert [i for i, k in enumerate(kept) if k] == [0, 30, 60]
+    jitter = np.random.default_rng(1).uniform(-0.004, 0.004, 300)
+    stamps = [8 + i / 30 + j for i, j in enumerate(jitter)]  # 10 s more, jittered stamps
+    kept = [t for t in stamps if eng.add_frame(f, t)]
+    assert len(kept) == 10 and all(0.96 < d < 1.04 for d in np.diff(kept))  # no drift
+    eng.flush()
+    s = eng.stats()
+    assert (s.frames_in, s.frames_skipped, s.frames_into_memory) == (390, 377, 13)
+
+
+def test_other_frame_sizes_are_resized_to_the_first(lm, make_engine):
+    eng = make_engine(lm)
+    eng.add_frame(frames(1)[0], 0.0)
+    eng.add_frame(frames(1, h=300, w=500)[0], 0.1)
+    eng.add_frame(frames(1, h=60, w=90)[0], 0.2)
+    eng.flush()
+    s = eng.stats()
+    assert (s.frames_into_memory, s.errors, s.frame_size) == (3, 0, (H, W))
+
+
+def test_bad_inputs_raise_clear_errors_and_the_engine_keeps_working(lm, ckpts, make_engine, tmp_path):
+    eng = make_engine(lm, EngineConfig(sample_fps=0, max_frame_side=1000))
+    good = frames(1)[0]
+    bad_frames = {
+        "dtype": good.astype(np.float32), "HxWx3": good[..., 0], "got \\(112, 224, 4\\)": np.zeros((H, W, 4), np.uint8),
+        "empty": np.zeros((0, W, 3), np.uint8), "max_frame_side": np.zeros((H, 2000, 3), np.uint8),
+        "numpy array": good.tolist(),
+    }
+    for expected, frame in bad_frames.items():
+        with pytest.raises(FrameError, match=expected):
+            eng.add_frame(frame, 0.0)
+    with pytest.raises(FrameError, match="finite"):
+        eng.add_frame(good, float("nan"))
+    eng.add_frame(good, 1.0)
+    with pytest.raises(FrameError, match="older than the previous"):
+        eng.add_frame(good, 0.5)
+    for question, expected in (("", "non-empty"), ("   \n", "non-empty"), ("x" * 10_000, "10000 characters")):
+        with pytest.raises(QuestionError, match=expected):
+            eng.ask(question)
+    for n in (0, -1, 10**6, 2.5):
+        with pytest.raises(QuestionError, match="max_new_tokens"):
+            eng.ask(Q, max_new_tokens=n)
+    with pytest.raises(QuestionError, match="timeout"):
+        eng.ask(Q, timeout=0)
+    missing = tmp_path / "no_such_checkpoint"
+    for load in (load_model, open_engine):
+        with pytest.raises(ModelLoadError, match="no_such_checkpoint"):
+            load(missing)
+    with pytest.raises(FileNotFoundError, match="no saved engine state"):
+        eng.load(tmp_path / "nothing_saved")
+    eng.add_frame(good, 2.0)
+    eng.flush()
+    s = eng.stats()
+    assert s.frames_rejected == 8 and s.frames_into_memory == 2 and s.errors == 0
+    assert eng.ask(Q, max_new_tokens=2).frames_seen == 2
+
+
+def test_model_errors_are_counted_and_reported(lm, make_engine):
+    broken = Proxy(lm)
+    eng = make_engine(broken)
+    broken.fail_encode = True
+    feed(eng, 3)
+    eng.flush()
+    s = eng.stats()
+    assert s.errors >= 1 and "injected ViT failure" in s.last_error and s.frames_into_memory == 0
+    broken.fail_encode, broken.fail_answer = False, True
+    feed(eng, 3, t0=1.0)
+    eng.flush()
+    with pytest.raises(EngineError, match="injected LLM failure") as err:
+        eng.ask(Q)
+    assert isinstance(err.value.__cause__, RuntimeError)
+    broken.fail_answer = False
+    assert eng.ask(Q, max_new_tokens=2).frames_seen == 3
+    s = eng.stats()
+    assert s.questions_failed == 1 and s.questions_answered == 1 and s.running
+
+
+def test_timeout_cancels_the_request_and_the_worker_keeps_serving(lm, make_engine):
+    slow = Proxy(lm, answer_delay=1.0)
+    eng = make_engine(slow)
+    feed(eng, 3)
+    eng.flush()
+    t = time.perf_counter()
+    with pytest.raises(AnswerTimeout):
+        eng.ask(Q, timeout=0.1)
+    assert time.perf_counter() - t < 0.5
+    slow.answer_delay = 0.0
+    a = eng.ask(Q, max_new_tokens=2, timeout=10)
+    assert a.frames_seen == 3 and slow.aborted == 1  # the abandoned generation stopped early
+    s = eng.stats()
+    assert (s.questions_timed_out, s.questions_answered, s.errors) == (1, 1, 0)
+
+
+def test_summaries_on_demand_and_periodic(lm, make_engine):
+    got = []
+    eng = make_engine(lm, EngineConfig(sample_fps=0, summary_period_s=0.05, summary_max_new_tokens=3),
+                      on_summary=got.append)
+    feed(eng, 4)
+    eng.flush()
+    assert eng.summarize().frames_seen == 4
+    wait_for(lambda: got and got[-1].frames_seen == 4)  # one summary per memory change, the last of all 4 frames
+    assert all(a.num_tokens <= 3 for a in got) and eng.stats().summaries == len(got)
+
+
+def test_questions_preempt_a_running_summary_and_shutdown_stops_it(lm, make_engine):
+    slow = Proxy(lm, answer_delay=5.0, slow_prompt=EngineConfig.summary_prompt)
+    eng = make_engine(slow, EngineConfig(sample_fps=0, summary_period_s=0.01), on_summary=print)
+    feed(eng, 3)
+    assert slow.started.wait(10)  # the automatic summary is generating
+    t = time.perf_counter()
+    assert eng.ask(Q, max_new_tokens=2).frames_seen == 3
+    assert time.perf_counter() - t < 1.0 and slow.aborted == 1
+    time.sleep(0.1)  # the summary starts again ...
+    t = time.perf_counter()
+    eng.shutdown()  # ... and shutdown stops it at its next token
+    assert time.perf_counter() - t < 1.0 and slow.aborted == 2 and eng.stats().errors == 0
+
+
+def test_reset_save_load_round_trip(lm, make_engine, tmp_path):
+    eng = make_engine(lm)
+    feed(eng, 10)
+    eng.flush()
+    saved = eng.snapshot()
+    before = eng.ask(Q, max_new_tokens=6)
+    eng.save(tmp_path / "state")
+    eng.reset()
+    s = eng.stats()
+    assert (s.frames_in, s.frames_into_memory, s.frames_seen, s.frame_size) == (0, 0, 0, None)
+    assert eng.ask(Q).frames_seen == 0
+    feed(eng, 3, seed=5)  # a different stream, replaced by the load below
+    eng.flush()
+    for target in (eng, make_engine(lm)):
+        target.load(tmp_path / "state")
+        snap = target.snapshot()
+        assert (snap.frames_seen, snap.version, snap.last_stamp) == (saved.frames_seen, saved.version, saved.last_stamp)
+        assert torch.equal(snap.csm_features, saved.csm_features) and torch.equal(snap.dam_slots, saved.dam_slots)
+        after = target.ask(Q, max_new_tokens=6)
+        assert (after.text, after.frames_seen) == (before.text, 10)
+        s = target.stats()
+        assert (s.frames_in, s.frames_into_memory, s.frame_size) == (10, 10, (H, W))
+        target.add_frame(frames(1)[0], 1.0)  # the stream continues after the saved stamp
+        target.flush()
+        assert target.snapshot().frames_seen == 11
+
+
+def test_shutdown_fails_pending_requests_and_leaves_no_threads(lm):
+    slow = Proxy(lm, answer_delay=0.3)
+    eng = StreamEngine(slow, config=EngineConfig(sample_fps=0)).start()
+    feed(eng, 3)
+    eng.flush()
+    results = []
+
+    def ask():
+        try:
+            results.append(eng.ask(Q, timeout=10))
+        except EngineError as e:
+            results.append(e)
+
+    askers = [threading.Thread(target=ask) for _ in range(3)]
+    for t in askers:
+        t.start()
+    time.sleep(0.1)
+    eng.shutdown()
+    for t in askers:
+        t.join(5)
+    assert len(results) == 3 and all(isinstance(r, EngineError) for r in results)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fvs-")]
+    assert not eng.stats().running
+    with pytest.raises(EngineError):
+        eng.ask(Q)
+    with pytest.raises(EngineError):
+        eng.add_frame(frames(1)[0], 9.0)
+    eng.shutdown()  # idempotent
