@@ -16,6 +16,13 @@ LAUNCH_FILE = ROOT / 'launch' / 'stream.launch.py'
 PARAMS_FILE = ROOT / 'config' / 'fvs.yaml'
 
 
+def programs():
+    """Scripts that CMakeLists.txt installs to lib/fvs_ros (what `ros2 run fvs_ros ...` finds)."""
+    found = re.search(r'install\(PROGRAMS\s+([^)]*?)\s+DESTINATION lib/\$\{PROJECT_NAME\}\)', CMAKE)
+    assert found, 'no install(PROGRAMS ... DESTINATION lib/${PROJECT_NAME})'
+    return found.group(1).split()
+
+
 def dependencies(*tags):
     return {element.text for tag in tags for element in PACKAGE_XML.findall(tag)}
 
@@ -56,9 +63,8 @@ def test_rosdep_keys_declared():
 
 def test_install_rules_cover_launch_config_and_executables():
     assert re.search(r'install\(DIRECTORY launch config DESTINATION share/\$\{PROJECT_NAME\}\)', CMAKE)
-    programs = re.search(r'install\(PROGRAMS ([^)]*?) DESTINATION lib/\$\{PROJECT_NAME\}\)', CMAKE)
-    assert programs
-    for script in programs.group(1).split():
+    assert {'scripts/fvs_node', 'scripts/fvs_ask'} <= set(programs())
+    for script in programs():
         path = ROOT / script
         assert path.is_file() and os.access(path, os.X_OK), script
         module = re.search(r'from (fvs_ros[\w.]*) import main', path.read_text()).group(1)
@@ -72,8 +78,9 @@ def test_installed_tree_matches_the_source():
     assert (share / 'package.xml').read_text() == (ROOT / 'package.xml').read_text()
     assert (share / 'launch' / LAUNCH_FILE.name).read_text() == LAUNCH_FILE.read_text()
     assert (share / 'config' / PARAMS_FILE.name).read_text() == PARAMS_FILE.read_text()
-    for executable in ('fvs_node', 'fvs_ask'):
-        assert os.access(prefix / 'lib' / NAME / executable, os.X_OK), executable
+    for script in programs():
+        executable = prefix / 'lib' / NAME / Path(script).name
+        assert os.access(executable, os.X_OK), executable
 
 
 def test_launch_file_uses_the_params_file_and_package():
