@@ -16,9 +16,7 @@ Sections
           synthetic 336x560 stream: frames/s into memory, update p50/p99, TTFT at 100/1000/10000
           frames while frames keep arriving, peak memory; baseline = no prefix cache + unbounded
           bank + eager decoding. VideoLM is built around the in-memory random model with the
-          tiny tokenizer; attach_fast() routes its answers through FastDecoder (what VideoLM
-          should do natively). While FlashMemory.update lacks `full_hw` (docs/architecture.md)
-          a shim supplies it.
+          tiny tokenizer; ours answers through FastDecoder (VideoLM(fast_decode=True)).
 - check:  float32 exactness (7B widths, 4 layers): fast path == eager greedy tokens.
 On the device machine (transformers 5.17 there): carry transformers 5.24 + huggingface_hub 1.33
 wheels in .whl/ and `pip install --target /tmp/site`; see benchmarks/gpu_notes.md.
@@ -157,48 +155,21 @@ def eager_tokens_with_gaps(llm, lm_head, q_embeds, q_pos, next_pos, n, prefix_kv
     force: feed these tokens instead of the greedy ones (teacher forcing); attn: run with this
     transformers attention implementation (e.g. "eager" math attention) instead of the model's.
     """
-    from transformers import DynamicCache
-
-    from fvs_ros.model.fast_decode import _layer_cache_kw
-
     configs = list({id(layer.self_attn.config): layer.self_attn.config for layer in llm.layers}.values())
     configs.append(llm.config)
     old = [c._attn_implementation for c in configs]
     if attn is not None:
         for c in configs:
             c._attn_implementation = attn
+    steps = []
     try:
-        return _eager_loop(llm, lm_head, q_embeds, q_pos, next_pos, n, prefix_kv, force, DynamicCache, _layer_cache_kw)
+        tokens = eager_generate(llm, lm_head, q_embeds, q_pos, next_pos, n, prefix_kv=prefix_kv,
+                                force_tokens=force, on_logits=steps.append)
     finally:
         for c, name in zip(configs, old):
             c._attn_implementation = name
-
-
-def _eager_loop(llm, lm_head, q_embeds, q_pos, next_pos, n, prefix_kv, force, DynamicCache, _layer_cache_kw):
-    cache = DynamicCache(config=llm.config)
-    for i, (k, v) in enumerate(prefix_kv):
-        cache.update(k, v, i)
-    kw = _layer_cache_kw(llm)
-    device = lm_head.weight.device
-
-    def step(e, p):
-        h = llm(inputs_embeds=e, position_ids=p, use_cache=True, **{kw: cache}).last_hidden_state
-        return lm_head(h[0, -1]).float()
-
-    logits = step(q_embeds, q_pos)
-    tokens, gaps, tops, all_logits, pos = [], [], [], [], next_pos
-    for i in range(n):
-        top = logits.topk(2)
-        tokens.append(int(top.indices[0]))
-        gaps.append(float(top.values[0] - top.values[1]))
-        tops.append(float(top.values[0]))
-        all_logits.append(logits)
-        if i + 1 < n:
-            feed = tokens[-1] if force is None else int(force[i])
-            logits = step(llm.embed_tokens(torch.tensor([[feed]], device=device)),
-                          torch.full((3, 1, 1), pos, dtype=torch.long, device=device))
-            pos += 1
-    return tokens, gaps, tops, torch.stack(all_logits)
+    top2 = [logits.topk(2).values for logits in steps]
+    return tokens, [float(t[0] - t[1]) for t in top2], [float(t[0]) for t in top2], torch.stack(steps)
 
 
 def ulp(x: float, dtype: torch.dtype) -> float:
@@ -551,7 +522,7 @@ def section_vit(model, device, tiny, args):
 # ---------------------------------------------------------------------- engine
 
 
-def make_video_lm(model, tiny):
+def make_video_lm(model, tiny, fast_decode):
     """A VideoLM around the in-memory random model, with the tiny tokenizer (no checkpoint on disk)."""
     from transformers import AutoTokenizer
 
@@ -563,44 +534,7 @@ def make_video_lm(model, tiny):
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     chat = chat_format(TOKENIZER_DIR, tok)
     ckpt = CheckpointConfig(QWEN2_VL, model.config, {"csm_slots": 4 if tiny else 60, "dam_frames": 2 if tiny else 30})
-    return VideoLM(model, tok, chat, ckpt, TOKENIZER_DIR, MIN_PIXELS, MAX_PIXELS)
-
-
-def attach_fast(lm, fast: FastDecoder):
-    """Route lm.answer / lm.answer_uncached through the fast path (what VideoLM should do natively)."""
-    from fvs_ros.model.video_lm import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT, Generation
-
-    def run(start, embeds, positions, next_position, max_new_tokens, on_token, prefix):
-        tokens, sent = [], [""]
-
-        def cb(token):
-            tokens.append(token)
-            sent[0] = lm._stream_text(tokens, sent[0], on_token)
-
-        t_in = time.perf_counter()
-        g = fast.generate(embeds, positions, next_position, max_new_tokens, lm.stop_ids, on_token=cb,
-                          prefix_kv=None if prefix is None else prefix.kv,
-                          prefix_len=0 if prefix is None else prefix.num_tokens)
-        text = lm._detokenize(g.tokens)
-        if on_token is not None and len(text) > len(sent[0]):
-            on_token(text[len(sent[0]):])
-        return Generation(text, g.tokens, t_in - start + g.ttft_s, time.perf_counter() - start, g.prompt_tokens)
-
-    def answer(prefix, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, on_token=None, answer_prefix=""):
-        start = time.perf_counter()
-        with torch.inference_mode():
-            embeds, positions = lm._tail_inputs(question, answer_prefix, prefix.next_position)
-        return run(start, embeds, positions, prefix.next_position + embeds.shape[1], max_new_tokens, on_token, prefix)
-
-    def answer_uncached(snapshot, question, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-                        system_prompt=DEFAULT_SYSTEM_PROMPT, on_token=None, answer_prefix=""):
-        start = time.perf_counter()
-        with torch.inference_mode():
-            inputs = lm.prompt_inputs(snapshot, question, system_prompt, answer_prefix)
-        return run(start, inputs.embeds, inputs.position_ids, inputs.next_position, max_new_tokens, on_token, None)
-
-    lm.answer, lm.answer_uncached = answer, answer_uncached
-    return lm
+    return VideoLM(model, tok, chat, ckpt, TOKENIZER_DIR, MIN_PIXELS, MAX_PIXELS, fast_decode=fast_decode)
 
 
 def synthetic_frames(n, h, w, seed=0):
@@ -614,48 +548,6 @@ def synthetic_frames(n, h, w, seed=0):
         img = img + rng.normal(0, 8, img.shape)
         frames.append(np.clip(img, 0, 255).astype(np.uint8))
     return frames
-
-
-class _SnapshotShim:
-    """A memory snapshot plus `full_hw` (see _MemoryShim)."""
-
-    def __init__(self, snap, full_hw):
-        self._snap, self.full_hw = snap, full_hw
-
-    def __getattr__(self, name):
-        return getattr(self._snap, name)
-
-
-class _MemoryShim:
-    """Bridges a FlashMemory whose update() does not take `full_hw` yet (docs/architecture.md says it
-    does, and the engine passes it): keeps the grid and hands it out with every snapshot. Used only
-    while fvs_ros.memory lags the contract; the benchmark itself needs no change when it catches up."""
-
-    def __init__(self, memory):
-        self._memory, self._hw = memory, None
-
-    def update(self, low, full, stamps, full_hw=None):
-        self._hw = full_hw if full_hw is not None else self._hw
-        return _SnapshotShim(self._memory.update(low, full, stamps), self._hw)
-
-    def snapshot(self):
-        return _SnapshotShim(self._memory.snapshot(), self._hw)
-
-    def __getattr__(self, name):
-        return getattr(self._memory, name)
-
-
-def _bridge_memory_contract(eng) -> bool:
-    import dataclasses
-    import inspect
-
-    from fvs_ros.memory import FlashMemory
-
-    if "full_hw" in inspect.signature(FlashMemory.update).parameters:
-        return False
-    eng._memory = _MemoryShim(eng._memory)
-    eng._published = dataclasses.replace(eng._published, snapshot=eng._memory.snapshot())
-    return True
 
 
 def run_engine(lm, device, tiny, *, label, prefix_cache, bank_capacity, checkpoints, realtime_s, ask_reps,
@@ -673,11 +565,7 @@ def run_engine(lm, device, tiny, *, label, prefix_cache, bank_capacity, checkpoi
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    eng = StreamEngine(lm, mem, cfg)
-    if _bridge_memory_contract(eng):
-        res["memory_shim"] = True
-        log("  (fvs_ros.memory.FlashMemory.update takes no full_hw yet: bridged by the benchmark)")
-    eng.start()
+    eng = StreamEngine(lm, mem, cfg).start()
     updates = {}  # last_update_time -> (last_update_s, batch)
     stop = threading.Event()
     phase = {"realtime": True}
@@ -793,7 +681,7 @@ def section_engine(model, device, tiny, args):
         import fvs_ros.engine  # noqa: F401
         import fvs_ros.memory  # noqa: F401
 
-        lm = make_video_lm(model, tiny)
+        lm = make_video_lm(model, tiny, fast_decode=False)
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         RESULTS["engine"] = {"error": f"cannot build the engine: {type(e).__name__}: {e}"}
@@ -809,17 +697,16 @@ def section_engine(model, device, tiny, args):
             traceback.print_exc()
             out["baseline"] = {"error": f"{type(e).__name__}: {e}"}
         gc.collect()
-    fast = FastDecoder(lm.llm, lm.lm_head)
+    ours = make_video_lm(model, tiny, fast_decode=True)
     dam, (hm, wm), csm = memory_layout(tiny)
-    fast.reserve(dam * hm * wm + csm * (hm // 2) * (wm // 2) + 64, max_new_tokens=256)
-    ours = attach_fast(make_video_lm(model, tiny), fast)
+    ours.fast.reserve(dam * hm * wm + csm * (hm // 2) * (wm // 2) + 64, max_new_tokens=256)
     try:
         out["ours"] = run_engine(ours, device, tiny, label="ours", prefix_cache=True, bank_capacity=120,
                                  checkpoints=args.engine_frames, realtime_s=args.realtime_s, ask_reps=args.ask_reps)
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         out["ours"] = {"error": f"{type(e).__name__}: {e}"}
-    del fast, ours
+    del ours
     gc.collect()
     o, b = out.get("ours", {}), out.get("baseline", {})
     for n in sorted(set(o.get("checkpoints", {})) & set(b.get("checkpoints", {}))):

@@ -15,9 +15,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py=$venv/bin/python
 
-# 1. Python requirements, reinstalled only when requirements.txt changed.
+# 1. Python requirements, reinstalled only when requirements*.txt changed.
 stamp=$venv/.fvs_requirements.sha256
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-model.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing requirements.txt (first run: a few minutes)"
   "$py" -m pip install -q --disable-pip-version-check -r requirements.txt

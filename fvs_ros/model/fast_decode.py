@@ -600,8 +600,14 @@ def eager_prefill(llm, embeds: torch.Tensor, positions: torch.Tensor):
 
 @torch.inference_mode()
 def eager_generate(llm, lm_head, tail_embeds, tail_positions, next_position: int, max_new_tokens: int,
-                   stop_ids=(), prefix_kv=None, on_step: Callable[[], None] | None = None) -> list[int]:
-    """Reference greedy loop, the eager transformers path of VideoLM.answer (DynamicCache copy of the prefix)."""
+                   stop_ids=(), prefix_kv=None, *, force_tokens: Sequence[int] | None = None,
+                   on_logits: Callable[[torch.Tensor], None] | None = None) -> list[int]:
+    """Reference greedy loop, the eager transformers path of VideoLM.answer (DynamicCache copy of the prefix).
+
+    on_logits(logits) sees each step's float32 logits [vocab] before its token is chosen;
+    force_tokens (teacher forcing, for checks) feeds force_tokens[i] after step i instead of the
+    greedy token, and stop tokens do not end it.
+    """
     cache = DynamicCache(config=llm.config)
     if prefix_kv is not None:
         for layer, (keys, values) in enumerate(prefix_kv):
@@ -615,16 +621,17 @@ def eager_generate(llm, lm_head, tail_embeds, tail_positions, next_position: int
 
     logits = step(tail_embeds, tail_positions)
     tokens, position = [], next_position
-    stop = frozenset(int(s) for s in stop_ids)
+    stop = frozenset(int(s) for s in stop_ids) if force_tokens is None else frozenset()
     for i in range(max_new_tokens):
+        if on_logits is not None:
+            on_logits(logits)
         token = int(logits.argmax())
-        if on_step is not None:
-            on_step()
         if token in stop:
             break
         tokens.append(token)
         if i + 1 < max_new_tokens:
-            ids = torch.tensor([[token]], device=device)
+            feed = token if force_tokens is None else int(force_tokens[i])
+            ids = torch.tensor([[feed]], device=device)
             logits = step(llm.embed_tokens(ids), torch.full((3, 1, 1), position, dtype=torch.long, device=device))
             position += 1
     return tokens
