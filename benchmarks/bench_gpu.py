@@ -697,9 +697,7 @@ def section_engine(model, device, tiny, args):
             traceback.print_exc()
             out["baseline"] = {"error": f"{type(e).__name__}: {e}"}
         gc.collect()
-    ours = make_video_lm(model, tiny, fast_decode=True)
-    dam, (hm, wm), csm = memory_layout(tiny)
-    ours.fast.reserve(dam * hm * wm + csm * (hm // 2) * (wm // 2) + 64, max_new_tokens=256)
+    ours = make_video_lm(model, tiny, fast_decode=True)  # StreamEngine.start sizes its cache (warm_up)
     try:
         out["ours"] = run_engine(ours, device, tiny, label="ours", prefix_cache=True, bank_capacity=120,
                                  checkpoints=args.engine_frames, realtime_s=args.realtime_s, ask_reps=args.ask_reps)

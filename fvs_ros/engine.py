@@ -234,11 +234,13 @@ class StreamEngine:
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> "StreamEngine":
-        """Start the frame and LLM worker threads (once)."""
+        """Warm the model up, then start the frame and LLM worker threads (once)."""
         with self._lock:
             if self._started:
                 raise EngineError("engine already started (engines cannot be restarted after shutdown)")
             self._started = True
+        memory = self._memory.config
+        self.lm.warm_up(memory.csm_slots, memory.dam_frames, self.config.max_new_tokens_limit)
         self._threads = [threading.Thread(target=self._frame_loop, name="fvs-frame-worker", daemon=True),
                          threading.Thread(target=self._llm_loop, name="fvs-llm-worker", daemon=True)]
         for t in self._threads:

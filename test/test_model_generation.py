@@ -170,3 +170,9 @@ def test_bfloat16_model_answers_from_float32_memory(tmp_path, frames):
     prefix = lm16.prefill_memory(snap)
     assert prefix.kv[0][0].dtype == torch.bfloat16
     assert len(lm16.answer(prefix, "What is it?", max_new_tokens=3).token_ids) >= 1
+
+
+def test_warm_up_sizes_the_fast_decoder_for_a_full_memory(lm):
+    lm.warm_up(csm_slots=4, dam_frames=2, max_new_tokens=32)  # a 720x1280 frame: 240 DAM, 60 CSM tokens
+    if lm.fast is not None:
+        assert lm.fast.capacity >= 2 * 240 + 4 * 60 + 32

@@ -208,6 +208,17 @@ class VideoLM:
         with self._tokenizer_lock:
             return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens).input_ids
 
+    def warm_up(self, csm_slots: int, dam_frames: int, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                frame_hw: tuple[int, int] = (720, 1280)) -> None:
+        """Pay start-up costs before the first frame and question: one ViT pass on a blank frame
+        (kernel selection, allocator) and, with FastDecoder, its cache sized for a full memory of
+        such frames and its CUDA graphs captured (otherwise the first answer pays ~1 s on a 7B)."""
+        feats = self.encode_frames(np.zeros((1, *frame_hw, 3), np.uint8))
+        if self.fast is not None:
+            (h, w), merge = feats.full_hw, self.model.config.vision_config.spatial_merge_size
+            memory_tokens = dam_frames * h * w // merge**2 + csm_slots * feats.low.shape[1] // merge**2
+            self.fast.reserve(memory_tokens + 64, max_new_tokens)
+
     # ------------------------------------------------------------------ generation
 
     @torch.inference_mode()
