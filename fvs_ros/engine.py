@@ -718,9 +718,11 @@ class StreamEngine:
 
 
 def open_engine(model_source, memory_config: Optional[MemoryConfig] = None,
-                config: Optional[EngineConfig] = None, *, device="cpu", dtype=torch.float32,
+                config: Optional[EngineConfig] = None, *, device="auto", dtype="auto",
                 on_summary: Optional[Callable[[Answer], None]] = None) -> StreamEngine:
-    """Load a checkpoint (load_model; raises ModelLoadError) and return a started engine."""
+    """Load a checkpoint (load_model; raises ModelLoadError) and return a started engine.
+
+    device / dtype: as load_model; 'auto' = CUDA in bfloat16 when available, else CPU in float32."""
     from fvs_ros.model import load_model
 
     lm = load_model(model_source, dtype=dtype, device=device)

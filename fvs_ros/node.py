@@ -93,7 +93,6 @@ class FvsNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             p = params.read(self)
-            device, dtype = _resolve_device(p['device'], p['dtype'])
             memory = MemoryConfig(csm_slots=p['csm_slots'], dam_frames=p['dam_frames'])
             config = EngineConfig(
                 sample_fps=p['memory_fps'], queue_size=p['queue_size'],
@@ -105,10 +104,10 @@ class FvsNode(LifecycleNode):
         except ValueError as e:
             self.get_logger().error(f'configure failed: {e}')
             return FAILURE
-        self.get_logger().info(f"loading model '{p['model']}' on {device} ({str(dtype).removeprefix('torch.')})")
+        self.get_logger().info(f"loading model '{p['model']}' (device {p['device']}, dtype {p['dtype']})")
         t0 = time.perf_counter()
         try:
-            self._engine = open_engine(p['model'], memory, config, device=device, dtype=dtype,
+            self._engine = open_engine(p['model'], memory, config, device=p['device'], dtype=p['dtype'],
                                        on_summary=self._publish_summary)
         except ModelLoadError as e:
             self.get_logger().error(f"cannot load model '{p['model']}': {e} -- {TINY_MODEL_HINT}")
@@ -373,17 +372,6 @@ class _RosLogHandler(logging.Handler):
     def emit(self, record):
         level = self.ros_logger.error if record.levelno >= logging.ERROR else self.ros_logger.warning
         level(f'{record.name}: {record.getMessage()}')
-
-
-def _resolve_device(device: str, dtype: str):
-    """('auto' | 'cpu' | 'cuda[:N]', 'auto' | dtype name) -> (device string, torch dtype)."""
-    import torch
-
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if dtype == 'auto':
-        dtype = 'bfloat16' if device.startswith('cuda') else 'float32'
-    return device, getattr(torch, dtype)
 
 
 def _check_request(request: Ask.Request, max_chars: int):

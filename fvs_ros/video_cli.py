@@ -20,13 +20,12 @@ from typing import Iterator, Optional
 
 import cv2
 import numpy as np
-import torch
 
 from fvs_ros.engine import Answer, EngineConfig, EngineError, StreamEngine
 from fvs_ros.memory import MemoryConfig
 from fvs_ros.model import ModelLoadError, load_model
+from fvs_ros.model.video_lm import DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_question(text: str) -> tuple[float, str]:
@@ -131,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per answer")
     p.add_argument("--csm-slots", type=int, help="CSM size (default: the checkpoint's, 60 for plain Qwen2-VL)")
     p.add_argument("--dam-frames", type=int, help="DAM size (default: the checkpoint's, 30 for plain Qwen2-VL)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--summary", action="store_true", help="print a scene summary at the end")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer")
     return p
@@ -140,11 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     config = EngineConfig(sample_fps=args.sample_fps, answer_timeout_s=args.timeout,
                           max_new_tokens_limit=max(args.max_new_tokens, EngineConfig.max_new_tokens_limit))
     try:
-        lm = load_model(args.model, dtype=dtype, device=args.device)
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fvs_ros.model import ModelLoadError, load_model, map_weight_name
+from fvs_ros.model import ModelLoadError, load_model, map_weight_name, resolve_device_dtype
 from fvs_ros.model import checkpoint
 from fvs_ros.model.preprocess import slot_patches
 from fvs_ros.model.tiny import FORMATS, main as tiny_main, write_tiny_checkpoint
@@ -202,3 +202,14 @@ def snapshot_of(feats):
         csm_features=feats.low.float(), csm_weights=torch.ones(n), csm_times=torch.arange(n, dtype=torch.float64),
         dam_features=feats.full[:2], dam_slots=torch.arange(2), frames_seen=n, version=1, full_hw=feats.full_hw,
     )
+
+
+def test_device_and_dtype_by_name_or_auto():
+    assert resolve_device_dtype("auto", "auto") == (
+        (torch.device("cuda"), torch.bfloat16) if torch.cuda.is_available() else (torch.device("cpu"), torch.float32))
+    assert resolve_device_dtype("cpu", "float16") == (torch.device("cpu"), torch.float16)
+    assert resolve_device_dtype(torch.device("cpu"), torch.bfloat16) == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ModelLoadError, match="unknown dtype 'int8'"):
+        resolve_device_dtype("cpu", "int8")
+    with pytest.raises(ModelLoadError, match="unknown device"):
+        resolve_device_dtype("gpu7", "auto")

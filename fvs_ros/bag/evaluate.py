@@ -28,7 +28,7 @@ from fvs_ros.bag.report import build_report, write_report
 from fvs_ros.bag.scoring import score_answer
 
 EPS = 1e-6
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 
 # ----------------------------------------------------------------------------- offline engine
@@ -54,11 +54,9 @@ def _node_defaults(params_file: Optional[str]) -> dict:
 
 def make_engine(args) -> tuple[object, dict]:
     """Load the model and start an engine set up like the node (offline mode)."""
-    import torch
-
     from fvs_ros.engine import EngineConfig, StreamEngine
     from fvs_ros.memory import MemoryConfig
-    from fvs_ros.model import load_model
+    from fvs_ros.model import load_model, resolve_device_dtype
 
     p = _node_defaults(args.params)
     for key, value in (("model", args.model), ("device", args.device), ("dtype", args.dtype),
@@ -69,12 +67,7 @@ def make_engine(args) -> tuple[object, dict]:
             p[key] = value
     if not p.get("model"):
         raise SystemExit("evaluate: error: offline mode needs --model (checkpoint directory or hub id)")
-    device = p.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = p.get("dtype", "auto")
-    if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    device, dtype = resolve_device_dtype(p.get("device", "auto"), p.get("dtype", "auto"))
     memory = MemoryConfig(**{k: int(p[k]) for k in ("csm_slots", "dam_frames") if k in p})
     max_new = int(p.get("max_new_tokens", 128))
     config = EngineConfig(
@@ -84,9 +77,10 @@ def make_engine(args) -> tuple[object, dict]:
         system_prompt=str(p.get("system_prompt", "You are a helpful assistant.")),
         summary_period_s=0.0, prefix_cache=not args.no_prefix_cache, max_prefix_lag_s=0.0)
     t0 = time.perf_counter()
-    lm = load_model(p["model"], dtype=getattr(torch, dtype), device=device)
+    lm = load_model(p["model"], dtype=dtype, device=device)
     engine = StreamEngine(lm, memory, config).start()
-    settings = {"model": str(p["model"]), "device": str(device), "dtype": dtype, "memory_fps": config.sample_fps,
+    settings = {"model": str(p["model"]), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                "memory_fps": config.sample_fps,
                 "csm_slots": memory.csm_slots, "dam_frames": memory.dam_frames, "queue_size": config.queue_size,
                 "max_new_tokens": max_new, "system_prompt": config.system_prompt, "prefix_cache": config.prefix_cache,
                 "batch": args.batch, "stamps": args.stamps, "model_load_s": round(time.perf_counter() - t0, 3)}
@@ -157,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="checkpoint directory or hub id")
     g.add_argument("--params", help="node params file to take settings from (as given to the node)")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--dtype", choices=DTYPES)
+    g.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     g.add_argument("--memory-fps", type=float, help="frames per second of stream time into memory (0: all)")
     g.add_argument("--csm-slots", type=int)
     g.add_argument("--dam-frames", type=int)

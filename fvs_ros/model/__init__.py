@@ -9,7 +9,8 @@ See docs/model.md.
 """
 
 from .checkpoint import ModelLoadError, map_weight_name
-from .video_lm import FrameFeatures, Generation, MemoryPrefix, PromptInputs, VideoLM, load_model
+from .video_lm import (FrameFeatures, Generation, MemoryPrefix, PromptInputs, VideoLM, load_model,
+                       resolve_device_dtype)
 
 __all__ = [
     "FrameFeatures",
@@ -20,4 +21,5 @@ __all__ = [
     "VideoLM",
     "load_model",
     "map_weight_name",
+    "resolve_device_dtype",
 ]

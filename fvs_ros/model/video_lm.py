@@ -338,11 +338,36 @@ def stop_token_ids(config, tokenizer, ckpt_dir: Path) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device_dtype(device: str | torch.device = "auto",
+                         dtype: str | torch.dtype = "auto") -> tuple[torch.device, torch.dtype]:
+    """'auto' device: CUDA when available, else CPU; 'auto' dtype: bfloat16 on CUDA, float32 on CPU.
+
+    Also takes devices and dtypes by name ('cuda:1', 'float16'); raises ModelLoadError for others.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"unknown device {device!r}: {err}") from None
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+        dtype = getattr(torch, dtype)
+    return device, dtype
+
+
+def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
                min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                fast_decode: bool | None = None) -> VideoLM:
     """Load a Flash-VStream-Qwen2-VL, Qwen2-VL or Qwen2.5-VL checkpoint (hub id or local directory).
 
+    device and dtype: objects, names or 'auto' (resolve_device_dtype).
     fast_decode: answer() through FastDecoder (static KV cache, CUDA graphs); None = on CUDA only.
 
     Raises ModelLoadError (one-line message) for a missing source, an unsupported config, weights
@@ -350,7 +375,7 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32, device: s
     """
     if "cache" not in inspect.signature(_text_model_forward()).parameters:
         raise ModelLoadError("this transformers version is too old: fvs_ros.model needs the 5.x `cache=` LLM API")
-    device = torch.device(device)
+    device, dtype = resolve_device_dtype(device, dtype)
     ckpt_dir = resolve_source(source)
     checkpoint = read_config(ckpt_dir)
     try:
