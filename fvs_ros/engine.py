@@ -365,7 +365,7 @@ class StreamEngine:
     # ----------------------------------------------------------------- frame worker
 
     def _frame_loop(self):
-        with torch.inference_mode(), self._worker_stream():
+        with torch.inference_mode(), self._worker_stream(priority=-1):
             while True:
                 taken = self._take_batch()
                 if taken is None:
@@ -705,11 +705,15 @@ class StreamEngine:
         req.error = error
         req.done.set()
 
-    def _worker_stream(self):
-        """On CUDA each worker issues its kernels on its own stream so ViT and LLM work overlap."""
+    def _worker_stream(self, priority: int = 0):
+        """On CUDA each worker issues its kernels on its own stream so ViT and LLM work overlap.
+
+        The frame worker's stream has the higher priority (-1): its kernels are scheduled ahead of
+        a 10k-token prefix rebuild queued on the LLM stream, so frame intake keeps up with the
+        camera while the prefix refreshes (benchmarks/gpu_notes.md)."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
-        return torch.cuda.stream(torch.cuda.Stream(self.device))
+        return torch.cuda.stream(torch.cuda.Stream(self.device, priority=priority))
 
     def _sync(self):
         """Wait for this thread's GPU work before publishing results to the other thread."""
