@@ -10,7 +10,7 @@ import torch
 from fvs_ros.memory import FORMAT_VERSION, FlashMemory, MemoryConfig, MemoryFileError, MemorySnapshot
 
 SMALL = MemoryConfig(csm_slots=8, dam_frames=4, bank_capacity=12)
-REFERENCE = Path("/work/shared/data/official_reference/offline_reference.npz")
+REFERENCE = Path(__file__).parent / "data" / "official_reference" / "offline_reference.npz"
 
 
 @pytest.fixture(autouse=True, scope="module")
