@@ -97,18 +97,24 @@ def test_prefix_switch_and_no_prefix(model):
         assert got_full.tokens == ref
 
 
-@torch.inference_mode()
-def test_stop_tokens_and_callback(model):
+def cached_question(model, q_len, seed, max_new_tokens):
+    """A memory prefix (eager KV), a question of q_len tokens after it and eager's greedy answer."""
     llm, lm_head = model
     embeds, positions, next_pos = multimodal_prompt(llm)
     prefix = eager_prefill(llm, embeds, positions)
-    q_embeds, q_pos = question(llm, 4, next_pos, 9)
-    ref = eager_generate(llm, lm_head, q_embeds, q_pos, next_pos + 4, 10, prefix_kv=prefix)
+    q_embeds, q_pos = question(llm, q_len, next_pos, seed)
+    ref = eager_generate(llm, lm_head, q_embeds, q_pos, next_pos + q_len, max_new_tokens, prefix_kv=prefix)
+    return prefix, embeds.shape[1], q_embeds, q_pos, next_pos + q_len, ref
+
+
+@torch.inference_mode()
+def test_stop_tokens_and_callback(model):
+    prefix, plen, q_embeds, q_pos, next_pos, ref = cached_question(model, q_len=4, seed=9, max_new_tokens=10)
     stop = ref[3]
-    fast = FastDecoder(llm, lm_head)
+    fast = FastDecoder(*model)
     seen = []
-    got = fast.generate(q_embeds, q_pos, next_pos + 4, 10, stop_ids=[stop], prefix_kv=prefix,
-                        prefix_len=embeds.shape[1], on_token=seen.append)
+    got = fast.generate(q_embeds, q_pos, next_pos, 10, stop_ids=[stop], prefix_kv=prefix,
+                        prefix_len=plen, on_token=seen.append)
     assert got.tokens == ref[:ref.index(stop)] == seen
     assert got.ttft_s <= got.total_s
 
@@ -119,30 +125,26 @@ def test_stop_tokens_and_callback(model):
         raise Cancel
 
     with pytest.raises(Cancel):
-        fast.generate(q_embeds, q_pos, next_pos + 4, 10, prefix_kv=prefix, prefix_len=embeds.shape[1],
-                      on_token=cancel)
+        fast.generate(q_embeds, q_pos, next_pos, 10, prefix_kv=prefix, prefix_len=plen, on_token=cancel)
     # the decoder stays usable after a cancelled generation
-    again = fast.generate(q_embeds, q_pos, next_pos + 4, 10, prefix_kv=prefix, prefix_len=embeds.shape[1])
+    again = fast.generate(q_embeds, q_pos, next_pos, 10, prefix_kv=prefix, prefix_len=plen)
     assert again.tokens == ref
 
 
 @torch.inference_mode()
 def test_forced_tokens_give_per_step_predictions(model):
     llm, lm_head = model
-    embeds, positions, next_pos = multimodal_prompt(llm)
-    prefix = eager_prefill(llm, embeds, positions)
-    q_embeds, q_pos = question(llm, 5, next_pos, 11)
-    ref = eager_generate(llm, lm_head, q_embeds, q_pos, next_pos + 5, 12, prefix_kv=prefix)
+    prefix, plen, q_embeds, q_pos, next_pos, ref = cached_question(model, q_len=5, seed=11, max_new_tokens=12)
     fast = FastDecoder(llm, lm_head, buckets=(8,))
-    got = fast.generate(q_embeds, q_pos, next_pos + 5, 99, stop_ids=[ref[2]], prefix_kv=prefix,
-                        prefix_len=embeds.shape[1], force_tokens=ref)
+    got = fast.generate(q_embeds, q_pos, next_pos, 99, stop_ids=[ref[2]], prefix_kv=prefix,
+                        prefix_len=plen, force_tokens=ref)
     assert got.tokens == ref  # forcing the eager sequence reproduces it step by step; stops ignored
     other = list(reversed(ref))
-    forced = fast.generate(q_embeds, q_pos, next_pos + 5, 0, prefix_kv=prefix, prefix_len=embeds.shape[1],
+    forced = fast.generate(q_embeds, q_pos, next_pos, 0, prefix_kv=prefix, prefix_len=plen,
                            force_tokens=other).tokens
     assert forced[0] == ref[0] and len(forced) == len(other)
     for i in range(1, len(other)):  # prediction i follows other[:i]: the eager loop fed the same tokens agrees
-        assert forced[i] == eager_forced(llm, lm_head, q_embeds, q_pos, next_pos + 5, prefix, other[:i])
+        assert forced[i] == eager_forced(llm, lm_head, q_embeds, q_pos, next_pos, prefix, other[:i])
 
 
 def eager_forced(llm, lm_head, q_embeds, q_pos, next_pos, prefix, fed):

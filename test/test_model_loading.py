@@ -137,23 +137,26 @@ def test_directory_without_config(tmp_path):
     assert_one_line(err, "no config.json")
 
 
-def test_unsupported_model_type(tmp_path):
-    ckpt = copy_checkpoint(OFFICIAL_CKPT, tmp_path / "ckpt")
-    config = json.loads((ckpt / "config.json").read_text())
-    (ckpt / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
-    with pytest.raises(ModelLoadError) as err:
-        load_model(ckpt)
-    assert_one_line(err, "unsupported model_type 'llava'")
+def set_model_type(config):
+    config["model_type"] = "llava"
 
 
-def test_unsupported_memory_method(tmp_path):
-    ckpt = copy_checkpoint(OFFICIAL_CKPT, tmp_path / "ckpt")
-    config = json.loads((ckpt / "config.json").read_text())
+def set_memory_method(config):
     config["vision_config"]["flash_memory_config"]["flash_memory_temporal_method"] = "dbscan"
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (set_model_type, "unsupported model_type 'llava'"),
+    (set_memory_method, "flash_memory_temporal_method='dbscan'"),
+])
+def test_unsupported_config(tmp_path, edit, fragment):
+    ckpt = copy_checkpoint(OFFICIAL_CKPT, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    edit(config)
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError) as err:
         load_model(ckpt)
-    assert_one_line(err, "flash_memory_temporal_method='dbscan'")
+    assert_one_line(err, fragment)
 
 
 @pytest.mark.parametrize(
