@@ -67,6 +67,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
+from fvs_ros.cuda_graph import capture
+
 ATTN_NAME = "fvs_static_cache"
 DEFAULT_BUCKETS = (8, 16, 32, 64, 128, 256)
 CAPACITY_ALIGN = 512
@@ -100,7 +102,10 @@ class _AttnContext:
     max_k_pre: int = 0
 
 
-def _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, kwargs):
+def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, kwargs=None):
+    """FlashAttention-2 over packed sequences: q [Lq, H, D], k/v [Lk, Hkv, D], bounds cu_q/cu_k (int32)
+    -> (out [Lq, H, D], log-sum-exp)."""
+    kwargs = kwargs or {}
     out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
                                                   scale=scale, **kwargs)
     return out[0], out[1]
@@ -117,9 +122,9 @@ def _split_flash(q, k, v, ctx: _AttnContext, scale):
     """q [q, H, D] over prefix chunks (non-causal) + new keys (causal), merged by log-sum-exp -> [q, H, D]."""
     q_len, heads, dim = q.shape
     s = ctx.splits
-    o_pre, lse_pre = _flash(q.repeat(s, 1, 1), k, v, ctx.cu_q_pre, ctx.cu_k_pre, q_len, ctx.max_k_pre, False,
+    o_pre, lse_pre = flash_varlen(q.repeat(s, 1, 1), k, v, ctx.cu_q_pre, ctx.cu_k_pre, q_len, ctx.max_k_pre, False,
                             scale, ctx.flash_kwargs)
-    o_new, lse_new = _flash(q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scale, ctx.flash_kwargs)
+    o_new, lse_new = flash_varlen(q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scale, ctx.flash_kwargs)
     o = torch.cat([o_pre.view(s, q_len, heads, dim), o_new.view(1, q_len, heads, dim)]).float()
     lse = torch.cat([_lse_rows(lse_pre, s, q_len, heads), _lse_rows(lse_new, 1, q_len, heads)])
     lse = lse.masked_fill(lse == float("inf"), float("-inf"))  # FlashAttention marks empty chunks with +inf
@@ -142,7 +147,7 @@ def _static_attention(module, query, key, value, attention_mask=None, dropout=0.
         v = value[0].transpose(0, 1)
         if ctx.splits:
             return _split_flash(q, k, v, ctx, scaling).unsqueeze(0), None
-        out, _ = _flash(q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scaling, ctx.flash_kwargs)
+        out, _ = flash_varlen(q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scaling, ctx.flash_kwargs)
         return out.unsqueeze(0), None
     groups = heads // kv_heads
     # query heads kv*groups + j share KV head kv (transformers' repeat_kv order): fold j into the rows
@@ -255,7 +260,7 @@ class FastDecoder:
             q = torch.randn(q_len, self.heads, self.head_dim, device=self.device, dtype=self.dtype, generator=g)
             scale = self.head_dim**-0.5
             i32 = dict(dtype=torch.int32, device=self.device)
-            ref, _ = _flash(q, k, v, torch.tensor([0, q_len], **i32), torch.tensor([0, n], **i32), q_len, n,
+            ref, _ = flash_varlen(q, k, v, torch.tensor([0, q_len], **i32), torch.tensor([0, n], **i32), q_len, n,
                             q_len > 1, scale, self._flash_kwargs)
             ctx = self._split_context(torch.tensor([prefix], device=self.device),
                                       torch.tensor([n], device=self.device), q_len, k.shape[0])
@@ -369,19 +374,8 @@ class FastDecoder:
 
     def _capture(self, fn: Callable[[], dict], reset: Callable[[], None] = lambda: None
                  ) -> tuple[torch.cuda.CUDAGraph, dict]:
-        """Warm fn up twice on a side stream, then capture it; reset() restores its inputs before each run."""
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up (cuBLAS handles, autotuning) outside the capture
-                reset()
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        reset()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (the engine's frame worker) may keep using CUDA during the capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            outputs = fn()
+        """Capture fn into this decoder's shared graph pool (cuda_graph.capture)."""
+        graph, outputs = capture(fn, self.device, self._pool, reset=reset)
         if self._pool is None:
             self._pool = graph.pool()
         return graph, outputs
