@@ -13,6 +13,7 @@ which is exactly the official pooling of raw pixel patches before `patch_embed`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -70,9 +71,17 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def normalize(frames: torch.Tensor) -> torch.Tensor:
     """[T, H, W, 3] uint8 -> [T, 3, H, W] float32: x / 255 (in float64, as the processor), CLIP mean/std."""
     x = (frames.to(torch.float64) * (1 / 255)).to(torch.float32).permute(0, 3, 1, 2)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    mean, std = _clip_stats(x.device)
     return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP mean and std as [1, 3, 1, 1] float32 on `device`, made once: normalize() then copies
+    nothing from the host, so it can run inside a CUDA graph capture."""
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return mean, std
 
 
 def patchify(images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -90,7 +99,8 @@ def slot_patches(frames: torch.Tensor, frames_per_slot: int) -> SlotPatches:
         raise ValueError(f"{frames.shape[0]} frames do not form slots of {frames_per_slot} frame(s)")
     images = normalize(frames)  # [B, 3, H, W]
     if frames_per_slot == 1:
-        images = images.repeat_interleave(TEMPORAL_PATCH, dim=0)  # one frame fills both temporal halves
+        t, c, height, width = images.shape  # one frame fills both temporal halves (no host sync: graph-safe)
+        images = images[:, None].expand(t, TEMPORAL_PATCH, c, height, width).reshape(-1, c, height, width)
     full, full_hw = patchify(images)
     low, low_hw = patchify(F.avg_pool2d(images, LOW_RES_POOL))
     return SlotPatches(full, low, full_hw, low_hw)

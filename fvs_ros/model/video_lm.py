@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, DynamicCache
 from transformers.vision_utils import get_vision_window_index
 
 from .fast_decode import FastDecoder
+from .fast_vision import FastVision
 from .checkpoint import QWEN2_5_VL, CheckpointConfig, ModelLoadError, build_model, read_config, resolve_source
 from .positions import TRAINED_SLOTS, memory_positions, time_to_position
 from .preprocess import MAX_PIXELS, MIN_PIXELS, SlotPatches, frame_size, resize_frames, slot_patches
@@ -83,7 +84,7 @@ class VideoLM:
     """A Qwen2-VL-family checkpoint driven for Flash Memory streaming. Build it with load_model()."""
 
     def __init__(self, model, tokenizer, chat: ChatFormat, checkpoint: CheckpointConfig, ckpt_dir: Path,
-                 min_pixels: int, max_pixels: int, fast_decode: bool = False):
+                 min_pixels: int, max_pixels: int, fast_decode: bool = False, fast_vision: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.chat = chat
@@ -103,6 +104,8 @@ class VideoLM:
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         # Static-cache / CUDA-graph decoding for answer(); None = the eager loop below.
         self.fast = FastDecoder(self.llm, self.lm_head) if fast_decode else None
+        # Packed-attention / CUDA-graph ViT for streamed frames (Qwen2-VL); None = transformers' forward.
+        self.fast_vision = FastVision(self.visual) if fast_vision and self.model_type != QWEN2_5_VL else None
 
     @property
     def memory_defaults(self) -> dict:
@@ -126,8 +129,10 @@ class VideoLM:
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
             raise ValueError(f"expected [B, H, W, 3] uint8 frames, got {frames.dtype} {frames.shape}")
-        frames = resize_frames(frames, self.frame_size(*frames.shape[1:3]))
-        return self.vit(slot_patches(torch.from_numpy(frames).to(self.device), frames_per_slot))
+        frames = torch.from_numpy(resize_frames(frames, self.frame_size(*frames.shape[1:3]))).to(self.device)
+        if self.fast_vision is not None and frames_per_slot == 1:
+            return FrameFeatures(*self.fast_vision.encode(frames))
+        return self.vit(slot_patches(frames, frames_per_slot))
 
     @torch.inference_mode()
     def vit(self, patches: SlotPatches) -> FrameFeatures:
@@ -211,9 +216,12 @@ class VideoLM:
     def warm_up(self, csm_slots: int, dam_frames: int, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                 frame_hw: tuple[int, int] = (720, 1280)) -> None:
         """Pay start-up costs before the first frame and question: one ViT pass on a blank frame
-        (kernel selection, allocator) and, with FastDecoder, its cache sized for a full memory of
-        such frames and its CUDA graphs captured (otherwise the first answer pays ~1 s on a 7B)."""
+        (kernel selection, allocator); with FastVision, its graphs for frames of that size captured;
+        with FastDecoder, its cache sized for a full memory of such frames and its CUDA graphs
+        captured (otherwise the first answer pays ~1 s on a 7B)."""
         feats = self.encode_frames(np.zeros((1, *frame_hw, 3), np.uint8))
+        if self.fast_vision is not None:
+            self.fast_vision.prepare(*self.frame_size(*frame_hw))
         if self.fast is not None:
             (h, w), merge = feats.full_hw, self.model.config.vision_config.spatial_merge_size
             memory_tokens = dam_frames * h * w // merge**2 + csm_slots * feats.low.shape[1] // merge**2
@@ -221,14 +229,36 @@ class VideoLM:
 
     # ------------------------------------------------------------------ generation
 
-    @torch.inference_mode()
     def prefill_memory(self, snapshot, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> MemoryPrefix:
         """Run the LLM once over [system prompt + <|vision_start|> + memory + <|vision_end|>]."""
-        embeds, positions, next_position = self._head_inputs(snapshot, system_prompt)
-        cache = self._new_cache()
-        self.llm(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True)
+        steps = self.prefill_steps(snapshot, system_prompt)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, snapshot, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                      chunk_tokens: int | None = None) -> Generator[None, None, MemoryPrefix]:
+        """prefill_memory in chunks of `chunk_tokens` prompt tokens (None: one pass), pausing between them.
+
+        A generator: each next() queues one more chunk and returns (the GPU may still be running
+        it); the MemoryPrefix is the StopIteration value. The KV equals one pass up to float
+        rounding. The engine answers questions between chunks from its previous prefix, so a
+        question waits for at most one chunk of a rebuild instead of the whole ~0.3 s (7B, H100).
+        """
+        with torch.inference_mode():
+            embeds, positions, next_position = self._head_inputs(snapshot, system_prompt)
+        cache, total = self._new_cache(), embeds.shape[1]
+        step = chunk_tokens or total
+        for start in range(0, total, step):
+            with torch.inference_mode():
+                self.llm(inputs_embeds=embeds[:, start: start + step], position_ids=positions[:, :, start: start + step],
+                         cache=cache, use_cache=True)
+            if start + step < total:
+                yield
         kv = tuple((layer.keys, layer.values) for layer in cache.layers)
-        return MemoryPrefix(kv, embeds.shape[1], next_position, int(snapshot.version), int(snapshot.frames_seen))
+        return MemoryPrefix(kv, total, next_position, int(snapshot.version), int(snapshot.frames_seen))
 
     @torch.inference_mode()
     def answer(self, prefix: MemoryPrefix, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -364,11 +394,12 @@ def resolve_device_dtype(device: str | torch.device = "auto",
 
 def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
                min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-               fast_decode: bool | None = None) -> VideoLM:
+               fast_decode: bool | None = None, fast_vision: bool | None = None) -> VideoLM:
     """Load a Flash-VStream-Qwen2-VL, Qwen2-VL or Qwen2.5-VL checkpoint (hub id or local directory).
 
     device and dtype: objects, names or 'auto' (resolve_device_dtype).
     fast_decode: answer() through FastDecoder (static KV cache, CUDA graphs); None = on CUDA only.
+    fast_vision: streamed frames through FastVision (packed attention, CUDA graphs); None = on CUDA only.
 
     Raises ModelLoadError (one-line message) for a missing source, an unsupported config, weights
     that do not match the config, or weights that do not fit the device.
@@ -387,8 +418,10 @@ def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32, dev
     except Exception as err:  # template syntax or layout: either way the prompt cannot be built
         raise ModelLoadError(f"{ckpt_dir}: unusable chat template: {err}") from None
     model = build_model(checkpoint, ckpt_dir, dtype, device)
-    fast_decode = device.type == "cuda" if fast_decode is None else fast_decode
-    return VideoLM(model, tokenizer, chat, checkpoint, ckpt_dir, min_pixels, max_pixels, fast_decode)
+    on_cuda = device.type == "cuda"
+    fast_decode = on_cuda if fast_decode is None else fast_decode
+    fast_vision = on_cuda if fast_vision is None else fast_vision
+    return VideoLM(model, tokenizer, chat, checkpoint, ckpt_dir, min_pixels, max_pixels, fast_decode, fast_vision)
 
 
 def _text_model_forward():

@@ -1,0 +1,64 @@
+"""FastVision (packed attention, CUDA graphs) gives the features of transformers' own ViT forward."""
+
+import numpy as np
+import pytest
+import torch
+
+from fvs_ros.model import load_model
+from fvs_ros.model.fast_vision import FastVision
+from fvs_ros.model.preprocess import slot_patches
+from fvs_ros.model.tiny import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "flash_vstream", seed=3)
+
+
+def frames(n, h=112, w=168, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_features_equal_the_transformers_forward(ckpt):
+    lm = load_model(ckpt, fast_vision=False)
+    batch = torch.from_numpy(frames(3))
+    ref = lm.vit(slot_patches(batch, 1))  # transformers' forward, SDPA per sequence
+    fast = FastVision(lm.visual, graphs=False)
+    full, low, full_hw, low_hw = fast.encode(batch)
+    assert (full_hw, low_hw) == (ref.full_hw, ref.low_hw) == ((8, 12), (4, 6))
+    torch.testing.assert_close(full, ref.full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(low, ref.low, rtol=1e-5, atol=1e-5)
+
+
+def test_extra_frames_in_a_batch_change_nothing(ckpt):
+    """What lets a graph pad a batch up to its bucket: every slot's sequences attend only to themselves."""
+    fast = FastVision(load_model(ckpt, fast_vision=False).visual, graphs=False)
+    batch = torch.from_numpy(frames(4, seed=1))
+    full3, low3, _, _ = fast.encode(batch[:3])
+    full4, low4, _, _ = fast.encode(batch)
+    torch.testing.assert_close(full4[:3], full3, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(low4[:3], low3, rtol=1e-5, atol=1e-5)
+
+
+def test_video_lm_streams_frames_through_it(ckpt, tmp_path):
+    lm = load_model(ckpt, fast_vision=True)
+    assert lm.fast_vision is not None and not lm.fast_vision.graphs  # CPU: packed attention, no graphs
+    feats = lm.encode_frames(frames(2, 100, 150))  # resized to the model's grid first
+    ref = load_model(ckpt, fast_vision=False).encode_frames(frames(2, 100, 150))
+    torch.testing.assert_close(feats.full, ref.full, rtol=1e-5, atol=1e-5)
+    offline = lm.encode_frames(frames(2, 100, 150), frames_per_slot=2)  # pairs of frames: the eager tower
+    assert offline.full.shape[0] == 1
+    assert load_model(write_tiny_checkpoint(tmp_path / "q25", "qwen2_5_vl"), fast_vision=True).fast_vision is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_the_eager_forward(ckpt):
+    lm = load_model(ckpt, device="cuda", dtype=torch.bfloat16, fast_vision=False)
+    eager, graphed = FastVision(lm.visual, graphs=False), FastVision(lm.visual, graphs=True, buckets=(2, 4))
+    batch = torch.from_numpy(frames(3, seed=2)).cuda()
+    for n in (1, 3, 3):  # padded to buckets 2 and 4; the second 3 replays the captured graph
+        want, got = eager.encode(batch[:n]), graphed.encode(batch[:n])
+        torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-2)
+    assert graphed.graph_replays == 3
+    assert graphed.encode(torch.from_numpy(frames(5)).cuda())[0].shape[0] == 5  # above the buckets: eager
