@@ -70,6 +70,7 @@ class EngineConfig:
     prefix_cache: bool = True  # False: every answer prefills [system + memory + question] from scratch
     prefix_refresh_s: float = 0.5  # background prefix rebuild at most this often (wall seconds)
     max_prefix_lag_s: float = 0.0  # stream time a question's prefix may lag the newest memory (0: exact)
+    prefill_chunk_tokens: int = 512  # background rebuilds run in chunks of this many tokens; 0: one pass
     no_video_answer: str = "No video frames have been received yet, so I cannot answer about the video."
 
     def __post_init__(self):
@@ -79,7 +80,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.answer_timeout_s > 0:
             raise ValueError(f"EngineConfig.answer_timeout_s must be > 0, got {self.answer_timeout_s}")
-        for name in ("summary_period_s", "prefix_refresh_s", "max_prefix_lag_s"):
+        for name in ("summary_period_s", "prefix_refresh_s", "max_prefix_lag_s", "prefill_chunk_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_new_tokens > self.max_new_tokens_limit:
@@ -223,6 +224,7 @@ class StreamEngine:
         self._epoch = 0
         self._published = _Published(self._memory.snapshot(), 0)
         self._prefix: Optional[_Prefix] = None  # written by the LLM worker only
+        self._building = False  # the LLM worker is inside _build_prefix
         self._refresh_failed: Optional[_Published] = None  # no retry until the memory changes
         self._summarized: Optional[_Published] = None
         self._last_summary_t = time.monotonic()
@@ -516,29 +518,63 @@ class StreamEngine:
     def _refresh_prefix(self):
         pub = self._published
         try:
-            self._build_prefix(pub)
+            self._build_prefix(pub, serve_between=True)
         except Exception as e:  # noqa: BLE001
             self._record_error("prefix refresh", e)
             self._refresh_failed = pub
         finally:
             self._sync()
 
-    def _build_prefix(self, pub: _Published) -> _Prefix:
+    def _build_prefix(self, pub: _Published, serve_between: bool = False) -> _Prefix:
+        """Prefill the memory of `pub`. The old prefix stays in use until the new one is complete;
+        with serve_between, requests that the old prefix may answer are served between chunks."""
         t0 = time.perf_counter()
-        self._prefix = None  # free the old KV cache before allocating the new one
-        prefix = self.lm.prefill_memory(pub.snapshot, self.config.system_prompt)
+        self._building = True
+        try:
+            steps = self.lm.prefill_steps(pub.snapshot, self.config.system_prompt,
+                                          self.config.prefill_chunk_tokens or None)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    prefix = done.value
+                    break
+                if serve_between:
+                    self._sync()  # the chunk has run: a question served now waits for nothing else
+                    self._serve_waiting()
+        finally:
+            self._building = False
         self._prefix = _Prefix(pub, prefix, time.monotonic())
         with self._lock:
             self._counters.last_prefill_s = time.perf_counter() - t0
         return self._prefix
 
-    def _prefix_for(self, pub: _Published) -> tuple[_Prefix, bool]:
-        """The cached prefix if it is of this stream and at most max_prefix_lag_s behind, else a fresh one."""
+    def _serve_waiting(self):
+        """Serve queued requests while the cached prefix may answer them (mid-rebuild)."""
+        while True:
+            with self._llm_cv:
+                if self._stopping or not self._requests or self._cached_prefix(self._published) is None:
+                    return
+                _, _, req = heapq.heappop(self._requests)
+            if not req.cancelled:
+                self._serve(req)
+
+    def _cached_prefix(self, pub: _Published) -> Optional[_Prefix]:
+        """The cached prefix if it is of this stream and at most max_prefix_lag_s behind `pub`."""
         p, max_lag = self._prefix, self.config.max_prefix_lag_s
-        if p is not None and p.source.epoch == pub.epoch:
-            lag = pub.snapshot.last_stamp - p.source.snapshot.last_stamp
-            if p.source is pub or (max_lag > 0 and lag <= max_lag):
-                return p, True
+        if p is None or p.source.epoch != pub.epoch:
+            return None
+        lag = pub.snapshot.last_stamp - p.source.snapshot.last_stamp
+        return p if p.source is pub or (max_lag > 0 and lag <= max_lag) else None
+
+    def _prefix_for(self, pub: _Published) -> tuple[_Prefix, bool]:
+        """The cached prefix if usable for `pub`, else a fresh one (mid-rebuild: the cached one of this
+        stream, since memory moved on while the request was being picked)."""
+        p = self._cached_prefix(pub)
+        if p is None and self._building and self._prefix is not None and self._prefix.source.epoch == pub.epoch:
+            p = self._prefix
+        if p is not None:
+            return p, True
         return self._build_prefix(pub), False
 
     def _serve(self, req: _Request):

@@ -100,7 +100,8 @@ class FvsNode(LifecycleNode):
                 max_new_tokens_limit=max(p['max_new_tokens'], p['summary_max_new_tokens']),
                 answer_timeout_s=p['default_timeout_s'], system_prompt=p['system_prompt'],
                 summary_prompt=p['summary_prompt'], summary_max_new_tokens=p['summary_max_new_tokens'],
-                summary_period_s=p['summary_period_s'])
+                summary_period_s=p['summary_period_s'], prefix_refresh_s=p['prefix_refresh_s'],
+                max_prefix_lag_s=p['max_prefix_lag_s'])
         except ValueError as e:
             self.get_logger().error(f'configure failed: {e}')
             return FAILURE

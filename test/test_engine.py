@@ -70,8 +70,10 @@ def wait_for(cond, timeout=10.0):
 class Proxy:
     """Wraps a VideoLM to slow down or break parts of it; everything else passes through."""
 
-    def __init__(self, lm, encode_delay=0.0, answer_delay=0.0, slow_prompt=None):
+    def __init__(self, lm, encode_delay=0.0, answer_delay=0.0, slow_prompt=None, chunk_delay=0.0):
         self._lm, self.encode_delay, self.answer_delay = lm, encode_delay, answer_delay
+        self.chunk_delay = chunk_delay  # seconds per prefill chunk
+        self.chunks = 0
         self.slow_prompt = slow_prompt  # None: every answer is slow
         self.fail_encode = self.fail_answer = False
         self.started = threading.Event()
@@ -85,6 +87,17 @@ class Proxy:
         if self.fail_encode:
             raise RuntimeError("injected ViT failure")
         return self._lm.encode_frames(batch)
+
+    def prefill_steps(self, *args, **kw):
+        steps = self._lm.prefill_steps(*args, **kw)
+        while True:
+            time.sleep(self.chunk_delay)
+            self.chunks += 1
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+            yield
 
     def answer(self, prefix, question, max_new_tokens, on_token=None):
         if self.fail_answer:
@@ -165,6 +178,38 @@ def test_questions_while_frames_stream_see_growing_memory(lm, make_engine):
     seen.append(final.frames_seen)
     assert seen == sorted(seen) and seen[-1] == n and len(set(seen)) >= 3
     assert final.last_stamp == pytest.approx((n - 1) * 0.05)
+
+
+def test_questions_are_answered_between_the_chunks_of_a_rebuild(lm, make_engine):
+    """A question asked while the prefix is rebuilt gets the previous prefix after at most one chunk."""
+    slow = Proxy(lm, chunk_delay=0.05)  # ~180-token prefix in 16-token chunks: a rebuild takes ~0.6 s
+    eng = make_engine(slow, EngineConfig(sample_fps=0, prefix_refresh_s=0.0, max_prefix_lag_s=10.0,
+                                         prefill_chunk_tokens=16))
+    feed(eng, 6)
+    eng.flush()
+    wait_for(lambda: eng.stats().prefix_current)
+    feed(eng, 1, t0=1.0)  # new memory: a background rebuild starts
+    eng.flush()
+    wait_for(lambda: slow.chunks > 0 and not eng.stats().prefix_current)
+    start = slow.chunks
+    a = eng.ask(Q, max_new_tokens=2)
+    assert a.from_cache and a.frames_seen == 6  # the old prefix, during the rebuild
+    assert slow.chunks - start <= 2 and a.ttft_s < 0.3
+    wait_for(lambda: eng.stats().prefix_current)
+    b = eng.ask(Q, max_new_tokens=2)
+    assert b.from_cache and b.frames_seen == 7
+
+
+def test_an_exact_question_waits_for_the_rebuild(lm, make_engine):
+    """With max_prefix_lag_s = 0 a question never sees a stale prefix."""
+    slow = Proxy(lm, chunk_delay=0.02)
+    eng = make_engine(slow, EngineConfig(sample_fps=0, prefix_refresh_s=0.0, prefill_chunk_tokens=16))
+    feed(eng, 6)
+    eng.flush()
+    wait_for(lambda: eng.stats().prefix_current)
+    feed(eng, 1, t0=1.0)
+    eng.flush()
+    assert eng.ask(Q, max_new_tokens=2).frames_seen == 7
 
 
 def test_frame_flood_keeps_memory_bounded_and_counts_drops(lm, make_engine):
