@@ -492,6 +492,7 @@ def section_check(model, device, tiny, args):
 @torch.inference_mode()
 def section_vit(model, device, tiny, args):
     log("\n== ViT: frames/s at 336x560, full + low resolution: transformers' forward vs FastVision ==")
+    from fvs_ros.model.fast_vision import ATTN_NAME as FAST_VISION_ATTN
     from fvs_ros.model.fast_vision import FastVision
     from fvs_ros.model.preprocess import slot_patches
 
@@ -516,7 +517,8 @@ def section_vit(model, device, tiny, args):
 
         visual.config._attn_implementation = eager_impl
         t_eager = bench_cuda(eager, device, reps=5 if b >= 16 else 10, warmup=2)
-        fast = fast or FastVision(visual)  # switches the tower's attention to the packed kernel
+        fast = fast or FastVision(visual)
+        visual.config._attn_implementation = FAST_VISION_ATTN  # the packed kernel FastVision runs the tower with
         t_fast = bench_cuda(lambda: fast.encode(batch), device, reps=10 if b >= 16 else 20, warmup=2)
         res[f"b{b}"] = {"eager_s": t_eager, "fast_s": t_fast, "eager_fps": b / t_eager, "fast_fps": b / t_fast}
         row(f"ViT batch {b:2d} (uint8 frames -> features)",

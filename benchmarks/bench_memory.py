@@ -8,6 +8,7 @@ unbounded feature bank, and how often the bounded bank changes DAM's picks.
 Per-update time = median wall time of single-frame updates (one new frame, snapshot included)
 taken after the memory has absorbed N frames. The memory is brought to N frames with batch
 updates, which give exactly the memory that N single-frame updates give (docs/memory.md).
+On CUDA the bounded memory is timed with CUDA graphs (the default) and without, side by side.
 """
 
 from __future__ import annotations
@@ -86,22 +87,28 @@ def time_update(mem: FlashMemory, stream: SceneStream, device: torch.device) -> 
     return time.perf_counter() - t0
 
 
-def bounded_rows(args, device: torch.device) -> dict[int, tuple[float, int]]:
+def bounded_rows(args, device: torch.device) -> tuple[dict[int, tuple[float, int]], dict[int, float], int]:
     """Grow one bounded memory through the lengths, keep a copy (save/load) at each, then time the
-    copies in turn, so that a busy host slows every length alike."""
+    copies in turn, so that a busy host slows every length alike. On CUDA each length also gets a
+    copy without CUDA graphs. Returns {n: (time, bytes)}, {n: time without graphs} (CUDA only) and
+    the graph replays of the timed copies."""
     stream = SceneStream(args.low_tokens, args.full_tokens, args.channels, args.dtype, device)
     mem, copies = FlashMemory(MemoryConfig(bank_capacity=args.capacity), device), {}
+    variants = (True, False) if device.type == "cuda" else (True,)
     with tempfile.TemporaryDirectory() as tmp:
         for n in LENGTHS:
             grow(mem, stream, n)
             mem.save(f"{tmp}/memory.pt")
-            copies[n] = FlashMemory.load(f"{tmp}/memory.pt", device)
-    times = {n: [] for n in LENGTHS}
-    for _ in range(args.reps + 1):
-        for n, copy in copies.items():
-            times[n].append(time_update(copy, stream, device))
-    times = {n: t[1:] for n, t in times.items()}  # the first round warms up
-    return {n: (statistics.median(times[n]), copies[n].nbytes()) for n in LENGTHS}
+            for graphs in variants:
+                copies[n, graphs] = FlashMemory.load(f"{tmp}/memory.pt", device, cuda_graphs=graphs)
+    times = {key: [] for key in copies}
+    for _ in range(args.reps + 1):  # the first round warms up (and captures the graphs)
+        for key, copy in copies.items():
+            times[key].append(time_update(copy, stream, device))
+    median = {key: statistics.median(t[1:]) for key, t in times.items()}
+    replays = sum(copy.graph_replays for copy in copies.values())
+    return ({n: (median[n, True], copies[n, True].nbytes()) for n in LENGTHS},
+            {n: median[n, False] for n in LENGTHS if (n, False) in median}, replays)
 
 
 def unbounded_rows(args, device: torch.device) -> tuple[dict[int, tuple[float, int] | None], int]:
@@ -130,7 +137,7 @@ def scaling(args, device: torch.device) -> None:
     print(f"\n== per-update time and memory bytes vs stream length "
           f"(K={cfg.csm_slots}, DAM={cfg.dam_frames}, bounded bank = {cfg.bank_capacity} frames) ==")
     t0 = time.perf_counter()
-    bounded = bounded_rows(args, device)
+    bounded, eager, replays = bounded_rows(args, device)
     t1 = time.perf_counter()
     unbounded, stored_tokens = unbounded_rows(args, device)
     print(f"  (built and timed in {t1 - t0:.0f} s bounded, {time.perf_counter() - t1:.0f} s unbounded; "
@@ -152,6 +159,16 @@ def scaling(args, device: torch.device) -> None:
           f"{bounded[100][1] == bounded[1_000][1] == bounded[10_000][1]}")
     if device.type == "cuda":
         print(f"  one-frame update at 10,000 frames: {bounded[10_000][0] * 1e3:.2f} ms  (H100 target <= 2 ms)")
+        print_graph_rows(bounded, eager, replays, cfg.bank_capacity)
+
+
+def print_graph_rows(bounded, eager: dict[int, float], replays: int, capacity: int) -> None:
+    print(f"\n  bounded one-frame update with and without CUDA graphs (graphs replay once the bank is full: "
+          f"after {capacity} frames; {replays} frames replayed)")
+    print(f"  {'frames':>8} | {'graphs ms':>9} | {'eager ms':>8} | {'eager / graphs':>14}")
+    for n in LENGTHS:
+        on, off = bounded[n][0], eager[n]
+        print(f"  {n:>8} | {on * 1e3:>9.2f} | {off * 1e3:>8.2f} | {off / on:>14.2f}")
 
 
 def extrapolate(rows) -> dict[int, tuple[float, float]]:

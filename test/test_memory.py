@@ -335,3 +335,64 @@ def test_cuda_matches_cpu_on_a_clear_stream():
     torch.testing.assert_close(a.csm_times, b.csm_times)
     torch.testing.assert_close(a.csm_features, b.csm_features.cpu(), rtol=1e-4, atol=1e-4)
     check_invariants(gpu, b, full.cuda().half(), stamps, SMALL)
+
+
+def cuda_stream(seed: int, n: int):
+    """scene_stream on CUDA, full-res features in float16."""
+    low, full, stamps = scene_stream(seed, n, nl=16, nf=32, c=32)
+    return low.cuda(), full.cuda().half(), stamps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_give_the_eager_memory_bit_for_bit():
+    """300 frames through a 12-frame bank: every frame after the bank filled (and the capture
+    frame) is replayed from the graph, in one-frame updates and in batches, with snapshots
+    identical to the eager memory's."""
+    low, full, stamps = cuda_stream(14, 300)
+    graphed, eager = FlashMemory(SMALL, "cuda"), FlashMemory(SMALL, "cuda", cuda_graphs=False)
+    batches = [1] * 100 + random_batches(14, 200)
+    for a, b in zip(feed(graphed, low, full, stamps, batches), feed(eager, low, full, stamps, batches)):
+        assert_same_snapshot(a, b)
+    assert graphed.graph_replays == 300 - SMALL.bank_capacity - 1 and eager.graph_replays == 0
+    check_invariants(graphed, graphed.snapshot(), full, stamps, SMALL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_is_recaptured_after_reset_and_load(tmp_path):
+    """reset() and load() drop the graph; the next frame that finds the bank full captures again."""
+    low, full, stamps = cuda_stream(15, 200)
+    mem, eager = FlashMemory(SMALL, "cuda"), FlashMemory(SMALL, "cuda", cuda_graphs=False)
+    feed(mem, low[:50], full[:50], stamps[:50], [5] * 10)
+    replays = mem.graph_replays
+    assert replays > 0
+    mem.reset()
+    for a, b in zip(feed(mem, low, full, stamps, [1] * 100), feed(eager, low, full, stamps, [1] * 100)):
+        assert_same_snapshot(a, b)
+    assert mem.graph_replays == replays + 100 - SMALL.bank_capacity - 1
+    mem.save(tmp_path / "memory.pt")
+    loaded = FlashMemory.load(tmp_path / "memory.pt", "cuda")
+    rest = (low[100:], full[100:], stamps[100:], [4] * 25)
+    for a, b, c in zip(feed(mem, *rest), feed(loaded, *rest), feed(eager, *rest)):
+        assert_same_snapshot(a, c)
+        assert_same_snapshot(b, c)
+    assert loaded.graph_replays == 100 - 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty")
+def test_cuda_graph_capture_failure_falls_back_to_eager(monkeypatch, caplog):
+    """A capture that raises: one warning, and the memory stays eager without losing the frame."""
+    step = FlashMemory._step_frame
+
+    def step_failing_in_capture(self, *args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("not capturable")
+        step(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlashMemory, "_step_frame", step_failing_in_capture)
+    low, full, stamps = cuda_stream(16, 60)
+    mem, eager = FlashMemory(SMALL, "cuda"), FlashMemory(SMALL, "cuda", cuda_graphs=False)
+    for a, b in zip(feed(mem, low, full, stamps, [1] * 60), feed(eager, low, full, stamps, [1] * 60)):
+        assert_same_snapshot(a, b)
+    assert mem.graph_replays == 0
+    assert [r.levelname for r in caplog.records if "capture failed" in r.getMessage()] == ["WARNING"]

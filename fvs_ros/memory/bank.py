@@ -19,9 +19,11 @@ where rank_k(f) is f's position (0 = nearest) in centroid k's list of frames sor
 distance: the frame with the largest protection goes (ties: the one farthest from every
 centroid). capacity=None keeps every frame (the official, unbounded behaviour).
 
-A bounded bank allocates its C rows up front and runs the same fixed-shape device ops for every
-frame (free rows are simply the first to go), so an update costs the same at frame 10 and at
-frame 10 million. Buffers have one extra "discard" row: dropping the new frame writes it there.
+A bounded bank allocates its C rows up front (free rows are simply the first to go) and, once
+full, runs the same fixed-shape device ops for every frame, with no host reads, writing its
+buffers in place: an update costs the same at frame 10 and at frame 10 million, and the memory
+can replay it from a CUDA graph. Buffers have one extra "discard" row: dropping the new frame
+writes it there.
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ class FeatureBank:
         d = torch.zeros(c_sq.shape[0], cap + 1, dtype=torch.float64, device=self.device)
         d[:, :n] = c_sq[:, None] + self.sq[None, :n] - 2 * held
         d[:, cap] = c_sq + frame_sq - 2 * new  # [K, cap+1]; column cap: the new frame
-        free = torch.arange(cap + 1, device=self.device) >= n
-        free[cap] = False
+        col = torch.arange(cap + 1, device=self.device)
+        free = (col >= n) & (col < cap)  # column cap (the new frame) is never free
         d = d.masked_fill_(~clusters.live[:, None] | free[None, :], float("inf"))
         protection = _ranks(d).masked_fill_(~clusters.live[:, None], cap + 1).amin(0).double()
         newest = torch.cat([self.slot[:cap], slot[None]]) > slot - cap // 4

@@ -35,7 +35,8 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Clusters:
-    """CSM state. Never mutated in place: each step returns a new object."""
+    """CSM state. absorb() returns a new object; the memory keeps its state in one set of
+    buffers and copy_()s each result into them (a CUDA graph replays into fixed addresses)."""
 
     centers: Tensor  # [K, D] float32, relative to the reference frame; zeros for dead clusters
     gram: Tensor  # [K, K] float64, centers @ centers.T (carried through the updates)
@@ -45,9 +46,16 @@ class Clusters:
 
     @staticmethod
     def empty(k: int, dim: int, device: torch.device) -> Clusters:
-        zeros = torch.zeros(k, dtype=torch.float64, device=device)
-        return Clusters(torch.zeros(k, dim, device=device), torch.zeros(k, k, dtype=torch.float64, device=device),
-                        zeros, zeros, zeros)
+        """K dead clusters, each field its own buffer (they are overwritten in place)."""
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        return Clusters(torch.zeros(k, dim, device=device), zeros(k, k), zeros(k), zeros(k), zeros(k))
+
+    def copy_(self, other: Clusters) -> None:
+        """Overwrite these buffers with other's values."""
+        for name in self.__dataclass_fields__:
+            getattr(self, name).copy_(getattr(other, name))
 
     @property
     def live(self) -> Tensor:  # [K] bool

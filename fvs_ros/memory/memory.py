@@ -6,10 +6,12 @@ the returned MemorySnapshot while the writer builds the next one. See docs/memor
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -17,9 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fvs_ros.cuda_graph import CaptureError
+
 from . import dam
 from .bank import FeatureBank
 from .csm import Clusters, absorb
+from .graph import StepGraph
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fvs_ros.flash_memory"
 FORMAT_VERSION = 1
@@ -86,13 +93,19 @@ class FlashMemory:
     update(low [B, Nl, C], full [B, Nf, C], stamps [B], full_hw) absorbs B frames, one after the other
     (a batch gives exactly the memory that B single-frame updates give), and publishes a new
     snapshot. Bad input raises ValueError and leaves the memory unchanged.
+
+    cuda_graphs: on CUDA, once the bounded bank is full, replay each frame's update from a CUDA
+    graph (identical results, a fraction of the launch overhead); False: always eager.
     """
 
-    def __init__(self, config: MemoryConfig | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, config: MemoryConfig | None = None, device: str | torch.device = "cpu",
+                 cuda_graphs: bool = True):
         self.config = config or MemoryConfig()
         self.device = torch.device(device)
         self._lock = threading.Lock()
         self._new_probe = _convergence_probe(self.device)
+        self._use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graph_replays = 0  # frames absorbed by replaying the CUDA graph (all time)
         self._version = 0
         self._clear()
 
@@ -153,7 +166,8 @@ class FlashMemory:
             os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> FlashMemory:
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+             cuda_graphs: bool = True) -> FlashMemory:
         """A memory restored from save(); raises MemoryFileError if it cannot be."""
         path = Path(path)
         if not path.is_file():
@@ -168,7 +182,7 @@ class FlashMemory:
             raise MemoryFileError(f"{path} has memory format version {state.get('format_version')}; "
                                   f"this fvs_ros reads version {FORMAT_VERSION}")
         try:
-            mem = cls(MemoryConfig(**state["config"]), device)
+            mem = cls(MemoryConfig(**state["config"]), device, cuda_graphs)
             mem._restore(state)
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
             raise MemoryFileError(f"{path} is corrupt: {e!r}") from e
@@ -176,6 +190,7 @@ class FlashMemory:
 
     # ---- internals -----------------------------------------------------------------------
     def _clear(self) -> None:
+        self._graph: StepGraph | None = None  # captured for the state tensors below; dropped with them
         self._clusters: Clusters | None = None
         self._reference: Tensor | None = None  # [Nl*C] float32, the first frame: vectors are kept relative to it
         self._bank = FeatureBank(self.config.bank_capacity, self.device)
@@ -237,18 +252,47 @@ class FlashMemory:
         slots = torch.arange(self._frames_seen, self._frames_seen + b, dtype=torch.float64)
         rel_stamps = torch.from_numpy(stamps - self._first_stamp)
         slots, rel_stamps = slots.to(self.device), rel_stamps.to(self.device)
-        cfg = self.config
         for i in range(b):  # frame by frame, with the same op shapes whatever B is: batches are exact
-            frame = frames[i] - self._reference
-            frame_sq = (frame @ frame).double()
-            center_dots = (self._clusters.centers @ frame).double()
-            frame_dots = self._bank.dots(frame)
-            self._clusters, mix = absorb(self._clusters, frame, center_dots, frame_sq, slots[i], rel_stamps[i],
-                                         cfg.kmeans_iters, cfg.kmeans_tol, self._new_probe())
-            self._bank.add(frame, frame_sq, frame_dots, center_dots, full[i], slots[i].long(), rel_stamps[i],
-                           self._clusters, mix)
+            self._absorb_frame(frames[i], full[i], slots[i], rel_stamps[i])
         self._frames_seen += b
         self._last_stamp = float(stamps[-1])
+
+    def _absorb_frame(self, low: Tensor, full: Tensor, slot: Tensor, stamp: Tensor) -> None:
+        """One frame: replayed from the CUDA graph once the bounded bank is full (then every shape
+        is fixed), else eagerly. The first frame that finds the bank full is captured."""
+        if self._graph is not None:
+            self._graph.replay(low, full, slot, stamp)
+            self.graph_replays += 1
+        elif self._use_graphs and self._bank.count == self._bank.capacity:
+            self._graph = self._capture(low, full, slot, stamp)
+        else:
+            self._step_frame(low, full, slot, stamp, self._new_probe())
+
+    def _capture(self, low: Tensor, full: Tensor, slot: Tensor, stamp: Tensor) -> StepGraph | None:
+        """The step captured for the frames that follow (this frame is absorbed as the warm-up).
+        If capture fails: a warning, and this memory stays eager (None)."""
+        try:
+            return StepGraph(partial(self._step_frame, stop_early=_never_stop), (low, full, slot, stamp))
+        except CaptureError as e:
+            log.warning("Flash Memory: CUDA graph capture failed, updating eagerly from now on: %s", e)
+            self._use_graphs = False
+            return None
+
+    def _step_frame(self, low: Tensor, full: Tensor, slot: Tensor, stamp: Tensor,
+                    stop_early: Callable[[Tensor], bool]) -> None:
+        """Absorb one frame into the writer state (clusters and bank, updated in place): low [D]
+        float32 raw low-res features, full [Nf, C] in the bank's dtype, slot and stamp 0-d float64
+        (stamp relative to the first frame). With the bank full it has fixed shapes and no host
+        reads, so the CUDA graph captures exactly this function."""
+        cfg, clusters = self.config, self._clusters
+        frame = low - self._reference
+        frame_sq = (frame @ frame).double()
+        center_dots = (clusters.centers @ frame).double()
+        frame_dots = self._bank.dots(frame)
+        new, mix = absorb(clusters, frame, center_dots, frame_sq, slot, stamp, cfg.kmeans_iters, cfg.kmeans_tol,
+                          stop_early)
+        self._bank.add(frame, frame_sq, frame_dots, center_dots, full, slot.long(), stamp, new, mix)
+        clusters.copy_(new)
 
     def _publish(self) -> MemorySnapshot:
         """The snapshot of the current state: live centroids by time, DAM picks."""
@@ -292,14 +336,17 @@ class FlashMemory:
         if not isinstance(getattr(torch, shape["full_dtype"], None), torch.dtype):
             raise ValueError(f"unknown dtype {shape['full_dtype']}")
         dim = shape["low_tokens"] * shape["channels"]
-        clusters = Clusters(**{name: t.to(self.device) for name, t in state["clusters"].items()})
+        saved = Clusters(**state["clusters"])
         reference, bank, k = state["reference"].to(self.device), state["bank"], self.config.csm_slots
-        if (clusters.centers.shape != (k, dim) or clusters.gram.shape != (k, k) or reference.shape != (dim,)
-                or int(clusters.mass.sum()) != self._frames_seen
+        if (saved.centers.shape != (k, dim) or saved.gram.shape != (k, k) or reference.shape != (dim,)
+                or any(getattr(saved, name).shape != (k,) for name in ("mass", "time", "stamp"))
+                or int(saved.mass.sum()) != self._frames_seen
                 or bank["low"].shape[1:] != (dim,) or bank["cross"].shape != (k, bank["low"].shape[0])
                 or bank["full"].shape[1:] != (shape["full_tokens"], shape["channels"])):
             raise ValueError("saved tensors do not match the saved config and counters")
-        self._shape, self._clusters, self._reference = shape, clusters, reference
+        self._graph = None  # the state tensors are replaced
+        self._shape, self._clusters, self._reference = shape, Clusters.empty(k, dim, self.device), reference
+        self._clusters.copy_(saved)
         self._bank.load_state_dict(bank)
         self._snapshot = self._publish()
 
@@ -313,6 +360,12 @@ def _to_host(*tensors: Tensor) -> list[np.ndarray]:
         out.append(flat[at: at + t.numel()].reshape(t.shape))
         at += t.numel()
     return out
+
+
+def _never_stop(done: Tensor) -> bool:
+    """The graph's stop_early: run every Lloyd iteration. Once converged, lloyd's state is frozen,
+    so the result is identical, bit for bit, to stopping early (as the eager probe does)."""
+    return False
 
 
 def _convergence_probe(device: torch.device) -> Callable[[], Callable[[Tensor], bool]]:
