@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 TokenCallback = Callable[[str], None]
 
 _QUESTION, _SUMMARY = 0, 1  # request priorities: lower is served first
+# Three workers share the GIL. One waking from a GPU wait (a decode step, a ViT batch) takes it back
+# within this time, instead of CPython's default 5 ms, while another launches a prefill chunk.
+_GIL_SWITCH_S = 0.001
 
 
 class EngineError(RuntimeError):
@@ -224,8 +228,10 @@ class StreamEngine:
         self._epoch = 0
         self._published = _Published(self._memory.snapshot(), 0)
         self._prefix: Optional[_Prefix] = None  # written by the LLM worker only
-        self._building = False  # the LLM worker is inside _build_prefix
-        self._refresh_failed: Optional[_Published] = None  # no retry until the memory changes
+        self._refresh_failed: Optional[_Published] = None  # no background retry until the memory changes
+        self._prefix_wanted = False  # a request waits for a prefix: the builder starts one now
+        self._build_attempts = 0  # prefix builds finished or failed
+        self._build_error: Optional[tuple[int, BaseException]] = None  # (attempt, error) of the last build
         self._summarized: Optional[_Published] = None
         self._last_summary_t = time.monotonic()
         self._reset_stream_state()
@@ -241,10 +247,14 @@ class StreamEngine:
             if self._started:
                 raise EngineError("engine already started (engines cannot be restarted after shutdown)")
             self._started = True
+        if self.device.type == "cuda":  # process-wide: see _GIL_SWITCH_S
+            sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_S))
         memory = self._memory.config
-        self.lm.warm_up(memory.csm_slots, memory.dam_frames, self.config.max_new_tokens_limit)
+        with self._worker_stream(priority=-1):  # graphs captured here keep the workers' high priority
+            self.lm.warm_up(memory.csm_slots, memory.dam_frames, self.config.max_new_tokens_limit)
         self._threads = [threading.Thread(target=self._frame_loop, name="fvs-frame-worker", daemon=True),
-                         threading.Thread(target=self._llm_loop, name="fvs-llm-worker", daemon=True)]
+                         threading.Thread(target=self._llm_loop, name="fvs-llm-worker", daemon=True),
+                         threading.Thread(target=self._builder_loop, name="fvs-prefix-builder", daemon=True)]
         for t in self._threads:
             t.start()
         return self
@@ -467,7 +477,7 @@ class StreamEngine:
     # ----------------------------------------------------------------- LLM worker
 
     def _llm_loop(self):
-        with torch.inference_mode(), self._worker_stream():
+        with torch.inference_mode(), self._worker_stream(priority=-1):
             while True:
                 job = self._next_llm_job()
                 if job is None:
@@ -475,11 +485,7 @@ class StreamEngine:
                 job()
 
     def _next_llm_job(self) -> Optional[Callable[[], None]]:
-        """Priority: queued requests, then prefix refresh and the periodic summary.
-
-        A due summary goes before a due refresh: it rebuilds a stale prefix itself first
-        (_prefix_for), and ordering it first keeps a slow prefill from starving it.
-        """
+        """Queued requests first (questions before summarize() calls), then the periodic summary."""
         with self._llm_cv:
             while not self._stopping:
                 while self._requests:
@@ -489,24 +495,8 @@ class StreamEngine:
                 wait_summary = self._summary_wait()
                 if wait_summary == 0:
                     return self._auto_summary
-                wait_refresh = self._refresh_wait()
-                if wait_refresh == 0:
-                    return self._refresh_prefix
-                waits = [w for w in (wait_refresh, wait_summary) if w is not None]
-                self._llm_cv.wait(min(waits) if waits else None)
+                self._llm_cv.wait(wait_summary)
             return None
-
-    def _refresh_wait(self) -> Optional[float]:
-        """Seconds until a background prefix rebuild is due (0: now; None: not needed)."""
-        pub = self._published
-        if not self.config.prefix_cache or pub.snapshot.frames_seen == 0:
-            return None
-        p = self._prefix
-        if (p is not None and p.source is pub) or self._refresh_failed is pub:
-            return None
-        if p is None or p.source.epoch != pub.epoch:
-            return 0.0
-        return max(0.0, p.built_at + self.config.prefix_refresh_s - time.monotonic())
 
     def _summary_wait(self) -> Optional[float]:
         pub = self._published
@@ -515,21 +505,38 @@ class StreamEngine:
             return None
         return max(0.0, self._last_summary_t + self.config.summary_period_s - time.monotonic())
 
-    def _refresh_prefix(self):
-        pub = self._published
-        try:
-            self._build_prefix(pub, serve_between=True)
-        except Exception as e:  # noqa: BLE001
-            self._record_error("prefix refresh", e)
-            self._refresh_failed = pub
-        finally:
-            self._sync()
+    # ----------------------------------------------------------------- prefix builder
 
-    def _build_prefix(self, pub: _Published, serve_between: bool = False) -> _Prefix:
-        """Prefill the memory of `pub`. The old prefix stays in use until the new one is complete;
-        with serve_between, requests that the old prefix may answer are served between chunks."""
+    def _builder_loop(self):
+        """Keeps the [system prompt + memory] KV prefix warm, on a low-priority stream of its own:
+        answers (LLM worker) and frames (frame worker) run alongside a rebuild and go first on the GPU."""
+        with torch.inference_mode(), self._worker_stream(priority=0):
+            while True:
+                with self._llm_cv:
+                    while not self._stopping and (wait := self._refresh_wait()) != 0:
+                        self._llm_cv.wait(wait)
+                    if self._stopping:
+                        return
+                    pub, self._prefix_wanted = self._published, False
+                self._build_prefix(pub)
+
+    def _refresh_wait(self) -> Optional[float]:
+        """Seconds until a prefix rebuild is due (0: now; None: not needed)."""
+        pub = self._published
+        if not self.config.prefix_cache or pub.snapshot.frames_seen == 0:
+            return None
+        p = self._prefix
+        if p is not None and p.source.epoch == pub.epoch and p.source.snapshot.version >= pub.snapshot.version:
+            return None  # current
+        if self._prefix_wanted or p is None or p.source.epoch != pub.epoch:
+            return 0.0
+        if self._refresh_failed is pub:
+            return None
+        return max(0.0, p.built_at + self.config.prefix_refresh_s - time.monotonic())
+
+    def _build_prefix(self, pub: _Published):
+        """Prefill the memory of `pub` in chunks; the old prefix serves answers until this one is complete."""
         t0 = time.perf_counter()
-        self._building = True
         try:
             steps = self.lm.prefill_steps(pub.snapshot, self.config.system_prompt,
                                           self.config.prefill_chunk_tokens or None)
@@ -539,43 +546,53 @@ class StreamEngine:
                 except StopIteration as done:
                     prefix = done.value
                     break
-                if serve_between:
-                    self._sync()  # the chunk has run: a question served now waits for nothing else
-                    self._serve_waiting()
-        finally:
-            self._building = False
-        self._prefix = _Prefix(pub, prefix, time.monotonic())
+                self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
+                if self._stopping:
+                    return
+            self._sync()
+        except Exception as e:  # noqa: BLE001 - a failed build must not kill the builder
+            self._record_error("prefix refresh", e)
+            with self._llm_cv:
+                self._build_attempts += 1
+                self._refresh_failed, self._build_error = pub, (self._build_attempts, e)
+                self._llm_cv.notify_all()
+            return
+        with self._llm_cv:
+            self._build_attempts += 1
+            self._prefix, self._build_error = _Prefix(pub, prefix, time.monotonic()), None
+            self._llm_cv.notify_all()
         with self._lock:
             self._counters.last_prefill_s = time.perf_counter() - t0
-        return self._prefix
 
-    def _serve_waiting(self):
-        """Serve queued requests while the cached prefix may answer them (mid-rebuild)."""
-        while True:
-            with self._llm_cv:
-                if self._stopping or not self._requests or self._cached_prefix(self._published) is None:
-                    return
-                _, _, req = heapq.heappop(self._requests)
-            if not req.cancelled:
-                self._serve(req)
-
-    def _cached_prefix(self, pub: _Published) -> Optional[_Prefix]:
-        """The cached prefix if it is of this stream and at most max_prefix_lag_s behind `pub`."""
+    def _usable_prefix(self, pub: _Published) -> Optional[_Prefix]:
+        """The cached prefix if it is of this stream and built from `pub` or a newer memory, or (with
+        max_prefix_lag_s > 0) from one at most that much stream time older."""
         p, max_lag = self._prefix, self.config.max_prefix_lag_s
         if p is None or p.source.epoch != pub.epoch:
             return None
-        lag = pub.snapshot.last_stamp - p.source.snapshot.last_stamp
-        return p if p.source is pub or (max_lag > 0 and lag <= max_lag) else None
+        src = p.source.snapshot
+        if src.version >= pub.snapshot.version:
+            return p
+        return p if max_lag > 0 and pub.snapshot.last_stamp - src.last_stamp <= max_lag else None
 
-    def _prefix_for(self, pub: _Published) -> tuple[_Prefix, bool]:
-        """The cached prefix if usable for `pub`, else a fresh one (mid-rebuild: the cached one of this
-        stream, since memory moved on while the request was being picked)."""
-        p = self._cached_prefix(pub)
-        if p is None and self._building and self._prefix is not None and self._prefix.source.epoch == pub.epoch:
-            p = self._prefix
-        if p is not None:
-            return p, True
-        return self._build_prefix(pub), False
+    def _prefix_for(self, pub: _Published, req: _Request) -> tuple[_Prefix, bool]:
+        """(prefix, True) if the cached one is usable for `pub`; else wait for the builder's next one."""
+        with self._llm_cv:
+            p = self._usable_prefix(pub)
+            if p is not None:
+                return p, True
+            attempts = self._build_attempts
+            while True:
+                self._prefix_wanted = True
+                self._llm_cv.notify_all()
+                self._llm_cv.wait(0.05)
+                p = self._usable_prefix(pub)
+                if p is not None:
+                    return p, False
+                if self._stopping or req.cancelled or (req.preemptible and self._requests):
+                    raise _Cancelled
+                if self._build_error is not None and self._build_error[0] > attempts:
+                    raise self._build_error[1]
 
     def _serve(self, req: _Request):
         try:
@@ -632,7 +649,7 @@ class StreamEngine:
                 req.on_token(piece)
 
         if self.config.prefix_cache:
-            prefix, hit = self._prefix_for(pub)
+            prefix, hit = self._prefix_for(pub, req)
             snap = prefix.source.snapshot
             t_gen = time.perf_counter()
             gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token)
@@ -742,11 +759,12 @@ class StreamEngine:
         req.done.set()
 
     def _worker_stream(self, priority: int = 0):
-        """On CUDA each worker issues its kernels on its own stream so ViT and LLM work overlap.
+        """On CUDA each worker issues its kernels on its own stream so their work overlaps.
 
-        The frame worker's stream has the higher priority (-1): its kernels are scheduled ahead of
-        a 10k-token prefix rebuild queued on the LLM stream, so frame intake keeps up with the
-        camera while the prefix refreshes (benchmarks/gpu_notes.md)."""
+        Frames and answers run at the higher priority (-1), the prefix builder at 0: the GPU
+        schedules ViT, memory and decode kernels ahead of a queued 10k-token prefix rebuild, so
+        frame intake keeps up with the camera and answers stay fast while the prefix refreshes
+        (benchmarks/gpu_notes.md)."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         return torch.cuda.stream(torch.cuda.Stream(self.device, priority=priority))

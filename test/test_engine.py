@@ -180,8 +180,8 @@ def test_questions_while_frames_stream_see_growing_memory(lm, make_engine):
     assert final.last_stamp == pytest.approx((n - 1) * 0.05)
 
 
-def test_questions_are_answered_between_the_chunks_of_a_rebuild(lm, make_engine):
-    """A question asked while the prefix is rebuilt gets the previous prefix after at most one chunk."""
+def test_questions_are_answered_while_the_prefix_is_rebuilt(lm, make_engine):
+    """A question asked during a rebuild (the builder thread) is answered from the previous prefix at once."""
     slow = Proxy(lm, chunk_delay=0.05)  # ~180-token prefix in 16-token chunks: a rebuild takes ~0.6 s
     eng = make_engine(slow, EngineConfig(sample_fps=0, prefix_refresh_s=0.0, max_prefix_lag_s=10.0,
                                          prefill_chunk_tokens=16))

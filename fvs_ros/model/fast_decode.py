@@ -238,6 +238,7 @@ class FastDecoder:
         self._prefix_ref = None  # the prefix KV now in slots [0, P) (strong ref: identity stays unique)
         self._prefix_len = 0
         self._lock = threading.Lock()
+        self.module_lock = threading.RLock()  # eager forwards of the layers: see _static_attention
         self.splits = int(splits) if attention == "flash" else 0
         self.split_check_error = None
         if self.splits:
@@ -322,6 +323,13 @@ class FastDecoder:
 
     @contextlib.contextmanager
     def _static_attention(self):
+        """Route the decoder layers' attention to the static cache while a forward runs eagerly or
+        is captured. The switch is on the shared config, so module_lock keeps every other eager
+        forward of these layers (VideoLM's prefix prefill on another thread) out meanwhile."""
+        with self.module_lock:
+            yield from self._switched_attention()
+
+    def _switched_attention(self):
         old = [c._attn_implementation for c in self._attn_configs]
         for c in self._attn_configs:
             c._attn_implementation = ATTN_NAME

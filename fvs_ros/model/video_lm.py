@@ -15,6 +15,7 @@ layers, rotary embeddings, attention); this class only decides what goes in:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import threading
@@ -104,6 +105,9 @@ class VideoLM:
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         # Static-cache / CUDA-graph decoding for answer(); None = the eager loop below.
         self.fast = FastDecoder(self.llm, self.lm_head) if fast_decode else None
+        # Eager LLM forwards that may run beside a FastDecoder answer on another thread take this
+        # lock: the FastDecoder switches the layers' attention while it runs eagerly or captures.
+        self._llm_lock = self.fast.module_lock if self.fast is not None else contextlib.nullcontext()
         # Packed-attention / CUDA-graph ViT for streamed frames (Qwen2-VL); None = transformers' forward.
         self.fast_vision = FastVision(self.visual) if fast_vision and self.model_type != QWEN2_5_VL else None
 
@@ -252,7 +256,7 @@ class VideoLM:
         cache, total = self._new_cache(), embeds.shape[1]
         step = chunk_tokens or total
         for start in range(0, total, step):
-            with torch.inference_mode():
+            with torch.inference_mode(), self._llm_lock:
                 self.llm(inputs_embeds=embeds[:, start: start + step], position_ids=positions[:, :, start: start + step],
                          cache=cache, use_cache=True)
             if start + step < total:
@@ -318,7 +322,8 @@ class VideoLM:
 
     def _step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         """Run [1, L] new tokens through the LLM on `cache` (extended in place); float32 logits [vocab] of the last."""
-        hidden = self.llm(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        with self._llm_lock:
+            hidden = self.llm(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
         return self.lm_head(hidden[0, -1]).float()
 
     def _decode(self, cache: DynamicCache, logits: torch.Tensor, position: int, max_new_tokens: int,
