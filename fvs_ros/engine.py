@@ -182,6 +182,7 @@ class _Prefix:
     source: _Published
     prefix: object  # the model's MemoryPrefix
     built_at: float  # time.monotonic()
+    build_s: float = 0.0  # how long the build took
 
 
 @dataclass
@@ -532,7 +533,10 @@ class StreamEngine:
             return 0.0
         if self._refresh_failed is pub:
             return None
-        return max(0.0, p.built_at + self.config.prefix_refresh_s - time.monotonic())
+        period = self.config.prefix_refresh_s
+        if self.config.max_prefix_lag_s > 0:  # start early enough to land before the lag passes the bound
+            period = min(period, max(0.0, self.config.max_prefix_lag_s - p.build_s))
+        return max(0.0, p.built_at + period - time.monotonic())
 
     def _build_prefix(self, pub: _Published):
         """Prefill the memory of `pub` in chunks; the old prefix serves answers until this one is complete."""
@@ -559,7 +563,8 @@ class StreamEngine:
             return
         with self._llm_cv:
             self._build_attempts += 1
-            self._prefix, self._build_error = _Prefix(pub, prefix, time.monotonic()), None
+            self._prefix = _Prefix(pub, prefix, time.monotonic(), time.perf_counter() - t0)
+            self._build_error = None
             self._llm_cv.notify_all()
         with self._lock:
             self._counters.last_prefill_s = time.perf_counter() - t0
@@ -576,10 +581,16 @@ class StreamEngine:
         return p if max_lag > 0 and pub.snapshot.last_stamp - src.last_stamp <= max_lag else None
 
     def _prefix_for(self, pub: _Published, req: _Request) -> tuple[_Prefix, bool]:
-        """(prefix, True) if the cached one is usable for `pub`; else wait for the builder's next one."""
+        """(prefix, True) if the cached one is usable for `pub`, or lags it further but max_prefix_lag_s > 0
+        (then the builder is asked to catch up; a question never waits for it); else wait for the builder."""
         with self._llm_cv:
             p = self._usable_prefix(pub)
             if p is not None:
+                return p, True
+            p = self._prefix
+            if self.config.max_prefix_lag_s > 0 and p is not None and p.source.epoch == pub.epoch:
+                self._prefix_wanted = True
+                self._llm_cv.notify_all()
                 return p, True
             attempts = self._build_attempts
             while True:

@@ -200,6 +200,22 @@ def test_questions_are_answered_while_the_prefix_is_rebuilt(lm, make_engine):
     assert b.from_cache and b.frames_seen == 7
 
 
+def test_a_lagging_prefix_answers_at_once_while_the_builder_catches_up(lm, make_engine):
+    """Past max_prefix_lag_s a question still does not wait: the old prefix answers, the new one follows."""
+    slow = Proxy(lm, chunk_delay=0.05)
+    eng = make_engine(slow, EngineConfig(sample_fps=0, prefix_refresh_s=5.0, max_prefix_lag_s=0.05,
+                                         prefill_chunk_tokens=16))
+    feed(eng, 6)
+    eng.flush()
+    wait_for(lambda: eng.stats().prefix_current)
+    feed(eng, 4, t0=1.0)  # memory moves 1.3 s of stream ahead of the prefix
+    eng.flush()
+    t = time.perf_counter()
+    assert eng.ask(Q, max_new_tokens=2).frames_seen == 6 and time.perf_counter() - t < 0.3
+    wait_for(lambda: eng.stats().prefix_current)  # rebuilt well before prefix_refresh_s
+    assert eng.ask(Q, max_new_tokens=2).frames_seen == 10
+
+
 def test_an_exact_question_waits_for_the_rebuild(lm, make_engine):
     """With max_prefix_lag_s = 0 a question never sees a stale prefix."""
     slow = Proxy(lm, chunk_delay=0.02)
