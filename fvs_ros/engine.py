@@ -231,6 +231,7 @@ class StreamEngine:
         self._prefix: Optional[_Prefix] = None  # written by the LLM worker only
         self._refresh_failed: Optional[_Published] = None  # no background retry until the memory changes
         self._prefix_wanted = False  # a request waits for a prefix: the builder starts one now
+        self._answering = False  # the LLM worker is generating: the builder pauses between chunks
         self._build_attempts = 0  # prefix builds finished or failed
         self._build_error: Optional[tuple[int, BaseException]] = None  # (attempt, error) of the last build
         self._summarized: Optional[_Published] = None
@@ -551,6 +552,8 @@ class StreamEngine:
                     prefix = done.value
                     break
                 self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
+                with self._llm_cv:  # an answer being generated has the GPU to itself (but this chunk)
+                    self._llm_cv.wait_for(lambda: self._stopping or not self._answering)
                 if self._stopping:
                     return
             self._sync()
@@ -663,7 +666,8 @@ class StreamEngine:
             prefix, hit = self._prefix_for(pub, req)
             snap = prefix.source.snapshot
             t_gen = time.perf_counter()
-            gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token)
+            with self._generating():
+                gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token)
         else:
             hit = False
             t_gen = time.perf_counter()
@@ -676,6 +680,18 @@ class StreamEngine:
                       first_stamp=_opt_float(snap.first_stamp), last_stamp=_opt_float(snap.last_stamp),
                       ttft_s=t_gen - req.submitted + gen.ttft_s, total_s=time.perf_counter() - req.submitted,
                       num_tokens=len(gen.token_ids), from_cache=hit)
+
+    @contextlib.contextmanager
+    def _generating(self):
+        """Marks an answer in progress: the prefix builder waits between its chunks meanwhile."""
+        with self._llm_cv:
+            self._answering = True
+        try:
+            yield
+        finally:
+            with self._llm_cv:
+                self._answering = False
+                self._llm_cv.notify_all()
 
     def _no_video_answer(self, req: _Request) -> Answer:
         """Without frames the LLM is not run: an answer about unseen video would be invented."""
