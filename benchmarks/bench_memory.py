@@ -8,7 +8,9 @@ unbounded feature bank, and how often the bounded bank changes DAM's picks.
 Per-update time = median wall time of single-frame updates (one new frame, snapshot included)
 taken after the memory has absorbed N frames. The memory is brought to N frames with batch
 updates, which give exactly the memory that N single-frame updates give (docs/memory.md).
-On CUDA the bounded memory is timed with CUDA graphs (the default) and without, side by side.
+On CUDA the bounded memory is timed with CUDA graphs (the default) and without, side by side,
+and the update at 10,000 frames is broken down into its parts (validation, absorbing the frame,
+publishing the snapshot) and the GPU time of the graph replays.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fvs_ros.memory import FlashMemory, MemoryConfig  # noqa: E402
 
 LENGTHS = (10, 100, 1_000, 10_000)
 MB = 2**20
+PARTS = ("_checked", "_absorb_all", "_publish")  # FlashMemory.update = these three, in this order
 
 
 class SceneStream:
@@ -87,11 +90,12 @@ def time_update(mem: FlashMemory, stream: SceneStream, device: torch.device) -> 
     return time.perf_counter() - t0
 
 
-def bounded_rows(args, device: torch.device) -> tuple[dict[int, tuple[float, int]], dict[int, float], int]:
+def bounded_rows(args, device: torch.device) -> tuple[dict[int, tuple[float, int]], dict[int, float], int,
+                                                     dict[str, float]]:
     """Grow one bounded memory through the lengths, keep a copy (save/load) at each, then time the
     copies in turn, so that a busy host slows every length alike. On CUDA each length also gets a
-    copy without CUDA graphs. Returns {n: (time, bytes)}, {n: time without graphs} (CUDA only) and
-    the graph replays of the timed copies."""
+    copy without CUDA graphs. Returns {n: (time, bytes)}, {n: time without graphs} (CUDA only),
+    the graph replays of the timed copies and the breakdown of the last length's update."""
     stream = SceneStream(args.low_tokens, args.full_tokens, args.channels, args.dtype, device)
     mem, copies = FlashMemory(MemoryConfig(bank_capacity=args.capacity), device), {}
     variants = (True, False) if device.type == "cuda" else (True,)
@@ -107,8 +111,66 @@ def bounded_rows(args, device: torch.device) -> tuple[dict[int, tuple[float, int
             times[key].append(time_update(copy, stream, device))
     median = {key: statistics.median(t[1:]) for key, t in times.items()}
     replays = sum(copy.graph_replays for copy in copies.values())
+    parts = breakdown(copies[LENGTHS[-1], True], stream, device, args.reps)
     return ({n: (median[n, True], copies[n, True].nbytes()) for n in LENGTHS},
-            {n: median[n, False] for n in LENGTHS if (n, False) in median}, replays)
+            {n: median[n, False] for n in LENGTHS if (n, False) in median}, replays, parts)
+
+
+def breakdown(mem: FlashMemory, stream: SceneStream, device: torch.device, reps: int) -> dict[str, float]:
+    """Median seconds of `reps` one-frame updates and of their parts (each timed between device
+    syncs, which the whole update then also includes), and on CUDA the GPU time of the graph
+    replays: "graphs" sums the head, tail and finish graphs (CUDA events around each), "graph span"
+    runs from the head's start to the finish's end (adds the wait for the host's read of the
+    convergence flag). Also "tails": tail replays per frame."""
+    times: dict[str, list[float]] = {name: [] for name in ("update", *PARTS, "graphs", "graph span")}
+    for name in PARTS:  # instance attributes shadow the methods that update() calls
+        setattr(mem, name, host_timed(getattr(mem, name), times[name], device))
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    split = mem._graphs  # private: the SplitStep that the copy captured during the timing rounds
+    if split is not None:
+        for graph in filter(None, (split._head, split._tail, split._finish)):
+            gpu_timed(graph, events)
+        spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        gpu_timed(split, spans)
+    tails = mem.graph_tail_replays
+    for _ in range(reps):
+        events.clear()
+        times["update"].append(time_update(mem, stream, device))
+        if split is not None:
+            times["graphs"].append(sum(start.elapsed_time(end) for start, end in events) / 1e3)
+            times["graph span"].append(spans[-1][0].elapsed_time(spans[-1][1]) / 1e3)
+    for name in PARTS:
+        delattr(mem, name)
+    median = {name: statistics.median(t) for name, t in times.items() if t}
+    median["tails"] = (mem.graph_tail_replays - tails) / reps
+    return median
+
+
+def host_timed(fn, store: list[float], device: torch.device):
+    """fn, appending its wall time (between device syncs) to store."""
+    def run(*args, **kwargs):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync(device)
+        store.append(time.perf_counter() - t0)
+        return out
+    return run
+
+
+def gpu_timed(obj, store: list) -> None:
+    """obj.replay, recording a pair of CUDA timing events around each call into store."""
+    replay = obj.replay
+
+    def run():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = replay()
+        end.record()
+        store.append((start, end))
+        return out
+
+    obj.replay = run
 
 
 def unbounded_rows(args, device: torch.device) -> tuple[dict[int, tuple[float, int] | None], int]:
@@ -137,7 +199,7 @@ def scaling(args, device: torch.device) -> None:
     print(f"\n== per-update time and memory bytes vs stream length "
           f"(K={cfg.csm_slots}, DAM={cfg.dam_frames}, bounded bank = {cfg.bank_capacity} frames) ==")
     t0 = time.perf_counter()
-    bounded, eager, replays = bounded_rows(args, device)
+    bounded, eager, replays, parts = bounded_rows(args, device)
     t1 = time.perf_counter()
     unbounded, stored_tokens = unbounded_rows(args, device)
     print(f"  (built and timed in {t1 - t0:.0f} s bounded, {time.perf_counter() - t1:.0f} s unbounded; "
@@ -160,6 +222,7 @@ def scaling(args, device: torch.device) -> None:
     if device.type == "cuda":
         print(f"  one-frame update at 10,000 frames: {bounded[10_000][0] * 1e3:.2f} ms  (H100 target <= 2 ms)")
         print_graph_rows(bounded, eager, replays, cfg.bank_capacity)
+    print_breakdown(parts, args.reps)
 
 
 def print_graph_rows(bounded, eager: dict[int, float], replays: int, capacity: int) -> None:
@@ -169,6 +232,19 @@ def print_graph_rows(bounded, eager: dict[int, float], replays: int, capacity: i
     for n in LENGTHS:
         on, off = bounded[n][0], eager[n]
         print(f"  {n:>8} | {on * 1e3:>9.2f} | {off * 1e3:>8.2f} | {off / on:>14.2f}")
+
+
+def print_breakdown(parts: dict[str, float], reps: int) -> None:
+    print(f"\n  bounded one-frame update at {LENGTHS[-1]:,} frames by part (median of {reps}; each part timed "
+          f"between device syncs)")
+    for name, what in (("_checked", "input validation (NaN check: one sync)"),
+                       ("_absorb_all", "absorbing the frame (graph replays once the bank is full)"),
+                       ("_publish", "the snapshot (one copy each way, DAM choice on the host)")):
+        print(f"    {name:<12} {parts[name] * 1e3:6.2f} ms  {what}")
+    print(f"    {'update':<12} {parts['update'] * 1e3:6.2f} ms  (with the syncs between parts)")
+    if "graphs" in parts:
+        print(f"    graphs' GPU time {parts['graphs'] * 1e3:.3f} ms (head + tail + finish), head start to finish end "
+              f"{parts['graph span'] * 1e3:.3f} ms; tail replays per frame {parts['tails']:.2f}")
 
 
 def extrapolate(rows) -> dict[int, tuple[float, float]]:

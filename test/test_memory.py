@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fvs_ros.memory import FORMAT_VERSION, FlashMemory, MemoryConfig, MemoryFileError, MemorySnapshot
+from fvs_ros.cuda_graph import CaptureError
+from fvs_ros.memory import FORMAT_VERSION, FlashMemory, MemoryConfig, MemoryFileError, MemorySnapshot, csm, dam, graph
+from fvs_ros.memory import memory as memory_module
 
 SMALL = MemoryConfig(csm_slots=8, dam_frames=4, bank_capacity=12)
 REFERENCE = Path(__file__).parent / "data" / "official_reference" / "offline_reference.npz"
@@ -323,6 +325,146 @@ def test_planted_event_keeps_a_centroid_and_dam_retrieves_it(seed):
     assert any(start <= s < start + length for s in snap.dam_slots.tolist()), "DAM has no event frame"
 
 
+def pick_frames_row_by_row(sq_dist, scale, slot):
+    """dam.pick_frames as first written: one centroid after the other (the reference)."""
+    taken = np.zeros(sq_dist.shape[1], dtype=bool)
+    rows = []
+    for d, noise in zip(sq_dist, dam.TIE_NOISE * scale):
+        d = np.where(taken, np.inf, d)
+        near = d <= d.min() * (1 + dam.TIE_RTOL) + noise
+        row = int(np.argmax(np.where(near, slot, -1)))
+        taken[row] = True
+        rows.append(row)
+    return np.array(sorted(rows, key=lambda r: slot[r]), dtype=np.int64)
+
+
+def tie_prone_distances(rng, n: int, m: int, kind: int) -> np.ndarray:
+    if kind == 0:  # no ties
+        return rng.random((n, m))
+    if kind == 1:  # exact ties: a few distinct values
+        return rng.integers(0, 4, (n, m)).astype(np.float64)
+    if kind == 2:  # near ties on both sides of the TIE_RTOL boundary
+        steps = [0, 5e-4, dam.TIE_RTOL, dam.TIE_RTOL * (1 + 1e-9), 2e-3, 0.5]
+        return (rng.random((n, 1)) + 0.5) * (1 + rng.choice(steps, (n, m)))
+    d = np.round(rng.random((n, m)), 2)  # zeros and rounded values
+    d[:, :3] = 0
+    return d
+
+
+def test_pick_frames_matches_the_row_by_row_rule():
+    """Same picks as choosing centroid by centroid, on random inputs with exact and near ties, tie
+    noise of every size (none, below and above the distance gaps) and few frames (many collisions)."""
+    rng = np.random.default_rng(0)
+    for trial in range(2000):
+        n = int(rng.integers(1, 12))
+        m = int(rng.integers(n, 3 * n + 2))
+        d = tie_prone_distances(rng, n, m, trial % 4)
+        scale = rng.choice([0.0, 1.0, 100.0, 1e4], (n, m)) * rng.random((n, m))
+        slot = rng.permutation(5 * m)[:m] if trial % 3 else rng.integers(0, m // 2 + 1, m)  # also equal slots
+        slot = slot.astype(np.float64)
+        np.testing.assert_array_equal(dam.pick_frames(d, scale, slot), pick_frames_row_by_row(d, scale, slot))
+
+
+def test_choosing_order_matches_stable_descending_sorts():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        weight = rng.integers(0, 4, 12).astype(np.float64)
+        time = rng.integers(0, 5, 12).astype(np.float64)
+        by_time = torch.from_numpy(time).argsort(descending=True, stable=True)
+        want = by_time[torch.from_numpy(weight)[by_time].argsort(descending=True, stable=True)]
+        np.testing.assert_array_equal(dam.choosing_order(weight, time), want.numpy())
+
+
+def lloyd_from_a_poor_partition(seed: int, k: int = 8) -> csm.Absorption:
+    """Absorption buffers holding k+1 random weighted points in the plane and a random partition
+    of them into 3 clusters, which Lloyd moves (from the Ward merge's partition it would not: that
+    is already a fixed point, up to rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    points = torch.randn(k + 1, 2, generator=g, dtype=torch.float64)
+    ab = csm.Absorption.empty(k, 2, torch.device("cpu"))
+    ab.gram.copy_(points @ points.T)
+    ab.w.copy_(torch.randint(1, 5, (k + 1,), generator=g).double())
+    a, mass = csm.memberships(torch.randint(0, 3, (k + 1,), generator=g), ab.w, ab.ids)
+    ab.a.copy_(a)
+    ab.mass.copy_(mass)
+    return ab
+
+
+def test_lloyd_iterations_split_anywhere_or_stopped_once_done_give_the_same_partition():
+    """What the CUDA graphs rely on: iterations run in pieces equal them run at once, and
+    iterations after convergence (or stopping once `done`) change nothing."""
+    moved = 0
+    for seed in range(40):
+        tol = 1e-4 if seed % 2 else 1e9  # 1e9: done after the first iteration, which freezes a moving state
+        whole, pieces, stopped = (lloyd_from_a_poor_partition(seed) for _ in range(3))
+        start = whole.a.clone()
+        csm.iterate(whole, 10, tol)
+        for n in (1, 2, 7):
+            csm.iterate(pieces, n, tol)
+        csm.iterate(stopped, 10, tol, stop_early=bool)
+        for ab in (pieces, stopped):
+            assert torch.equal(ab.a, whole.a) and torch.equal(ab.mass, whole.mass) and bool(ab.done) == bool(whole.done)
+        moved += not torch.equal(start, whole.a)
+    assert moved >= 20  # the test exercises real iterations
+
+
+class EagerGraph:
+    """graph.StepGraph stand-in on the CPU: runs step when 'captured' (like the real warm-up) and
+    on every replay, so the split step's logic runs without CUDA."""
+
+    def __init__(self, step, device):
+        step()
+        self.replay = step
+
+
+def graph_memory(cfg: MemoryConfig) -> FlashMemory:
+    mem = FlashMemory(cfg)
+    mem._use_graphs = True  # the CPU has no CUDA graphs: with EagerGraph patched in, the split step runs eagerly
+    return mem
+
+
+@pytest.mark.parametrize("iters, head_iters", [(10, 0), (10, 1), (10, 3), (10, 10), (1, 0), (1, 1)])
+def test_split_step_gives_the_eager_memory_on_cpu(monkeypatch, head_iters, iters):
+    """Head + tail replays while not converged + finish, as the CUDA graphs run them: identical to
+    the eager step, whatever the head's share of the iterations."""
+    monkeypatch.setattr(graph, "StepGraph", EagerGraph)
+    monkeypatch.setattr(memory_module, "HEAD_ITERS", head_iters)
+    cfg = dataclasses.replace(SMALL, kmeans_iters=iters)
+    low, full, stamps = scene_stream(17, 150)
+    split, eager = graph_memory(cfg), FlashMemory(cfg)
+    batches = [1] * 50 + random_batches(17, 100)
+    for a, b in zip(feed(split, low, full, stamps, batches), feed(eager, low, full, stamps, batches)):
+        assert_same_snapshot(a, b)
+    assert split.graph_replays == 150 - cfg.bank_capacity - 1
+    if head_iters == 0:  # the head only starts Lloyd: every frame needs the tail at least once
+        assert split.graph_tail_replays >= split.graph_replays
+    if head_iters >= iters:
+        assert split.graph_tail_replays == 0
+
+
+@pytest.mark.parametrize("stage", ["head", "tail", "finish"])
+def test_split_step_capture_failure_absorbs_the_frame_once_on_cpu(monkeypatch, caplog, stage):
+    """A capture that fails after its warm-up: the rest of the frame runs eagerly, one warning,
+    and the memory stays eager with nothing lost or repeated."""
+    captured = []
+
+    class FailingGraph(EagerGraph):
+        def __init__(self, step, device):
+            super().__init__(step, device)
+            captured.append(step)
+            if len(captured) == ["head", "tail", "finish"].index(stage) + 1:
+                raise CaptureError("not capturable")
+
+    monkeypatch.setattr(graph, "StepGraph", FailingGraph)
+    monkeypatch.setattr(memory_module, "HEAD_ITERS", 0)  # the capture frame needs the tail
+    low, full, stamps = scene_stream(18, 60)
+    mem, eager = graph_memory(SMALL), FlashMemory(SMALL)
+    for a, b in zip(feed(mem, low, full, stamps, [1] * 60), feed(eager, low, full, stamps, [1] * 60)):
+        assert_same_snapshot(a, b)
+    assert mem.graph_replays == 0 and mem._graphs is None
+    assert [r.levelname for r in caplog.records if "capture failed" in r.getMessage()] == ["WARNING"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_on_a_clear_stream():
     low, full, stamps = scene_stream(12, 120, scenes=SMALL.csm_slots)
@@ -344,16 +486,20 @@ def cuda_stream(seed: int, n: int):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replays_give_the_eager_memory_bit_for_bit():
-    """300 frames through a 12-frame bank: every frame after the bank filled (and the capture
-    frame) is replayed from the graph, in one-frame updates and in batches, with snapshots
-    identical to the eager memory's."""
+@pytest.mark.parametrize("head_iters", [0, memory_module.HEAD_ITERS])
+def test_cuda_graph_replays_give_the_eager_memory_bit_for_bit(monkeypatch, head_iters):
+    """300 frames through a 12-frame bank: every frame after the bank filled (after the capture
+    frame) is replayed from the graphs, in one-frame updates and in batches, with snapshots
+    identical to the eager memory's. head_iters=0 makes every frame replay the tail graph."""
+    monkeypatch.setattr(memory_module, "HEAD_ITERS", head_iters)
     low, full, stamps = cuda_stream(14, 300)
     graphed, eager = FlashMemory(SMALL, "cuda"), FlashMemory(SMALL, "cuda", cuda_graphs=False)
     batches = [1] * 100 + random_batches(14, 200)
     for a, b in zip(feed(graphed, low, full, stamps, batches), feed(eager, low, full, stamps, batches)):
         assert_same_snapshot(a, b)
     assert graphed.graph_replays == 300 - SMALL.bank_capacity - 1 and eager.graph_replays == 0
+    if head_iters == 0:
+        assert graphed.graph_tail_replays >= graphed.graph_replays
     check_invariants(graphed, graphed.snapshot(), full, stamps, SMALL)
 
 
@@ -380,16 +526,17 @@ def test_cuda_graph_is_recaptured_after_reset_and_load(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.filterwarnings("ignore:The CUDA Graph is empty")
-def test_cuda_graph_capture_failure_falls_back_to_eager(monkeypatch, caplog):
+@pytest.mark.parametrize("stage", ["_start", "_finish"])  # the head graph's capture fails, or the last one's
+def test_cuda_graph_capture_failure_falls_back_to_eager(monkeypatch, caplog, stage):
     """A capture that raises: one warning, and the memory stays eager without losing the frame."""
-    step = FlashMemory._step_frame
+    step = getattr(FlashMemory, stage)
 
     def step_failing_in_capture(self, *args, **kwargs):
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("not capturable")
         step(self, *args, **kwargs)
 
-    monkeypatch.setattr(FlashMemory, "_step_frame", step_failing_in_capture)
+    monkeypatch.setattr(FlashMemory, stage, step_failing_in_capture)
     low, full, stamps = cuda_stream(16, 60)
     mem, eager = FlashMemory(SMALL, "cuda"), FlashMemory(SMALL, "cuda", cuda_graphs=False)
     for a, b in zip(feed(mem, low, full, stamps, [1] * 60), feed(eager, low, full, stamps, [1] * 60)):

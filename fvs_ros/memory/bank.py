@@ -71,11 +71,6 @@ class FeatureBank:
             return torch.zeros(0, dtype=torch.float64, device=self.device)
         return (self.low[: self.count] @ frame).double()
 
-    def sq_dists(self, clusters: Clusters) -> Tensor:
-        """Squared low-res distances from the centroids to the held frames -> [K, count] float64."""
-        n = self.count
-        return (clusters.gram.diagonal()[:, None] + self.sq[None, :n] - 2 * self.cross[:, :n]).clamp_min_(0)
-
     def add(self, frame: Tensor, frame_sq: Tensor, frame_dots: Tensor, center_dots: Tensor, full: Tensor,
             slot: Tensor, stamp: Tensor, clusters: Clusters, mix: Tensor) -> None:
         """Offer one frame to the bank, right after the CSM absorbed it.

@@ -21,15 +21,16 @@ from torch import Tensor
 
 from fvs_ros.cuda_graph import CaptureError
 
-from . import dam
+from . import csm, dam
 from .bank import FeatureBank
-from .csm import Clusters, absorb
-from .graph import StepGraph
+from .csm import Absorption, Clusters
+from .graph import SplitStep
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fvs_ros.flash_memory"
 FORMAT_VERSION = 1
+HEAD_ITERS = 1  # Lloyd iterations in a frame's head CUDA graph: after the warm start one converges (csm.py)
 
 
 class MemoryFileError(Exception):
@@ -94,8 +95,8 @@ class FlashMemory:
     (a batch gives exactly the memory that B single-frame updates give), and publishes a new
     snapshot. Bad input raises ValueError and leaves the memory unchanged.
 
-    cuda_graphs: on CUDA, once the bounded bank is full, replay each frame's update from a CUDA
-    graph (identical results, a fraction of the launch overhead); False: always eager.
+    cuda_graphs: on CUDA, once the bounded bank is full, replay each frame's update from CUDA
+    graphs (identical results, a fraction of the launch overhead); False: always eager.
     """
 
     def __init__(self, config: MemoryConfig | None = None, device: str | torch.device = "cpu",
@@ -105,7 +106,8 @@ class FlashMemory:
         self._lock = threading.Lock()
         self._new_probe = _convergence_probe(self.device)
         self._use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graph_replays = 0  # frames absorbed by replaying the CUDA graph (all time)
+        self.graph_replays = 0  # frames absorbed by replaying the CUDA graphs (all time)
+        self.graph_tail_replays = 0  # Lloyd iterations replayed after the head graph's (all time)
         self._version = 0
         self._clear()
 
@@ -190,8 +192,10 @@ class FlashMemory:
 
     # ---- internals -----------------------------------------------------------------------
     def _clear(self) -> None:
-        self._graph: StepGraph | None = None  # captured for the state tensors below; dropped with them
+        self._graphs: SplitStep | None = None  # captured for the buffers below; dropped with them
         self._clusters: Clusters | None = None
+        self._absorption: Absorption | None = None  # the frame step's buffers
+        self._full_in: Tensor | None = None  # [Nf, C] the graphs' full-res input (allocated at capture)
         self._reference: Tensor | None = None  # [Nl*C] float32, the first frame: vectors are kept relative to it
         self._bank = FeatureBank(self.config.bank_capacity, self.device)
         self._shape: dict[str, Any] | None = None  # low_tokens, full_tokens, channels, full_dtype (name), full_hw
@@ -245,74 +249,101 @@ class FlashMemory:
             self._shape = {"low_tokens": nl, "full_tokens": full.shape[1], "channels": c,
                            "full_dtype": str(full.dtype).removeprefix("torch."), "full_hw": None}
             self._clusters = Clusters.empty(self.config.csm_slots, nl * c, self.device)
+            self._absorption = Absorption.empty(self.config.csm_slots, nl * c, self.device)
             self._reference = frames[0].clone()
             self._first_stamp = float(stamps[0])
         if full_hw is not None:
             self._shape["full_hw"] = list(full_hw)
-        slots = torch.arange(self._frames_seen, self._frames_seen + b, dtype=torch.float64)
-        rel_stamps = torch.from_numpy(stamps - self._first_stamp)
-        slots, rel_stamps = slots.to(self.device), rel_stamps.to(self.device)
+        slots = np.arange(self._frames_seen, self._frames_seen + b, dtype=np.float64)
+        slot_stamps = torch.from_numpy(np.stack([slots, stamps - self._first_stamp], 1)).to(self.device)
         for i in range(b):  # frame by frame, with the same op shapes whatever B is: batches are exact
-            self._absorb_frame(frames[i], full[i], slots[i], rel_stamps[i])
+            self._absorb_frame(frames[i], full[i], slot_stamps[i])
         self._frames_seen += b
         self._last_stamp = float(stamps[-1])
 
-    def _absorb_frame(self, low: Tensor, full: Tensor, slot: Tensor, stamp: Tensor) -> None:
-        """One frame: replayed from the CUDA graph once the bounded bank is full (then every shape
-        is fixed), else eagerly. The first frame that finds the bank full is captured."""
-        if self._graph is not None:
-            self._graph.replay(low, full, slot, stamp)
+    def _absorb_frame(self, low: Tensor, full: Tensor, slot_stamp: Tensor) -> None:
+        """One frame: low [D] float32 raw low-res features, full [Nf, C] in the bank's dtype,
+        slot_stamp [2] float64 (slot index, stamp relative to the first frame). Replayed from the
+        CUDA graphs once the bounded bank is full (then every shape is fixed), else eagerly. The
+        first frame that finds the bank full is captured."""
+        ab = self._absorption
+        torch.sub(low, self._reference, out=ab.frame)
+        ab.slot_stamp.copy_(slot_stamp)
+        if self._graphs is not None:
+            self._full_in.copy_(full)
+            self.graph_tail_replays += self._graphs.replay()
             self.graph_replays += 1
         elif self._use_graphs and self._bank.count == self._bank.capacity:
-            self._graph = self._capture(low, full, slot, stamp)
+            self._graphs = self._capture(full)
         else:
-            self._step_frame(low, full, slot, stamp, self._new_probe())
+            self._start(self.config.kmeans_iters, self._new_probe())
+            self._finish(full)
 
-    def _capture(self, low: Tensor, full: Tensor, slot: Tensor, stamp: Tensor) -> StepGraph | None:
-        """The step captured for the frames that follow (this frame is absorbed as the warm-up).
-        If capture fails: a warning, and this memory stays eager (None)."""
+    def _capture(self, full: Tensor) -> SplitStep | None:
+        """The step captured for the frames that follow, in graphs around the Lloyd loop (graph.py):
+        head = start + HEAD_ITERS iterations, tail = one iteration (replayed while not converged),
+        finish. Capturing absorbs this frame. If a capture fails: a warning, and this memory stays
+        eager (None)."""
+        head = min(HEAD_ITERS, self.config.kmeans_iters)
+        self._full_in = full.clone()
         try:
-            return StepGraph(partial(self._step_frame, stop_early=_never_stop), (low, full, slot, stamp))
+            return SplitStep(partial(self._start, head), partial(self._iterate, 1), self.config.kmeans_iters - head,
+                             partial(self._finish, self._full_in), self._absorption.done, self.device)
         except CaptureError as e:
             log.warning("Flash Memory: CUDA graph capture failed, updating eagerly from now on: %s", e)
             self._use_graphs = False
+            self._full_in = None
             return None
 
-    def _step_frame(self, low: Tensor, full: Tensor, slot: Tensor, stamp: Tensor,
-                    stop_early: Callable[[Tensor], bool]) -> None:
-        """Absorb one frame into the writer state (clusters and bank, updated in place): low [D]
-        float32 raw low-res features, full [Nf, C] in the bank's dtype, slot and stamp 0-d float64
-        (stamp relative to the first frame). With the bank full it has fixed shapes and no host
-        reads, so the CUDA graph captures exactly this function."""
-        cfg, clusters = self.config, self._clusters
-        frame = low - self._reference
-        frame_sq = (frame @ frame).double()
-        center_dots = (clusters.centers @ frame).double()
-        frame_dots = self._bank.dots(frame)
-        new, mix = absorb(clusters, frame, center_dots, frame_sq, slot, stamp, cfg.kmeans_iters, cfg.kmeans_tol,
-                          stop_early)
-        self._bank.add(frame, frame_sq, frame_dots, center_dots, full, slot.long(), stamp, new, mix)
+    # The frame step: the writer state (clusters, bank) updated in place from self._absorption (which
+    # holds the frame). With the bank full every shape is fixed and there are no host reads, so the CUDA
+    # graphs capture exactly these functions.
+    def _start(self, iters: int, stop_early: Callable[[Tensor], bool] | None = None) -> None:
+        """The frame's dot products, the Ward merge, then up to `iters` Lloyd iterations."""
+        csm.start(self._absorption, self._clusters)
+        self._iterate(iters, stop_early)
+
+    def _iterate(self, iters: int, stop_early: Callable[[Tensor], bool] | None = None) -> None:
+        """Up to `iters` more Lloyd iterations (none change anything once converged)."""
+        csm.iterate(self._absorption, iters, self.config.kmeans_tol, stop_early)
+
+    def _finish(self, full: Tensor) -> None:
+        """The new centroids into the state and the frame (full [Nf, C] its full-res features)
+        offered to the bank."""
+        ab, clusters = self._absorption, self._clusters
+        frame_dots = self._bank.dots(ab.frame)
+        new = csm.finish(ab, clusters)
+        slot, stamp = ab.slot_stamp
+        self._bank.add(ab.frame, ab.frame_sq, frame_dots, ab.dots, full, slot.long(), stamp, new, ab.a)
         clusters.copy_(new)
 
     def _publish(self) -> MemorySnapshot:
-        """The snapshot of the current state: live centroids by time, DAM picks."""
-        clusters, bank, shape = self._clusters, self._bank, self._shape
-        choosers = dam.choosing_order(clusters.mass, clusters.time)[: self.config.dam_frames]
-        mass, time, stamp, dist, c_sq, f_sq, slot, bank_stamp = _to_host(
-            clusters.mass, clusters.time, clusters.stamp, bank.sq_dists(clusters)[choosers],
-            clusters.gram.diagonal()[choosers], bank.sq[: bank.count], bank.slot[: bank.count],
-            bank.stamp[: bank.count])
-        live = np.flatnonzero(mass > 0)
-        order = live[np.argsort(time[live], kind="stable")]
-        n_dam = min(self.config.dam_frames, len(live))
-        rows = dam.pick_frames(dist[:n_dam], c_sq[:n_dam, None] + f_sq[None, :], slot)
+        """The snapshot of the current state: live centroids by time, DAM picks. One device->host
+        copy (all metadata) and one host->device copy (the DAM rows); the device gathers the
+        centroids while the host picks the DAM frames."""
+        clusters, bank, shape, n = self._clusters, self._bank, self._shape, self._bank.count
+        by_time = torch.where(clusters.live, clusters.time, math.inf).argsort(stable=True)  # dead last
+        meta = [clusters.mass, clusters.time, clusters.stamp, by_time.double(), clusters.gram.diagonal(),
+                bank.sq[:n], bank.slot[:n].double(), bank.stamp[:n], bank.cross[:, :n].reshape(-1)]
+        host = torch.cat(meta).to("cpu", non_blocking=True)  # one dtype, one kernel; slots < 2**53 are exact
+        landed = _recorded_event(self.device)
+        centers = clusters.centers.index_select(0, by_time).add_(self._reference)
+        if landed is not None:
+            landed.synchronize()
+        ends = np.cumsum([t.numel() for t in meta]).tolist()
+        mass, time, stamp, by_time, c_sq, f_sq, slot, bank_stamp, cross = (
+            host.numpy()[a:b] for a, b in zip([0, *ends], ends))
+        live = int(np.count_nonzero(mass > 0))
+        order = by_time[:live].astype(np.int64)
+        choosers = dam.choosing_order(mass, time)[: min(self.config.dam_frames, live)]
+        scale = c_sq[choosers, None] + f_sq[None, :]
+        rows = dam.pick_frames(np.maximum(scale - 2 * cross.reshape(-1, n)[choosers], 0), scale, slot)
         snap = MemorySnapshot(
-            csm_features=(clusters.centers[torch.from_numpy(order).to(self.device)] + self._reference).view(
-                len(order), shape["low_tokens"], shape["channels"]),
+            csm_features=centers[:live].view(live, shape["low_tokens"], shape["channels"]),
             csm_weights=torch.from_numpy(mass[order].astype(np.int64)),
             csm_times=torch.from_numpy(time[order]),
             csm_stamps=torch.from_numpy(stamp[order] + self._first_stamp),
-            dam_features=bank.full[torch.from_numpy(rows).to(self.device)],
+            dam_features=bank.full.index_select(0, torch.from_numpy(rows).to(self.device)),
             dam_slots=torch.from_numpy(slot[rows].astype(np.int64)),
             dam_stamps=torch.from_numpy(bank_stamp[rows] + self._first_stamp),
             frames_seen=self._frames_seen,
@@ -344,28 +375,21 @@ class FlashMemory:
                 or bank["low"].shape[1:] != (dim,) or bank["cross"].shape != (k, bank["low"].shape[0])
                 or bank["full"].shape[1:] != (shape["full_tokens"], shape["channels"])):
             raise ValueError("saved tensors do not match the saved config and counters")
-        self._graph = None  # the state tensors are replaced
+        self._graphs, self._full_in = None, None  # the state tensors are replaced
         self._shape, self._clusters, self._reference = shape, Clusters.empty(k, dim, self.device), reference
+        self._absorption = Absorption.empty(k, dim, self.device)
         self._clusters.copy_(saved)
         self._bank.load_state_dict(bank)
         self._snapshot = self._publish()
 
 
-def _to_host(*tensors: Tensor) -> list[np.ndarray]:
-    """Several small device tensors in one device->host copy, as float64 arrays (int64 values
-    up to 2**53 survive)."""
-    flat = torch.cat([t.reshape(-1).double() for t in tensors]).cpu().numpy()
-    out, at = [], 0
-    for t in tensors:
-        out.append(flat[at: at + t.numel()].reshape(t.shape))
-        at += t.numel()
-    return out
-
-
-def _never_stop(done: Tensor) -> bool:
-    """The graph's stop_early: run every Lloyd iteration. Once converged, lloyd's state is frozen,
-    so the result is identical, bit for bit, to stopping early (as the eager probe does)."""
-    return False
+def _recorded_event(device: torch.device) -> torch.cuda.Event | None:
+    """On CUDA, an event recorded on the current stream (None on the CPU, where work is done when queued)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _convergence_probe(device: torch.device) -> Callable[[], Callable[[Tensor], bool]]:
