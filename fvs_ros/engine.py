@@ -232,6 +232,7 @@ class StreamEngine:
         self._refresh_failed: Optional[_Published] = None  # no background retry until the memory changes
         self._prefix_wanted = False  # a request waits for a prefix: the builder starts one now
         self._answering = False  # the LLM worker is generating: the builder pauses between chunks
+        self._build_running = False  # the builder is prefilling a newer memory
         self._build_attempts = 0  # prefix builds finished or failed
         self._build_error: Optional[tuple[int, BaseException]] = None  # (attempt, error) of the last build
         self._summarized: Optional[_Published] = None
@@ -542,6 +543,7 @@ class StreamEngine:
     def _build_prefix(self, pub: _Published):
         """Prefill the memory of `pub` in chunks; the old prefix serves answers until this one is complete."""
         t0 = time.perf_counter()
+        self._build_running = True
         try:
             steps = self.lm.prefill_steps(pub.snapshot, self.config.system_prompt,
                                           self.config.prefill_chunk_tokens or None)
@@ -554,17 +556,20 @@ class StreamEngine:
                 self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
                 with self._llm_cv:  # an answer being generated has the GPU to itself (but this chunk)
                     self._llm_cv.wait_for(lambda: self._stopping or not self._answering)
-                if self._stopping:
-                    return
+                    if self._stopping:
+                        self._build_running = False
+                        return
             self._sync()
         except Exception as e:  # noqa: BLE001 - a failed build must not kill the builder
             self._record_error("prefix refresh", e)
             with self._llm_cv:
+                self._build_running = False
                 self._build_attempts += 1
                 self._refresh_failed, self._build_error = pub, (self._build_attempts, e)
                 self._llm_cv.notify_all()
             return
         with self._llm_cv:
+            self._build_running = False
             self._build_attempts += 1
             self._prefix = _Prefix(pub, prefix, time.monotonic(), time.perf_counter() - t0)
             self._build_error = None
@@ -584,16 +589,17 @@ class StreamEngine:
         return p if max_lag > 0 and pub.snapshot.last_stamp - src.last_stamp <= max_lag else None
 
     def _prefix_for(self, pub: _Published, req: _Request) -> tuple[_Prefix, bool]:
-        """(prefix, True) if the cached one is usable for `pub`, or lags it further but max_prefix_lag_s > 0
-        (then the builder is asked to catch up; a question never waits for it); else wait for the builder."""
+        """(prefix, True) if the cached one is usable for `pub`, or, with max_prefix_lag_s > 0, lags it
+        further while a rebuild is running (a question does not wait for a rebuild under way: answers
+        lag at most max_prefix_lag_s plus one rebuild); else wait for the builder's next prefix."""
         with self._llm_cv:
             p = self._usable_prefix(pub)
             if p is not None:
                 return p, True
             p = self._prefix
-            if self.config.max_prefix_lag_s > 0 and p is not None and p.source.epoch == pub.epoch:
-                self._prefix_wanted = True
-                self._llm_cv.notify_all()
+            if (self.config.max_prefix_lag_s > 0 and self._build_running and p is not None
+                    and p.source.epoch == pub.epoch):
+                self._prefix_wanted = True  # and the next rebuild follows at once
                 return p, True
             attempts = self._build_attempts
             while True:

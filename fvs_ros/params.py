@@ -86,7 +86,7 @@ SPECS = {
     'prefix_refresh_s': Spec(float, CONFIGURE, 'Rebuild the cached memory prefix (one LLM pass over the '
                              'memory) at most this often (wall clock) while memory changes.', range=(0.0, 3600.0)),
     'max_prefix_lag_s': Spec(float, CONFIGURE, 'Keep the cached prefix within this many stream seconds of the '
-                             'newest memory; questions are answered from it without waiting for a rebuild; '
+                             'newest memory; questions do not wait for a rebuild under way; '
                              '0 = every question waits for a prefix of the newest memory.', range=(0.0, 3600.0)),
     'summary_period_s': Spec(float, CONFIGURE, 'Publish ~/scene_summary at most this often (wall clock), '
                              'when new frames arrived since the last one; 0 = off.', range=(0.0, 86400.0)),

@@ -230,7 +230,8 @@ def client():
 def node(tiny_model, memory_dir, tmp_path_factory, client):
     proc = NodeProcess(tmp_path_factory.mktemp('logs') / 'node1.log', model=tiny_model, memory_file=memory_dir,
                        memory_fps=FPS, summary_period_s=1.0, diagnostics_period_s=0.5,
-                       max_new_tokens=8, summary_max_new_tokens=8)
+                       max_new_tokens=8, summary_max_new_tokens=8,
+                       max_prefix_lag_s=0.0)  # exact: answers count every frame in memory
     assert client.wait_ready(), proc.text()
     yield proc
     proc.stop()
@@ -416,7 +417,7 @@ def test_bad_model_fails_configure_then_reconfigure_restores_memory_and_sim_time
         tiny_model, memory_dir, tmp_path_factory, client):
     seen = shared['frames_saved']
     proc = NodeProcess(tmp_path_factory.mktemp('logs') / 'node2.log', model='/nonexistent/checkpoint',
-                       memory_file=memory_dir, memory_fps=FPS, use_sim_time='true')
+                       memory_file=memory_dir, memory_fps=FPS, use_sim_time='true', max_prefix_lag_s=0.0)
     try:
         assert wait_until(lambda: 'cannot load model' in proc.text(), 60), proc.text()
         errors = [line for line in proc.text().splitlines() if 'cannot load model' in line]
