@@ -535,10 +535,10 @@ class StreamEngine:
             return 0.0
         if self._refresh_failed is pub:
             return None
-        period = self.config.prefix_refresh_s
-        if self.config.max_prefix_lag_s > 0:  # start early enough to land before the lag passes the bound
-            period = min(period, max(0.0, self.config.max_prefix_lag_s - p.build_s))
-        return max(0.0, p.built_at + period - time.monotonic())
+        max_lag = self.config.max_prefix_lag_s
+        if max_lag > 0 and pub.snapshot.last_stamp - p.source.snapshot.last_stamp >= max_lag - p.build_s:
+            return 0.0  # a rebuild started now lands about when the prefix would pass the bound
+        return max(0.0, p.built_at + self.config.prefix_refresh_s - time.monotonic())
 
     def _build_prefix(self, pub: _Published):
         """Prefill the memory of `pub` in chunks; the old prefix serves answers until this one is complete."""
