@@ -541,41 +541,44 @@ class StreamEngine:
         return max(0.0, p.built_at + self.config.prefix_refresh_s - time.monotonic())
 
     def _build_prefix(self, pub: _Published):
-        """Prefill the memory of `pub` in chunks; the old prefix serves answers until this one is complete."""
+        """Prefill the memory of `pub`, then swap it in; the old prefix serves answers until then."""
         t0 = time.perf_counter()
         self._build_running = True
         try:
-            steps = self.lm.prefill_steps(pub.snapshot, self.config.system_prompt,
-                                          self.config.prefill_chunk_tokens or None)
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    prefix = done.value
-                    break
-                self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
-                with self._llm_cv:  # an answer being generated has the GPU to itself (but this chunk)
-                    self._llm_cv.wait_for(lambda: self._stopping or not self._answering)
-                    if self._stopping:
-                        self._build_running = False
-                        return
-            self._sync()
+            prefix, error = self._prefill(pub), None
         except Exception as e:  # noqa: BLE001 - a failed build must not kill the builder
+            prefix, error = None, e
             self._record_error("prefix refresh", e)
-            with self._llm_cv:
-                self._build_running = False
-                self._build_attempts += 1
-                self._refresh_failed, self._build_error = pub, (self._build_attempts, e)
-                self._llm_cv.notify_all()
-            return
         with self._llm_cv:
             self._build_running = False
+            if prefix is None and error is None:  # shutting down
+                return
             self._build_attempts += 1
-            self._prefix = _Prefix(pub, prefix, time.monotonic(), time.perf_counter() - t0)
-            self._build_error = None
+            if error is not None:
+                self._refresh_failed, self._build_error = pub, (self._build_attempts, error)
+            else:
+                self._prefix = _Prefix(pub, prefix, time.monotonic(), time.perf_counter() - t0)
+                self._build_error = None
             self._llm_cv.notify_all()
-        with self._lock:
-            self._counters.last_prefill_s = time.perf_counter() - t0
+        if prefix is not None:
+            with self._lock:
+                self._counters.last_prefill_s = time.perf_counter() - t0
+
+    def _prefill(self, pub: _Published):
+        """The model's MemoryPrefix of `pub`, one chunk at a time (None if the engine stops meanwhile)."""
+        chunk = self.config.prefill_chunk_tokens or None
+        steps = self.lm.prefill_steps(pub.snapshot, self.config.system_prompt, chunk)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                self._sync()
+                return done.value
+            self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
+            with self._llm_cv:  # an answer being generated has the GPU to itself (but this chunk)
+                self._llm_cv.wait_for(lambda: self._stopping or not self._answering)
+                if self._stopping:
+                    return None
 
     def _usable_prefix(self, pub: _Published) -> Optional[_Prefix]:
         """The cached prefix if it is of this stream and built from `pub` or a newer memory, or (with
