@@ -33,6 +33,9 @@ _QUESTION, _SUMMARY = 0, 1  # request priorities: lower is served first
 # Three workers share the GIL. One waking from a GPU wait (a decode step, a ViT batch) takes it back
 # within this time, instead of CPython's default 5 ms, while another launches a prefill chunk.
 _GIL_SWITCH_S = 0.001
+# Between chunks the prefix builder waits while a frame batch or an answer has the GPU, but never
+# longer than this: a rebuild makes progress under a frame flood or back-to-back questions.
+_BUILDER_YIELD_S = 0.1
 
 
 class EngineError(RuntimeError):
@@ -74,7 +77,7 @@ class EngineConfig:
     prefix_cache: bool = True  # False: every answer prefills [system + memory + question] from scratch
     prefix_refresh_s: float = 0.5  # background prefix rebuild at most this often (wall seconds)
     max_prefix_lag_s: float = 0.0  # stream time a question's prefix may lag the newest memory (0: exact)
-    prefill_chunk_tokens: int = 512  # background rebuilds run in chunks of this many tokens; 0: one pass
+    prefill_chunk_tokens: int = 256  # background rebuilds run in chunks of this many tokens; 0: one pass
     no_video_answer: str = "No video frames have been received yet, so I cannot answer about the video."
 
     def __post_init__(self):
@@ -232,6 +235,7 @@ class StreamEngine:
         self._refresh_failed: Optional[_Published] = None  # no background retry until the memory changes
         self._prefix_wanted = False  # a request waits for a prefix: the builder starts one now
         self._answering = False  # the LLM worker is generating: the builder pauses between chunks
+        self._encoding = False  # the frame worker is encoding a batch: likewise
         self._build_running = False  # the builder is prefilling a newer memory
         self._build_attempts = 0  # prefix builds finished or failed
         self._build_error: Optional[tuple[int, BaseException]] = None  # (attempt, error) of the last build
@@ -401,6 +405,16 @@ class StreamEngine:
             return batch, self._epoch, self._source_hw
 
     def _encode_batch(self, batch, epoch: int, source_hw: tuple[int, int]):
+        with self._llm_cv:
+            self._encoding = True
+        try:
+            self._encode_and_update(batch, epoch, source_hw)
+        finally:
+            with self._llm_cv:  # wakes the builder, and the LLM worker for the new snapshot
+                self._encoding = False
+                self._llm_cv.notify_all()
+
+    def _encode_and_update(self, batch, epoch: int, source_hw: tuple[int, int]):
         t0 = time.perf_counter()
         try:
             frames = np.stack([_fit(f, source_hw) for f, _ in batch])
@@ -419,8 +433,6 @@ class StreamEngine:
             c = self._counters
             c.frames_into_memory += len(batch)
             c.last_update_time, c.last_update_s, c.last_batch_size = time.time(), time.perf_counter() - t0, len(batch)
-        with self._llm_cv:
-            self._llm_cv.notify_all()
 
     # ----------------------------------------------------------------- questions
 
@@ -575,8 +587,9 @@ class StreamEngine:
                 self._sync()
                 return done.value
             self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
-            with self._llm_cv:  # an answer being generated has the GPU to itself (but this chunk)
-                self._llm_cv.wait_for(lambda: self._stopping or not self._answering)
+            with self._llm_cv:  # frames and answers share the GPU with at most one chunk
+                self._llm_cv.wait_for(lambda: self._stopping or not (self._answering or self._encoding),
+                                      _BUILDER_YIELD_S)
                 if self._stopping:
                     return None
 
