@@ -490,11 +490,21 @@ def section_check(model, device, tiny, args):
 
 
 @torch.inference_mode()
+def transformers_vit(visual, frames):
+    """transformers' own ViT forward on uint8 frames [B, H, W, 3] (one frame a slot) -> pre-merger features."""
+    from fvs_ros.model.preprocess import slot_patches
+
+    patches = slot_patches(frames, 1)
+    b = frames.shape[0]
+    grid = torch.tensor([[b, *patches.full_hw], [b, *patches.low_hw]], device=frames.device)
+    pixels = torch.cat([patches.full, patches.low]).to(visual.get_dtype())
+    return visual(pixels, grid_thw=grid).last_hidden_state
+
+
 def section_vit(model, device, tiny, args):
     log("\n== ViT: frames/s at 336x560, full + low resolution: transformers' forward vs FastVision ==")
     from fvs_ros.model.fast_vision import ATTN_NAME as FAST_VISION_ATTN
     from fvs_ros.model.fast_vision import FastVision
-    from fvs_ros.model.preprocess import slot_patches
 
     visual = model.model.visual
     height, width = (112, 224) if tiny else (336, 560)
@@ -508,15 +518,8 @@ def section_vit(model, device, tiny, args):
         if time_left() < 60:
             break
         batch = frames[:b]
-
-        def eager():
-            patches = slot_patches(batch, 1)
-            grid = torch.tensor([[b, *patches.full_hw], [b, *patches.low_hw]], device=device)
-            pixels = torch.cat([patches.full, patches.low]).to(visual.get_dtype())
-            return visual(pixels, grid_thw=grid).last_hidden_state
-
         visual.config._attn_implementation = eager_impl
-        t_eager = bench_cuda(eager, device, reps=5 if b >= 16 else 10, warmup=2)
+        t_eager = bench_cuda(lambda: transformers_vit(visual, batch), device, reps=5 if b >= 16 else 10, warmup=2)
         fast = fast or FastVision(visual)
         visual.config._attn_implementation = FAST_VISION_ATTN  # the packed kernel FastVision runs the tower with
         t_fast = bench_cuda(lambda: fast.encode(batch), device, reps=10 if b >= 16 else 20, warmup=2)
@@ -525,12 +528,9 @@ def section_vit(model, device, tiny, args):
             f"eager {1e3 * t_eager:.1f} ms ({b / t_eager:.0f} fps), FastVision {1e3 * t_fast:.1f} ms "
             f"({b / t_fast:.0f} fps), ratio {t_fast / t_eager:.2f}", "target >= 30 fps")
     if fast is not None and fast.graphs:
-        want = None
         visual.config._attn_implementation = eager_impl
         with torch.inference_mode():
-            patches = slot_patches(frames[:3], 1)
-            grid = torch.tensor([[3, *patches.full_hw], [3, *patches.low_hw]], device=device)
-            want = visual(torch.cat([patches.full, patches.low]).to(visual.get_dtype()), grid_thw=grid).last_hidden_state
+            want = transformers_vit(visual, frames[:3])
         got = torch.cat([t.reshape(-1, t.shape[-1]) for t in fast.encode(frames[:3])[:2]])
         err = float((got.float() - want.float()).norm() / want.float().norm())
         res["fast_vs_eager_rel_err"] = err
