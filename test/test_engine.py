@@ -361,7 +361,8 @@ def test_questions_preempt_a_running_summary_and_shutdown_stops_it(lm, make_engi
     slow = Proxy(lm, answer_delay=5.0, slow_prompt=EngineConfig.summary_prompt)
     eng = make_engine(slow, EngineConfig(sample_fps=0, summary_period_s=0.01), on_summary=print)
     feed(eng, 3)
-    assert slow.started.wait(10)  # the automatic summary is generating
+    assert slow.started.wait(10)  # the automatic summary is generating (maybe on the first frames)
+    assert eng.flush(10)  # all three frames in memory before the question
     t = time.perf_counter()
     assert eng.ask(Q, max_new_tokens=2).frames_seen == 3
     assert time.perf_counter() - t < 1.0 and slow.aborted == 1
