@@ -236,6 +236,7 @@ class StreamEngine:
         self._prefix_wanted = False  # a request waits for a prefix: the builder starts one now
         self._answering = False  # the LLM worker is generating: the builder pauses between chunks
         self._encoding = False  # the frame worker is encoding a batch: likewise
+        self._awaited = False  # a request waits for the prefix being built: no pausing then
         self._build_running = False  # the builder is prefilling a newer memory
         self._build_attempts = 0  # prefix builds finished or failed
         self._build_error: Optional[tuple[int, BaseException]] = None  # (attempt, error) of the last build
@@ -588,8 +589,8 @@ class StreamEngine:
                 return done.value
             self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
             with self._llm_cv:  # frames and answers share the GPU with at most one chunk
-                self._llm_cv.wait_for(lambda: self._stopping or not (self._answering or self._encoding),
-                                      _BUILDER_YIELD_S)
+                self._llm_cv.wait_for(lambda: self._stopping or self._awaited
+                                      or not (self._answering or self._encoding), _BUILDER_YIELD_S)
                 if self._stopping:
                     return None
 
@@ -618,17 +619,21 @@ class StreamEngine:
                 self._prefix_wanted = True  # and the next rebuild follows at once
                 return p, True
             attempts = self._build_attempts
-            while True:
-                self._prefix_wanted = True
-                self._llm_cv.notify_all()
-                self._llm_cv.wait(0.05)
-                p = self._usable_prefix(pub)
-                if p is not None:
-                    return p, False
-                if self._stopping or req.cancelled or (req.preemptible and self._requests):
-                    raise _Cancelled
-                if self._build_error is not None and self._build_error[0] > attempts:
-                    raise self._build_error[1]
+            self._awaited = True
+            try:
+                while True:
+                    self._prefix_wanted = True
+                    self._llm_cv.notify_all()
+                    self._llm_cv.wait(0.05)
+                    p = self._usable_prefix(pub)
+                    if p is not None:
+                        return p, False
+                    if self._stopping or req.cancelled or (req.preemptible and self._requests):
+                        raise _Cancelled
+                    if self._build_error is not None and self._build_error[0] > attempts:
+                        raise self._build_error[1]
+            finally:
+                self._awaited = False
 
     def _serve(self, req: _Request):
         try:

@@ -343,7 +343,8 @@ def test_max_new_tokens_is_clamped_to_the_parameter(node, client):
 
 
 def test_flood_keeps_memory_bounded_and_ask_responsive(node, client):
-    """200 frames/s of 320x240 rgb8 for 5 s (benchmarks/bench_flood.py runs the full 30 s)."""
+    """200 frames/s of 320x240 rgb8 for 8 s (benchmarks/bench_flood.py runs the full 30 s). Exact-mode
+    answers under the flood take up to ~5 s on a busy 2-core machine: 8 s leaves room for two."""
     latencies, failures, stop = [], [], threading.Event()
 
     def asker():
@@ -357,7 +358,7 @@ def test_flood_keeps_memory_bounded_and_ask_responsive(node, client):
     thread = threading.Thread(target=asker)
     thread.start()
     start = time.monotonic()
-    for i in range(1000):
+    for i in range(1600):
         client.image(big, 'rgb8', stamp_step=0.005)
         delay = start + (i + 1) / 200 - time.monotonic()
         if delay > 0:
@@ -366,7 +367,7 @@ def test_flood_keeps_memory_bounded_and_ask_responsive(node, client):
     thread.join()
     rss_after = node.rss_mib()
     d = latest_diagnostics(client)
-    print(f'flood: {1000 / (time.monotonic() - start):.0f} frames/s sent, rss {rss_before:.0f} -> '
+    print(f'flood: {1600 / (time.monotonic() - start):.0f} frames/s sent, rss {rss_before:.0f} -> '
           f'{rss_after:.0f} MiB, {len(latencies)} answers, max latency {max(latencies):.3f} s, diagnostics {d}')
     # Answers keep coming while the node takes 200 frames/s; on a shared 2-core machine that also
     # runs this publisher their latency varies (typically 0.05-1 s), hence the loose bounds.
