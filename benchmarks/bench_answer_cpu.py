@@ -38,20 +38,41 @@ SIZES = {  # (LLM hidden, layers, heads, kv heads, mlp, ViT width, ViT depth, Vi
 def official_config(size: str, csm_slots: int, dam_frames: int) -> dict:
     hidden, layers, heads, kv, mlp, width, depth, vit_heads = SIZES[size]
     return {
-        "model_type": "flash_vstream_qwen2_vl", "architectures": ["FlashVStreamQwen2VLModel"],
-        "vocab_size": 384, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv, "intermediate_size": mlp, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-        "max_position_embeddings": 32768, "tie_word_embeddings": False, "initializer_range": 0.02,
+        "model_type": "flash_vstream_qwen2_vl",
+        "architectures": ["FlashVStreamQwen2VLModel"],
+        "vocab_size": 384,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "intermediate_size": mlp,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
         "rope_scaling": {"type": "mrope", "mrope_section": _mrope_section(hidden // heads)},
-        "bos_token_id": 320, "eos_token_id": 322, "pad_token_id": 320, "vision_start_token_id": 329,
-        "vision_end_token_id": 330, "vision_token_id": 331, "image_token_id": 332, "video_token_id": 333,
+        "bos_token_id": 320,
+        "eos_token_id": 322,
+        "pad_token_id": 320,
+        "vision_start_token_id": 329,
+        "vision_end_token_id": 330,
+        "vision_token_id": 331,
+        "image_token_id": 332,
+        "video_token_id": 333,
         "vision_config": {
-            "model_type": "qwen2_vl", "embed_dim": width, "depth": depth, "num_heads": vit_heads,
+            "model_type": "qwen2_vl",
+            "embed_dim": width,
+            "depth": depth,
+            "num_heads": vit_heads,
             "hidden_size": hidden,
             "flash_memory_config": {
-                "flash_memory_temporal_length": 2 * csm_slots, "flash_memory_temporal_method": "kmeans_ordered",
-                "flash_memory_temporal_poolsize": 2, "flash_memory_temporal_pca_dim": 32,
-                "flash_memory_spatial_length": 2 * dam_frames, "flash_memory_spatial_method": "klarge_retrieve",
+                "flash_memory_temporal_length": 2 * csm_slots,
+                "flash_memory_temporal_method": "kmeans_ordered",
+                "flash_memory_temporal_poolsize": 2,
+                "flash_memory_temporal_pca_dim": 32,
+                "flash_memory_spatial_length": 2 * dam_frames,
+                "flash_memory_spatial_method": "klarge_retrieve",
             },
         },
     }
@@ -64,7 +85,9 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
-def write_checkpoint(out: Path, size: str, csm_slots: int, dam_frames: int, device: str, dtype: torch.dtype) -> None:
+def write_checkpoint(
+    out: Path, size: str, csm_slots: int, dam_frames: int, device: str, dtype: torch.dtype
+) -> None:
     config = official_config(size, csm_slots, dam_frames)
     plain = {k: v for k, v in config.items() if k != "architectures"} | {"model_type": "qwen2_vl"}
     plain["vision_config"] = {k: v for k, v in config["vision_config"].items() if k != "flash_memory_config"}
@@ -83,7 +106,9 @@ def with_grid(snap, full_hw):
     """Snapshot with full_hw (docs/architecture.md), for a memory that does not record it yet."""
     if hasattr(snap, "full_hw"):
         return snap
-    return SimpleNamespace(**{f.name: getattr(snap, f.name) for f in dataclasses.fields(snap)}, full_hw=full_hw)
+    return SimpleNamespace(
+        **{f.name: getattr(snap, f.name) for f in dataclasses.fields(snap)}, full_hw=full_hw
+    )
 
 
 def timed(fn, sync):
@@ -113,7 +138,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(Path(tmp), args.size, args.csm_slots, args.dam_frames, args.device, dtype)
         lm, t_load = timed(lambda: load_model(tmp, dtype=dtype, device=args.device), sync)
-    print(f"model {args.size} on {args.device} {args.dtype}: loaded in {t_load:.2f} s, memory {lm.memory_defaults}")
+    print(
+        f"model {args.size} on {args.device} {args.dtype}: loaded in {t_load:.2f} s, memory {lm.memory_defaults}"
+    )
 
     mem = FlashMemory(MemoryConfig(**lm.memory_defaults), device=lm.device)
     rng = np.random.default_rng(0)
@@ -126,8 +153,10 @@ def main() -> None:
         snap, dt = timed(lambda: mem.update(feats.low, feats.full, stamps), sync)
         t_update += dt
     snap = with_grid(snap, feats.full_hw)
-    print(f"{args.frames} frames {lm.frame_size(360, 640)}: encode {1e3 * t_encode / args.frames:.1f} ms/frame, "
-          f"memory update {1e3 * t_update / args.frames:.1f} ms/frame")
+    print(
+        f"{args.frames} frames {lm.frame_size(360, 640)}: encode {1e3 * t_encode / args.frames:.1f} ms/frame, "
+        f"memory update {1e3 * t_update / args.frames:.1f} ms/frame"
+    )
 
     lm.prefill_memory(snap)  # warm-up
     prefix, t_prefill = timed(lambda: lm.prefill_memory(snap), sync)
@@ -137,9 +166,11 @@ def main() -> None:
         cached, _ = timed(lambda: lm.answer(prefix, q, args.max_new_tokens), sync)
         uncached, _ = timed(lambda: lm.answer_uncached(snap, q, args.max_new_tokens), sync)
         same = "same tokens" if cached.token_ids == uncached.token_ids else "DIFFERENT tokens"
-        print(f"answer: cached ttft {1e3 * cached.ttft_s:.1f} ms total {1e3 * cached.total_s:.1f} ms "
-              f"({len(cached.token_ids)} tokens, {cached.prompt_tokens} prompt) | uncached ttft "
-              f"{1e3 * uncached.ttft_s:.1f} ms total {1e3 * uncached.total_s:.1f} ms | {same}")
+        print(
+            f"answer: cached ttft {1e3 * cached.ttft_s:.1f} ms total {1e3 * cached.total_s:.1f} ms "
+            f"({len(cached.token_ids)} tokens, {cached.prompt_tokens} prompt) | uncached ttft "
+            f"{1e3 * uncached.ttft_s:.1f} ms total {1e3 * uncached.total_s:.1f} ms | {same}"
+        )
 
 
 if __name__ == "__main__":

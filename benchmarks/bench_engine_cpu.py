@@ -9,6 +9,7 @@ warm and one answering every question with a full prefill (EngineConfig.prefix_c
 asks the same questions of both and prints median TTFT and total latency as seen by the caller.
 Random weights: the timings are the point; both paths must give the same text.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ from fvs_ros.model.tiny import write_tiny_checkpoint
 
 def filled_engine(lm, memory: MemoryConfig, prefix_cache: bool, frames: np.ndarray) -> StreamEngine:
     """An engine whose memory holds all `frames` (one per second), with the prefix built if cached."""
-    eng = StreamEngine(lm, memory, EngineConfig(sample_fps=0, queue_size=len(frames), prefix_cache=prefix_cache)).start()
+    eng = StreamEngine(
+        lm, memory, EngineConfig(sample_fps=0, queue_size=len(frames), prefix_cache=prefix_cache)
+    ).start()
     for i, frame in enumerate(frames):
         eng.add_frame(frame, float(i))
     eng.flush()
@@ -80,14 +83,19 @@ def main() -> None:
     same = len(set(map(tuple, texts.values()))) == 1
     stats = stats["prefix cache (warm)"]
 
-    print(f"CPU ({torch.get_num_threads()} threads), tiny random flash_vstream checkpoint, float32; memory "
-          f"{args.csm_slots} CSM + {args.dam_frames} DAM after {stats.frames_seen} frames of {stats.frame_size}: "
-          f"{prefix.num_tokens}-token prefix (prefill_memory {1e3 * stats.last_prefill_s:.0f} ms); "
-          f"{args.questions} questions x {args.repeats}, <= {args.max_new_tokens} new tokens; "
-          f"answers {'identical' if same else 'DIFFER'} on both paths")
+    print(
+        f"CPU ({torch.get_num_threads()} threads), tiny random flash_vstream checkpoint, float32; memory "
+        f"{args.csm_slots} CSM + {args.dam_frames} DAM after {stats.frames_seen} frames of {stats.frame_size}: "
+        f"{prefix.num_tokens}-token prefix (prefill_memory {1e3 * stats.last_prefill_s:.0f} ms); "
+        f"{args.questions} questions x {args.repeats}, <= {args.max_new_tokens} new tokens; "
+        f"answers {'identical' if same else 'DIFFER'} on both paths"
+    )
     print(f"| {'path':<24} | {'TTFT median':>12} | {'total median':>12} | {'tokens':>6} |")
     print(f"|{'-' * 26}|{'-' * 13}:|{'-' * 13}:|{'-' * 7}:|")
-    med = {name: (statistics.median(t), statistics.median(s), statistics.median(n)) for name, (t, s, n) in rows.items()}
+    med = {
+        name: (statistics.median(t), statistics.median(s), statistics.median(n))
+        for name, (t, s, n) in rows.items()
+    }
     for name, (t, s, n) in med.items():
         print(f"| {name:<24} | {1e3 * t:>9.1f} ms | {1e3 * s:>9.1f} ms | {n:>6.0f} |")
     (t1, s1, _), (t0, s0, _) = med.values()

@@ -44,20 +44,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fvs_ros.model.fast_decode import FastDecoder, eager_generate, eager_prefill  # noqa: E402
 
 SEVEN_B_TEXT = dict(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-    num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0,
-    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, max_position_embeddings=32768,
-    rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu", initializer_range=0.02,
-    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, vision_start_token_id=151652,
-    vision_end_token_id=151653, vision_token_id=151654, image_token_id=151655, video_token_id=151656,
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    rope_theta=1000000.0,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    initializer_range=0.02,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    pad_token_id=151643,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+    vision_token_id=151654,
+    image_token_id=151655,
+    video_token_id=151656,
 )
-SEVEN_B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="quick_gelu")
-TINY_TEXT = dict(SEVEN_B_TEXT, vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                 initializer_range=0.1, bos_token_id=320, eos_token_id=322, pad_token_id=320,
-                 vision_start_token_id=329, vision_end_token_id=330, vision_token_id=331, image_token_id=332,
-                 video_token_id=333)
+SEVEN_B_VISION = dict(
+    depth=32,
+    embed_dim=1280,
+    hidden_size=3584,
+    num_heads=16,
+    mlp_ratio=4,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    in_channels=3,
+    hidden_act="quick_gelu",
+)
+TINY_TEXT = dict(
+    SEVEN_B_TEXT,
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+    initializer_range=0.1,
+    bos_token_id=320,
+    eos_token_id=322,
+    pad_token_id=320,
+    vision_start_token_id=329,
+    vision_end_token_id=330,
+    vision_token_id=331,
+    image_token_id=332,
+    video_token_id=333,
+)
 TINY_VISION = dict(SEVEN_B_VISION, depth=2, embed_dim=32, hidden_size=64, num_heads=2)
 
 RESULTS: dict = {}
@@ -107,7 +146,9 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
     sync(device)
     RESULTS["build_s"] = time.perf_counter() - t0
     n = sum(p.numel() for p in model.parameters())
-    log(f"model built in {RESULTS['build_s']:.1f} s: {n / 1e9:.2f} B params, {gib(n * dtype.itemsize):.1f} GiB")
+    log(
+        f"model built in {RESULTS['build_s']:.1f} s: {n / 1e9:.2f} B params, {gib(n * dtype.itemsize):.1f} GiB"
+    )
     return model
 
 
@@ -130,8 +171,13 @@ def prompt(llm, tiny: bool, device, dtype, seed=0):
 
     def grid(t, h, w):
         n = t.numel()
-        return torch.stack([t.view(n, 1, 1).expand(n, h, w), torch.arange(h).view(1, h, 1).expand(n, h, w),
-                            torch.arange(w).view(1, 1, w).expand(n, h, w)]).reshape(3, -1)
+        return torch.stack(
+            [
+                t.view(n, 1, 1).expand(n, h, w),
+                torch.arange(h).view(1, h, 1).expand(n, h, w),
+                torch.arange(w).view(1, 1, w).expand(n, h, w),
+            ]
+        ).reshape(3, -1)
 
     d = dam * hm * wm
     pos_mem = torch.cat([grid(dam_t, hm, wm) + start, grid(csm_t, hm // 2, wm // 2) + start + d], dim=1)
@@ -163,8 +209,17 @@ def eager_tokens_with_gaps(llm, lm_head, q_embeds, q_pos, next_pos, n, prefix_kv
             c._attn_implementation = attn
     steps = []
     try:
-        tokens = eager_generate(llm, lm_head, q_embeds, q_pos, next_pos, n, prefix_kv=prefix_kv,
-                                force_tokens=force, on_logits=steps.append)
+        tokens = eager_generate(
+            llm,
+            lm_head,
+            q_embeds,
+            q_pos,
+            next_pos,
+            n,
+            prefix_kv=prefix_kv,
+            force_tokens=force,
+            on_logits=steps.append,
+        )
     finally:
         for c, name in zip(configs, old):
             c._attn_implementation = name
@@ -190,16 +245,25 @@ def check_tokens(fast, llm, lm_head, qe, qp, next_pos, n, prefix, P, dtype, labe
     """
     ref, gaps, tops, ref_logits = eager_tokens_with_gaps(llm, lm_head, qe, qp, next_pos, n, prefix)
     free = fast.generate(qe, qp, next_pos, n, prefix_kv=prefix, prefix_len=P).tokens
-    got = fast.generate(qe, qp, next_pos, n, prefix_kv=prefix, prefix_len=P, force_tokens=ref, collect_logits=True)
+    got = fast.generate(
+        qe, qp, next_pos, n, prefix_kv=prefix, prefix_len=P, force_tokens=ref, collect_logits=True
+    )
     first = next((i for i, (a, b) in enumerate(zip(free, ref)) if a != b), None)
-    verdict = "identical" if free == ref else (
-        f"diverge at {first} (eager top-2 gap there {gaps[first]:.3g} = {gaps[first] / ulp(tops[first], dtype):.1f} ulp)")
+    verdict = (
+        "identical"
+        if free == ref
+        else (
+            f"diverge at {first} (eager top-2 gap there {gaps[first]:.3g} = {gaps[first] / ulp(tops[first], dtype):.1f} ulp)"
+        )
+    )
     row(f"{label} greedy tokens vs eager ({n}): free-running", verdict, "must be identical" if strict else "")
     res.update(greedy_equal=free == ref, first_diff=first, eager_gap_median=float(np.median(gaps)))
     if strict:
         return free == ref
     fast_logits = torch.stack(got.logits)
-    other, _, _, math_logits = eager_tokens_with_gaps(llm, lm_head, qe, qp, next_pos, n, prefix, force=ref, attn="eager")
+    other, _, _, math_logits = eager_tokens_with_gaps(
+        llm, lm_head, qe, qp, next_pos, n, prefix, force=ref, attn="eager"
+    )
 
     def rel(a):
         return ((a - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)).tolist()
@@ -210,12 +274,22 @@ def check_tokens(fast, llm, lm_head, qe, qp, next_pos, n, prefix, P, dtype, labe
     unexplained = [i for i in mism if gaps[i] > max(float(d_fast[i]), float(d_ref[i]))]
     r_fast, r_ref = float(np.median(rel(fast_logits))), float(np.median(rel(math_logits)))
     ok = r_fast <= 2 * r_ref + 1e-3 and not unexplained
-    res.update(forced_mismatches=mism, forced_mismatches_eager_math=mism_ref, logit_rel_err_fast=r_fast,
-               logit_rel_err_eager_math=r_ref, max_abs_dlogit_fast=float(d_fast.max()),
-               max_abs_dlogit_eager_math=float(d_ref.max()), unexplained=unexplained, ok=ok)
-    row(f"{label} teacher-forced vs eager-SDPA ({n} steps): logit rel.err median / differing tokens",
+    res.update(
+        forced_mismatches=mism,
+        forced_mismatches_eager_math=mism_ref,
+        logit_rel_err_fast=r_fast,
+        logit_rel_err_eager_math=r_ref,
+        max_abs_dlogit_fast=float(d_fast.max()),
+        max_abs_dlogit_eager_math=float(d_ref.max()),
+        unexplained=unexplained,
+        ok=ok,
+    )
+    row(
+        f"{label} teacher-forced vs eager-SDPA ({n} steps): logit rel.err median / differing tokens",
         f"fast {r_fast:.2e} / {len(mism)};  eager-math attention {r_ref:.2e} / {len(mism_ref)}  -> "
-        + ("PASS" if ok else f"FAIL (unexplained {unexplained})"), "fast within eager-vs-eager noise")
+        + ("PASS" if ok else f"FAIL (unexplained {unexplained})"),
+        "fast within eager-vs-eager noise",
+    )
     return ok
 
 
@@ -246,18 +320,29 @@ def section_attn(device, tiny):
         ref = None
         for name, splits in variants:
             if name == "sdpa_mask":
-                mask = (torch.arange(cap, device=device)[None, :] <= slots[:, None]).repeat(heads // kv_heads, 1)
+                mask = (torch.arange(cap, device=device)[None, :] <= slots[:, None]).repeat(
+                    heads // kv_heads, 1
+                )
                 ctx = fd._AttnContext(flash=False, mask=mask[None, None])
             elif splits is None:
-                ctx = fd._AttnContext(flash=True, cu_q=torch.tensor([0, q_len], dtype=torch.int32, device=device),
-                                      cu_k=torch.tensor([0, valid], dtype=torch.int32, device=device), max_k=cap,
-                                      flash_kwargs={})
+                ctx = fd._AttnContext(
+                    flash=True,
+                    cu_q=torch.tensor([0, q_len], dtype=torch.int32, device=device),
+                    cu_k=torch.tensor([0, valid], dtype=torch.int32, device=device),
+                    max_k=cap,
+                    flash_kwargs={},
+                )
             else:
                 from types import SimpleNamespace
 
                 fake = SimpleNamespace(splits=splits, device=device, _flash_kwargs={})
-                ctx = FastDecoder._split_context(fake, torch.tensor([valid - q_len], device=device),
-                                                 torch.tensor([valid], device=device), q_len, cap)
+                ctx = FastDecoder._split_context(
+                    fake,
+                    torch.tensor([valid - q_len], device=device),
+                    torch.tensor([valid], device=device),
+                    q_len,
+                    cap,
+                )
             fd._local.ctx = ctx
             kk, vv = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
             mod = type("M", (), {})()
@@ -343,7 +428,10 @@ def section_llm(model, device, tiny, args):
         eager_generate(llm, lm_head, qe, qp, next_pos + q_len, 1, prefix_kv=prefix)
         ttft_eager.append(time.perf_counter() - t0)
     out["eager_ttft_ms"] = [1e3 * t for t in ttft_eager]
-    row("TTFT eager, cached prefix p50/p99", f"{1e3 * pct(ttft_eager[1:], 50):.1f} / {1e3 * pct(ttft_eager[1:], 99):.1f} ms")
+    row(
+        "TTFT eager, cached prefix p50/p99",
+        f"{1e3 * pct(ttft_eager[1:], 50):.1f} / {1e3 * pct(ttft_eager[1:], 99):.1f} ms",
+    )
 
     # eager decode
     n_eager = 8 if tiny else 33
@@ -358,7 +446,10 @@ def section_llm(model, device, tiny, args):
     sync(device)
     t_all = time.perf_counter() - t0
     out["eager_decode_tok_s"] = (n_eager - 1) / max(t_all - t_first, 1e-9)
-    row("decode eager", f"{out['eager_decode_tok_s']:.1f} tok/s ({1e3 / out['eager_decode_tok_s']:.1f} ms/token)")
+    row(
+        "decode eager",
+        f"{out['eager_decode_tok_s']:.1f} tok/s ({1e3 / out['eager_decode_tok_s']:.1f} ms/token)",
+    )
     del ref1
 
     # eager full prefill (no prefix cache): TTFT of [head + memory + question]
@@ -388,13 +479,35 @@ def section_llm(model, device, tiny, args):
             sync(device)
             setup = time.perf_counter() - t0
             res = out.setdefault(name, {})
-            res.update(attention=fast.attention, graphs=fast.graphs, capacity=fast.capacity, splits=fast.splits,
-                       split_check_error=fast.split_check_error, cache_gib=gib(fast.cache_bytes), setup_s=setup)
-            log(f"  [{name}] attention={fast.attention} splits={fast.splits} (check err {fast.split_check_error}) "
+            res.update(
+                attention=fast.attention,
+                graphs=fast.graphs,
+                capacity=fast.capacity,
+                splits=fast.splits,
+                split_check_error=fast.split_check_error,
+                cache_gib=gib(fast.cache_bytes),
+                setup_s=setup,
+            )
+            log(
+                f"  [{name}] attention={fast.attention} splits={fast.splits} (check err {fast.split_check_error}) "
                 f"graphs={fast.graphs} capacity={fast.capacity} cache {gib(fast.cache_bytes):.2f} GiB, "
-                f"setup+capture {setup:.2f} s")
-            check_tokens(fast, llm, lm_head, qe, qp, next_pos + q_len, n_check, prefix, P, dtype, f"[{name}]", res,
-                         strict=dtype == torch.float32)
+                f"setup+capture {setup:.2f} s"
+            )
+            check_tokens(
+                fast,
+                llm,
+                lm_head,
+                qe,
+                qp,
+                next_pos + q_len,
+                n_check,
+                prefix,
+                P,
+                dtype,
+                f"[{name}]",
+                res,
+                strict=dtype == torch.float32,
+            )
             # TTFT on the cached prefix (prefix already in the static cache)
             ttft = []
             for i in range(reps):
@@ -404,8 +517,11 @@ def section_llm(model, device, tiny, args):
                 fast.generate(qe_i, qp_i, next_pos + q_len, 1, prefix_kv=prefix, prefix_len=P)
                 ttft.append(time.perf_counter() - t0)
             res["ttft_ms"] = [1e3 * t for t in ttft]
-            row(f"[{name}] TTFT, cached prefix p50/p99", f"{1e3 * pct(ttft, 50):.2f} / {1e3 * pct(ttft, 99):.2f} ms",
-                "target <= 25 / 100 ms")
+            row(
+                f"[{name}] TTFT, cached prefix p50/p99",
+                f"{1e3 * pct(ttft, 50):.2f} / {1e3 * pct(ttft, 99):.2f} ms",
+                "target <= 25 / 100 ms",
+            )
             # TTFT right after a prefix change (includes copying the new prefix into the static cache)
             sw = []
             for i in range(5):
@@ -421,15 +537,20 @@ def section_llm(model, device, tiny, args):
             n_dec = 16 if tiny else 129
             g = fast.generate(qe, qp, next_pos + q_len, n_dec, prefix_kv=prefix, prefix_len=P)
             res["decode_tok_s"] = (len(g.tokens) - 1) / max(g.total_s - g.ttft_s, 1e-9)
-            row(f"[{name}] decode", f"{res['decode_tok_s']:.1f} tok/s ({1e3 / res['decode_tok_s']:.2f} ms/token)",
-                "target >= 100 tok/s")
+            row(
+                f"[{name}] decode",
+                f"{res['decode_tok_s']:.1f} tok/s ({1e3 / res['decode_tok_s']:.2f} ms/token)",
+                "target >= 100 tok/s",
+            )
             if fast.graphs:  # GPU time of one graph replay (no host work): the floor of the numbers above
                 b = next(b for b in fast.buckets if b >= q_len)
                 res[f"replay_prefill{b}_ms"] = 1e3 * bench_cuda(fast._graphs[b].graph.replay, device, reps=30)
                 fast._graphs[0].inputs["slot"].fill_(P + q_len)
                 res["replay_decode_ms"] = 1e3 * bench_cuda(fast._graphs[0].graph.replay, device, reps=30)
-                row(f"[{name}] graph replay GPU time: question prefill ({b}) / decode step",
-                    f"{res[f'replay_prefill{b}_ms']:.2f} / {res['replay_decode_ms']:.2f} ms")
+                row(
+                    f"[{name}] graph replay GPU time: question prefill ({b}) / decode step",
+                    f"{res[f'replay_prefill{b}_ms']:.2f} / {res['replay_decode_ms']:.2f} ms",
+                )
             # full prefill through the fast path (no prefix cache); the SDPA variant would need a ~1 GB mask
             tf = []
             for _ in range(0 if fast.attention == "sdpa" and device.type == "cuda" else 3 if not tiny else 1):
@@ -452,8 +573,11 @@ def section_llm(model, device, tiny, args):
     if device.type == "cuda":
         out["peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
         out["weights_gib"] = gib(base_alloc)
-        row("peak GPU memory, LLM section (weights + prefix + static cache + eager full prefill)",
-            f"{out['peak_gib']:.1f} GiB (weights {gib(base_alloc):.1f})", "target <= 24 GB")
+        row(
+            "peak GPU memory, LLM section (weights + prefix + static cache + eager full prefill)",
+            f"{out['peak_gib']:.1f} GiB (weights {gib(base_alloc):.1f})",
+            "target <= 24 GB",
+        )
     del prefix
 
 
@@ -464,11 +588,14 @@ def section_check(model, device, tiny, args):
 
     log("\n== exactness: float32 model of 7B widths, 4 layers ==")
     text, vision = (TINY_TEXT, TINY_VISION) if tiny else (SEVEN_B_TEXT, SEVEN_B_VISION)
-    config = Qwen2VLConfig.from_dict({**text, "num_hidden_layers": 4, "model_type": "qwen2_vl",
-                                      "vision_config": {**vision, "depth": 1}})
+    config = Qwen2VLConfig.from_dict(
+        {**text, "num_hidden_layers": 4, "model_type": "qwen2_vl", "vision_config": {**vision, "depth": 1}}
+    )
     torch.manual_seed(1)
     with torch.device(device):
-        small = Qwen2VLForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        small = Qwen2VLForConditionalGeneration._from_config(
+            config, attn_implementation="sdpa", dtype=torch.float32
+        )
     small.eval().requires_grad_(False)
     llm, lm_head = small.model.language_model, small.lm_head
     embeds, positions, next_pos = prompt(llm, tiny, device, torch.float32)
@@ -477,8 +604,21 @@ def section_check(model, device, tiny, args):
     qe, qp = question(llm, 30, next_pos, 7, device)
     fast = FastDecoder(llm, lm_head)
     res.update(attention=fast.attention, graphs=fast.graphs)
-    ok = check_tokens(fast, llm, lm_head, qe, qp, next_pos + 30, 16 if tiny else 64, prefix, embeds.shape[1],
-                      torch.float32, f"[fp32 4-layer, {fast.attention}, graphs={fast.graphs}]", res, strict=True)
+    ok = check_tokens(
+        fast,
+        llm,
+        lm_head,
+        qe,
+        qp,
+        next_pos + 30,
+        16 if tiny else 64,
+        prefix,
+        embeds.shape[1],
+        torch.float32,
+        f"[fp32 4-layer, {fast.attention}, graphs={fast.graphs}]",
+        res,
+        strict=True,
+    )
     res["ok"] = ok
     del fast, small, prefix
     gc.collect()
@@ -519,14 +659,26 @@ def section_vit(model, device, tiny, args):
             break
         batch = frames[:b]
         visual.config._attn_implementation = eager_impl
-        t_eager = bench_cuda(lambda: transformers_vit(visual, batch), device, reps=5 if b >= 16 else 10, warmup=2)
+        t_eager = bench_cuda(
+            lambda: transformers_vit(visual, batch), device, reps=5 if b >= 16 else 10, warmup=2
+        )
         fast = fast or FastVision(visual)
-        visual.config._attn_implementation = FAST_VISION_ATTN  # the packed kernel FastVision runs the tower with
+        visual.config._attn_implementation = (
+            FAST_VISION_ATTN  # the packed kernel FastVision runs the tower with
+        )
         t_fast = bench_cuda(lambda: fast.encode(batch), device, reps=10 if b >= 16 else 20, warmup=2)
-        res[f"b{b}"] = {"eager_s": t_eager, "fast_s": t_fast, "eager_fps": b / t_eager, "fast_fps": b / t_fast}
-        row(f"ViT batch {b:2d} (uint8 frames -> features)",
+        res[f"b{b}"] = {
+            "eager_s": t_eager,
+            "fast_s": t_fast,
+            "eager_fps": b / t_eager,
+            "fast_fps": b / t_fast,
+        }
+        row(
+            f"ViT batch {b:2d} (uint8 frames -> features)",
             f"eager {1e3 * t_eager:.1f} ms ({b / t_eager:.0f} fps), FastVision {1e3 * t_fast:.1f} ms "
-            f"({b / t_fast:.0f} fps), ratio {t_fast / t_eager:.2f}", "target >= 30 fps")
+            f"({b / t_fast:.0f} fps), ratio {t_fast / t_eager:.2f}",
+            "target >= 30 fps",
+        )
     if fast is not None and fast.graphs:
         visual.config._attn_implementation = eager_impl
         with torch.inference_mode():
@@ -534,7 +686,11 @@ def section_vit(model, device, tiny, args):
         got = torch.cat([t.reshape(-1, t.shape[-1]) for t in fast.encode(frames[:3])[:2]])
         err = float((got.float() - want.float()).norm() / want.float().norm())
         res["fast_vs_eager_rel_err"] = err
-        row("ViT FastVision vs transformers' forward (3 frames, bf16)", f"relative error {err:.2e}", "bf16 level")
+        row(
+            "ViT FastVision vs transformers' forward (3 frames, bf16)",
+            f"relative error {err:.2e}",
+            "bf16 level",
+        )
     visual.config._attn_implementation = eager_impl
     if device.type == "cuda":
         res["peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
@@ -554,10 +710,14 @@ def make_video_lm(model, tiny, fast):
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     chat = chat_format(TOKENIZER_DIR, tok)
-    ckpt = CheckpointConfig(QWEN2_VL, model.config, {"csm_slots": 4 if tiny else 60, "dam_frames": 2 if tiny else 30})
+    ckpt = CheckpointConfig(
+        QWEN2_VL, model.config, {"csm_slots": 4 if tiny else 60, "dam_frames": 2 if tiny else 30}
+    )
     if not fast:  # the eager baseline: transformers' own attention in the ViT too
         model.model.visual.config._attn_implementation = model.config.get_text_config()._attn_implementation
-    return VideoLM(model, tok, chat, ckpt, TOKENIZER_DIR, MIN_PIXELS, MAX_PIXELS, fast_decode=fast, fast_vision=fast)
+    return VideoLM(
+        model, tok, chat, ckpt, TOKENIZER_DIR, MIN_PIXELS, MAX_PIXELS, fast_decode=fast, fast_vision=fast
+    )
 
 
 def synthetic_frames(n, h, w, seed=0):
@@ -573,16 +733,25 @@ def synthetic_frames(n, h, w, seed=0):
     return frames
 
 
-def run_engine(lm, device, tiny, *, label, prefix_cache, bank_capacity, checkpoints, realtime_s, ask_reps,
-               fast_feed=True):
+def run_engine(
+    lm, device, tiny, *, label, prefix_cache, bank_capacity, checkpoints, realtime_s, ask_reps, fast_feed=True
+):
     from fvs_ros.engine import EngineConfig, StreamEngine
     from fvs_ros.memory import MemoryConfig
 
     h, w = (112, 224) if tiny else (336, 560)
     frames = synthetic_frames(48, h, w)
     mem = MemoryConfig(csm_slots=4 if tiny else 60, dam_frames=2 if tiny else 30, bank_capacity=bank_capacity)
-    cfg = EngineConfig(sample_fps=0.0, queue_size=64, max_batch=16, prefix_cache=prefix_cache, prefix_refresh_s=1.0,
-                       max_prefix_lag_s=2.0, answer_timeout_s=120.0, max_new_tokens=16)
+    cfg = EngineConfig(
+        sample_fps=0.0,
+        queue_size=64,
+        max_batch=16,
+        prefix_cache=prefix_cache,
+        prefix_refresh_s=1.0,
+        max_prefix_lag_s=2.0,
+        answer_timeout_s=120.0,
+        max_new_tokens=16,
+    )
     res = {"label": label, "checkpoints": {}}
     if device.type == "cuda":
         gc.collect()
@@ -629,15 +798,25 @@ def run_engine(lm, device, tiny, *, label, prefix_cache, bank_capacity, checkpoi
 
     def record_realtime():
         s = eng.stats()
-        res["realtime"] = {"seconds": time.perf_counter() - t0, "fed": fed[0], "into_memory": s.frames_into_memory,
-                           "dropped": s.frames_dropped}
+        res["realtime"] = {
+            "seconds": time.perf_counter() - t0,
+            "fed": fed[0],
+            "into_memory": s.frames_into_memory,
+            "dropped": s.frames_dropped,
+        }
         rt = [u for u, b, r in updates.values() if r]
-        res["realtime"]["update_p50_ms"], res["realtime"]["update_p99_ms"] = 1e3 * pct(rt, 50), 1e3 * pct(rt, 99)
+        res["realtime"]["update_p50_ms"], res["realtime"]["update_p99_ms"] = (
+            1e3 * pct(rt, 50),
+            1e3 * pct(rt, 99),
+        )
         res["realtime"]["batch_mean"] = float(np.mean([b for u, b, r in updates.values() if r] or [0]))
-        row(f"[{label}] 30 fps stream for {res['realtime']['seconds']:.0f} s: into memory / fed",
+        row(
+            f"[{label}] 30 fps stream for {res['realtime']['seconds']:.0f} s: into memory / fed",
             f"{s.frames_into_memory} / {fed[0]} (dropped {s.frames_dropped}), update p50/p99 "
             f"{res['realtime']['update_p50_ms']:.1f} / {res['realtime']['update_p99_ms']:.1f} ms, "
-            f"mean batch {res['realtime']['batch_mean']:.1f}", "target update p99 <= 33 ms")
+            f"mean batch {res['realtime']['batch_mean']:.1f}",
+            "target update p99 <= 33 ms",
+        )
 
     try:
         while pending or phase["realtime"]:
@@ -676,28 +855,40 @@ def run_engine(lm, device, tiny, *, label, prefix_cache, bank_capacity, checkpoi
                 time.sleep(float(rng.uniform(0.0, 0.3)))
             asking.clear()
             mark = (time.perf_counter(), eng.stats().frames_into_memory)
-            cp = {"ttft_ms": [1e3 * t for t in ttft], "total_ms": [1e3 * t for t in total], "frames_seen": seen,
-                  "from_cache": a.from_cache, "realtime": phase["realtime"]}
+            cp = {
+                "ttft_ms": [1e3 * t for t in ttft],
+                "total_ms": [1e3 * t for t in total],
+                "frames_seen": seen,
+                "from_cache": a.from_cache,
+                "realtime": phase["realtime"],
+            }
             if device.type == "cuda":
                 cp["allocated_gib"] = gib(torch.cuda.memory_allocated(device))
                 cp["peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
             res["checkpoints"][target] = cp
-            row(f"[{label}] at {target} frames: TTFT p50/p99/max (answer total p50), {len(ttft)} questions",
+            row(
+                f"[{label}] at {target} frames: TTFT p50/p99/max (answer total p50), {len(ttft)} questions",
                 f"{pct(cp['ttft_ms'], 50):.1f} / {pct(cp['ttft_ms'], 99):.1f} / {max(cp['ttft_ms']):.1f} ms "
                 f"({pct(cp['total_ms'], 50):.0f} ms), "
                 f"frames seen {seen[0]}-{seen[-1]}, peak {cp.get('peak_gib', 0):.1f} GiB, "
-                f"allocated {cp.get('allocated_gib', 0):.1f} GiB")
+                f"allocated {cp.get('allocated_gib', 0):.1f} GiB",
+            )
         if "realtime" not in res:
             record_realtime()
         s = eng.stats()
         if saturated[0] > 0:
             res["throughput_fps"] = saturated[1] / saturated[0]
             fast_upd = [u for u, b, r in updates.values() if not r]
-            res["fast_update_p50_ms"], res["fast_update_p99_ms"] = 1e3 * pct(fast_upd, 50), 1e3 * pct(fast_upd, 99)
-            row(f"[{label}] frames into memory, saturated ({saturated[1]} frames in {saturated[0]:.0f} s)",
+            res["fast_update_p50_ms"], res["fast_update_p99_ms"] = (
+                1e3 * pct(fast_upd, 50),
+                1e3 * pct(fast_upd, 99),
+            )
+            row(
+                f"[{label}] frames into memory, saturated ({saturated[1]} frames in {saturated[0]:.0f} s)",
                 f"{res['throughput_fps']:.1f} frames/s, update p50/p99 {res['fast_update_p50_ms']:.0f} / "
                 f"{res['fast_update_p99_ms']:.0f} ms (batches up to {cfg.max_batch}), errors {s.errors}",
-                "target >= 30 fps")
+                "target >= 30 fps",
+            )
         res["errors"], res["last_error"] = s.errors, s.last_error
         if s.errors:
             log(f"  last error: {s.last_error}")
@@ -724,17 +915,36 @@ def section_engine(model, device, tiny, args):
     out = RESULTS.setdefault("engine", {})
     if args.baseline_frames:  # first: short, and must not be squeezed out by the long run
         try:
-            out["baseline"] = run_engine(lm, device, tiny, label="baseline", prefix_cache=False, bank_capacity=None,
-                                         checkpoints=args.baseline_frames, realtime_s=min(args.realtime_s, 10),
-                                         ask_reps=4)
+            out["baseline"] = run_engine(
+                lm,
+                device,
+                tiny,
+                label="baseline",
+                prefix_cache=False,
+                bank_capacity=None,
+                checkpoints=args.baseline_frames,
+                realtime_s=min(args.realtime_s, 10),
+                ask_reps=4,
+            )
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             out["baseline"] = {"error": f"{type(e).__name__}: {e}"}
         gc.collect()
-    ours = make_video_lm(model, tiny, fast=True)  # StreamEngine.start sizes its cache, captures graphs (warm_up)
+    ours = make_video_lm(
+        model, tiny, fast=True
+    )  # StreamEngine.start sizes its cache, captures graphs (warm_up)
     try:
-        out["ours"] = run_engine(ours, device, tiny, label="ours", prefix_cache=True, bank_capacity=120,
-                                 checkpoints=args.engine_frames, realtime_s=args.realtime_s, ask_reps=args.ask_reps)
+        out["ours"] = run_engine(
+            ours,
+            device,
+            tiny,
+            label="ours",
+            prefix_cache=True,
+            bank_capacity=120,
+            checkpoints=args.engine_frames,
+            realtime_s=args.realtime_s,
+            ask_reps=args.ask_reps,
+        )
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         out["ours"] = {"error": f"{type(e).__name__}: {e}"}
@@ -744,7 +954,10 @@ def section_engine(model, device, tiny, args):
     for n in sorted(set(o.get("checkpoints", {})) & set(b.get("checkpoints", {}))):
         to, tb = pct(o["checkpoints"][n]["ttft_ms"], 50), pct(b["checkpoints"][n]["ttft_ms"], 50)
         po, pb = o["checkpoints"][n].get("peak_gib", 0), b["checkpoints"][n].get("peak_gib", 0)
-        row(f"ours/baseline at {n} frames", f"TTFT {to:.1f}/{tb:.1f} ms = {to / tb:.3f}; peak {po:.1f}/{pb:.1f} GiB")
+        row(
+            f"ours/baseline at {n} frames",
+            f"TTFT {to:.1f}/{tb:.1f} ms = {to / tb:.3f}; peak {po:.1f}/{pb:.1f} GiB",
+        )
 
 
 # ---------------------------------------------------------------------- main
@@ -762,22 +975,32 @@ def main(argv=None):
     ap.add_argument("--vit-batches", default="1,2,4,8,16,32")
     ap.add_argument("--engine-frames", default="100,1000,10000")
     ap.add_argument("--baseline-frames", default="100,1000")
-    ap.add_argument("--realtime-s", type=float, default=20.0, help="seconds of 30 fps stream before saturating")
+    ap.add_argument(
+        "--realtime-s", type=float, default=20.0, help="seconds of 30 fps stream before saturating"
+    )
     ap.add_argument("--ask-reps", type=int, default=30, help="questions per checkpoint (ours; baseline: 4)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     args.vit_batches, args.engine_frames, args.baseline_frames = (
-        ints(args.vit_batches), ints(args.engine_frames), ints(args.baseline_frames))
+        ints(args.vit_batches),
+        ints(args.engine_frames),
+        ints(args.baseline_frames),
+    )
     args.splits = ints(args.splits)
     DEADLINE[0] = time.monotonic() + args.budget_s
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     import transformers
 
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "tiny": args.tiny}
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "tiny": args.tiny,
+    }
     RESULTS["env"] = env
     log(f"env: {env}")
     sections = args.sections.split(",")
@@ -809,7 +1032,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1, default=str))
-    log(f"\n==== summary ({env['gpu'] or env['device']}, torch {env['torch']}, transformers {env['transformers']}) ====")
+    log(
+        f"\n==== summary ({env['gpu'] or env['device']}, torch {env['torch']}, transformers {env['transformers']}) ===="
+    )
     width = max(len(m) for m, _, _ in ROWS) if ROWS else 10
     for metric, value, target in ROWS:
         log(f"{metric:<{width}}  {value}  {target}")

@@ -37,8 +37,17 @@ PARTS = ("_checked", "_absorb_all", "_publish")  # FlashMemory.update = these th
 class SceneStream:
     """Synthetic ViT-like features: scenes (revisited), slow drift, per-frame noise, short events."""
 
-    def __init__(self, nl: int, nf: int, c: int, dtype: torch.dtype, device: torch.device,
-                 seed: int = 0, noise: float = 0.3, drift: float = 0.03):
+    def __init__(
+        self,
+        nl: int,
+        nf: int,
+        c: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int = 0,
+        noise: float = 0.3,
+        drift: float = 0.03,
+    ):
         self.shape, self.nf, self.dtype, self.device = (nl, c), nf, dtype, device
         self.g = torch.Generator(device=device).manual_seed(seed)
         self.rng = np.random.default_rng(seed)
@@ -58,7 +67,9 @@ class SceneStream:
             self.offset += self.drift * torch.randn(self.shape, generator=self.g, device=self.device)
             lows.append(self.scenes[self.scene] + self.offset)
             self.left -= 1
-        low = torch.stack(lows) + self.noise * torch.randn(b, *self.shape, generator=self.g, device=self.device)
+        low = torch.stack(lows) + self.noise * torch.randn(
+            b, *self.shape, generator=self.g, device=self.device
+        )
         full = torch.randn(b, self.nf, self.shape[1], generator=self.g, device=self.device).to(self.dtype)
         stamps = (self.t + torch.arange(b, dtype=torch.float64)) / 10.0
         self.t += b
@@ -90,8 +101,9 @@ def time_update(mem: FlashMemory, stream: SceneStream, device: torch.device) -> 
     return time.perf_counter() - t0
 
 
-def bounded_rows(args, device: torch.device) -> tuple[dict[int, tuple[float, int]], dict[int, float], int,
-                                                     dict[str, float]]:
+def bounded_rows(
+    args, device: torch.device
+) -> tuple[dict[int, tuple[float, int]], dict[int, float], int, dict[str, float]]:
     """Grow one bounded memory through the lengths, keep a copy (save/load) at each, then time the
     copies in turn, so that a busy host slows every length alike. On CUDA each length also gets a
     copy without CUDA graphs. Returns {n: (time, bytes)}, {n: time without graphs} (CUDA only),
@@ -112,8 +124,12 @@ def bounded_rows(args, device: torch.device) -> tuple[dict[int, tuple[float, int
     median = {key: statistics.median(t[1:]) for key, t in times.items()}
     replays = sum(copy.graph_replays for copy in copies.values())
     parts = breakdown(copies[LENGTHS[-1], True], stream, device, args.reps)
-    return ({n: (median[n, True], copies[n, True].nbytes()) for n in LENGTHS},
-            {n: median[n, False] for n in LENGTHS if (n, False) in median}, replays, parts)
+    return (
+        {n: (median[n, True], copies[n, True].nbytes()) for n in LENGTHS},
+        {n: median[n, False] for n in LENGTHS if (n, False) in median},
+        replays,
+        parts,
+    )
 
 
 def breakdown(mem: FlashMemory, stream: SceneStream, device: torch.device, reps: int) -> dict[str, float]:
@@ -148,6 +164,7 @@ def breakdown(mem: FlashMemory, stream: SceneStream, device: torch.device, reps:
 
 def host_timed(fn, store: list[float], device: torch.device):
     """fn, appending its wall time (between device syncs) to store."""
+
     def run(*args, **kwargs):
         sync(device)
         t0 = time.perf_counter()
@@ -155,6 +172,7 @@ def host_timed(fn, store: list[float], device: torch.device):
         sync(device)
         store.append(time.perf_counter() - t0)
         return out
+
     return run
 
 
@@ -196,38 +214,54 @@ def unbounded_rows(args, device: torch.device) -> tuple[dict[int, tuple[float, i
 
 def scaling(args, device: torch.device) -> None:
     cfg = MemoryConfig(bank_capacity=args.capacity)
-    print(f"\n== per-update time and memory bytes vs stream length "
-          f"(K={cfg.csm_slots}, DAM={cfg.dam_frames}, bounded bank = {cfg.bank_capacity} frames) ==")
+    print(
+        f"\n== per-update time and memory bytes vs stream length "
+        f"(K={cfg.csm_slots}, DAM={cfg.dam_frames}, bounded bank = {cfg.bank_capacity} frames) =="
+    )
     t0 = time.perf_counter()
     bounded, eager, replays, parts = bounded_rows(args, device)
     t1 = time.perf_counter()
     unbounded, stored_tokens = unbounded_rows(args, device)
-    print(f"  (built and timed in {t1 - t0:.0f} s bounded, {time.perf_counter() - t1:.0f} s unbounded; "
-          f"time = median of {args.reps} one-frame updates; bytes = state + current snapshot)")
+    print(
+        f"  (built and timed in {t1 - t0:.0f} s bounded, {time.perf_counter() - t1:.0f} s unbounded; "
+        f"time = median of {args.reps} one-frame updates; bytes = state + current snapshot)"
+    )
     guessed = extrapolate(unbounded)
-    print(f"  {'frames':>8} | {'bounded ms':>10} | {'bounded MB':>10} | {'unbounded ms':>12} | {'unbounded MB':>12}")
+    print(
+        f"  {'frames':>8} | {'bounded ms':>10} | {'bounded MB':>10} | {'unbounded ms':>12} | {'unbounded MB':>12}"
+    )
     for n in LENGTHS:
         bt, bb = bounded[n]
         ut, ub = unbounded[n] or guessed[n]
         mark = "  " if unbounded[n] else " *"
-        print(f"  {n:>8} | {bt * 1e3:>10.2f} | {bb / MB:>10.1f} | {ut * 1e3:>10.2f}{mark} | {ub / MB:>10.1f}{mark}")
+        print(
+            f"  {n:>8} | {bt * 1e3:>10.2f} | {bb / MB:>10.1f} | {ut * 1e3:>10.2f}{mark} | {ub / MB:>10.1f}{mark}"
+        )
     if stored_tokens != args.full_tokens:
-        print(f"  unbounded: full-res stored at {stored_tokens} token/frame to fit in memory; its MB include the "
-              f"bytes of {args.full_tokens} tokens/frame (exact for the shapes); time barely depends on it")
+        print(
+            f"  unbounded: full-res stored at {stored_tokens} token/frame to fit in memory; its MB include the "
+            f"bytes of {args.full_tokens} tokens/frame (exact for the shapes); time barely depends on it"
+        )
     if guessed:
         print("  * extrapolated linearly from the largest two measured lengths (would not fit in memory)")
     print(f"  bounded time(10,000) / time(100) = {bounded[10_000][0] / bounded[100][0]:.2f}  (target <= 1.2)")
-    print(f"  bounded bytes identical at 100, 1,000 and 10,000 frames: "
-          f"{bounded[100][1] == bounded[1_000][1] == bounded[10_000][1]}")
+    print(
+        f"  bounded bytes identical at 100, 1,000 and 10,000 frames: "
+        f"{bounded[100][1] == bounded[1_000][1] == bounded[10_000][1]}"
+    )
     if device.type == "cuda":
-        print(f"  one-frame update at 10,000 frames: {bounded[10_000][0] * 1e3:.2f} ms  (H100 target <= 2 ms)")
+        print(
+            f"  one-frame update at 10,000 frames: {bounded[10_000][0] * 1e3:.2f} ms  (H100 target <= 2 ms)"
+        )
         print_graph_rows(bounded, eager, replays, cfg.bank_capacity)
     print_breakdown(parts, args.reps)
 
 
 def print_graph_rows(bounded, eager: dict[int, float], replays: int, capacity: int) -> None:
-    print(f"\n  bounded one-frame update with and without CUDA graphs (graphs replay once the bank is full: "
-          f"after {capacity} frames; {replays} frames replayed)")
+    print(
+        f"\n  bounded one-frame update with and without CUDA graphs (graphs replay once the bank is full: "
+        f"after {capacity} frames; {replays} frames replayed)"
+    )
     print(f"  {'frames':>8} | {'graphs ms':>9} | {'eager ms':>8} | {'eager / graphs':>14}")
     for n in LENGTHS:
         on, off = bounded[n][0], eager[n]
@@ -235,16 +269,22 @@ def print_graph_rows(bounded, eager: dict[int, float], replays: int, capacity: i
 
 
 def print_breakdown(parts: dict[str, float], reps: int) -> None:
-    print(f"\n  bounded one-frame update at {LENGTHS[-1]:,} frames by part (median of {reps}; each part timed "
-          f"between device syncs)")
-    for name, what in (("_checked", "input validation (NaN check: one sync)"),
-                       ("_absorb_all", "absorbing the frame (graph replays once the bank is full)"),
-                       ("_publish", "the snapshot (one copy each way, DAM choice on the host)")):
+    print(
+        f"\n  bounded one-frame update at {LENGTHS[-1]:,} frames by part (median of {reps}; each part timed "
+        f"between device syncs)"
+    )
+    for name, what in (
+        ("_checked", "input validation (NaN check: one sync)"),
+        ("_absorb_all", "absorbing the frame (graph replays once the bank is full)"),
+        ("_publish", "the snapshot (one copy each way, DAM choice on the host)"),
+    ):
         print(f"    {name:<12} {parts[name] * 1e3:6.2f} ms  {what}")
     print(f"    {'update':<12} {parts['update'] * 1e3:6.2f} ms  (with the syncs between parts)")
     if "graphs" in parts:
-        print(f"    graphs' GPU time {parts['graphs'] * 1e3:.3f} ms (head + tail + finish), head start to finish end "
-              f"{parts['graph span'] * 1e3:.3f} ms; tail replays per frame {parts['tails']:.2f}")
+        print(
+            f"    graphs' GPU time {parts['graphs'] * 1e3:.3f} ms (head + tail + finish), head start to finish end "
+            f"{parts['graph span'] * 1e3:.3f} ms; tail replays per frame {parts['tails']:.2f}"
+        )
 
 
 def extrapolate(rows) -> dict[int, tuple[float, float]]:
@@ -252,20 +292,27 @@ def extrapolate(rows) -> dict[int, tuple[float, float]]:
     if len(measured) < 2 or len(measured) == len(LENGTHS):
         return {}
     (n0, (t0, b0)), (n1, (t1, b1)) = [(n, rows[n]) for n in measured[-2:]]
-    return {n: (t1 + (t1 - t0) * (n - n1) / (n1 - n0), b1 + (b1 - b0) * (n - n1) / (n1 - n0))
-            for n in LENGTHS if not rows[n]}
+    return {
+        n: (t1 + (t1 - t0) * (n - n1) / (n1 - n0), b1 + (b1 - b0) * (n - n1) / (n1 - n0))
+        for n in LENGTHS
+        if not rows[n]
+    }
 
 
 def agreement(args, device: torch.device) -> None:
-    print(f"\n== bounded vs unbounded DAM picks ({args.agree_frames}-frame synthetic stream, compared after "
-          f"every {args.agree_step} frames from frame 100) ==")
+    print(
+        f"\n== bounded vs unbounded DAM picks ({args.agree_frames}-frame synthetic stream, compared after "
+        f"every {args.agree_step} frames from frame 100) =="
+    )
     print("  differ: share of the unbounded (official) DAM frames that the bounded memory does not pick;")
     print("  farther: how much farther (low-res distance) the heaviest centroids are from the frames DAM")
     print("  picked, bounded vs unbounded (0% = equally close)")
     capacities = [args.capacity, 2 * args.capacity]
     for regime, noise, drift in (("noisy scenes", 0.3, 0.03), ("smooth drift", 0.05, 0.03)):
         mems = {cap: FlashMemory(MemoryConfig(bank_capacity=cap), device) for cap in (*capacities, None)}
-        stream = SceneStream(args.low_tokens, 1, args.channels, torch.float16, device, seed=1, noise=noise, drift=drift)
+        stream = SceneStream(
+            args.low_tokens, 1, args.channels, torch.float16, device, seed=1, noise=noise, drift=drift
+        )
         lows, updates_differing = [], {c: 0 for c in capacities}
         differ, farther = {c: [] for c in capacities}, {c: [] for c in capacities}
         for i in range(0, args.agree_frames, args.agree_step):
@@ -284,9 +331,11 @@ def agreement(args, device: torch.device) -> None:
                 farther[cap].append(dam_cost(snaps[cap], frames) / ref_cost - 1)
         print(f"  {regime}:")
         for cap in capacities:
-            print(f"    bank {cap:>4} frames: differ {100 * np.mean(differ[cap]):5.1f}% of frames, "
-                  f"{100 * updates_differing[cap] / len(differ[cap]):5.1f}% of updates; "
-                  f"farther {100 * np.mean(farther[cap]):5.2f}% mean, {100 * np.max(farther[cap]):5.2f}% worst")
+            print(
+                f"    bank {cap:>4} frames: differ {100 * np.mean(differ[cap]):5.1f}% of frames, "
+                f"{100 * updates_differing[cap] / len(differ[cap]):5.1f}% of updates; "
+                f"farther {100 * np.mean(farther[cap]):5.2f}% mean, {100 * np.max(farther[cap]):5.2f}% worst"
+            )
         del mems
 
 
@@ -309,8 +358,12 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="full-res dtype (default bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--capacity", type=int, default=MemoryConfig().bank_capacity, help="bounded bank frames")
     p.add_argument("--reps", type=int, help="timed single-frame updates per length")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the memory's ops are small, threads only add overhead)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the memory's ops are small, threads only add overhead)",
+    )
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -323,12 +376,21 @@ def main() -> None:
     args.agree_step = 10
     torch.set_num_threads(args.threads)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     print(f"Flash Memory benchmark on {name}, torch {torch.__version__}")
-    print(f"features per frame: low-res {args.low_tokens}x{args.channels} (float32 in memory), "
-          f"full-res {args.full_tokens}x{args.channels} {str(args.dtype).removeprefix('torch.')}"
-          + ("\n  [channels reduced for the CPU; Qwen2-VL-7B on a 16:9 frame is 240x1280 / 960x1280: --full-size]"
-             if reduced else ""))
+    print(
+        f"features per frame: low-res {args.low_tokens}x{args.channels} (float32 in memory), "
+        f"full-res {args.full_tokens}x{args.channels} {str(args.dtype).removeprefix('torch.')}"
+        + (
+            "\n  [channels reduced for the CPU; Qwen2-VL-7B on a 16:9 frame is 240x1280 / 960x1280: --full-size]"
+            if reduced
+            else ""
+        )
+    )
     scaling(args, device)
     agreement(args, device)
 

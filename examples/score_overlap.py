@@ -5,11 +5,14 @@ Reads {"id", "question", "prompt", "choices", "reference", "answer", "type"} as 
 prints {"score": s, "correct": bool}: s = share of the reference's content words found in the
 answer. A stand-in for an LLM judge: replace it with a command that calls your judge model.
 """
+
 import json
 import re
 import sys
 
-STOP = set("a an the of to in on and or is are was were it its this that with for at by from as be then".split())
+STOP = set(
+    "a an the of to in on and or is are was were it its this that with for at by from as be then".split()
+)
 
 
 def words(text):

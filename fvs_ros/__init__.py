@@ -4,6 +4,7 @@
 Python package; extending `__path__` lets a source checkout (tests, development)
 find them in the installed copy.
 """
+
 from pkgutil import extend_path
 
 __path__ = extend_path(__path__, __name__)

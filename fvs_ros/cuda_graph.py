@@ -11,8 +11,13 @@ class CaptureError(Exception):
     """fn ran (its warm-up runs) but could not be captured."""
 
 
-def capture(fn: Callable[[], Any], device: torch.device, pool=None, warmups: int = 2,
-            reset: Callable[[], None] = lambda: None) -> tuple[torch.cuda.CUDAGraph, Any]:
+def capture(
+    fn: Callable[[], Any],
+    device: torch.device,
+    pool=None,
+    warmups: int = 2,
+    reset: Callable[[], None] = lambda: None,
+) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Run fn `warmups` times on a side stream (cuBLAS handles, autotuning, allocator), then capture it.
 
     reset() runs before every warm-up run and before the capture (restore inputs or state that fn

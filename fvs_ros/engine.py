@@ -3,6 +3,7 @@
 No ROS here: the node, the video CLI, the bag evaluation and the tests all drive this class.
 Design and threading are described in docs/engine.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,8 +82,15 @@ class EngineConfig:
     no_video_answer: str = "No video frames have been received yet, so I cannot answer about the video."
 
     def __post_init__(self):
-        for name in ("queue_size", "max_batch", "max_frame_side", "max_question_chars",
-                     "max_new_tokens", "max_new_tokens_limit", "summary_max_new_tokens"):
+        for name in (
+            "queue_size",
+            "max_batch",
+            "max_frame_side",
+            "max_question_chars",
+            "max_new_tokens",
+            "max_new_tokens_limit",
+            "summary_max_new_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.answer_timeout_s > 0:
@@ -159,8 +167,16 @@ class _Counters:
     errors: int = 0
     last_error: Optional[str] = None
 
-    _FRAME_FIELDS = ("frames_in", "frames_rejected", "frames_skipped", "frames_dropped",
-                     "frames_into_memory", "last_update_time", "last_update_s", "last_batch_size")
+    _FRAME_FIELDS = (
+        "frames_in",
+        "frames_rejected",
+        "frames_skipped",
+        "frames_dropped",
+        "frames_into_memory",
+        "last_update_time",
+        "last_update_s",
+        "last_batch_size",
+    )
 
     def frame_state(self) -> dict:
         return {k: getattr(self, k) for k in self._FRAME_FIELDS}
@@ -210,9 +226,13 @@ class StreamEngine:
     [system prompt + memory] prefix, keeps that prefix warm while idle, and writes summaries.
     """
 
-    def __init__(self, lm, memory_config: Optional[MemoryConfig] = None,
-                 config: Optional[EngineConfig] = None,
-                 on_summary: Optional[Callable[[Answer], None]] = None):
+    def __init__(
+        self,
+        lm,
+        memory_config: Optional[MemoryConfig] = None,
+        config: Optional[EngineConfig] = None,
+        on_summary: Optional[Callable[[Answer], None]] = None,
+    ):
         """memory_config defaults to the checkpoint's memory size (lm.memory_defaults)."""
         self.lm = lm
         self.config = config or EngineConfig()
@@ -260,9 +280,11 @@ class StreamEngine:
         memory = self._memory.config
         with self._worker_stream(priority=-1):  # graphs captured here keep the workers' high priority
             self.lm.warm_up(memory.csm_slots, memory.dam_frames, self.config.max_new_tokens_limit)
-        self._threads = [threading.Thread(target=self._frame_loop, name="fvs-frame-worker", daemon=True),
-                         threading.Thread(target=self._llm_loop, name="fvs-llm-worker", daemon=True),
-                         threading.Thread(target=self._builder_loop, name="fvs-prefix-builder", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._frame_loop, name="fvs-frame-worker", daemon=True),
+            threading.Thread(target=self._llm_loop, name="fvs-llm-worker", daemon=True),
+            threading.Thread(target=self._builder_loop, name="fvs-prefix-builder", daemon=True),
+        ]
         for t in self._threads:
             t.start()
         return self
@@ -350,8 +372,10 @@ class StreamEngine:
     def _check_stamp(self, stamp: float):
         if self._last_stamp is not None and stamp < self._last_stamp:
             self._counters.frames_rejected += 1
-            raise FrameError(f"stamp {stamp:.3f} s is older than the previous frame's "
-                             f"{self._last_stamp:.3f} s; call reset() when the stream restarts")
+            raise FrameError(
+                f"stamp {stamp:.3f} s is older than the previous frame's "
+                f"{self._last_stamp:.3f} s; call reset() when the stream restarts"
+            )
 
     def _sampled(self, stamp: float) -> bool:
         """Memory sampling by stream time: keep a frame when the next sampling instant is reached."""
@@ -379,7 +403,9 @@ class StreamEngine:
         self._queue.clear()
         self._last_stamp: Optional[float] = None
         self._next_due: Optional[float] = None
-        self._source_hw: Optional[tuple[int, int]] = None  # first frame's size; later frames are resized to it
+        self._source_hw: Optional[tuple[int, int]] = (
+            None  # first frame's size; later frames are resized to it
+        )
         self._frame_hw: Optional[tuple[int, int]] = None  # the ViT input size the model makes of it
 
     # ----------------------------------------------------------------- frame worker
@@ -433,12 +459,21 @@ class StreamEngine:
         with self._lock:
             c = self._counters
             c.frames_into_memory += len(batch)
-            c.last_update_time, c.last_update_s, c.last_batch_size = time.time(), time.perf_counter() - t0, len(batch)
+            c.last_update_time, c.last_update_s, c.last_batch_size = (
+                time.time(),
+                time.perf_counter() - t0,
+                len(batch),
+            )
 
     # ----------------------------------------------------------------- questions
 
-    def ask(self, question: str, max_new_tokens: Optional[int] = None, timeout: Optional[float] = None,
-            on_token: Optional[TokenCallback] = None) -> Answer:
+    def ask(
+        self,
+        question: str,
+        max_new_tokens: Optional[int] = None,
+        timeout: Optional[float] = None,
+        on_token: Optional[TokenCallback] = None,
+    ) -> Answer:
         """Answer a question from the memory as it is now (blocking, thread-safe).
 
         on_token receives text pieces as they are generated (called on the LLM worker thread).
@@ -447,8 +482,12 @@ class StreamEngine:
         question = self._check_question(question)
         return self._submit(_QUESTION, question, self._check_tokens(max_new_tokens), timeout, on_token)
 
-    def summarize(self, prompt: Optional[str] = None, max_new_tokens: Optional[int] = None,
-                  timeout: Optional[float] = None) -> Answer:
+    def summarize(
+        self,
+        prompt: Optional[str] = None,
+        max_new_tokens: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> Answer:
         """Scene summary with EngineConfig.summary_prompt (served after pending questions)."""
         prompt = self._check_question(prompt or self.config.summary_prompt)
         n = self._check_tokens(max_new_tokens or self.config.summary_max_new_tokens)
@@ -459,8 +498,10 @@ class StreamEngine:
             raise QuestionError("question must be a non-empty string")
         question = question.strip()
         if len(question) > self.config.max_question_chars:
-            raise QuestionError(f"question has {len(question)} characters; the limit is "
-                                f"{self.config.max_question_chars} (EngineConfig.max_question_chars)")
+            raise QuestionError(
+                f"question has {len(question)} characters; the limit is "
+                f"{self.config.max_question_chars} (EngineConfig.max_question_chars)"
+            )
         return question
 
     def _check_tokens(self, n: Optional[int]) -> int:
@@ -470,8 +511,14 @@ class StreamEngine:
             raise QuestionError(f"max_new_tokens must be an integer in [1, {limit}], got {n!r}")
         return n
 
-    def _submit(self, priority: int, prompt: str, max_new_tokens: int, timeout: Optional[float],
-                on_token: Optional[TokenCallback]) -> Answer:
+    def _submit(
+        self,
+        priority: int,
+        prompt: str,
+        max_new_tokens: int,
+        timeout: Optional[float],
+        on_token: Optional[TokenCallback],
+    ) -> Answer:
         timeout = self.config.answer_timeout_s if timeout is None else timeout
         if not timeout > 0:
             raise QuestionError(f"timeout must be > 0 seconds, got {timeout}")
@@ -516,8 +563,12 @@ class StreamEngine:
 
     def _summary_wait(self) -> Optional[float]:
         pub = self._published
-        if (self.on_summary is None or self.config.summary_period_s <= 0
-                or pub.snapshot.frames_seen == 0 or pub is self._summarized):
+        if (
+            self.on_summary is None
+            or self.config.summary_period_s <= 0
+            or pub.snapshot.frames_seen == 0
+            or pub is self._summarized
+        ):
             return None
         return max(0.0, self._last_summary_t + self.config.summary_period_s - time.monotonic())
 
@@ -542,7 +593,11 @@ class StreamEngine:
         if not self.config.prefix_cache or pub.snapshot.frames_seen == 0:
             return None
         p = self._prefix
-        if p is not None and p.source.epoch == pub.epoch and p.source.snapshot.version >= pub.snapshot.version:
+        if (
+            p is not None
+            and p.source.epoch == pub.epoch
+            and p.source.snapshot.version >= pub.snapshot.version
+        ):
             return None  # current
         if self._prefix_wanted or p is None or p.source.epoch != pub.epoch:
             return 0.0
@@ -589,8 +644,10 @@ class StreamEngine:
                 return done.value
             self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
             with self._llm_cv:  # frames and answers share the GPU with at most one chunk
-                self._llm_cv.wait_for(lambda: self._stopping or self._awaited
-                                      or not (self._answering or self._encoding), _BUILDER_YIELD_S)
+                self._llm_cv.wait_for(
+                    lambda: self._stopping or self._awaited or not (self._answering or self._encoding),
+                    _BUILDER_YIELD_S,
+                )
                 if self._stopping:
                     return None
 
@@ -614,8 +671,12 @@ class StreamEngine:
             if p is not None:
                 return p, True
             p = self._prefix
-            if (self.config.max_prefix_lag_s > 0 and self._build_running and p is not None
-                    and p.source.epoch == pub.epoch):
+            if (
+                self.config.max_prefix_lag_s > 0
+                and self._build_running
+                and p is not None
+                and p.source.epoch == pub.epoch
+            ):
                 self._prefix_wanted = True  # and the next rebuild follows at once
                 return p, True
             attempts = self._build_attempts
@@ -639,7 +700,9 @@ class StreamEngine:
         try:
             answer = self._generate(req)
         except _Cancelled:  # the asker timed out (nobody reads this) or the engine is stopping
-            self._fail(req, EngineError("engine shut down before answering" if self._stopping else "cancelled"))
+            self._fail(
+                req, EngineError("engine shut down before answering" if self._stopping else "cancelled")
+            )
             return
         except Exception as e:  # noqa: BLE001
             self._record_error("answer", e)
@@ -698,15 +761,22 @@ class StreamEngine:
         else:
             hit = False
             t_gen = time.perf_counter()
-            gen = self.lm.answer_uncached(snap, req.prompt, req.max_new_tokens, self.config.system_prompt,
-                                          on_token=on_token)
+            gen = self.lm.answer_uncached(
+                snap, req.prompt, req.max_new_tokens, self.config.system_prompt, on_token=on_token
+            )
         if req.cancelled:
             raise _Cancelled
-        return Answer(text=gen.text, frames_seen=int(snap.frames_seen),
-                      frames_in_memory=int(len(snap.csm_weights)),
-                      first_stamp=_opt_float(snap.first_stamp), last_stamp=_opt_float(snap.last_stamp),
-                      ttft_s=t_gen - req.submitted + gen.ttft_s, total_s=time.perf_counter() - req.submitted,
-                      num_tokens=len(gen.token_ids), from_cache=hit)
+        return Answer(
+            text=gen.text,
+            frames_seen=int(snap.frames_seen),
+            frames_in_memory=int(len(snap.csm_weights)),
+            first_stamp=_opt_float(snap.first_stamp),
+            last_stamp=_opt_float(snap.last_stamp),
+            ttft_s=t_gen - req.submitted + gen.ttft_s,
+            total_s=time.perf_counter() - req.submitted,
+            num_tokens=len(gen.token_ids),
+            from_cache=hit,
+        )
 
     @contextlib.contextmanager
     def _generating(self):
@@ -750,9 +820,14 @@ class StreamEngine:
         path.mkdir(parents=True, exist_ok=True)
         with self._mem_lock, self._lock:
             self._memory.save(path / "memory.pt")
-            state = {"format": 1, "source_size": self._source_hw, "frame_size": self._frame_hw,
-                     "last_stamp": self._last_stamp, "next_due": self._next_due,
-                     "counters": self._counters.frame_state()}
+            state = {
+                "format": 1,
+                "source_size": self._source_hw,
+                "frame_size": self._frame_hw,
+                "last_stamp": self._last_stamp,
+                "next_due": self._next_due,
+                "counters": self._counters.frame_state(),
+            }
         (path / "engine.json").write_text(json.dumps(state, indent=1))
         return path
 
@@ -786,9 +861,15 @@ class StreamEngine:
             queue_depth, frame_hw = len(self._queue), self._frame_hw
         mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         return EngineStats(
-            running=self._started and not self._stopping, queue_depth=queue_depth, frame_size=frame_hw,
-            memory_version=int(pub.snapshot.version), frames_seen=int(pub.snapshot.frames_seen),
-            prefix_current=p is not None and p.source is pub, device_memory_bytes=mem, **c)
+            running=self._started and not self._stopping,
+            queue_depth=queue_depth,
+            frame_size=frame_hw,
+            memory_version=int(pub.snapshot.version),
+            frames_seen=int(pub.snapshot.frames_seen),
+            prefix_current=p is not None and p.source is pub,
+            device_memory_bytes=mem,
+            **c,
+        )
 
     # ----------------------------------------------------------------- helpers
 
@@ -829,9 +910,15 @@ class StreamEngine:
             torch.cuda.current_stream(self.device).synchronize()
 
 
-def open_engine(model_source, memory_config: Optional[MemoryConfig] = None,
-                config: Optional[EngineConfig] = None, *, device="auto", dtype="auto",
-                on_summary: Optional[Callable[[Answer], None]] = None) -> StreamEngine:
+def open_engine(
+    model_source,
+    memory_config: Optional[MemoryConfig] = None,
+    config: Optional[EngineConfig] = None,
+    *,
+    device="auto",
+    dtype="auto",
+    on_summary: Optional[Callable[[Answer], None]] = None,
+) -> StreamEngine:
     """Load a checkpoint (load_model; raises ModelLoadError) and return a started engine.
 
     device / dtype: as load_model; 'auto' = CUDA in bfloat16 when available, else CPU in float32."""

@@ -7,6 +7,7 @@ those defaults as usual. Each parameter applies at one lifecycle transition: `co
 (model, engine) or `activate` (subscription, memory file); it can be changed only while the
 node is in a state before that transition (see `check_change`).
 """
+
 from __future__ import annotations
 
 import re
@@ -17,11 +18,15 @@ from typing import Optional
 import yaml
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 
-PACKAGE = 'fvs_ros'
-CONFIGURE, ACTIVATE = 'configure', 'activate'
+PACKAGE = "fvs_ros"
+CONFIGURE, ACTIVATE = "configure", "activate"
 
-_TYPES = {str: ParameterType.PARAMETER_STRING, int: ParameterType.PARAMETER_INTEGER,
-          float: ParameterType.PARAMETER_DOUBLE, bool: ParameterType.PARAMETER_BOOL}
+_TYPES = {
+    str: ParameterType.PARAMETER_STRING,
+    int: ParameterType.PARAMETER_INTEGER,
+    float: ParameterType.PARAMETER_DOUBLE,
+    bool: ParameterType.PARAMETER_BOOL,
+}
 
 
 @dataclass(frozen=True)
@@ -34,92 +39,153 @@ class Spec:
 
     def descriptor(self, name: str) -> ParameterDescriptor:
         d = ParameterDescriptor(name=name, type=_TYPES[self.type], description=self.description)
-        constraints = [f'applies at {self.applies}']
+        constraints = [f"applies at {self.applies}"]
         if self.choices:
-            constraints.append('one of: ' + ' | '.join(self.choices))
-        d.additional_constraints = '; '.join(constraints)
+            constraints.append("one of: " + " | ".join(self.choices))
+        d.additional_constraints = "; ".join(constraints)
         if self.range is not None and self.type is int:
             d.integer_range = [IntegerRange(from_value=self.range[0], to_value=self.range[1], step=1)]
         elif self.range is not None:
-            d.floating_point_range = [FloatingPointRange(
-                from_value=float(self.range[0]), to_value=float(self.range[1]), step=0.0)]
+            d.floating_point_range = [
+                FloatingPointRange(from_value=float(self.range[0]), to_value=float(self.range[1]), step=0.0)
+            ]
         return d
 
     def check(self, value) -> Optional[str]:
         """Why `value` is not allowed (ranges are enforced by rclpy itself), or None."""
-        if not self.choices or any(re.fullmatch(re.escape(c).replace('N', r'\d+'), str(value)) for c in self.choices):
+        if not self.choices or any(
+            re.fullmatch(re.escape(c).replace("N", r"\d+"), str(value)) for c in self.choices
+        ):
             return None
         return f"'{value}' is not one of {', '.join(self.choices)}"
 
 
 SPECS = {
     # camera input
-    'image_topic': Spec(str, ACTIVATE, 'Image topic to watch (relative names follow the node namespace); '
-                        'with image_transport=compressed the node subscribes to <image_topic>/compressed.'),
-    'image_transport': Spec(str, ACTIVATE, 'raw: sensor_msgs/Image; compressed: sensor_msgs/CompressedImage.',
-                            choices=('raw', 'compressed')),
-    'reliability': Spec(str, ACTIVATE, 'Image subscription reliability (best_effort = sensor-data QoS).',
-                        choices=('best_effort', 'reliable')),
-    'qos_depth': Spec(int, ACTIVATE, 'Images buffered per subscription (keep-last depth).', range=(1, 10)),
-    'memory_file': Spec(str, ACTIVATE, 'Directory holding a saved memory: restored at activate if it exists, '
-                        'written at deactivate and shutdown and by ~/save_memory. Empty: off.'),
+    "image_topic": Spec(
+        str,
+        ACTIVATE,
+        "Image topic to watch (relative names follow the node namespace); "
+        "with image_transport=compressed the node subscribes to <image_topic>/compressed.",
+    ),
+    "image_transport": Spec(
+        str,
+        ACTIVATE,
+        "raw: sensor_msgs/Image; compressed: sensor_msgs/CompressedImage.",
+        choices=("raw", "compressed"),
+    ),
+    "reliability": Spec(
+        str,
+        ACTIVATE,
+        "Image subscription reliability (best_effort = sensor-data QoS).",
+        choices=("best_effort", "reliable"),
+    ),
+    "qos_depth": Spec(int, ACTIVATE, "Images buffered per subscription (keep-last depth).", range=(1, 10)),
+    "memory_file": Spec(
+        str,
+        ACTIVATE,
+        "Directory holding a saved memory: restored at activate if it exists, "
+        "written at deactivate and shutdown and by ~/save_memory. Empty: off.",
+    ),
     # model and memory
-    'model': Spec(str, CONFIGURE, 'Checkpoint: Hugging Face hub id or local directory.'),
-    'device': Spec(str, CONFIGURE, 'Torch device; auto = cuda if available, else cpu.',
-                   choices=('auto', 'cpu', 'cuda', 'cuda:N')),
-    'dtype': Spec(str, CONFIGURE, 'Model dtype; auto = bfloat16 on CUDA, float32 on CPU.',
-                  choices=('auto', 'bfloat16', 'float16', 'float32')),
-    'csm_slots': Spec(int, CONFIGURE, 'Context synopsis memory size (k-means centroids).', range=(1, 1024)),
-    'dam_frames': Spec(int, CONFIGURE, 'Detailed augmentation memory size (full-resolution frames); '
-                       'at most csm_slots.', range=(0, 1024)),
-    'memory_fps': Spec(float, CONFIGURE, 'Frames per second of stream time taken into memory; 0 = every frame.',
-                       range=(0.0, 240.0)),
-    'queue_size': Spec(int, CONFIGURE, 'Sampled frames waiting for the vision encoder; the oldest is '
-                       'dropped when full.', range=(1, 1024)),
+    "model": Spec(str, CONFIGURE, "Checkpoint: Hugging Face hub id or local directory."),
+    "device": Spec(
+        str,
+        CONFIGURE,
+        "Torch device; auto = cuda if available, else cpu.",
+        choices=("auto", "cpu", "cuda", "cuda:N"),
+    ),
+    "dtype": Spec(
+        str,
+        CONFIGURE,
+        "Model dtype; auto = bfloat16 on CUDA, float32 on CPU.",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    ),
+    "csm_slots": Spec(int, CONFIGURE, "Context synopsis memory size (k-means centroids).", range=(1, 1024)),
+    "dam_frames": Spec(
+        int,
+        CONFIGURE,
+        "Detailed augmentation memory size (full-resolution frames); at most csm_slots.",
+        range=(0, 1024),
+    ),
+    "memory_fps": Spec(
+        float,
+        CONFIGURE,
+        "Frames per second of stream time taken into memory; 0 = every frame.",
+        range=(0.0, 240.0),
+    ),
+    "queue_size": Spec(
+        int,
+        CONFIGURE,
+        "Sampled frames waiting for the vision encoder; the oldest is dropped when full.",
+        range=(1, 1024),
+    ),
     # questions and summaries
-    'max_question_chars': Spec(int, CONFIGURE, 'Longer questions are refused.', range=(1, 100000)),
-    'max_new_tokens': Spec(int, CONFIGURE, 'Answer length limit; Ask requests asking for more are clamped.',
-                           range=(1, 4096)),
-    'default_timeout_s': Spec(float, CONFIGURE, 'Ask timeout used when a request gives timeout_s = 0.',
-                              range=(0.1, 3600.0)),
-    'system_prompt': Spec(str, CONFIGURE, 'System prompt placed before the memory.'),
-    'prefix_refresh_s': Spec(float, CONFIGURE, 'Rebuild the cached memory prefix (one LLM pass over the '
-                             'memory) at most this often (wall clock) while memory changes.', range=(0.0, 3600.0)),
-    'max_prefix_lag_s': Spec(float, CONFIGURE, 'Keep the cached prefix within this many stream seconds of the '
-                             'newest memory; questions do not wait for a rebuild under way; '
-                             '0 = every question waits for a prefix of the newest memory.', range=(0.0, 3600.0)),
-    'summary_period_s': Spec(float, CONFIGURE, 'Publish ~/scene_summary at most this often (wall clock), '
-                             'when new frames arrived since the last one; 0 = off.', range=(0.0, 86400.0)),
-    'summary_prompt': Spec(str, CONFIGURE, 'Question asked for each scene summary.'),
-    'summary_max_new_tokens': Spec(int, CONFIGURE, 'Scene summary length limit.', range=(1, 4096)),
-    'diagnostics_period_s': Spec(float, CONFIGURE, 'Period of the /diagnostics status.', range=(0.1, 60.0)),
+    "max_question_chars": Spec(int, CONFIGURE, "Longer questions are refused.", range=(1, 100000)),
+    "max_new_tokens": Spec(
+        int, CONFIGURE, "Answer length limit; Ask requests asking for more are clamped.", range=(1, 4096)
+    ),
+    "default_timeout_s": Spec(
+        float, CONFIGURE, "Ask timeout used when a request gives timeout_s = 0.", range=(0.1, 3600.0)
+    ),
+    "system_prompt": Spec(str, CONFIGURE, "System prompt placed before the memory."),
+    "prefix_refresh_s": Spec(
+        float,
+        CONFIGURE,
+        "Rebuild the cached memory prefix (one LLM pass over the "
+        "memory) at most this often (wall clock) while memory changes.",
+        range=(0.0, 3600.0),
+    ),
+    "max_prefix_lag_s": Spec(
+        float,
+        CONFIGURE,
+        "Keep the cached prefix within this many stream seconds of the "
+        "newest memory; questions do not wait for a rebuild under way; "
+        "0 = every question waits for a prefix of the newest memory.",
+        range=(0.0, 3600.0),
+    ),
+    "summary_period_s": Spec(
+        float,
+        CONFIGURE,
+        "Publish ~/scene_summary at most this often (wall clock), "
+        "when new frames arrived since the last one; 0 = off.",
+        range=(0.0, 86400.0),
+    ),
+    "summary_prompt": Spec(str, CONFIGURE, "Question asked for each scene summary."),
+    "summary_max_new_tokens": Spec(int, CONFIGURE, "Scene summary length limit.", range=(1, 4096)),
+    "diagnostics_period_s": Spec(float, CONFIGURE, "Period of the /diagnostics status.", range=(0.1, 60.0)),
 }
 
 
 def defaults_file() -> Path:
     """config/fvs.yaml beside this code (source checkout), else the installed share/fvs_ros copy."""
-    source = Path(__file__).resolve().parents[1] / 'config' / 'fvs.yaml'
+    source = Path(__file__).resolve().parents[1] / "config" / "fvs.yaml"
     if source.is_file():
         return source
     from ament_index_python.packages import get_package_share_directory
-    return Path(get_package_share_directory(PACKAGE)) / 'config' / 'fvs.yaml'
+
+    return Path(get_package_share_directory(PACKAGE)) / "config" / "fvs.yaml"
 
 
 def load_defaults(path: Optional[Path] = None) -> dict:
     """Default values from the params file; it must hold exactly the parameters in SPECS."""
     path = path or defaults_file()
     doc = yaml.safe_load(Path(path).read_text())
-    values = doc['/**']['ros__parameters']
+    values = doc["/**"]["ros__parameters"]
     if set(values) != set(SPECS):
         missing, unknown = sorted(set(SPECS) - set(values)), sorted(set(values) - set(SPECS))
-        raise RuntimeError(f'{path} does not match fvs_ros.params.SPECS: missing {missing}, unknown {unknown}')
+        raise RuntimeError(
+            f"{path} does not match fvs_ros.params.SPECS: missing {missing}, unknown {unknown}"
+        )
     return {name: SPECS[name].type(value) for name, value in values.items()}
 
 
 def declare(node) -> None:
     """Declare every parameter on `node`, defaults from the YAML file."""
     defaults = load_defaults()
-    node.declare_parameters('', [(name, defaults[name], spec.descriptor(name)) for name, spec in SPECS.items()])
+    node.declare_parameters(
+        "", [(name, defaults[name], spec.descriptor(name)) for name, spec in SPECS.items()]
+    )
 
 
 def check_change(name: str, value, state: str) -> Optional[str]:
@@ -127,10 +193,12 @@ def check_change(name: str, value, state: str) -> Optional[str]:
     spec = SPECS.get(name)
     if spec is None:
         return None
-    locked = {CONFIGURE: ('inactive', 'active'), ACTIVATE: ('active',)}[spec.applies]
+    locked = {CONFIGURE: ("inactive", "active"), ACTIVATE: ("active",)}[spec.applies]
     if state in locked:
-        return (f'{name} applies at {spec.applies}: change it while the node is '
-                f"{'unconfigured' if spec.applies == CONFIGURE else 'inactive'}")
+        return (
+            f"{name} applies at {spec.applies}: change it while the node is "
+            f"{'unconfigured' if spec.applies == CONFIGURE else 'inactive'}"
+        )
     return spec.check(value)
 
 
@@ -140,5 +208,5 @@ def read(node) -> dict:
     for name, value in values.items():
         error = SPECS[name].check(value)
         if error:
-            raise ValueError(f'parameter {name}: {error}')
+            raise ValueError(f"parameter {name}: {error}")
     return values

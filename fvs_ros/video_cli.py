@@ -7,6 +7,7 @@ as fast as the engine takes it and each question sees every frame up to its time
 flushed first); with --realtime frames are paced at video speed and questions are asked at their
 wall-clock time, like a robot's camera, answering from whatever memory holds then.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,6 @@ from fvs_ros.engine import Answer, EngineConfig, EngineError, StreamEngine
 from fvs_ros.memory import MemoryConfig
 from fvs_ros.model import ModelLoadError, load_model
 from fvs_ros.model.video_lm import DTYPE_NAMES
-
 
 
 def parse_question(text: str) -> tuple[float, str]:
@@ -61,11 +61,13 @@ def read_frames(path: str, end_s: Optional[float] = None) -> Iterator[tuple[np.n
 
 def format_answer(t: float, question: str, a: Answer) -> str:
     span = "no video" if a.last_stamp is None else f"stream {a.first_stamp:.2f}-{a.last_stamp:.2f} s"
-    return (f"[t={t:7.2f} s] Q: {question}\n"
-            f"              A: {a.text}\n"
-            f"              frames_seen={a.frames_seen} in_memory={a.frames_in_memory} {span} "
-            f"ttft={a.ttft_s * 1e3:.1f} ms total={a.total_s * 1e3:.1f} ms tokens={a.num_tokens} "
-            f"prefix_cache={'hit' if a.from_cache else 'miss'}")
+    return (
+        f"[t={t:7.2f} s] Q: {question}\n"
+        f"              A: {a.text}\n"
+        f"              frames_seen={a.frames_seen} in_memory={a.frames_in_memory} {span} "
+        f"ttft={a.ttft_s * 1e3:.1f} ms total={a.total_s * 1e3:.1f} ms tokens={a.num_tokens} "
+        f"prefix_cache={'hit' if a.from_cache else 'miss'}"
+    )
 
 
 class _Printer:
@@ -76,10 +78,15 @@ class _Printer:
 
     def __call__(self, t: float, question: str, answer: Optional[Answer], error: Optional[str] = None):
         if self.as_json:
-            line = json.dumps({"t": t, "question": question, "error": error,
-                               **(asdict(answer) if answer else {})})
+            line = json.dumps(
+                {"t": t, "question": question, "error": error, **(asdict(answer) if answer else {})}
+            )
         else:
-            line = format_answer(t, question, answer) if answer else f"[t={t:7.2f} s] Q: {question}\n  ERROR: {error}"
+            line = (
+                format_answer(t, question, answer)
+                if answer
+                else f"[t={t:7.2f} s] Q: {question}\n  ERROR: {error}"
+            )
         with self.lock:
             print(line, flush=True)
 
@@ -121,17 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fvs_ros.video_cli", description=__doc__.split("\n")[0])
     p.add_argument("video", help="video file readable by OpenCV")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id (load_model)")
-    p.add_argument("--ask", action="append", type=parse_question, default=[], metavar="SECONDS:QUESTION",
-                   help="question to ask at this stream time (repeatable)")
+    p.add_argument(
+        "--ask",
+        action="append",
+        type=parse_question,
+        default=[],
+        metavar="SECONDS:QUESTION",
+        help="question to ask at this stream time (repeatable)",
+    )
     p.add_argument("--realtime", action="store_true", help="pace frames at video speed")
     p.add_argument("--end", type=float, help="stop reading the video after this many seconds")
     p.add_argument("--sample-fps", type=float, default=1.0, help="frames per second into memory (<=0: all)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per answer")
-    p.add_argument("--csm-slots", type=int, help="CSM size (default: the checkpoint's, 60 for plain Qwen2-VL)")
-    p.add_argument("--dam-frames", type=int, help="DAM size (default: the checkpoint's, 30 for plain Qwen2-VL)")
+    p.add_argument(
+        "--csm-slots", type=int, help="CSM size (default: the checkpoint's, 60 for plain Qwen2-VL)"
+    )
+    p.add_argument(
+        "--dam-frames", type=int, help="DAM size (default: the checkpoint's, 30 for plain Qwen2-VL)"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU"
+    )
     p.add_argument("--summary", action="store_true", help="print a scene summary at the end")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer")
     return p
@@ -139,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config = EngineConfig(sample_fps=args.sample_fps, answer_timeout_s=args.timeout,
-                          max_new_tokens_limit=max(args.max_new_tokens, EngineConfig.max_new_tokens_limit))
+    config = EngineConfig(
+        sample_fps=args.sample_fps,
+        answer_timeout_s=args.timeout,
+        max_new_tokens_limit=max(args.max_new_tokens, EngineConfig.max_new_tokens_limit),
+    )
     try:
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
     except ModelLoadError as e:
@@ -157,10 +179,14 @@ def main(argv=None) -> int:
         stats = engine.stats()
     finally:
         engine.shutdown()
-    print(json.dumps({"stats": asdict(stats)}) if args.json else
-          f"frames: {stats.frames_in} read, {stats.frames_into_memory} into memory, {stats.frames_skipped} skipped "
-          f"by sampling, {stats.frames_dropped} dropped; errors: {stats.errors}"
-          + (f" (last: {stats.last_error})" if stats.last_error else ""), file=sys.stderr)
+    print(
+        json.dumps({"stats": asdict(stats)})
+        if args.json
+        else f"frames: {stats.frames_in} read, {stats.frames_into_memory} into memory, {stats.frames_skipped} skipped "
+        f"by sampling, {stats.frames_dropped} dropped; errors: {stats.errors}"
+        + (f" (last: {stats.last_error})" if stats.last_error else ""),
+        file=sys.stderr,
+    )
     return 1 if stats.errors else 0
 
 

@@ -8,6 +8,7 @@ Frames go out as sensor_msgs/Image rgb8 on `topic`, or as jpeg sensor_msgs/Compr
 camera driver). An empty `video` publishes a synthetic pattern (a moving square and the frame
 number) at `fps`, so demos and tests need no video file.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,21 +31,24 @@ class VideoSource(Node):
     """Publishes frames from a thread, paced by the video's own timestamps."""
 
     def __init__(self, **kwargs):
-        super().__init__('video_source', **kwargs)
-        self.video = self.declare_parameter('video', '').value
-        topic = self.declare_parameter('topic', 'image_raw').value
-        self.compressed = self.declare_parameter('transport', 'raw').value == 'compressed'
-        self.rate = self.declare_parameter('rate', 1.0).value  # playback speed factor
-        self.loop = self.declare_parameter('loop', True).value
-        self.fps = self.declare_parameter('fps', 10.0).value  # synthetic pattern only
-        size = self.declare_parameter('size', [360, 640]).value  # synthetic pattern only: height, width
-        self.frame_id = self.declare_parameter('frame_id', 'camera').value
+        super().__init__("video_source", **kwargs)
+        self.video = self.declare_parameter("video", "").value
+        topic = self.declare_parameter("topic", "image_raw").value
+        self.compressed = self.declare_parameter("transport", "raw").value == "compressed"
+        self.rate = self.declare_parameter("rate", 1.0).value  # playback speed factor
+        self.loop = self.declare_parameter("loop", True).value
+        self.fps = self.declare_parameter("fps", 10.0).value  # synthetic pattern only
+        size = self.declare_parameter("size", [360, 640]).value  # synthetic pattern only: height, width
+        self.frame_id = self.declare_parameter("frame_id", "camera").value
         self.size = (int(size[0]), int(size[1]))
-        self.pub = (self.create_publisher(CompressedImage, topic.rstrip('/') + '/compressed', qos_profile_sensor_data)
-                    if self.compressed else self.create_publisher(Image, topic, qos_profile_sensor_data))
+        self.pub = (
+            self.create_publisher(CompressedImage, topic.rstrip("/") + "/compressed", qos_profile_sensor_data)
+            if self.compressed
+            else self.create_publisher(Image, topic, qos_profile_sensor_data)
+        )
         self.published = 0
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._play, name='video-source', daemon=True)
+        self.thread = threading.Thread(target=self._play, name="video-source", daemon=True)
         self.get_logger().info(f"publishing {self.video or 'a synthetic pattern'} on {self.pub.topic_name}")
 
     def _frames(self) -> Iterator[tuple[np.ndarray, float]]:
@@ -55,7 +59,7 @@ class VideoSource(Node):
             return
         cap = cv2.VideoCapture(self.video)
         if not cap.isOpened():
-            raise RuntimeError(f'cannot open video {self.video!r}')
+            raise RuntimeError(f"cannot open video {self.video!r}")
         fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
         try:
             for index in itertools.count():
@@ -81,15 +85,15 @@ class VideoSource(Node):
         except Exception as e:  # noqa: BLE001 - reported, then the process ends
             self.get_logger().error(str(e))
         finally:
-            self.get_logger().info(f'video source done after {self.published} frames')
+            self.get_logger().info(f"video source done after {self.published} frames")
 
     def _message(self, rgb: np.ndarray):
         stamp = self.get_clock().now().to_msg()
         if self.compressed:
-            msg = CompressedImage(format='jpeg')
-            msg.data = cv2.imencode('.jpg', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+            msg = CompressedImage(format="jpeg")
+            msg.data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
         else:
-            msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding='rgb8', step=rgb.shape[1] * 3)
+            msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3)
             msg.data = rgb.tobytes()
         msg.header.stamp, msg.header.frame_id = stamp, self.frame_id
         return msg
@@ -98,12 +102,13 @@ class VideoSource(Node):
 def synthetic_frame(i: int, height: int = 360, width: int = 640) -> np.ndarray:
     """Frame i of the test pattern: a colour gradient, a square moving across it, the frame number."""
     y, x = np.mgrid[0:height, 0:width]
-    frame = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                      np.full_like(x, (i * 3) % 256)], -1).astype(np.uint8)
+    frame = np.stack(
+        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), np.full_like(x, (i * 3) % 256)], -1
+    ).astype(np.uint8)
     side = max(height // 4, 8)
     x0 = (i * 8) % max(width - side, 1)
-    frame[height // 3:height // 3 + side, x0:x0 + side] = (255, 255, 255)
-    cv2.putText(frame, f'frame {i}', (10, height - 20), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (0, 0, 0), 2)
+    frame[height // 3 : height // 3 + side, x0 : x0 + side] = (255, 255, 255)
+    cv2.putText(frame, f"frame {i}", (10, height - 20), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (0, 0, 0), 2)
     return frame
 
 
@@ -124,5 +129,5 @@ def main(args=None):
         rclpy.try_shutdown()
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

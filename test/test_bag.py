@@ -3,6 +3,7 @@
 Independent readers: `mcap` + `mcap-ros2-support` for .mcap files, and sqlite3 + rclpy
 deserialization for .db3 bags; neither goes through rosbags, which writes the bags.
 """
+
 import json
 import sqlite3
 import sys
@@ -25,6 +26,7 @@ START = convert_mod.DEFAULT_START_STAMP
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def read_mcap_independently(path):
     """(header stamp s, log ns, message) via mcap_ros2 (no rosbags involved)."""
     from mcap.reader import make_reader
@@ -32,8 +34,10 @@ def read_mcap_independently(path):
 
     with open(path, "rb") as f:
         reader = make_reader(f, decoder_factories=[DecoderFactory()])
-        return [(m.header.stamp.sec + m.header.stamp.nanosec * 1e-9, message.log_time, m)
-                for _, _, message, m in reader.iter_decoded_messages(log_time_order=True)]
+        return [
+            (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9, message.log_time, m)
+            for _, _, message, m in reader.iter_decoded_messages(log_time_order=True)
+        ]
 
 
 def read_db3_independently(path, msg_class):
@@ -42,8 +46,10 @@ def read_db3_independently(path, msg_class):
 
     con = sqlite3.connect(str(path))
     try:
-        rows = con.execute("SELECT m.timestamp, m.data FROM messages m JOIN topics t ON m.topic_id = t.id "
-                           "ORDER BY m.timestamp").fetchall()
+        rows = con.execute(
+            "SELECT m.timestamp, m.data FROM messages m JOIN topics t ON m.topic_id = t.id "
+            "ORDER BY m.timestamp"
+        ).fetchall()
     finally:
         con.close()
     return [(ts, deserialize_message(bytes(data), msg_class)) for ts, data in rows]
@@ -55,7 +61,9 @@ def raw_pixels(msg):
 
 
 def decode_compressed(msg):
-    return cv2.cvtColor(cv2.imdecode(np.frombuffer(bytes(msg.data), np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(bytes(msg.data), np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
 
 
 def write_video(path, frames, fps):
@@ -80,6 +88,7 @@ def decoded_video(path):
 
 
 # ----------------------------------------------------------------------------- conversion
+
 
 def test_convert_video_raw_read_back_by_mcap_ros2(tmp_path):
     frames = [f for _, _, f in scene_frames(fps=10, scene_s=1.0)]  # 30 frames, 10 fps, 3 s
@@ -115,7 +124,10 @@ def test_convert_folder_png_to_sqlite3_read_back_by_rclpy(tmp_path):
     for i, f in enumerate(frames):  # natural order: img2 before img10
         cv2.imwrite(str(folder / f"img{i * 4}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
     out = tmp_path / "bagdir"
-    assert convert_mod.main([str(folder), str(out), "--fps", "4", "--compressed", "png", "--storage", "sqlite3"]) == 0
+    assert (
+        convert_mod.main([str(folder), str(out), "--fps", "4", "--compressed", "png", "--storage", "sqlite3"])
+        == 0
+    )
     assert (out / "metadata.yaml").is_file()
     db3 = next(out.glob("*.db3"))
     msgs = read_db3_independently(db3, CompressedImage)
@@ -163,15 +175,30 @@ def test_convert_errors(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- bag reading errors
 
+
 def test_bag_without_the_topic_names_it(tmp_path, capsys):
     out = tmp_path / "b.mcap"
     write_scene_bag(out, fps=2, scene_s=0.5)
-    with pytest.raises(BagError, match=r"no topic '/front/image'.*topics: /camera/image_raw \(sensor_msgs/msg/Image\)"):
+    with pytest.raises(
+        BagError, match=r"no topic '/front/image'.*topics: /camera/image_raw \(sensor_msgs/msg/Image\)"
+    ):
         ImageBag(out, "/front/image")
     q = tmp_path / "q.jsonl"
     q.write_text('{"time": 0, "question": "x"}\n')
-    rc = evaluate.main([str(out), str(q), "--mode", "offline", "--model", "unused", "--topic", "/front/image",
-                        "--out", str(tmp_path / "r")])
+    rc = evaluate.main(
+        [
+            str(out),
+            str(q),
+            "--mode",
+            "offline",
+            "--model",
+            "unused",
+            "--topic",
+            "/front/image",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     assert rc == 2
     assert "no topic '/front/image'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
@@ -182,8 +209,18 @@ def test_offline_without_a_loadable_model_exits_2(tmp_path, capsys):
     write_scene_bag(out, fps=2, scene_s=0.5)
     q = tmp_path / "q.jsonl"
     q.write_text('{"time": 0, "question": "x"}\n')
-    rc = evaluate.main([str(out), str(q), "--mode", "offline", "--model", str(tmp_path / "no_such_ckpt"),
-                        "--out", str(tmp_path / "r")])
+    rc = evaluate.main(
+        [
+            str(out),
+            str(q),
+            "--mode",
+            "offline",
+            "--model",
+            str(tmp_path / "no_such_ckpt"),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     assert rc == 2
     assert "cannot load model" in capsys.readouterr().err
 
@@ -199,8 +236,15 @@ def test_bag_with_two_image_topics_needs_a_choice(tmp_path):
     Header, Time = ts.types["std_msgs/msg/Header"], ts.types["builtin_interfaces/msg/Time"]
     with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as w:
         conns = [w.add_connection(t, "sensor_msgs/msg/Image", typestore=ts) for t in ("/left", "/right")]
-        msg = Img(header=Header(stamp=Time(sec=5, nanosec=0), frame_id="c"), height=2, width=2, encoding="rgb8",
-                  is_bigendian=0, step=6, data=np.zeros(12, np.uint8))
+        msg = Img(
+            header=Header(stamp=Time(sec=5, nanosec=0), frame_id="c"),
+            height=2,
+            width=2,
+            encoding="rgb8",
+            is_bigendian=0,
+            step=6,
+            data=np.zeros(12, np.uint8),
+        )
         for c in conns:
             w.write(c, 5_000_000_000, bytes(ts.serialize_cdr(msg, "sensor_msgs/msg/Image")))
     with pytest.raises(BagError, match=r"2 image topics \(/left, /right\); pick one with --topic"):
@@ -215,6 +259,7 @@ def test_missing_bag():
 
 
 # ----------------------------------------------------------------------------- offline runner (fake engine)
+
 
 class FakeEngine:
     """Engine stand-in: records what it is given; answers with the number of frames it holds."""
@@ -236,15 +281,29 @@ class FakeEngine:
 
     def ask(self, prompt, max_new_tokens=None, timeout=None):
         self.asked.append((prompt, len(self.frames)))
-        return self._ns(text=f"{len(self.frames)} frames", frames_seen=len(self.frames), frames_in_memory=1,
-                        first_stamp=self.frames[0] if self.frames else None,
-                        last_stamp=self.frames[-1] if self.frames else None, ttft_s=0.001, total_s=0.002,
-                        num_tokens=2, from_cache=False)
+        return self._ns(
+            text=f"{len(self.frames)} frames",
+            frames_seen=len(self.frames),
+            frames_in_memory=1,
+            first_stamp=self.frames[0] if self.frames else None,
+            last_stamp=self.frames[-1] if self.frames else None,
+            ttft_s=0.001,
+            total_s=0.002,
+            num_tokens=2,
+            from_cache=False,
+        )
 
     def stats(self):
         n = len(self.frames)
-        return self._ns(frames_in=n, frames_into_memory=n, frames_skipped=0, frames_dropped=0, frames_rejected=0,
-                        errors=0, last_error=None)
+        return self._ns(
+            frames_in=n,
+            frames_into_memory=n,
+            frames_skipped=0,
+            frames_dropped=0,
+            frames_rejected=0,
+            errors=0,
+            last_error=None,
+        )
 
 
 def test_offline_runner_asks_at_stream_time_and_catches_questions_past_the_last_frame(tmp_path):
@@ -268,20 +327,37 @@ def test_offline_runner_asks_at_stream_time_and_catches_questions_past_the_last_
             s = ts.types["std_msgs/msg/String"](data=f"status {i}")
             w.write(txt, int((START + 0.5 * i) * 1e9), bytes(ts.serialize_cdr(s, "std_msgs/msg/String")))
     qfile = tmp_path / "q.jsonl"
-    qfile.write_text("\n".join(json.dumps(q) for q in [
-        {"id": "zero", "time": 0, "question": "a"}, {"id": "mid", "time": 0.75, "question": "b"},
-        {"id": "on_frame", "time": 1.5, "question": "c"}, {"id": "gap", "time": 3.0, "question": "d"},
-        {"id": "end", "time": "end", "question": "e"}]) + "\n")
+    qfile.write_text(
+        "\n".join(
+            json.dumps(q)
+            for q in [
+                {"id": "zero", "time": 0, "question": "a"},
+                {"id": "mid", "time": 0.75, "question": "b"},
+                {"id": "on_frame", "time": 1.5, "question": "c"},
+                {"id": "gap", "time": 3.0, "question": "d"},
+                {"id": "end", "time": "end", "question": "e"},
+            ]
+        )
+        + "\n"
+    )
     questions, issues = load_questions(qfile)
     with ImageBag(path) as bag:
         assert bag.info.topic == "/camera/image_raw" and bag.info.bag_end_s == pytest.approx(4.0)
         engine = FakeEngine()
         results, counters = run_offline(bag, questions, engine, batch=2)
     by = {r["id"]: r for r in results}
-    assert {k: by[k].get("frames_seen") for k in by} == {"zero": 1, "mid": 2, "on_frame": 4, "gap": None, "end": 5}
+    assert {k: by[k].get("frames_seen") for k in by} == {
+        "zero": 1,
+        "mid": 2,
+        "on_frame": 4,
+        "gap": None,
+        "end": 5,
+    }
     assert by["gap"]["status"] == "skipped"
-    assert "q.jsonl:4: time 3.000 s is beyond the end of the bag's image stream (the last frame is at 2.000 s)" \
+    assert (
+        "q.jsonl:4: time 3.000 s is beyond the end of the bag's image stream (the last frame is at 2.000 s)"
         in by["gap"]["error"]
+    )
     assert by["end"]["asked_stream_s"] == pytest.approx(2.0)
     assert engine.frames == pytest.approx([START + 0.5 * i for i in range(5)])  # header stamps, in order
     assert 2 in engine.flushed_at and 4 in engine.flushed_at  # drained every 2 queued frames
@@ -290,9 +366,11 @@ def test_offline_runner_asks_at_stream_time_and_catches_questions_past_the_last_
 
 # ----------------------------------------------------------------------------- question files
 
+
 def test_jsonl_malformed_lines_are_named_and_the_rest_kept(tmp_path):
     f = tmp_path / "q.jsonl"
-    f.write_text(textwrap.dedent("""\
+    f.write_text(
+        textwrap.dedent("""\
         # comment line
         {"id": "a", "time": 1.5, "question": "Colour?", "choices": ["red", "green"], "answer": "B"}
         {"id": "b", "time": "0:02.5", "question": "How many?", "answer": "three"}
@@ -305,7 +383,8 @@ def test_jsonl_malformed_lines_are_named_and_the_rest_kept(tmp_path):
         {"id": "g", "time": "end", "question": "Describe the whole video in detail please, thanks.", "answer": "A long reference answer with many words in it."}
         ["not", "an", "object"]
         {"time": 0.5, "question": "No id", "choices": {"A": "left", "B": "right"}, "answer": 1}
-        """))
+        """)
+    )
     qs, issues = load_questions(f)
     assert [q.id for q in qs] == ["L12", "a", "b", "g"]  # sorted by time, 'end' last
     assert [i.line for i in issues] == [4, 5, 6, 7, 9, 11]
@@ -323,7 +402,8 @@ def test_jsonl_malformed_lines_are_named_and_the_rest_kept(tmp_path):
 
 def test_yaml_and_json_keep_line_numbers(tmp_path):
     y = tmp_path / "q.yaml"
-    y.write_text(textwrap.dedent("""\
+    y.write_text(
+        textwrap.dedent("""\
         questions:
           - id: first
             time: 1
@@ -336,7 +416,8 @@ def test_yaml_and_json_keep_line_numbers(tmp_path):
             question: Which side?
             options: ["(A) left", "(B) right"]
             answer: right
-        """))
+        """)
+    )
     qs, issues = load_questions(y)
     assert [(q.id, q.line) for q in qs] == [("first", 2), ("L9", 9)]
     assert qs[0].kind == "short" and qs[0].reference == ["cup", "mug"]
@@ -370,14 +451,32 @@ def test_parse_time():
 def test_vstream_qa_files(tmp_path):
     """VStream-QA (IVGSZ/VStream-QA test_qa_*.json): video_id, question, answer, id (+ answer_type, duration)."""
     qa = tmp_path / "test_qa_ego4d.json"
-    qa.write_text(json.dumps([
-        {"video_id": "000246", "question": "what did I put in the sink", "id": "000246_0", "answer": "a red bowl",
-         "answer_type": "object", "duration": 840},
-        {"video_id": "000246", "question": "where was the knife",
-         "id": "000246_1", "answer": "It was lying on the wooden cutting board next to the sink", "duration": 840},
-        {"video_id": "000300", "question": "other clip", "id": "000300_0", "answer": "yes"},
-    ], indent=1))
-    with pytest.raises(QuestionFileError, match="questions on 2 videos; choose the bag's video with --video-id"):
+    qa.write_text(
+        json.dumps(
+            [
+                {
+                    "video_id": "000246",
+                    "question": "what did I put in the sink",
+                    "id": "000246_0",
+                    "answer": "a red bowl",
+                    "answer_type": "object",
+                    "duration": 840,
+                },
+                {
+                    "video_id": "000246",
+                    "question": "where was the knife",
+                    "id": "000246_1",
+                    "answer": "It was lying on the wooden cutting board next to the sink",
+                    "duration": 840,
+                },
+                {"video_id": "000300", "question": "other clip", "id": "000300_0", "answer": "yes"},
+            ],
+            indent=1,
+        )
+    )
+    with pytest.raises(
+        QuestionFileError, match="questions on 2 videos; choose the bag's video with --video-id"
+    ):
         load_questions(qa)
     qs, issues = load_questions(qa, video_id="000246")
     assert not issues and [q.id for q in qs] == ["000246_0", "000246_1"]
@@ -386,10 +485,15 @@ def test_vstream_qa_files(tmp_path):
     assert qs[0].line == 2
 
     clips = tmp_path / "rvs_ego.json"
-    clips.write_text(json.dumps([
-        {"video_id": "000246", "original_video": "e582", "start_time": 2430, "end_time": 3270},
-        {"video_id": "000300", "original_video": "e582", "start_time": 3300, "end_time": 3400},
-        {"video_id": "000400", "original_video": "other", "start_time": 0, "end_time": 10}]))
+    clips.write_text(
+        json.dumps(
+            [
+                {"video_id": "000246", "original_video": "e582", "start_time": 2430, "end_time": 3270},
+                {"video_id": "000300", "original_video": "e582", "start_time": 3300, "end_time": 3400},
+                {"video_id": "000400", "original_video": "other", "start_time": 0, "end_time": 10},
+            ]
+        )
+    )
     qs, issues = load_questions(qa, video_id="e582", clips=clips, time_offset=2400)
     assert not issues
     assert [(q.id, q.time) for q in qs] == [("000246_0", 870.0), ("000246_1", 870.0), ("000300_0", 1000.0)]
@@ -397,17 +501,30 @@ def test_vstream_qa_files(tmp_path):
 
 # ----------------------------------------------------------------------------- scoring
 
+
 def _q(**kw):
     from fvs_ros.bag.questions import question_from_dict
 
     return question_from_dict({"time": 1, "question": "q", **kw}, source="t", line=1, default_id="x")
 
 
-@pytest.mark.parametrize("answer,letter", [
-    ("B", "B"), ("(B)", "B"), ("B.", "B"), ("B. green", "B"), ("The answer is B.", "B"), ("Answer: (C)", "C"),
-    ("green", "B"), ("It is dark red.", "C"), ("A red one", "A"), ("I see red.", "A"), ("purple", None),
-    ("red or green", None),
-])
+@pytest.mark.parametrize(
+    "answer,letter",
+    [
+        ("B", "B"),
+        ("(B)", "B"),
+        ("B.", "B"),
+        ("B. green", "B"),
+        ("The answer is B.", "B"),
+        ("Answer: (C)", "C"),
+        ("green", "B"),
+        ("It is dark red.", "C"),
+        ("A red one", "A"),
+        ("I see red.", "A"),
+        ("purple", None),
+        ("red or green", None),
+    ],
+)
 def test_extract_choice(answer, letter):
     assert extract_choice(answer, ["red", "green", "dark red"])[0] == letter
 
@@ -437,8 +554,10 @@ def test_scoring_kinds(tmp_path):
     assert score_answer(_q(), "anything").method == "unscored"  # no reference
 
     script = tmp_path / "judge.py"
-    script.write_text("import json, sys\nd = json.load(sys.stdin)\n"
-                      "print(json.dumps({'score': 0.8 if 'jump' in d['answer'] else 0.1}))\n")
+    script.write_text(
+        "import json, sys\nd = json.load(sys.stdin)\n"
+        "print(json.dumps({'score': 0.8 if 'jump' in d['answer'] else 0.1}))\n"
+    )
     cmd = f"{sys.executable} {script}"
     s = score_answer(open_q, "kids jumping", cmd)
     assert (s.score, s.correct, s.method) == (0.8, True, "command")
@@ -457,26 +576,74 @@ def test_scoring_kinds(tmp_path):
 
 # ----------------------------------------------------------------------------- report
 
+
 def test_report_files_agree(tmp_path):
     rows = [
-        {"id": "a", "type": "mc", "time": 1.0, "status": "answered", "answer": "B", "score": 1.0, "correct": True,
-         "ttft_s": 0.010, "total_s": 0.050, "frames_seen": 2, "reference": "green", "reference_letter": "B"},
-        {"id": "b", "type": "short", "time": 2.0, "status": "answered", "answer": "two", "score": 0.0,
-         "correct": False, "exact": False, "contains": False, "ttft_s": 0.020, "total_s": 0.070, "frames_seen": 3},
-        {"id": "c", "type": "open", "time": 3.0, "status": "answered", "answer": "stuff", "score": None,
-         "correct": None, "ttft_s": 0.030, "total_s": 0.090, "frames_seen": 4},
+        {
+            "id": "a",
+            "type": "mc",
+            "time": 1.0,
+            "status": "answered",
+            "answer": "B",
+            "score": 1.0,
+            "correct": True,
+            "ttft_s": 0.010,
+            "total_s": 0.050,
+            "frames_seen": 2,
+            "reference": "green",
+            "reference_letter": "B",
+        },
+        {
+            "id": "b",
+            "type": "short",
+            "time": 2.0,
+            "status": "answered",
+            "answer": "two",
+            "score": 0.0,
+            "correct": False,
+            "exact": False,
+            "contains": False,
+            "ttft_s": 0.020,
+            "total_s": 0.070,
+            "frames_seen": 3,
+        },
+        {
+            "id": "c",
+            "type": "open",
+            "time": 3.0,
+            "status": "answered",
+            "answer": "stuff",
+            "score": None,
+            "correct": None,
+            "ttft_s": 0.030,
+            "total_s": 0.090,
+            "frames_seen": 4,
+        },
         {"id": "d", "type": "open", "time": 3.5, "status": "failed", "error": "timeout"},
         {"id": "e", "type": "open", "time": 99.0, "status": "skipped", "error": "beyond the end"},
     ]
     issues = [{"source": "q.jsonl", "line": 7, "id": None, "message": "malformed JSON"}]
     frames = {"in_bag": 30, "sent": 30, "received": 30, "used": 6, "dropped": 0}
-    report = build_report(mode="offline", bag={"path": "x.mcap", "topic": "/cam", "count": 30, "duration_s": 5.8},
-                          questions_file="q.jsonl", config={"model": "tiny"}, rows=rows, issues=issues,
-                          frames=frames)
+    report = build_report(
+        mode="offline",
+        bag={"path": "x.mcap", "topic": "/cam", "count": 30, "duration_s": 5.8},
+        questions_file="q.jsonl",
+        config={"model": "tiny"},
+        rows=rows,
+        issues=issues,
+        frames=frames,
+    )
     paths = write_report(report, tmp_path / "out")
     loaded = json.loads(paths["json"].read_text())
     s = loaded["summary"]
-    assert (s["questions"], s["answered"], s["failed"], s["skipped"], s["scored"], s["correct"]) == (6, 3, 1, 2, 2, 1)
+    assert (s["questions"], s["answered"], s["failed"], s["skipped"], s["scored"], s["correct"]) == (
+        6,
+        3,
+        1,
+        2,
+        2,
+        1,
+    )
     assert s["accuracy"] == 0.5
     assert s["latency_s"]["total"]["p50"] == pytest.approx(0.070) and s["latency_s"]["total"]["max"] == 0.090
     md = paths["markdown"].read_text()

@@ -13,6 +13,7 @@ the evaluator process while the node computes an answer; worse while the node's 
 both cores, hence OMP_NUM_THREADS=1 below); arrival deviation p90 <= 6 ms.
 Run with your own DDS domain: ROS_DOMAIN_ID=23 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST.
 """
+
 import json
 import os
 import re
@@ -36,8 +37,16 @@ OUTLIER_MAX_S = 1.0  # a single frame or question delayed by a scheduler stall o
 # about one run in six right after the live-mode test, ~1 ms otherwise)
 EXTERNAL_LATE_P50_S = 0.1
 EXTERNAL_LATE_MAX_S = OUTLIER_MAX_S
-NODE_PARAMS = ["memory_fps:=1.0", "summary_period_s:=0.0", "max_new_tokens:=8", "diagnostics_period_s:=0.5",
-               "device:=cpu", "image_topic:=/camera/image_raw", "reliability:=reliable", "qos_depth:=10"]
+NODE_PARAMS = [
+    "memory_fps:=1.0",
+    "summary_period_s:=0.0",
+    "max_new_tokens:=8",
+    "diagnostics_period_s:=0.5",
+    "device:=cpu",
+    "image_topic:=/camera/image_raw",
+    "reliability:=reliable",
+    "qos_depth:=10",
+]
 
 
 def _env():
@@ -62,11 +71,14 @@ def scenes(tmp_path_factory):
     d = tmp_path_factory.mktemp("scenes")
     bag = d / "scenes.mcap"
     frames = write_scene_bag(bag, fps=FPS, scene_s=SCENE_S)
-    qs = scene_questions(SCENE_S) + [{"id": "shape", "time": 2.5, "question": "What shape is moving?",
-                                      "answer": "disc"}]
+    qs = scene_questions(SCENE_S) + [
+        {"id": "shape", "time": 2.5, "question": "What shape is moving?", "answer": "disc"}
+    ]
     lines = [json.dumps(q) for q in qs]
     lines.insert(2, '{"id": "broken", "time": 2.0, "question": "unterminated')  # line 3
-    lines.append(json.dumps({"id": "too_late", "time": 30.0, "question": "Anything after the end?"}))  # line 8
+    lines.append(
+        json.dumps({"id": "too_late", "time": 30.0, "question": "Anything after the end?"})
+    )  # line 8
     qfile = d / "questions.jsonl"
     qfile.write_text("\n".join(lines) + "\n")
     expected_ids = {q["id"] for q in qs}
@@ -99,10 +111,15 @@ def check_report(out: Path, ids: set, mode: str) -> dict:
     s = report["summary"]
     assert s["answered"] == len(ids) and s["skipped"] == 2 and s["questions"] == len(ids) + 2
     acc = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}%"
-    assert (f"| {s['questions']} | {s['answered']} | {s['failed']} | {s['skipped']} | {s['scored']} | "
-            f"{s['correct']} | {acc} |") in md
+    assert (
+        f"| {s['questions']} | {s['answered']} | {s['failed']} | {s['skipped']} | {s['scored']} | "
+        f"{s['correct']} | {acc} |"
+    ) in md
     tot = s["latency_s"]["total"]
-    assert f"| total | {tot['n']} | {1000 * tot['p50']:.1f} | {1000 * tot['p95']:.1f} | {1000 * tot['max']:.1f} |" in md
+    assert (
+        f"| total | {tot['n']} | {1000 * tot['p50']:.1f} | {1000 * tot['p95']:.1f} | {1000 * tot['max']:.1f} |"
+        in md
+    )
     for r in rows:
         assert f"| {r['id']} | {r['time']:.2f} | {r['status']}" in md
     assert report["plot_points"] == len(answered) + s["failed"]
@@ -115,9 +132,24 @@ def test_offline_mode_deterministic(scenes, tiny_model, tmp_path, capsys):
     outs = []
     for k in range(2):
         out = tmp_path / f"run{k}"
-        rc = evaluate.main([str(scenes["bag"]), str(scenes["questions"]), "--mode", "offline",
-                            "--model", str(tiny_model), "--out", str(out), "--memory-fps", "1",
-                            "--max-new-tokens", "8", "--device", "cpu"])
+        rc = evaluate.main(
+            [
+                str(scenes["bag"]),
+                str(scenes["questions"]),
+                "--mode",
+                "offline",
+                "--model",
+                str(tiny_model),
+                "--out",
+                str(out),
+                "--memory-fps",
+                "1",
+                "--max-new-tokens",
+                "8",
+                "--device",
+                "cpu",
+            ]
+        )
         assert rc == 1  # two questions skipped (malformed line, beyond the end)
         outs.append(check_report(out, scenes["ids"], "offline"))
     err = capsys.readouterr().err
@@ -129,18 +161,34 @@ def test_offline_mode_deterministic(scenes, tiny_model, tmp_path, capsys):
         assert r["frames_seen"] == expected_frames_seen(r["time"]), qid
         assert r["last_frame_stream_s"] == pytest.approx(int(r["time"] + 1e-6), abs=1e-3)
     f = outs[0]["summary"]["frames"]
-    assert (f["in_bag"], f["received"], f["used"], f["skipped_by_sampling"], f["dropped"]) == (30, 30, 6, 24, 0)
+    assert (f["in_bag"], f["received"], f["used"], f["skipped_by_sampling"], f["dropped"]) == (
+        30,
+        30,
+        6,
+        24,
+        0,
+    )
     assert a["count_scenes"]["time"] == pytest.approx(5.8)
 
 
 # ----------------------------------------------------------------------------- live mode
 
+
 @pytest.fixture(scope="module")
 def node(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("node") / "node.log"
     with open(log, "w") as fh:
-        cmd = [sys.executable, "-m", "fvs_ros.node", "--autostart", "--ros-args",
-               "--params-file", str(REPO / "config" / "fvs.yaml"), "-p", f"model:={tiny_model}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fvs_ros.node",
+            "--autostart",
+            "--ros-args",
+            "--params-file",
+            str(REPO / "config" / "fvs.yaml"),
+            "-p",
+            f"model:={tiny_model}",
+        ]
         for p in NODE_PARAMS:
             cmd += ["-p", p]
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=fh, stderr=subprocess.STDOUT)
@@ -167,10 +215,15 @@ class Watcher:
         rclpy.init(context=self.ctx)
         self.node = rclpy.create_node("bag_eval_watcher", context=self.ctx)
         self.arrivals, self.clock = [], []
-        self.node.create_subscription(Image, topic, self._on_image,
-                                      QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
-        self.node.create_subscription(Clock, "/clock", lambda m: self.clock.append(
-            m.clock.sec + m.clock.nanosec * 1e-9), QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT))
+        self.node.create_subscription(
+            Image, topic, self._on_image, QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        )
+        self.node.create_subscription(
+            Clock,
+            "/clock",
+            lambda m: self.clock.append(m.clock.sec + m.clock.nanosec * 1e-9),
+            QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT),
+        )
         self.executor = SingleThreadedExecutor(context=self.ctx)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self._spin, daemon=True)
@@ -202,8 +255,22 @@ class Watcher:
 
 
 def _evaluate_cmd(scenes, out, *extra):
-    return [sys.executable, "-m", "fvs_ros.bag.evaluate", str(scenes["bag"]), str(scenes["questions"]),
-            "--mode", "live", "--out", str(out), "--wait", "90", "--ask-timeout", "60", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "fvs_ros.bag.evaluate",
+        str(scenes["bag"]),
+        str(scenes["questions"]),
+        "--mode",
+        "live",
+        "--out",
+        str(out),
+        "--wait",
+        "90",
+        "--ask-timeout",
+        "60",
+        *extra,
+    ]
 
 
 def _node_alive(node):
@@ -215,8 +282,14 @@ def test_live_mode_recorded_timing(scenes, node, tmp_path):
     watcher = Watcher()
     try:
         out = tmp_path / "live"
-        proc = subprocess.run(_evaluate_cmd(scenes, out, "--clock", "50"), cwd=REPO, env=_env(),
-                              capture_output=True, text=True, timeout=150)
+        proc = subprocess.run(
+            _evaluate_cmd(scenes, out, "--clock", "50"),
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
         _node_alive(node)
         assert proc.returncode == 1, proc.stderr[-3000:]
         time.sleep(0.3)
@@ -232,9 +305,11 @@ def test_live_mode_recorded_timing(scenes, node, tmp_path):
     # independent check: arrival times at a subscriber match the recorded schedule
     assert len(watcher.arrivals) == 30
     dev = sorted(abs(d) for d in watcher.deviations(rate=1.0))
-    print(f"\nlive timing: publish late p50/p95/max {t['frames_late_s']['p50']:.4f}/{t['frames_late_s']['p95']:.4f}/"
-          f"{t['frames_late_s']['max']:.4f} s; arrival deviation p50/p90/max {dev[15]:.4f}/{dev[26]:.4f}/{dev[-1]:.4f} s; "
-          f"questions late max {t['questions_late_s']['max']:.4f} s")
+    print(
+        f"\nlive timing: publish late p50/p95/max {t['frames_late_s']['p50']:.4f}/{t['frames_late_s']['p95']:.4f}/"
+        f"{t['frames_late_s']['max']:.4f} s; arrival deviation p50/p90/max {dev[15]:.4f}/{dev[26]:.4f}/{dev[-1]:.4f} s; "
+        f"questions late max {t['questions_late_s']['max']:.4f} s"
+    )
     assert dev[26] <= LATE_MAX_S and dev[-1] <= OUTLIER_MAX_S, dev
     # /clock carried the bag's time, starting at the first frame
     first = scenes["frames"][0][0] + 1_700_000_000.0
@@ -250,8 +325,14 @@ def test_live_mode_recorded_timing(scenes, node, tmp_path):
 def test_live_mode_external_player_with_clock(scenes, node, tmp_path):
     """The bag is played by another process (stand-in for `ros2 bag play --clock`); questions follow /clock."""
     out = tmp_path / "external"
-    ev = subprocess.Popen(_evaluate_cmd(scenes, out, "--player", "external", "--sync", "clock", "--rate", "2"),
-                          cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ev = subprocess.Popen(
+        _evaluate_cmd(scenes, out, "--player", "external", "--sync", "clock", "--rate", "2"),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     err_lines = []
     try:
         deadline = time.monotonic() + 90
@@ -259,9 +340,29 @@ def test_live_mode_external_player_with_clock(scenes, node, tmp_path):
             err_lines.append(line)
             if "waiting for a player" in line or time.monotonic() > deadline:
                 break
-        player = subprocess.run([sys.executable, "-m", "fvs_ros.bag.play", str(scenes["bag"]), "--clock", "50",
-                                 "--rate", "2", "--wait", "30", "--subscribers", "2", "--delay", "1.5"],
-                                cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+        player = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fvs_ros.bag.play",
+                str(scenes["bag"]),
+                "--clock",
+                "50",
+                "--rate",
+                "2",
+                "--wait",
+                "30",
+                "--subscribers",
+                "2",
+                "--delay",
+                "1.5",
+            ],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert player.returncode == 0, player.stderr
         assert "played 30 frames" in player.stderr
         stdout, rest = ev.communicate(timeout=120)
@@ -275,5 +376,8 @@ def test_live_mode_external_player_with_clock(scenes, node, tmp_path):
     t = report["summary"]["timing"]
     assert t["sync"] == "clock" and t["rate"] == 2.0
     # scheduled against /clock as this process receives it: looser than the internal player
-    assert t["questions_late_s"]["p50"] <= EXTERNAL_LATE_P50_S and t["questions_late_s"]["max"] <= EXTERNAL_LATE_MAX_S, t
+    assert (
+        t["questions_late_s"]["p50"] <= EXTERNAL_LATE_P50_S
+        and t["questions_late_s"]["max"] <= EXTERNAL_LATE_MAX_S
+    ), t
     assert t["replay_wall_s"] == pytest.approx(2.9, abs=0.6)

@@ -1,4 +1,5 @@
 """StreamEngine on CPU with tiny random checkpoints: answers, prefix cache, streaming, floods, errors, state."""
+
 from __future__ import annotations
 
 import threading
@@ -8,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from fvs_ros.engine import (AnswerTimeout, EngineConfig, EngineError, FrameError, QuestionError, StreamEngine,
-                            open_engine)
+from fvs_ros.engine import (
+    AnswerTimeout,
+    EngineConfig,
+    EngineError,
+    FrameError,
+    QuestionError,
+    StreamEngine,
+    open_engine,
+)
 from fvs_ros.memory import MemoryConfig
 from fvs_ros.model import ModelLoadError, load_model
 from fvs_ros.model.tiny import FORMATS, write_tiny_checkpoint
@@ -183,8 +191,9 @@ def test_questions_while_frames_stream_see_growing_memory(lm, make_engine):
 def test_questions_are_answered_while_the_prefix_is_rebuilt(lm, make_engine):
     """A question asked during a rebuild (the builder thread) is answered from the previous prefix at once."""
     slow = Proxy(lm, chunk_delay=0.05)  # ~180-token prefix in 16-token chunks: a rebuild takes ~0.6 s
-    eng = make_engine(slow, EngineConfig(sample_fps=0, prefix_refresh_s=0.0, max_prefix_lag_s=10.0,
-                                         prefill_chunk_tokens=16))
+    eng = make_engine(
+        slow, EngineConfig(sample_fps=0, prefix_refresh_s=0.0, max_prefix_lag_s=10.0, prefill_chunk_tokens=16)
+    )
     feed(eng, 6)
     eng.flush()
     wait_for(lambda: eng.stats().prefix_current)
@@ -203,8 +212,9 @@ def test_questions_are_answered_while_the_prefix_is_rebuilt(lm, make_engine):
 def test_a_lagging_prefix_answers_at_once_while_the_builder_catches_up(lm, make_engine):
     """Past max_prefix_lag_s a question still does not wait: the old prefix answers, the new one follows."""
     slow = Proxy(lm, chunk_delay=0.05)
-    eng = make_engine(slow, EngineConfig(sample_fps=0, prefix_refresh_s=5.0, max_prefix_lag_s=0.05,
-                                         prefill_chunk_tokens=16))
+    eng = make_engine(
+        slow, EngineConfig(sample_fps=0, prefix_refresh_s=5.0, max_prefix_lag_s=0.05, prefill_chunk_tokens=16)
+    )
     feed(eng, 6)
     eng.flush()
     wait_for(lambda: eng.stats().prefix_current)
@@ -277,8 +287,11 @@ def test_bad_inputs_raise_clear_errors_and_the_engine_keeps_working(lm, ckpts, m
     eng = make_engine(lm, EngineConfig(sample_fps=0, max_frame_side=1000))
     good = frames(1)[0]
     bad_frames = {
-        "dtype": good.astype(np.float32), "HxWx3": good[..., 0], "got \\(112, 224, 4\\)": np.zeros((H, W, 4), np.uint8),
-        "empty": np.zeros((0, W, 3), np.uint8), "max_frame_side": np.zeros((H, 2000, 3), np.uint8),
+        "dtype": good.astype(np.float32),
+        "HxWx3": good[..., 0],
+        "got \\(112, 224, 4\\)": np.zeros((H, W, 4), np.uint8),
+        "empty": np.zeros((0, W, 3), np.uint8),
+        "max_frame_side": np.zeros((H, 2000, 3), np.uint8),
         "numpy array": good.tolist(),
     }
     for expected, frame in bad_frames.items():
@@ -348,12 +361,15 @@ def test_timeout_cancels_the_request_and_the_worker_keeps_serving(lm, make_engin
 
 def test_summaries_on_demand_and_periodic(lm, make_engine):
     got = []
-    eng = make_engine(lm, EngineConfig(sample_fps=0, summary_period_s=0.05, summary_max_new_tokens=3),
-                      on_summary=got.append)
+    eng = make_engine(
+        lm, EngineConfig(sample_fps=0, summary_period_s=0.05, summary_max_new_tokens=3), on_summary=got.append
+    )
     feed(eng, 4)
     eng.flush()
     assert eng.summarize().frames_seen == 4
-    wait_for(lambda: got and got[-1].frames_seen == 4)  # one summary per memory change, the last of all 4 frames
+    wait_for(
+        lambda: got and got[-1].frames_seen == 4
+    )  # one summary per memory change, the last of all 4 frames
     assert all(a.num_tokens <= 3 for a in got) and eng.stats().summaries == len(got)
 
 
@@ -388,8 +404,14 @@ def test_reset_save_load_round_trip(lm, make_engine, tmp_path):
     for target in (eng, make_engine(lm)):
         target.load(tmp_path / "state")
         snap = target.snapshot()
-        assert (snap.frames_seen, snap.version, snap.last_stamp) == (saved.frames_seen, saved.version, saved.last_stamp)
-        assert torch.equal(snap.csm_features, saved.csm_features) and torch.equal(snap.dam_slots, saved.dam_slots)
+        assert (snap.frames_seen, snap.version, snap.last_stamp) == (
+            saved.frames_seen,
+            saved.version,
+            saved.last_stamp,
+        )
+        assert torch.equal(snap.csm_features, saved.csm_features) and torch.equal(
+            snap.dam_slots, saved.dam_slots
+        )
         after = target.ask(Q, max_new_tokens=6)
         assert (after.text, after.frames_seen) == (before.text, 10)
         s = target.stats()

@@ -1,4 +1,5 @@
 """The video CLI (python -m fvs_ros.video_cli) on a synthesized video and a tiny random checkpoint."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,22 @@ def video(tmp_path_factory):
 
 
 def test_questions_at_stream_times_see_the_video_up_to_then(ckpt, video, capsys):
-    rc = main([str(video), "--model", str(ckpt), "--ask", "2.05:What is here?", "--ask", "0.5:And now?",
-               "--ask", "99:At the end?", "--max-new-tokens", "3", "--json"])
+    rc = main(
+        [
+            str(video),
+            "--model",
+            str(ckpt),
+            "--ask",
+            "2.05:What is here?",
+            "--ask",
+            "0.5:And now?",
+            "--ask",
+            "99:At the end?",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     answers = [json.loads(line) for line in out.out.splitlines()]
     assert rc == 0 and [a["t"] for a in answers] == [0.5, 2.05, 99]
@@ -44,8 +59,23 @@ def test_questions_at_stream_times_see_the_video_up_to_then(ckpt, video, capsys)
 
 
 def test_text_output_and_realtime_pacing(ckpt, video, capsys):
-    rc = main([str(video), "--model", str(ckpt), "--ask", "1.5:What colour?", "--realtime", "--end", "2",
-               "--sample-fps", "0", "--max-new-tokens", "2", "--summary"])
+    rc = main(
+        [
+            str(video),
+            "--model",
+            str(ckpt),
+            "--ask",
+            "1.5:What colour?",
+            "--realtime",
+            "--end",
+            "2",
+            "--sample-fps",
+            "0",
+            "--max-new-tokens",
+            "2",
+            "--summary",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "Q: What colour?" in out and "Q: (summary)" in out and "frames_seen=" in out
 

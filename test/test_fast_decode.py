@@ -113,9 +113,17 @@ def test_stop_tokens_and_callback(model):
     stop = ref[3]
     fast = FastDecoder(*model)
     seen = []
-    got = fast.generate(q_embeds, q_pos, next_pos, 10, stop_ids=[stop], prefix_kv=prefix,
-                        prefix_len=plen, on_token=seen.append)
-    assert got.tokens == ref[:ref.index(stop)] == seen
+    got = fast.generate(
+        q_embeds,
+        q_pos,
+        next_pos,
+        10,
+        stop_ids=[stop],
+        prefix_kv=prefix,
+        prefix_len=plen,
+        on_token=seen.append,
+    )
+    assert got.tokens == ref[: ref.index(stop)] == seen
     assert got.ttft_s <= got.total_s
 
     class Cancel(Exception):
@@ -136,14 +144,18 @@ def test_forced_tokens_give_per_step_predictions(model):
     llm, lm_head = model
     prefix, plen, q_embeds, q_pos, next_pos, ref = cached_question(model, q_len=5, seed=11, max_new_tokens=12)
     fast = FastDecoder(llm, lm_head, buckets=(8,))
-    got = fast.generate(q_embeds, q_pos, next_pos, 99, stop_ids=[ref[2]], prefix_kv=prefix,
-                        prefix_len=plen, force_tokens=ref)
+    got = fast.generate(
+        q_embeds, q_pos, next_pos, 99, stop_ids=[ref[2]], prefix_kv=prefix, prefix_len=plen, force_tokens=ref
+    )
     assert got.tokens == ref  # forcing the eager sequence reproduces it step by step; stops ignored
     other = list(reversed(ref))
-    forced = fast.generate(q_embeds, q_pos, next_pos, 0, prefix_kv=prefix, prefix_len=plen,
-                           force_tokens=other).tokens
+    forced = fast.generate(
+        q_embeds, q_pos, next_pos, 0, prefix_kv=prefix, prefix_len=plen, force_tokens=other
+    ).tokens
     assert forced[0] == ref[0] and len(forced) == len(other)
-    for i in range(1, len(other)):  # prediction i follows other[:i]: the eager loop fed the same tokens agrees
+    for i in range(
+        1, len(other)
+    ):  # prediction i follows other[:i]: the eager loop fed the same tokens agrees
         assert forced[i] == eager_forced(llm, lm_head, q_embeds, q_pos, next_pos, prefix, other[:i])
 
 

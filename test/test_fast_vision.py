@@ -48,7 +48,10 @@ def test_video_lm_streams_frames_through_it(ckpt, tmp_path):
     torch.testing.assert_close(feats.full, ref.full, rtol=1e-5, atol=1e-5)
     offline = lm.encode_frames(frames(2, 100, 150), frames_per_slot=2)  # pairs of frames: the eager tower
     assert offline.full.shape[0] == 1
-    assert load_model(write_tiny_checkpoint(tmp_path / "q25", "qwen2_5_vl"), fast_vision=True).fast_vision is None
+    assert (
+        load_model(write_tiny_checkpoint(tmp_path / "q25", "qwen2_5_vl"), fast_vision=True).fast_vision
+        is None
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

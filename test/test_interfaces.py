@@ -1,4 +1,5 @@
 """The generated fvs_ros interfaces work across processes over DDS (issue 2)."""
+
 import os
 import signal
 import subprocess
@@ -13,16 +14,20 @@ from rclpy.node import Node
 from fvs_ros.msg import SceneSummary
 from fvs_ros.srv import Ask
 
-SERVER = Path(__file__).parent / 'support' / 'interface_server.py'
-NAMESPACE = '/fvs_interface_test'
+SERVER = Path(__file__).parent / "support" / "interface_server.py"
+NAMESPACE = "/fvs_interface_test"
 
 
 @pytest.fixture
 def server_process():
     proc = subprocess.Popen(
-        [sys.executable, str(SERVER), '--ros-args', '-r', f'__ns:={NAMESPACE}'],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    assert proc.stdout.readline().strip() == 'ready'
+        [sys.executable, str(SERVER), "--ros-args", "-r", f"__ns:={NAMESPACE}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert proc.stdout.readline().strip() == "ready"
     yield proc
     proc.send_signal(signal.SIGINT)
     try:
@@ -34,7 +39,7 @@ def server_process():
 @pytest.fixture
 def client_node():
     rclpy.init()
-    node = Node('interface_client')
+    node = Node("interface_client")
     yield node
     node.destroy_node()
     rclpy.shutdown()
@@ -48,44 +53,52 @@ def spin_until(node, done, timeout):
 
 
 def test_generated_types_are_rosidl_types():
-    assert Ask.__module__.startswith('fvs_ros.srv')
-    assert SceneSummary.__module__.startswith('fvs_ros.msg')
+    assert Ask.__module__.startswith("fvs_ros.srv")
+    assert SceneSummary.__module__.startswith("fvs_ros.msg")
     # rosidl-generated classes load their C typesupport; hand-written ones have none.
     SceneSummary.__import_type_support__()
     Ask.Request.__import_type_support__()
     assert SceneSummary._TYPE_SUPPORT is not None
     assert Ask.Request._TYPE_SUPPORT is not None
     request_fields = Ask.Request.get_fields_and_field_types()
-    assert request_fields == {'question': 'string', 'timeout_s': 'float', 'max_new_tokens': 'uint32'}
+    assert request_fields == {"question": "string", "timeout_s": "float", "max_new_tokens": "uint32"}
     response_fields = Ask.Response.get_fields_and_field_types()
-    for name in ('success', 'answer', 'error', 'frames_seen', 'frames_in_memory',
-                 'first_frame_stamp', 'last_frame_stamp', 'time_to_first_token_s',
-                 'total_time_s', 'num_tokens'):
+    for name in (
+        "success",
+        "answer",
+        "error",
+        "frames_seen",
+        "frames_in_memory",
+        "first_frame_stamp",
+        "last_frame_stamp",
+        "time_to_first_token_s",
+        "total_time_s",
+        "num_tokens",
+    ):
         assert name in response_fields
-    assert SceneSummary.get_fields_and_field_types()['header'] == 'std_msgs/Header'
+    assert SceneSummary.get_fields_and_field_types()["header"] == "std_msgs/Header"
 
 
 def test_ask_and_summary_across_processes(server_process, client_node):
     summaries = []
-    client_node.create_subscription(
-        SceneSummary, f'{NAMESPACE}/scene_summary', summaries.append, 10)
-    client = client_node.create_client(Ask, f'{NAMESPACE}/ask')
-    assert client.wait_for_service(timeout_sec=20), 'Ask service never appeared'
+    client_node.create_subscription(SceneSummary, f"{NAMESPACE}/scene_summary", summaries.append, 10)
+    client = client_node.create_client(Ask, f"{NAMESPACE}/ask")
+    assert client.wait_for_service(timeout_sec=20), "Ask service never appeared"
 
-    request = Ask.Request(question='What is on the table?', timeout_s=3.5, max_new_tokens=17)
+    request = Ask.Request(question="What is on the table?", timeout_s=3.5, max_new_tokens=17)
     future = client.call_async(request)
     assert spin_until(client_node, future.done, 20)
     response = future.result()
     assert response.success
-    assert response.answer == '?elbat eht no si tahW'
+    assert response.answer == "?elbat eht no si tahW"
     assert response.frames_seen == 42 and response.frames_in_memory == 7
     assert (response.last_frame_stamp.sec, response.last_frame_stamp.nanosec) == (2, 500_000_000)
     assert response.total_time_s == pytest.approx(3.5)
     assert response.num_tokens == 17
 
-    assert spin_until(client_node, lambda: len(summaries) >= 2, 20), 'no SceneSummary arrived'
+    assert spin_until(client_node, lambda: len(summaries) >= 2, 20), "no SceneSummary arrived"
     first = summaries[0]
-    assert first.summary.startswith('summary ')
-    assert first.header.frame_id == 'camera'
+    assert first.summary.startswith("summary ")
+    assert first.header.frame_id == "camera"
     assert first.frames_dropped == 3
     assert summaries[1].frames_seen > first.frames_seen

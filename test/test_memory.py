@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from fvs_ros.cuda_graph import CaptureError
-from fvs_ros.memory import FORMAT_VERSION, FlashMemory, MemoryConfig, MemoryFileError, MemorySnapshot, csm, dam, graph
+from fvs_ros.memory import (
+    FORMAT_VERSION,
+    FlashMemory,
+    MemoryConfig,
+    MemoryFileError,
+    MemorySnapshot,
+    csm,
+    dam,
+    graph,
+)
 from fvs_ros.memory import memory as memory_module
 
 SMALL = MemoryConfig(csm_slots=8, dam_frames=4, bank_capacity=12)
@@ -41,7 +50,7 @@ def feed(mem: FlashMemory, low, full, stamps, batch_sizes) -> list[MemorySnapsho
     for b in batch_sizes:
         if i >= len(low):
             break
-        snaps.append(mem.update(low[i: i + b], full[i: i + b], stamps[i: i + b]))
+        snaps.append(mem.update(low[i : i + b], full[i : i + b], stamps[i : i + b]))
         i += b
     return snaps
 
@@ -83,15 +92,16 @@ def check_invariants(mem: FlashMemory, snap: MemorySnapshot, full, stamps, cfg: 
     assert snap.first_stamp == float(stamps[0]) and snap.last_stamp == float(stamps[n - 1])
 
 
-@pytest.mark.parametrize("cfg", [SMALL, MemoryConfig(csm_slots=6, dam_frames=6, bank_capacity=None)],
-                         ids=["bounded", "unbounded"])
+@pytest.mark.parametrize(
+    "cfg", [SMALL, MemoryConfig(csm_slots=6, dam_frames=6, bank_capacity=None)], ids=["bounded", "unbounded"]
+)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_invariants_on_random_streams(seed, cfg):
     low, full, stamps = scene_stream(seed, 120)
     mem = FlashMemory(cfg)
     versions, i = [], 0
     for b in random_batches(seed, 120):
-        snap = mem.update(low[i: i + b], full[i: i + b], stamps[i: i + b])
+        snap = mem.update(low[i : i + b], full[i : i + b], stamps[i : i + b])
         check_invariants(mem, snap, full, stamps, cfg)
         versions.append(snap.version)
         i += b
@@ -131,7 +141,9 @@ def test_reference_frames_cluster_like_the_official_run():
     """The reference run's raw pixel patches (a stand-in for ViT features) give its clusters."""
     ref = np.load(REFERENCE)
     slots = torch.from_numpy(ref["pixel_values"]).reshape(8, 128, 1176)
-    mem = FlashMemory(MemoryConfig(csm_slots=4, dam_frames=2))  # the checkpoint's temporal/spatial lengths 8/4, halved
+    mem = FlashMemory(
+        MemoryConfig(csm_slots=4, dam_frames=2)
+    )  # the checkpoint's temporal/spatial lengths 8/4, halved
     snap = mem.update(slots[:, :32], slots, torch.arange(8.0))
     np.testing.assert_array_equal(snap.csm_weights.numpy(), ref["csm_weights"])
     np.testing.assert_array_equal(snap.csm_times.numpy(), ref["csm_timestamps"])
@@ -174,8 +186,11 @@ def test_held_snapshot_never_changes():
     low, full, stamps = scene_stream(5, 80)
     mem = FlashMemory(SMALL)
     held = mem.update(low[:40], full[:40], stamps[:40])
-    copy = {f.name: getattr(held, f.name).clone() for f in dataclasses.fields(held)
-            if isinstance(getattr(held, f.name), torch.Tensor)}
+    copy = {
+        f.name: getattr(held, f.name).clone()
+        for f in dataclasses.fields(held)
+        if isinstance(getattr(held, f.name), torch.Tensor)
+    }
     feed(mem, low[40:], full[40:], stamps[40:], [1] * 40)
     assert mem.snapshot() is not held and mem.snapshot().version > held.version
     for name, t in copy.items():
@@ -188,10 +203,14 @@ def test_bounded_memory_bytes_stay_flat_unbounded_grow():
     sizes = {"b": [], "u": []}
     for i in range(0, 200, 20):
         for mem, key in ((bounded, "b"), (unbounded, "u")):
-            mem.update(low[i: i + 20], full[i: i + 20], stamps[i: i + 20])
+            mem.update(low[i : i + 20], full[i : i + 20], stamps[i : i + 20])
             sizes[key].append(mem.nbytes())
     assert len(set(sizes["b"])) == 1
-    assert unbounded._bank.count == 200 and sizes["u"] == sorted(sizes["u"]) and sizes["u"][-1] > 3 * sizes["u"][0]
+    assert (
+        unbounded._bank.count == 200
+        and sizes["u"] == sorted(sizes["u"])
+        and sizes["u"][-1] > 3 * sizes["u"][0]
+    )
 
 
 def test_save_load_round_trip_and_identical_next_update(tmp_path):
@@ -206,7 +225,9 @@ def test_save_load_round_trip_and_identical_next_update(tmp_path):
     assert loaded.config == mem.config
     assert_same_snapshot(mem.snapshot(), loaded.snapshot())
     assert loaded.snapshot().version == mem.snapshot().version
-    assert_same_snapshot(mem.update(low[70:], full[70:], stamps[70:]), loaded.update(low[70:], full[70:], stamps[70:]))
+    assert_same_snapshot(
+        mem.update(low[70:], full[70:], stamps[70:]), loaded.update(low[70:], full[70:], stamps[70:])
+    )
 
 
 def test_save_load_empty_memory(tmp_path):
@@ -283,8 +304,9 @@ def test_bad_input_raises_and_leaves_memory_unchanged(case):
     assert mem.snapshot() is before and mem.nbytes() == nbytes and mem.frames_seen == 20
     reference = FlashMemory(SMALL)
     reference.update(low[:20], full[:20], stamps[:20], (4, 4))
-    assert_same_snapshot(mem.update(low[20:], full[20:], stamps[20:]),
-                         reference.update(low[20:], full[20:], stamps[20:]))
+    assert_same_snapshot(
+        mem.update(low[20:], full[20:], stamps[20:]), reference.update(low[20:], full[20:], stamps[20:])
+    )
 
 
 def test_config_validation():
@@ -310,12 +332,14 @@ def test_planted_event_keeps_a_centroid_and_dam_retrieves_it(seed):
     g = torch.Generator().manual_seed(seed)
     n, start, length, nl, c = 600, 291, 18, 4, 16
     scene, event = torch.randn(nl, c, generator=g), torch.randn(nl, c, generator=g)
-    low = scene + 0.02 * torch.randn(n, nl, c, generator=g).cumsum(0) + 0.3 * torch.randn(n, nl, c, generator=g)
-    low[start: start + length] = event + 0.3 * torch.randn(length, nl, c, generator=g)
+    low = (
+        scene + 0.02 * torch.randn(n, nl, c, generator=g).cumsum(0) + 0.3 * torch.randn(n, nl, c, generator=g)
+    )
+    low[start : start + length] = event + 0.3 * torch.randn(length, nl, c, generator=g)
     full = torch.randn(n, 8, c, generator=g)
     mem = FlashMemory(MemoryConfig())
     for i in range(0, n, 50):
-        snap = mem.update(low[i: i + 50], full[i: i + 50], torch.arange(i, i + 50) / 10.0)
+        snap = mem.update(low[i : i + 50], full[i : i + 50], torch.arange(i, i + 50) / 10.0)
     to_event = (snap.csm_features - event).flatten(1).norm(dim=1)
     to_scene = (snap.csm_features - low[[0, start - 1, start + length, n - 1]].mean(0)).flatten(1).norm(dim=1)
     event_centroids = to_event < to_scene
@@ -403,7 +427,11 @@ def test_lloyd_iterations_split_anywhere_or_stopped_once_done_give_the_same_part
             csm.iterate(pieces, n, tol)
         csm.iterate(stopped, 10, tol, stop_early=bool)
         for ab in (pieces, stopped):
-            assert torch.equal(ab.a, whole.a) and torch.equal(ab.mass, whole.mass) and bool(ab.done) == bool(whole.done)
+            assert (
+                torch.equal(ab.a, whole.a)
+                and torch.equal(ab.mass, whole.mass)
+                and bool(ab.done) == bool(whole.done)
+            )
         moved += not torch.equal(start, whole.a)
     assert moved >= 20  # the test exercises real iterations
 
@@ -419,7 +447,9 @@ class EagerGraph:
 
 def graph_memory(cfg: MemoryConfig) -> FlashMemory:
     mem = FlashMemory(cfg)
-    mem._use_graphs = True  # the CPU has no CUDA graphs: with EagerGraph patched in, the split step runs eagerly
+    mem._use_graphs = (
+        True  # the CPU has no CUDA graphs: with EagerGraph patched in, the split step runs eagerly
+    )
     return mem
 
 

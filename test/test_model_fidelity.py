@@ -101,7 +101,9 @@ def test_prompt_embeddings_and_positions(lm, feats, ref, question):
     decode = torch.arange(inputs.next_position, inputs.next_position + 4).expand(3, 1, 4)
     assert torch.equal(decode, torch.from_numpy(ref["position_ids_decode"]))
     video = slice(33, 33 + 96)  # 33 tokens up to <|vision_start|>, then 2 x 32 DAM + 4 x 8 CSM tokens
-    torch.testing.assert_close(inputs.embeds[0, video], torch.from_numpy(ref["video_embeds"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        inputs.embeds[0, video], torch.from_numpy(ref["video_embeds"]), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(inputs.embeds, torch.from_numpy(ref["inputs_embeds"]), rtol=1e-5, atol=1e-5)
 
 

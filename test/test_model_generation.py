@@ -34,10 +34,14 @@ def snapshot_of(feats, frames_seen, csm_times=None, dam_slots=(1, 4)):
     """Memory snapshot (contract of fvs_ros.memory) holding all slots in CSM and `dam_slots` in DAM."""
     n = feats.low.shape[0]
     return SimpleNamespace(
-        csm_features=feats.low.float(), csm_weights=torch.ones(n),
+        csm_features=feats.low.float(),
+        csm_weights=torch.ones(n),
         csm_times=torch.arange(n, dtype=torch.float64) if csm_times is None else torch.as_tensor(csm_times),
-        dam_features=feats.full[list(dam_slots)], dam_slots=torch.tensor(dam_slots),
-        frames_seen=frames_seen, version=3, full_hw=feats.full_hw,
+        dam_features=feats.full[list(dam_slots)],
+        dam_slots=torch.tensor(dam_slots),
+        frames_seen=frames_seen,
+        version=3,
+        full_hw=feats.full_hw,
     )
 
 
@@ -99,7 +103,9 @@ def test_long_streams_stay_in_the_trained_time_range():
     n = 10_000
     t = time_to_position(torch.tensor([0.0, 0.5 * (n - 1), n - 1.0]), slots_seen=n)
     assert t.tolist() == [0, 60, TRAINED_SLOTS - 1]
-    assert time_to_position(torch.tensor([119.0]), slots_seen=120).item() == 119  # no compression up to 120 slots
+    assert (
+        time_to_position(torch.tensor([119.0]), slots_seen=120).item() == 119
+    )  # no compression up to 120 slots
 
 
 def test_prompt_positions_of_a_long_stream(lm, frames):
@@ -110,12 +116,12 @@ def test_prompt_positions_of_a_long_stream(lm, frames):
     v0 = len(lm.tokenizer(lm.chat.head("You are a helpful assistant."), add_special_tokens=False).input_ids)
     t = inputs.position_ids[0, 0]
     n_dam, n_csm = 2 * 32, 3 * 8
-    assert (t[v0:v0 + n_dam] - v0).unique().tolist() == [48, 119]  # 40000 * 119 / 99999 = 47.6
-    csm_t = t[v0 + n_dam:v0 + n_dam + n_csm:8] - (v0 + n_dam)
+    assert (t[v0 : v0 + n_dam] - v0).unique().tolist() == [48, 119]  # 40000 * 119 / 99999 = 47.6
+    csm_t = t[v0 + n_dam : v0 + n_dam + n_csm : 8] - (v0 + n_dam)
     assert csm_t.tolist() == [0, 60, 119]
     end = v0 + n_dam + max(3 - 1, 1, 3) + 1
     assert t[v0 + n_dam + n_csm].item() == end  # <|vision_end|>
-    assert inputs.position_ids[:, 0, v0 + n_dam + n_csm:].equal(
+    assert inputs.position_ids[:, 0, v0 + n_dam + n_csm :].equal(
         torch.arange(end, inputs.next_position).expand(3, -1)
     )
 

@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fvs_ros.model import ModelLoadError, load_model, map_weight_name, resolve_device_dtype
-from fvs_ros.model import checkpoint
+from fvs_ros.model import ModelLoadError, checkpoint, load_model, map_weight_name, resolve_device_dtype
 from fvs_ros.model.preprocess import slot_patches
-from fvs_ros.model.tiny import FORMATS, main as tiny_main, write_tiny_checkpoint
+from fvs_ros.model.tiny import FORMATS, write_tiny_checkpoint
+from fvs_ros.model.tiny import main as tiny_main
 
 OFFICIAL_CKPT = Path(__file__).parent / "data" / "official_reference" / "tiny_ckpt"
 
@@ -49,7 +49,10 @@ def test_weight_mapping_covers_official_checkpoint_exactly():
 
 def test_map_weight_name_examples():
     assert map_weight_name("model.embed_tokens.weight") == "model.language_model.embed_tokens.weight"
-    assert map_weight_name("model.layers.3.mlp.up_proj.weight") == "model.language_model.layers.3.mlp.up_proj.weight"
+    assert (
+        map_weight_name("model.layers.3.mlp.up_proj.weight")
+        == "model.language_model.layers.3.mlp.up_proj.weight"
+    )
     assert map_weight_name("model.norm.weight") == "model.language_model.norm.weight"
     assert map_weight_name("visual.blocks.0.attn.qkv.bias") == "model.visual.blocks.0.attn.qkv.bias"
     assert map_weight_name("visual.merger.mlp.0.weight") == "model.visual.merger.mlp.0.weight"
@@ -62,8 +65,10 @@ def test_tiny_official_format_matches_official_layout(tiny_dirs):
     official = json.loads((OFFICIAL_CKPT / "config.json").read_text())
     assert ours["model_type"] == official["model_type"] == "flash_vstream_qwen2_vl"
     assert ours["vision_config"]["flash_memory_config"] == official["vision_config"]["flash_memory_config"]
-    with safe_open(tiny_dirs["flash_vstream"] / "model.safetensors", framework="pt") as a, \
-            safe_open(OFFICIAL_CKPT / "model.safetensors", framework="pt") as b:
+    with (
+        safe_open(tiny_dirs["flash_vstream"] / "model.safetensors", framework="pt") as a,
+        safe_open(OFFICIAL_CKPT / "model.safetensors", framework="pt") as b,
+    ):
         assert set(a.keys()) == set(b.keys())
 
 
@@ -71,7 +76,9 @@ def test_tiny_official_format_matches_official_layout(tiny_dirs):
 def test_each_format_loads_and_answers(tiny_dirs, fmt, rng_frames):
     lm = load_model(tiny_dirs[fmt])
     assert lm.model_type == {"flash_vstream": "flash_vstream_qwen2_vl"}.get(fmt, fmt)
-    expected_memory = {"csm_slots": 4, "dam_frames": 2} if fmt == "flash_vstream" else {"csm_slots": 60, "dam_frames": 30}
+    expected_memory = (
+        {"csm_slots": 4, "dam_frames": 2} if fmt == "flash_vstream" else {"csm_slots": 60, "dam_frames": 30}
+    )
     assert lm.memory_defaults == expected_memory
     feats = lm.encode_frames(rng_frames)
     assert feats.full.shape == (3, 8 * 16, lm.feature_dim) and feats.low.shape == (3, 4 * 8, lm.feature_dim)
@@ -145,10 +152,13 @@ def set_memory_method(config):
     config["vision_config"]["flash_memory_config"]["flash_memory_temporal_method"] = "dbscan"
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    (set_model_type, "unsupported model_type 'llava'"),
-    (set_memory_method, "flash_memory_temporal_method='dbscan'"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (set_model_type, "unsupported model_type 'llava'"),
+        (set_memory_method, "flash_memory_temporal_method='dbscan'"),
+    ],
+)
 def test_unsupported_config(tmp_path, edit, fragment):
     ckpt = copy_checkpoint(OFFICIAL_CKPT, tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
@@ -195,21 +205,32 @@ def test_hub_id_without_network(monkeypatch):
 
 @pytest.fixture(scope="module")
 def rng_frames():
-    return torch.randint(0, 256, (3, 112, 224, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+    return torch.randint(
+        0, 256, (3, 112, 224, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    ).numpy()
 
 
 def snapshot_of(feats):
     """A memory holding every slot in CSM (times 0..B-1) and the first two in DAM."""
     n = feats.low.shape[0]
     return SimpleNamespace(
-        csm_features=feats.low.float(), csm_weights=torch.ones(n), csm_times=torch.arange(n, dtype=torch.float64),
-        dam_features=feats.full[:2], dam_slots=torch.arange(2), frames_seen=n, version=1, full_hw=feats.full_hw,
+        csm_features=feats.low.float(),
+        csm_weights=torch.ones(n),
+        csm_times=torch.arange(n, dtype=torch.float64),
+        dam_features=feats.full[:2],
+        dam_slots=torch.arange(2),
+        frames_seen=n,
+        version=1,
+        full_hw=feats.full_hw,
     )
 
 
 def test_device_and_dtype_by_name_or_auto():
     assert resolve_device_dtype("auto", "auto") == (
-        (torch.device("cuda"), torch.bfloat16) if torch.cuda.is_available() else (torch.device("cpu"), torch.float32))
+        (torch.device("cuda"), torch.bfloat16)
+        if torch.cuda.is_available()
+        else (torch.device("cpu"), torch.float32)
+    )
     assert resolve_device_dtype("cpu", "float16") == (torch.device("cpu"), torch.float16)
     assert resolve_device_dtype(torch.device("cpu"), torch.bfloat16) == (torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ModelLoadError, match="unknown dtype 'int8'"):

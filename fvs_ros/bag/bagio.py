@@ -6,6 +6,7 @@ A bag is a rosbag2 directory (metadata.yaml + storage files) or a single `.mcap`
 image topic, by the bag's own timestamps (receive/log time, what `ros2 bag play` replays by).
 Header stamps are what the node sees and what answers report; they are kept separately.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -59,9 +60,17 @@ class ImageTopicInfo:
     topics: dict = field(default_factory=dict)  # every topic in the bag -> type
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "storage": self.storage, "topic": self.topic, "msgtype": self.msgtype,
-                "count": self.count, "first_log_ns": self.first_log_ns, "first_stamp": self.first_stamp,
-                "bag_end_s": self.bag_end_s, "topics": dict(self.topics)}
+        return {
+            "path": self.path,
+            "storage": self.storage,
+            "topic": self.topic,
+            "msgtype": self.msgtype,
+            "count": self.count,
+            "first_log_ns": self.first_log_ns,
+            "first_stamp": self.first_stamp,
+            "bag_end_s": self.bag_end_s,
+            "topics": dict(self.topics),
+        }
 
 
 def _storage_name(path: Path) -> str:
@@ -99,15 +108,21 @@ class ImageBag:
         listing = ", ".join(f"{t} ({ty})" for t, ty in sorted(topics.items())) or "none"
         if topic is None:
             if len(images) != 1:
-                what = "no image topic" if not images else f"{len(images)} image topics ({', '.join(images)}); pick one with --topic"
+                what = (
+                    "no image topic"
+                    if not images
+                    else f"{len(images)} image topics ({', '.join(images)}); pick one with --topic"
+                )
                 raise BagError(f"bag {str(self.path)!r} has {what}; topics: {listing}")
             topic = images[0]
         if topic not in topics:
             raise BagError(f"bag {str(self.path)!r} has no topic {topic!r}; topics: {listing}")
         msgtype = topics[topic]
         if msgtype not in IMAGE_TYPES:
-            raise BagError(f"topic {topic!r} in {str(self.path)!r} has type {msgtype}, not an image type "
-                           f"({' or '.join(IMAGE_TYPES)})")
+            raise BagError(
+                f"topic {topic!r} in {str(self.path)!r} has type {msgtype}, not an image type "
+                f"({' or '.join(IMAGE_TYPES)})"
+            )
         conns = [c for c in r.connections if c.topic == topic]
         count = sum(c.msgcount for c in conns)
         first = next(iter(r.messages(connections=conns)), None)
@@ -115,10 +130,17 @@ class ImageBag:
             raise BagError(f"topic {topic!r} in {str(self.path)!r} has no messages")
         _, log_ns, raw = first
         bag_end_ns = max(r.end_time - 1, log_ns)  # rosbags: end_time is one past the latest message
-        return ImageTopicInfo(path=str(self.path), storage=_storage_name(self.path), topic=topic,
-                              msgtype=msgtype, count=count, first_log_ns=log_ns,
-                              first_stamp=stamp_from_cdr(bytes(raw)), bag_end_s=(bag_end_ns - log_ns) / 1e9,
-                              topics=topics)
+        return ImageTopicInfo(
+            path=str(self.path),
+            storage=_storage_name(self.path),
+            topic=topic,
+            msgtype=msgtype,
+            count=count,
+            first_log_ns=log_ns,
+            first_stamp=stamp_from_cdr(bytes(raw)),
+            bag_end_s=(bag_end_ns - log_ns) / 1e9,
+            topics=topics,
+        )
 
     def frames(self) -> Iterator[BagFrame]:
         """Every image message in bag order (log time)."""
@@ -152,8 +174,16 @@ class ImageBagWriter:
     Log time = header stamp.
     """
 
-    def __init__(self, out, topic: str = "/camera/image_raw", compressed: Optional[str] = None,
-                 storage: str = "mcap", frame_id: str = "camera", jpeg_quality: int = 90, overwrite: bool = False):
+    def __init__(
+        self,
+        out,
+        topic: str = "/camera/image_raw",
+        compressed: Optional[str] = None,
+        storage: str = "mcap",
+        frame_id: str = "camera",
+        jpeg_quality: int = 90,
+        overwrite: bool = False,
+    ):
         self.out = Path(out)
         if self.out.suffix == ".mcap":
             storage = "mcap"
@@ -188,8 +218,12 @@ class ImageBagWriter:
 
     def message(self, rgb: np.ndarray, stamp: float):
         """The rosbags message object for one RGB frame."""
-        if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
-            raise ValueError(f"frame must be an HxWx3 uint8 RGB array, got {getattr(rgb, 'shape', type(rgb))}")
+        if not (
+            isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+        ):
+            raise ValueError(
+                f"frame must be an HxWx3 uint8 RGB array, got {getattr(rgb, 'shape', type(rgb))}"
+            )
         sec = int(np.floor(stamp))
         nsec = int(round((stamp - sec) * 1e9))
         if nsec >= 1_000_000_000:
@@ -199,8 +233,15 @@ class ImageBagWriter:
             fmt, data = encode_compressed(rgb, self.compressed, self.jpeg_quality)
             return self._Msg(header=header, format=fmt, data=data)
         h, w = rgb.shape[:2]
-        return self._Msg(header=header, height=h, width=w, encoding="rgb8", is_bigendian=0, step=w * 3,
-                         data=np.ascontiguousarray(rgb).reshape(-1))
+        return self._Msg(
+            header=header,
+            height=h,
+            width=w,
+            encoding="rgb8",
+            is_bigendian=0,
+            step=w * 3,
+            data=np.ascontiguousarray(rgb).reshape(-1),
+        )
 
     def write(self, rgb: np.ndarray, stamp: float):
         msg = self.message(rgb, stamp)

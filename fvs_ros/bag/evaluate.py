@@ -13,6 +13,7 @@ schedules the questions). Writes DIR/report.json, DIR/report.md and DIR/report_l
 Exit status: 0 every question answered; 1 some question skipped (bad line, beyond the bag's end)
 or failed; 2 nothing evaluated (unusable bag or question file, node not reachable).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ from fvs_ros.bag.scoring import score_answer
 EPS = 1e-6
 
 
-
 # ----------------------------------------------------------------------------- offline engine
+
 
 def _node_defaults(params_file: Optional[str]) -> dict:
     """The node's parameters (config/fvs.yaml, then --params FILE) so offline runs match the node."""
@@ -59,10 +60,17 @@ def make_engine(args) -> tuple[object, dict]:
     from fvs_ros.model import load_model, resolve_device_dtype
 
     p = _node_defaults(args.params)
-    for key, value in (("model", args.model), ("device", args.device), ("dtype", args.dtype),
-                       ("memory_fps", args.memory_fps), ("csm_slots", args.csm_slots), ("dam_frames", args.dam_frames),
-                       ("queue_size", args.queue_size), ("max_new_tokens", args.max_new_tokens),
-                       ("system_prompt", args.system_prompt)):
+    for key, value in (
+        ("model", args.model),
+        ("device", args.device),
+        ("dtype", args.dtype),
+        ("memory_fps", args.memory_fps),
+        ("csm_slots", args.csm_slots),
+        ("dam_frames", args.dam_frames),
+        ("queue_size", args.queue_size),
+        ("max_new_tokens", args.max_new_tokens),
+        ("system_prompt", args.system_prompt),
+    ):
         if value is not None:
             p[key] = value
     if not p.get("model"):
@@ -71,23 +79,40 @@ def make_engine(args) -> tuple[object, dict]:
     memory = MemoryConfig(**{k: int(p[k]) for k in ("csm_slots", "dam_frames") if k in p})
     max_new = int(p.get("max_new_tokens", 128))
     config = EngineConfig(
-        sample_fps=float(p.get("memory_fps", 1.0)), queue_size=int(p.get("queue_size", 32)),
-        max_question_chars=int(p.get("max_question_chars", 2000)), max_new_tokens=max_new,
-        max_new_tokens_limit=max(max_new, 1024), answer_timeout_s=float(args.ask_timeout),
+        sample_fps=float(p.get("memory_fps", 1.0)),
+        queue_size=int(p.get("queue_size", 32)),
+        max_question_chars=int(p.get("max_question_chars", 2000)),
+        max_new_tokens=max_new,
+        max_new_tokens_limit=max(max_new, 1024),
+        answer_timeout_s=float(args.ask_timeout),
         system_prompt=str(p.get("system_prompt", "You are a helpful assistant.")),
-        summary_period_s=0.0, prefix_cache=not args.no_prefix_cache, max_prefix_lag_s=0.0)
+        summary_period_s=0.0,
+        prefix_cache=not args.no_prefix_cache,
+        max_prefix_lag_s=0.0,
+    )
     t0 = time.perf_counter()
     lm = load_model(p["model"], dtype=dtype, device=device)
     engine = StreamEngine(lm, memory, config).start()
-    settings = {"model": str(p["model"]), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                "memory_fps": config.sample_fps,
-                "csm_slots": memory.csm_slots, "dam_frames": memory.dam_frames, "queue_size": config.queue_size,
-                "max_new_tokens": max_new, "system_prompt": config.system_prompt, "prefix_cache": config.prefix_cache,
-                "batch": args.batch, "stamps": args.stamps, "model_load_s": round(time.perf_counter() - t0, 3)}
+    settings = {
+        "model": str(p["model"]),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "memory_fps": config.sample_fps,
+        "csm_slots": memory.csm_slots,
+        "dam_frames": memory.dam_frames,
+        "queue_size": config.queue_size,
+        "max_new_tokens": max_new,
+        "system_prompt": config.system_prompt,
+        "prefix_cache": config.prefix_cache,
+        "batch": args.batch,
+        "stamps": args.stamps,
+        "model_load_s": round(time.perf_counter() - t0, 3),
+    }
     return engine, settings
 
 
 # ----------------------------------------------------------------------------- rows
+
 
 def _row(q: Question, res: dict, bag_first_stamp: float, args, last_frame_s: Optional[float]) -> dict:
     row = q.as_dict()
@@ -101,10 +126,23 @@ def _row(q: Question, res: dict, bag_first_stamp: float, args, last_frame_s: Opt
     if row.get("last_stamp") is not None:
         row["last_frame_stream_s"] = row["last_stamp"] - bag_first_stamp
     if row["status"] == "answered":
-        s = score_answer(q, row["answer"], args.score_cmd, cmd_all=args.score_cmd_all,
-                         timeout=args.score_timeout, threshold=args.score_threshold)
-        row.update(score=s.score, correct=s.correct, scored_by=s.method, exact=s.exact, contains=s.contains,
-                   predicted=s.predicted, score_detail=s.detail)
+        s = score_answer(
+            q,
+            row["answer"],
+            args.score_cmd,
+            cmd_all=args.score_cmd_all,
+            timeout=args.score_timeout,
+            threshold=args.score_threshold,
+        )
+        row.update(
+            score=s.score,
+            correct=s.correct,
+            scored_by=s.method,
+            exact=s.exact,
+            contains=s.contains,
+            predicted=s.predicted,
+            score_detail=s.detail,
+        )
     else:
         row.update(score=None, correct=None, scored_by=None)
     return row
@@ -120,31 +158,56 @@ def _print_row(row: dict, out=sys.stdout):
     answer = repr(row["answer"])
     if len(answer) > 120:
         answer = answer[:117] + "..."
-    print(f"{head} {row['id']}: {answer} ({mark}; frames seen {row.get('frames_seen')}, "
-          f"ttft {1000 * row['ttft_s']:.0f} ms, total {1000 * row['total_s']:.0f} ms)", file=out, flush=True)
+    print(
+        f"{head} {row['id']}: {answer} ({mark}; frames seen {row.get('frames_seen')}, "
+        f"ttft {1000 * row['ttft_s']:.0f} ms, total {1000 * row['total_s']:.0f} ms)",
+        file=out,
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------- main
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fvs_ros.bag.evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p = argparse.ArgumentParser(
+        prog="python -m fvs_ros.bag.evaluate",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
     p.add_argument("bag", metavar="BAG", help="rosbag2 directory, or a single .mcap / .db3 file")
-    p.add_argument("questions", metavar="QUESTIONS", help="question file: .jsonl, .yaml/.yml, .json (or VStream-QA .json)")
+    p.add_argument(
+        "questions",
+        metavar="QUESTIONS",
+        help="question file: .jsonl, .yaml/.yml, .json (or VStream-QA .json)",
+    )
     p.add_argument("--mode", choices=("live", "offline"), required=True)
     p.add_argument("--out", help="report directory (default: eval_<bag name>_<mode>)")
     p.add_argument("--name", default="report", help="report file stem (default: report)")
     p.add_argument("--topic", help="image topic in the bag (default: its only Image/CompressedImage topic)")
     p.add_argument("--quiet", action="store_true", help="no per-question lines")
     g = p.add_argument_group("questions")
-    g.add_argument("--video-id", help="VStream-QA: the video (or original video, with --vstream-clips) in the bag")
-    g.add_argument("--vstream-clips", help="VStream-QA: RVS clip list (rvs_ego.json) -> ask at each clip's end_time")
-    g.add_argument("--time-offset", type=float, default=0.0,
-                   help="VStream-QA with clips: original-video time of the bag's first frame")
-    g.add_argument("--mc-instruction", default=MC_INSTRUCTION, help="line appended after multiple-choice options")
+    g.add_argument(
+        "--video-id", help="VStream-QA: the video (or original video, with --vstream-clips) in the bag"
+    )
+    g.add_argument(
+        "--vstream-clips", help="VStream-QA: RVS clip list (rvs_ego.json) -> ask at each clip's end_time"
+    )
+    g.add_argument(
+        "--time-offset",
+        type=float,
+        default=0.0,
+        help="VStream-QA with clips: original-video time of the bag's first frame",
+    )
+    g.add_argument(
+        "--mc-instruction", default=MC_INSTRUCTION, help="line appended after multiple-choice options"
+    )
     g = p.add_argument_group("scoring")
     g.add_argument("--score-cmd", help="command scoring open answers: question JSON on stdin, prints a score")
-    g.add_argument("--score-cmd-all", action="store_true", help="use --score-cmd for every question with an answer")
+    g.add_argument(
+        "--score-cmd-all", action="store_true", help="use --score-cmd for every question with an answer"
+    )
     g.add_argument("--score-timeout", type=float, default=60.0)
     g.add_argument("--score-threshold", type=float, default=0.5, help="command score counted as correct (>=)")
     g = p.add_argument_group("offline mode (engine settings default to the node's config/fvs.yaml)")
@@ -158,26 +221,50 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--queue-size", type=int)
     g.add_argument("--max-new-tokens", type=int, help="answer length limit (live: sent with each request)")
     g.add_argument("--system-prompt")
-    g.add_argument("--batch", type=int, default=1, help="drain the frame worker every N queued frames (default 1)")
-    g.add_argument("--stamps", choices=("header", "log"), default="header", help="frame stamps given to the engine")
+    g.add_argument(
+        "--batch", type=int, default=1, help="drain the frame worker every N queued frames (default 1)"
+    )
+    g.add_argument(
+        "--stamps", choices=("header", "log"), default="header", help="frame stamps given to the engine"
+    )
     g.add_argument("--no-prefix-cache", action="store_true", help="full prefill for every answer")
     g = p.add_argument_group("live mode")
     g.add_argument("--rate", type=float, default=1.0, help="replay speed factor (2 = twice as fast)")
-    g.add_argument("--clock", nargs="?", type=float, const=40.0, default=0.0, metavar="HZ",
-                   help="publish /clock (bag time) at HZ (default 40) for nodes with use_sim_time")
+    g.add_argument(
+        "--clock",
+        nargs="?",
+        type=float,
+        const=40.0,
+        default=0.0,
+        metavar="HZ",
+        help="publish /clock (bag time) at HZ (default 40) for nodes with use_sim_time",
+    )
     g.add_argument("--publish-topic", help="publish the images on this topic instead of the bag's")
     g.add_argument("--service", default="/fvs/ask", help="the node's Ask service (default /fvs/ask)")
     g.add_argument("--reliability", choices=("reliable", "best_effort"), default="reliable")
     g.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the node / the player")
-    g.add_argument("--preroll", type=float, default=1.0,
-                   help="seconds between the node's subscription matching and the first frame (default 1)")
+    g.add_argument(
+        "--preroll",
+        type=float,
+        default=1.0,
+        help="seconds between the node's subscription matching and the first frame (default 1)",
+    )
     g.add_argument("--ask-timeout", type=float, default=120.0, help="seconds per answer")
     g.add_argument("--player", choices=("internal", "external"), default="internal")
-    g.add_argument("--sync", choices=("auto", "clock", "image"), default="auto", help="external player: time source")
-    g.add_argument("--idle-timeout", type=float, default=5.0, help="external player: stream over after this long idle")
-    g.add_argument("--no-diagnostics", action="store_true", help="do not read frame counters from /diagnostics")
-    g.add_argument("--reset-service", default="",
-                   help="Trigger service emptying the node's memory before the replay (default: <service ns>/reset)")
+    g.add_argument(
+        "--sync", choices=("auto", "clock", "image"), default="auto", help="external player: time source"
+    )
+    g.add_argument(
+        "--idle-timeout", type=float, default=5.0, help="external player: stream over after this long idle"
+    )
+    g.add_argument(
+        "--no-diagnostics", action="store_true", help="do not read frame counters from /diagnostics"
+    )
+    g.add_argument(
+        "--reset-service",
+        default="",
+        help="Trigger service emptying the node's memory before the replay (default: <service ns>/reset)",
+    )
     g.add_argument("--no-reset", action="store_true", help="keep the node's memory as it is")
     return p
 
@@ -196,8 +283,9 @@ def main(argv=None) -> int:
         return 2
     with bag:
         try:
-            questions, issues = load_questions(args.questions, video_id=args.video_id, clips=args.vstream_clips,
-                                               time_offset=args.time_offset)
+            questions, issues = load_questions(
+                args.questions, video_id=args.video_id, clips=args.vstream_clips, time_offset=args.time_offset
+            )
         except QuestionFileError as e:
             print(f"evaluate: error: {e}", file=sys.stderr)
             return 2
@@ -207,9 +295,18 @@ def main(argv=None) -> int:
         runnable = []
         for q in questions:
             if not q.at_end and q.time > bag.info.bag_end_s + EPS:
-                skipped_rows.append((q, {"status": "skipped", "error": (
-                    f"{q.where}: time {q.time:.3f} s is beyond the end of the bag ({bag.info.bag_end_s:.3f} s); "
-                    "use time 'end' to ask after the last frame")}))
+                skipped_rows.append(
+                    (
+                        q,
+                        {
+                            "status": "skipped",
+                            "error": (
+                                f"{q.where}: time {q.time:.3f} s is beyond the end of the bag ({bag.info.bag_end_s:.3f} s); "
+                                "use time 'end' to ask after the last frame"
+                            ),
+                        },
+                    )
+                )
             else:
                 runnable.append(q)
         for i in issues:
@@ -217,8 +314,11 @@ def main(argv=None) -> int:
         for _, r in skipped_rows:
             print(f"evaluate: {r['error']}; question skipped", file=sys.stderr)
         info = bag.info
-        print(f"[evaluate] {args.mode}: {info.count} frames on {info.topic} ({info.msgtype}), "
-              f"{len(runnable)} question(s) to ask, {len(issues) + len(skipped_rows)} skipped", file=sys.stderr)
+        print(
+            f"[evaluate] {args.mode}: {info.count} frames on {info.topic} ({info.msgtype}), "
+            f"{len(runnable)} question(s) to ask, {len(issues) + len(skipped_rows)} skipped",
+            file=sys.stderr,
+        )
         done: dict[str, dict] = {}  # rows already built (and scored) while running
         if args.mode == "offline":
             from fvs_ros.model import ModelLoadError
@@ -236,26 +336,51 @@ def main(argv=None) -> int:
                     if not args.quiet:
                         _print_row(row, sys.stdout)
 
-                results, frames = run_offline(bag, runnable, engine, batch=args.batch, stamps=args.stamps,
-                                              max_new_tokens=args.max_new_tokens, timeout=args.ask_timeout,
-                                              on_answer=on_answer)
+                results, frames = run_offline(
+                    bag,
+                    runnable,
+                    engine,
+                    batch=args.batch,
+                    stamps=args.stamps,
+                    max_new_tokens=args.max_new_tokens,
+                    timeout=args.ask_timeout,
+                    on_answer=on_answer,
+                )
             finally:
                 engine.shutdown()
             timing = None
         else:
             from fvs_ros.bag.live import LiveError, LiveOptions, run_live
 
-            opts = LiveOptions(rate=args.rate, clock_hz=args.clock, topic=args.publish_topic, service=args.service,
-                               reliability=args.reliability, wait_s=args.wait, preroll_s=args.preroll,
-                               ask_timeout_s=args.ask_timeout, max_new_tokens=args.max_new_tokens or 0,
-                               player=args.player, sync=args.sync, idle_timeout_s=args.idle_timeout,
-                               diagnostics=not args.no_diagnostics,
-                               reset_service=None if args.no_reset else args.reset_service)
-            config = {"model": "(the running node's)", "rate": args.rate, "clock_hz": args.clock,
-                      "service": args.service, "player": args.player, "sync": args.sync,
-                      "publish_topic": args.publish_topic or info.topic, "reliability": args.reliability,
-                      "ask_timeout_s": args.ask_timeout, "max_new_tokens": args.max_new_tokens or 0,
-                      "reset": not args.no_reset}
+            opts = LiveOptions(
+                rate=args.rate,
+                clock_hz=args.clock,
+                topic=args.publish_topic,
+                service=args.service,
+                reliability=args.reliability,
+                wait_s=args.wait,
+                preroll_s=args.preroll,
+                ask_timeout_s=args.ask_timeout,
+                max_new_tokens=args.max_new_tokens or 0,
+                player=args.player,
+                sync=args.sync,
+                idle_timeout_s=args.idle_timeout,
+                diagnostics=not args.no_diagnostics,
+                reset_service=None if args.no_reset else args.reset_service,
+            )
+            config = {
+                "model": "(the running node's)",
+                "rate": args.rate,
+                "clock_hz": args.clock,
+                "service": args.service,
+                "player": args.player,
+                "sync": args.sync,
+                "publish_topic": args.publish_topic or info.topic,
+                "reliability": args.reliability,
+                "ask_timeout_s": args.ask_timeout,
+                "max_new_tokens": args.max_new_tokens or 0,
+                "reset": not args.no_reset,
+            }
             try:
                 results, frames, timing = run_live(bag, runnable, opts)
             except LiveError as e:
@@ -278,17 +403,29 @@ def main(argv=None) -> int:
                 _print_row(r)
         bag_info = info.as_dict() | {"duration_s": last}
         config |= {"mc_instruction": args.mc_instruction, "score_cmd": args.score_cmd}
-        report = build_report(mode=args.mode, bag=bag_info, questions_file=str(args.questions), config=config,
-                              rows=rows, issues=[i.as_dict() for i in issues], frames=frames, timing=timing,
-                              started=started, wall_s=time.perf_counter() - t_wall)
+        report = build_report(
+            mode=args.mode,
+            bag=bag_info,
+            questions_file=str(args.questions),
+            config=config,
+            rows=rows,
+            issues=[i.as_dict() for i in issues],
+            frames=frames,
+            timing=timing,
+            started=started,
+            wall_s=time.perf_counter() - t_wall,
+        )
         out = Path(args.out or f"eval_{Path(args.bag).stem}_{args.mode}")
         paths = write_report(report, out, args.name)
     s = report["summary"]
     acc = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}%"
     lat = s["latency_s"]["total"]
     p50 = "-" if lat["p50"] is None else f"{1000 * lat['p50']:.0f} ms"
-    print(f"[evaluate] {s['answered']}/{s['questions']} answered, {s['failed']} failed, {s['skipped']} skipped; "
-          f"accuracy {acc} of {s['scored']} scored; latency p50 {p50}; report: {paths['markdown']}", file=sys.stderr)
+    print(
+        f"[evaluate] {s['answered']}/{s['questions']} answered, {s['failed']} failed, {s['skipped']} skipped; "
+        f"accuracy {acc} of {s['scored']} scored; latency p50 {p50}; report: {paths['markdown']}",
+        file=sys.stderr,
+    )
     return 0 if s["answered"] == s["questions"] else 1
 
 

@@ -3,6 +3,7 @@
 Decoding is the node's (fvs_ros.ros_image); it works on messages deserialized by `rosbags`
 as well as on rclpy messages (same field names).
 """
+
 from __future__ import annotations
 
 import cv2

@@ -15,6 +15,7 @@ Two ways to drive the stream:
 Questions are sent asynchronously (a slow answer never holds the replay back), and each answer
 records what the node reported (frames seen, stamps, ttft, total time) plus the service round trip.
 """
+
 from __future__ import annotations
 
 import sys
@@ -71,7 +72,9 @@ class LiveOptions:
     sync: str = "auto"  # external player: auto | clock | image
     idle_timeout_s: float = 5.0  # external player: the stream has ended after this long without images
     diagnostics: bool = True  # read the node's frame counters from /diagnostics
-    reset_service: Optional[str] = ""  # Trigger called before the replay ("": <service namespace>/reset; None: off)
+    reset_service: Optional[str] = (
+        ""  # Trigger called before the replay ("": <service namespace>/reset; None: off)
+    )
 
 
 @dataclass
@@ -144,15 +147,29 @@ class RosSession:
 def _qos(reliability: str, depth: int):
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
-                      reliability=ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT)
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST,
+        depth=depth,
+        reliability=ReliabilityPolicy.RELIABLE
+        if reliability == "reliable"
+        else ReliabilityPolicy.BEST_EFFORT,
+    )
 
 
 class BagPlayer:
     """Publishes one image topic of a bag at recorded timing (serialized bytes), and /clock."""
 
-    def __init__(self, session: RosSession, bag: ImageBag, *, topic: Optional[str] = None, rate: float = 1.0,
-                 clock_hz: float = 0.0, reliability: str = "reliable", depth: int = 10):
+    def __init__(
+        self,
+        session: RosSession,
+        bag: ImageBag,
+        *,
+        topic: Optional[str] = None,
+        rate: float = 1.0,
+        clock_hz: float = 0.0,
+        reliability: str = "reliable",
+        depth: int = 10,
+    ):
         if rate <= 0:
             raise ValueError(f"rate must be > 0, got {rate}")
         self.bag, self.rate, self.clock_hz = bag, rate, clock_hz
@@ -194,7 +211,9 @@ class BagPlayer:
         while not self.stop.is_set():
             ns = self.sim_ns()
             try:
-                self.clock_pub.publish(self._Clock(clock=Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)))
+                self.clock_pub.publish(
+                    self._Clock(clock=Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000))
+                )
             except Exception:  # noqa: BLE001 - context shutting down
                 return
             self.stop.wait(period)
@@ -256,8 +275,11 @@ class _Asker:
         return False
 
     def send(self, q: Question, due: float, stream_s: float, frames_sent: int) -> _Pending:
-        req = self.Ask.Request(question=q.prompt(), timeout_s=float(self.opts.ask_timeout_s),
-                               max_new_tokens=int(self.opts.max_new_tokens or 0))
+        req = self.Ask.Request(
+            question=q.prompt(),
+            timeout_s=float(self.opts.ask_timeout_s),
+            max_new_tokens=int(self.opts.max_new_tokens or 0),
+        )
         p = _Pending(q, due, time.monotonic(), stream_s, frames_sent)
         p.future = self.client.call_async(req)
 
@@ -281,8 +303,13 @@ class _Asker:
                 time.sleep(0.01)
 
     def result(self, p: _Pending) -> dict:
-        res = {"status": "failed", "error": None, "asked_stream_s": p.stream_s, "ask_late_s": p.sent - p.due,
-               "frames_sent_at_ask": p.frames_sent}
+        res = {
+            "status": "failed",
+            "error": None,
+            "asked_stream_s": p.stream_s,
+            "ask_late_s": p.sent - p.due,
+            "frames_sent_at_ask": p.frames_sent,
+        }
         r = p.response
         if p.done_at is None:
             res["error"] = f"no response from {self.service} within {self.opts.ask_timeout_s + 10:g} s"
@@ -292,14 +319,24 @@ class _Asker:
             res["error"] = f"service call failed: {type(r).__name__}: {r}"
             return res
         seen = int(r.frames_seen)
-        res.update({"frames_seen": seen, "frames_in_memory": int(r.frames_in_memory),
-                    "first_stamp": _time_s(r.first_frame_stamp) if seen else None,
-                    "last_stamp": _time_s(r.last_frame_stamp) if seen else None})
+        res.update(
+            {
+                "frames_seen": seen,
+                "frames_in_memory": int(r.frames_in_memory),
+                "first_stamp": _time_s(r.first_frame_stamp) if seen else None,
+                "last_stamp": _time_s(r.last_frame_stamp) if seen else None,
+            }
+        )
         if not r.success:
             res["error"] = r.error or "the node reported failure"
             return res
-        res.update(status="answered", answer=r.answer, ttft_s=float(r.time_to_first_token_s),
-                   total_s=float(r.total_time_s), num_tokens=int(r.num_tokens))
+        res.update(
+            status="answered",
+            answer=r.answer,
+            ttft_s=float(r.time_to_first_token_s),
+            total_s=float(r.total_time_s),
+            num_tokens=int(r.num_tokens),
+        )
         return res
 
 
@@ -335,14 +372,21 @@ class _Diagnostics:
             except (KeyError, ValueError):
                 return None
 
-        return {"received": num("frames_received"), "used": num("frames_into_memory"),
-                "skipped_by_sampling": num("frames_skipped_by_sampling"), "dropped": num("frames_dropped"),
-                "rejected": None if not v else sum(num(k) or 0 for k in
-                                                   ("frames_rejected", "frames_unsupported", "frames_malformed")),
-                "engine_errors": num("errors")}
+        return {
+            "received": num("frames_received"),
+            "used": num("frames_into_memory"),
+            "skipped_by_sampling": num("frames_skipped_by_sampling"),
+            "dropped": num("frames_dropped"),
+            "rejected": None
+            if not v
+            else sum(num(k) or 0 for k in ("frames_rejected", "frames_unsupported", "frames_malformed")),
+            "engine_errors": num("errors"),
+        }
 
 
-def run_live(bag: ImageBag, questions: list[Question], opts: LiveOptions, log=sys.stderr) -> tuple[list[dict], dict, dict]:
+def run_live(
+    bag: ImageBag, questions: list[Question], opts: LiveOptions, log=sys.stderr
+) -> tuple[list[dict], dict, dict]:
     """Run one live evaluation; returns (per-question results, frame counters, timing)."""
     if opts.player not in ("internal", "external"):
         raise ValueError(f"player must be internal or external, got {opts.player!r}")
@@ -351,8 +395,10 @@ def run_live(bag: ImageBag, questions: list[Question], opts: LiveOptions, log=sy
         diag = _Diagnostics(session) if opts.diagnostics else None
         print(f"[evaluate] waiting up to {opts.wait_s:g} s for {opts.service} ...", file=log, flush=True)
         if not asker.wait(opts.wait_s):
-            raise LiveError(f"service {opts.service} is not available after {opts.wait_s:g} s: is the node running "
-                            "and active (python -m fvs_ros.node --autostart ...), in this ROS_DOMAIN_ID?")
+            raise LiveError(
+                f"service {opts.service} is not available after {opts.wait_s:g} s: is the node running "
+                "and active (python -m fvs_ros.node --autostart ...), in this ROS_DOMAIN_ID?"
+            )
         _reset(session, opts, log)
         if opts.player == "internal":
             return _run_internal(session, bag, questions, opts, asker, diag, log)
@@ -380,22 +426,30 @@ def _reset(session: RosSession, opts: LiveOptions, log):
     name = opts.reset_service or opts.service.rsplit("/", 1)[0] + "/reset"
     client = session.node.create_client(Trigger, name)
     if not client.wait_for_service(timeout_sec=5.0):
-        print(f"[evaluate] warning: {name} not available; the node's memory is not reset before the replay",
-              file=log, flush=True)
+        print(
+            f"[evaluate] warning: {name} not available; the node's memory is not reset before the replay",
+            file=log,
+            flush=True,
+        )
         return
     res, deadline = None, time.monotonic() + 30.0
     while res is None and time.monotonic() < deadline:  # resetting twice is harmless; a lost reply is not
         res = _call(client, Trigger.Request(), 2.0)
     if res is None or not res.success:
-        raise LiveError(f"resetting the node's memory through {name} failed: "
-                        f"{'no answer within 30 s' if res is None else res.message}")
+        raise LiveError(
+            f"resetting the node's memory through {name} failed: "
+            f"{'no answer within 30 s' if res is None else res.message}"
+        )
     print(f"[evaluate] {name}: {res.message}", file=log, flush=True)
 
 
 def _beyond_end(q: Question, last: Optional[float]) -> dict:
     end = "no frames" if last is None else f"the last frame is at {last:.3f} s"
-    return {"status": "skipped", "error": f"{q.where}: time {q.time:.3f} s is beyond the end of the bag's image "
-                                         f"stream ({end}); use time 'end' to ask after the last frame"}
+    return {
+        "status": "skipped",
+        "error": f"{q.where}: time {q.time:.3f} s is beyond the end of the bag's image "
+        f"stream ({end}); use time 'end' to ask after the last frame",
+    }
 
 
 def _finish(asker: _Asker, diag, questions, results: dict, frames: dict, stop):
@@ -413,21 +467,34 @@ def _finish(asker: _Asker, diag, questions, results: dict, frames: dict, stop):
 
 
 def _run_internal(session, bag, questions, opts, asker, diag, log):
-    player = BagPlayer(session, bag, topic=opts.topic, rate=opts.rate, clock_hz=opts.clock_hz,
-                       reliability=opts.reliability, depth=opts.depth)
+    player = BagPlayer(
+        session,
+        bag,
+        topic=opts.topic,
+        rate=opts.rate,
+        clock_hz=opts.clock_hz,
+        reliability=opts.reliability,
+        depth=opts.depth,
+    )
     try:
         player.start_clock()
         if not player.wait_for_subscribers(opts.wait_s):
-            raise LiveError(f"nobody subscribes to {player.topic} after {opts.wait_s:g} s: check the node's image_topic "
-                            f"/ image_transport parameters (the bag has {bag.info.msgtype})")
+            raise LiveError(
+                f"nobody subscribes to {player.topic} after {opts.wait_s:g} s: check the node's image_topic "
+                f"/ image_transport parameters (the bag has {bag.info.msgtype})"
+            )
         time.sleep(opts.preroll_s)
         timed = [q for q in questions if not q.at_end]
         at_end = [q for q in questions if q.at_end]
         results: dict[str, dict] = {}
         player.start()
         t_start = player.wall0
-        print(f"[evaluate] replaying {bag.info.count} frames on {player.topic} at rate {opts.rate:g}"
-              + (f" with /clock at {opts.clock_hz:g} Hz" if opts.clock_hz else ""), file=log, flush=True)
+        print(
+            f"[evaluate] replaying {bag.info.count} frames on {player.topic} at rate {opts.rate:g}"
+            + (f" with /clock at {opts.clock_hz:g} Hz" if opts.clock_hz else ""),
+            file=log,
+            flush=True,
+        )
         frames_it = bag.frames()
         nxt = next(frames_it, None)
         qi = 0
@@ -453,10 +520,14 @@ def _run_internal(session, bag, questions, opts, asker, diag, log):
         frames = {"in_bag": bag.info.count, "sent": player.published}
         rows = _finish(asker, diag, questions, results, frames, player.stop)
         last = player.last_frame.stream_s if player.last_frame else 0.0
-        timing = {"rate": opts.rate, "frames_late_s": stats(player.late),
-                  "questions_late_s": stats(r.get("ask_late_s") for r in rows if r.get("ask_late_s") is not None),
-                  "replay_wall_s": t_end - t_start, "replay_expected_s": last / opts.rate,
-                  "clock_hz": opts.clock_hz}
+        timing = {
+            "rate": opts.rate,
+            "frames_late_s": stats(player.late),
+            "questions_late_s": stats(r.get("ask_late_s") for r in rows if r.get("ask_late_s") is not None),
+            "replay_wall_s": t_end - t_start,
+            "replay_expected_s": last / opts.rate,
+            "clock_hz": opts.clock_hz,
+        }
         frames["last_frame_stream_s"] = last
         return rows, frames, timing
     finally:
@@ -492,24 +563,34 @@ def _run_external(session, bag, questions, opts, asker, diag, log):
             if st.first_arrival is None:
                 st.clock_before_image = True
 
-    session.node.create_subscription(_msg_class(bag.info.msgtype), topic, on_image, qos_profile_sensor_data, raw=True)
+    session.node.create_subscription(
+        _msg_class(bag.info.msgtype), topic, on_image, qos_profile_sensor_data, raw=True
+    )
     session.node.create_subscription(Clock, "/clock", on_clock, _qos("best_effort", 1))
     sync = opts.sync
-    print(f"[evaluate] waiting for a player on {topic} (sync: {sync}); start e.g. "
-          f"`ros2 bag play {bag.info.path} --clock` or `python -m fvs_ros.bag.play {bag.info.path} --clock`",
-          file=log, flush=True)
+    print(
+        f"[evaluate] waiting for a player on {topic} (sync: {sync}); start e.g. "
+        f"`ros2 bag play {bag.info.path} --clock` or `python -m fvs_ros.bag.play {bag.info.path} --clock`",
+        file=log,
+        flush=True,
+    )
     stop = threading.Event()
     deadline = time.monotonic() + opts.wait_s
     # the stream starts with the first image, or when /clock moves past the bag's first image (players
     # publish the start time while they wait for subscribers)
-    while st.first_arrival is None and not (sync != "image" and st.clock_ns is not None and st.clock_ns > t0_ns):
+    while st.first_arrival is None and not (
+        sync != "image" and st.clock_ns is not None and st.clock_ns > t0_ns
+    ):
         if time.monotonic() > deadline:
             raise LiveError(f"no image on {topic} within {opts.wait_s:g} s: is the bag playing?")
         time.sleep(0.005)
     if sync == "auto":
         sync = "clock" if st.clock_before_image else "image"
-    print(f"[evaluate] stream started; scheduling questions against {'/clock' if sync == 'clock' else 'the first image'}",
-          file=log, flush=True)
+    print(
+        f"[evaluate] stream started; scheduling questions against {'/clock' if sync == 'clock' else 'the first image'}",
+        file=log,
+        flush=True,
+    )
 
     def stream_now() -> Optional[float]:
         with lock:
@@ -567,27 +648,51 @@ def _run_external(session, bag, questions, opts, asker, diag, log):
     frames = {"in_bag": bag.info.count, "sent": None, "seen_by_evaluator": st.received}
     rows = _finish(asker, diag, questions, results, frames, stop)
     # How the external player kept time: arrival vs header stamps, first image as reference.
-    arr = [] if st.first_arrival is None or st.first_stamp is None else [
-        (a - st.first_arrival) - (s - st.first_stamp) / opts.rate for a, s in st.arrivals if s is not None]
-    timing = {"rate": opts.rate, "sync": sync, "frames_late_s": stats(arr),
-              "questions_late_s": stats(r.get("ask_late_s") for r in rows if r.get("ask_late_s") is not None),
-              "replay_wall_s": t_end - t_start, "replay_expected_s": (last or 0.0) / opts.rate}
+    arr = (
+        []
+        if st.first_arrival is None or st.first_stamp is None
+        else [
+            (a - st.first_arrival) - (s - st.first_stamp) / opts.rate for a, s in st.arrivals if s is not None
+        ]
+    )
+    timing = {
+        "rate": opts.rate,
+        "sync": sync,
+        "frames_late_s": stats(arr),
+        "questions_late_s": stats(r.get("ask_late_s") for r in rows if r.get("ask_late_s") is not None),
+        "replay_wall_s": t_end - t_start,
+        "replay_expected_s": (last or 0.0) / opts.rate,
+    }
     frames["last_frame_stream_s"] = last
     return rows, frames, timing
 
 
-def play(bag: ImageBag, *, topic: Optional[str] = None, rate: float = 1.0, clock_hz: float = 0.0,
-         reliability: str = "reliable", depth: int = 10, wait_s: float = 0.0, subscribers: int = 1,
-         delay_s: float = 0.0, log=sys.stderr) -> dict:
+def play(
+    bag: ImageBag,
+    *,
+    topic: Optional[str] = None,
+    rate: float = 1.0,
+    clock_hz: float = 0.0,
+    reliability: str = "reliable",
+    depth: int = 10,
+    wait_s: float = 0.0,
+    subscribers: int = 1,
+    delay_s: float = 0.0,
+    log=sys.stderr,
+) -> dict:
     """Publish the bag's image topic at recorded timing (the `fvs_ros.bag.play` command)."""
     with RosSession("fvs_bag_play") as session:
-        player = BagPlayer(session, bag, topic=topic, rate=rate, clock_hz=clock_hz, reliability=reliability,
-                           depth=depth)
+        player = BagPlayer(
+            session, bag, topic=topic, rate=rate, clock_hz=clock_hz, reliability=reliability, depth=depth
+        )
         try:
             player.start_clock()
             if wait_s > 0 and not player.wait_for_subscribers(wait_s, subscribers):
-                print(f"[play] {player.pub.get_subscription_count()} of {subscribers} subscriber(s) on {player.topic} "
-                      f"after {wait_s:g} s; playing anyway", file=log)
+                print(
+                    f"[play] {player.pub.get_subscription_count()} of {subscribers} subscriber(s) on {player.topic} "
+                    f"after {wait_s:g} s; playing anyway",
+                    file=log,
+                )
             if delay_s > 0:
                 time.sleep(delay_s)
             player.start()

@@ -6,6 +6,7 @@ before each question, and questions may not use a cached prefix older than the m
 (max_prefix_lag_s = 0). So every question sees exactly the frames up to its stream time, and
 two runs with the same model, settings and seed give the same answers.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,15 +21,31 @@ EPS = 1e-6
 
 def answer_fields(a) -> dict:
     """Report fields from an engine Answer."""
-    return {"answer": a.text, "frames_seen": int(a.frames_seen), "frames_in_memory": int(a.frames_in_memory),
-            "first_stamp": a.first_stamp, "last_stamp": a.last_stamp, "ttft_s": float(a.ttft_s),
-            "total_s": float(a.total_s), "num_tokens": int(a.num_tokens),
-            "from_cache": bool(getattr(a, "from_cache", False))}
+    return {
+        "answer": a.text,
+        "frames_seen": int(a.frames_seen),
+        "frames_in_memory": int(a.frames_in_memory),
+        "first_stamp": a.first_stamp,
+        "last_stamp": a.last_stamp,
+        "ttft_s": float(a.ttft_s),
+        "total_s": float(a.total_s),
+        "num_tokens": int(a.num_tokens),
+        "from_cache": bool(getattr(a, "from_cache", False)),
+    }
 
 
-def run_offline(bag: ImageBag, questions: list[Question], engine, *, batch: int = 1,
-                stamps: str = "header", max_new_tokens: Optional[int] = None, timeout: float = 600.0,
-                on_answer: Optional[Callable[[Question, dict], None]] = None, log=sys.stderr) -> tuple[list[dict], dict]:
+def run_offline(
+    bag: ImageBag,
+    questions: list[Question],
+    engine,
+    *,
+    batch: int = 1,
+    stamps: str = "header",
+    max_new_tokens: Optional[int] = None,
+    timeout: float = 600.0,
+    on_answer: Optional[Callable[[Question, dict], None]] = None,
+    log=sys.stderr,
+) -> tuple[list[dict], dict]:
     """Replay `bag` into a started `engine`, asking each question at its stream time.
 
     Returns (per-question result dicts, frame counters). Result dicts hold `status`
@@ -44,8 +61,12 @@ def run_offline(bag: ImageBag, questions: list[Question], engine, *, batch: int 
 
     def ask(q: Question, stream_now: Optional[float]):
         engine.flush()
-        res = {"status": "failed", "error": None, "frames_fed_at_ask": fed,
-               "asked_stream_s": stream_now if q.at_end else q.time}
+        res = {
+            "status": "failed",
+            "error": None,
+            "frames_fed_at_ask": fed,
+            "asked_stream_s": stream_now if q.at_end else q.time,
+        }
         try:
             a = engine.ask(q.prompt(), max_new_tokens, timeout=timeout)
         except (EngineError, ValueError) as e:  # QuestionError is a ValueError, AnswerTimeout an EngineError
@@ -82,17 +103,28 @@ def run_offline(bag: ImageBag, questions: list[Question], engine, *, batch: int 
             ask(q, last_stream)
         else:
             end = "no frames" if last_stream is None else f"the last frame is at {last_stream:.3f} s"
-            results[q.id] = {"status": "skipped", "frames_fed_at_ask": fed,
-                             "error": f"{q.where}: time {q.time:.3f} s is beyond the end of the bag's image "
-                                      f"stream ({end}); use time 'end' to ask after the last frame"}
+            results[q.id] = {
+                "status": "skipped",
+                "frames_fed_at_ask": fed,
+                "error": f"{q.where}: time {q.time:.3f} s is beyond the end of the bag's image "
+                f"stream ({end}); use time 'end' to ask after the last frame",
+            }
     if first_error:
         print(f"[evaluate] {undecodable + rejected} frame(s) not used; first: {first_error}", file=log)
     st = engine.stats()
     if st.errors:
-        print(f"[evaluate] warning: the engine reported {st.errors} error(s); last: {st.last_error}", file=log)
-    frames = {"in_bag": bag.info.count, "sent": fed + undecodable, "received": int(st.frames_in),
-              "used": int(st.frames_into_memory), "skipped_by_sampling": int(st.frames_skipped),
-              "dropped": int(st.frames_dropped), "rejected": int(st.frames_rejected) + undecodable,
-              "engine_errors": int(st.errors), "last_frame_stream_s": last_stream}
+        print(
+            f"[evaluate] warning: the engine reported {st.errors} error(s); last: {st.last_error}", file=log
+        )
+    frames = {
+        "in_bag": bag.info.count,
+        "sent": fed + undecodable,
+        "received": int(st.frames_in),
+        "used": int(st.frames_into_memory),
+        "skipped_by_sampling": int(st.frames_skipped),
+        "dropped": int(st.frames_dropped),
+        "rejected": int(st.frames_rejected) + undecodable,
+        "engine_errors": int(st.errors),
+        "last_frame_stream_s": last_stream,
+    }
     return [results[q.id] | {"id": q.id} for q in questions if q.id in results], frames
-

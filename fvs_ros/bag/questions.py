@@ -22,6 +22,7 @@ Fields of one question (unknown fields are kept in the report as `meta`):
     type      optional: mc | short | open. Default: mc with choices; short when the reference has
               at most 6 words (or is a list); open otherwise or without a reference.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,15 @@ from typing import Any, Optional, Union
 import yaml
 
 TIME_KEYS = ("time", "t", "stream_time", "time_s")
-KINDS = {"mc": "mc", "multiple_choice": "mc", "choice": "mc", "short": "short", "exact": "short",
-         "open": "open", "open_ended": "open"}
+KINDS = {
+    "mc": "mc",
+    "multiple_choice": "mc",
+    "choice": "mc",
+    "short": "short",
+    "exact": "short",
+    "open": "open",
+    "open_ended": "open",
+}
 SHORT_MAX_WORDS = 6
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -95,12 +103,21 @@ class Question:
         return _reference_letter(self.reference, self.choices)
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "line": self.line, "time": self.time, "at_end": self.at_end,
-                "question": self.question, "choices": self.choices, "reference": self.reference,
-                "type": self.kind, "meta": self.meta}
+        return {
+            "id": self.id,
+            "line": self.line,
+            "time": self.time,
+            "at_end": self.at_end,
+            "question": self.question,
+            "choices": self.choices,
+            "reference": self.reference,
+            "type": self.kind,
+            "meta": self.meta,
+        }
 
 
 # ----------------------------------------------------------------------------- field parsing
+
 
 def parse_time(value) -> tuple[Optional[float], bool]:
     """-> (seconds, at_end). Accepts numbers, "12.5", "1:02.5", "01:00:02", "end"."""
@@ -216,7 +233,9 @@ def question_from_dict(item: Any, *, source: str, line: Optional[int], default_i
         ref = [str(r) for r in ref]
     elif ref is not None and not isinstance(ref, str):
         if isinstance(ref, bool) or not isinstance(ref, (int, float)):
-            raise ValueError(f"'answer' must be text, a list of texts or an option index, got {type(ref).__name__}")
+            raise ValueError(
+                f"'answer' must be text, a list of texts or an option index, got {type(ref).__name__}"
+            )
         if not choices:
             ref = str(ref)
     kind = item.pop("type", None)
@@ -237,11 +256,22 @@ def question_from_dict(item: Any, *, source: str, line: Optional[int], default_i
             kind = "short"
         else:
             kind = "open"
-    return Question(id=qid, question=text.strip(), time=t, at_end=at_end, choices=choices, reference=ref,
-                    kind=kind, line=line, source=source, meta=item)
+    return Question(
+        id=qid,
+        question=text.strip(),
+        time=t,
+        at_end=at_end,
+        choices=choices,
+        reference=ref,
+        kind=kind,
+        line=line,
+        source=source,
+        meta=item,
+    )
 
 
 # ----------------------------------------------------------------------------- file formats
+
 
 def _entries_jsonl(text: str, source: str, issues: list) -> list[tuple[Optional[int], Any]]:
     out = []
@@ -252,7 +282,9 @@ def _entries_jsonl(text: str, source: str, issues: list) -> list[tuple[Optional[
         try:
             out.append((n, json.loads(s)))
         except json.JSONDecodeError as e:
-            issues.append(QuestionIssue(source, n, f"malformed JSON ({e.msg} at column {e.colno}); line skipped"))
+            issues.append(
+                QuestionIssue(source, n, f"malformed JSON ({e.msg} at column {e.colno}); line skipped")
+            )
     return out
 
 
@@ -307,7 +339,9 @@ def _entries_json(text: str, source: str) -> list[tuple[Optional[int], Any]]:
     else:
         m = re.match(r"\s*\[", text)
         if not m:
-            raise QuestionFileError(f"{source}: expected a JSON array of questions (or {{\"questions\": [...]}})")
+            raise QuestionFileError(
+                f'{source}: expected a JSON array of questions (or {{"questions": [...]}})'
+            )
         start = m.end()
     out, i = [], start
     ws = re.compile(r"[\s,]*")
@@ -320,7 +354,9 @@ def _entries_json(text: str, source: str) -> list[tuple[Optional[int], Any]]:
         try:
             obj, end = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
-            raise QuestionFileError(f"{source}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise QuestionFileError(
+                f"{source}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
+            ) from None
         out.append((text.count("\n", 0, i) + 1, obj))
         i = end
     return out
@@ -328,12 +364,16 @@ def _entries_json(text: str, source: str) -> list[tuple[Optional[int], Any]]:
 
 def _is_vstream(entries) -> bool:
     objs = [o for _, o in entries if isinstance(o, dict)]
-    return bool(objs) and all("video_id" in o and "question" in o for o in objs) and not any(
-        k in o for o in objs for k in TIME_KEYS)
+    return (
+        bool(objs)
+        and all("video_id" in o and "question" in o for o in objs)
+        and not any(k in o for o in objs for k in TIME_KEYS)
+    )
 
 
-def load_questions(path, *, video_id: Optional[str] = None, clips=None, time_offset: float = 0.0
-                   ) -> tuple[list[Question], list[QuestionIssue]]:
+def load_questions(
+    path, *, video_id: Optional[str] = None, clips=None, time_offset: float = 0.0
+) -> tuple[list[Question], list[QuestionIssue]]:
     """Read a question file -> (valid questions sorted by time, issues for skipped entries).
 
     Raises QuestionFileError when the file as a whole cannot be used. video_id / clips /
@@ -356,7 +396,9 @@ def load_questions(path, *, video_id: Optional[str] = None, clips=None, time_off
         if _is_vstream(entries):
             return load_vstream(entries, source, video_id=video_id, clips=clips, time_offset=time_offset)
     else:
-        raise QuestionFileError(f"{source}: unknown question file type {suffix!r} (.jsonl, .yaml, .yml, .json)")
+        raise QuestionFileError(
+            f"{source}: unknown question file type {suffix!r} (.jsonl, .yaml, .yml, .json)"
+        )
     return _build(entries, source, issues)
 
 
@@ -368,11 +410,19 @@ def _build(entries, source, issues, id_fn=None) -> tuple[list[Question], list[Qu
             q = question_from_dict(obj, source=source, line=line, default_id=default_id)
         except ValueError as e:
             qid = obj.get("id") if isinstance(obj, dict) else None
-            issues.append(QuestionIssue(source, line, f"{e}; question skipped", None if qid is None else str(qid)))
+            issues.append(
+                QuestionIssue(source, line, f"{e}; question skipped", None if qid is None else str(qid))
+            )
             continue
         if q.id in seen:
-            issues.append(QuestionIssue(source, line, f"duplicate id {q.id!r} (first on line {seen[q.id]}); "
-                                                      "question skipped", q.id))
+            issues.append(
+                QuestionIssue(
+                    source,
+                    line,
+                    f"duplicate id {q.id!r} (first on line {seen[q.id]}); question skipped",
+                    q.id,
+                )
+            )
             continue
         seen[q.id] = line
         questions.append(q)
@@ -382,8 +432,10 @@ def _build(entries, source, issues, id_fn=None) -> tuple[list[Question], list[Qu
 
 # ----------------------------------------------------------------------------- VStream-QA
 
-def load_vstream(entries, source: str, *, video_id: Optional[str] = None, clips=None,
-                 time_offset: float = 0.0) -> tuple[list[Question], list[QuestionIssue]]:
+
+def load_vstream(
+    entries, source: str, *, video_id: Optional[str] = None, clips=None, time_offset: float = 0.0
+) -> tuple[list[Question], list[QuestionIssue]]:
     """VStream-QA annotations (IVGSZ/VStream-QA, `test_qa_ego4d.json`, `test_qa_movienet.json`).
 
     Fields read from each entry: `video_id`, `question`, `answer` (reference; open-ended text),
@@ -408,7 +460,9 @@ def load_vstream(entries, source: str, *, video_id: Optional[str] = None, clips=
     if clip_map is not None:
         originals = {c.get("original_video") for c in clip_map.values()}
         if video_id is None:
-            raise QuestionFileError(f"{source}: with a clip list, name the original video in the bag (--video-id)")
+            raise QuestionFileError(
+                f"{source}: with a clip list, name the original video in the bag (--video-id)"
+            )
         if video_id in clip_map:
             video_id = clip_map[video_id].get("original_video")
         if video_id not in originals:
@@ -417,8 +471,10 @@ def load_vstream(entries, source: str, *, video_id: Optional[str] = None, clips=
         ids = sorted({str(o["video_id"]) for _, o in objs})
         if video_id is None:
             if len(ids) != 1:
-                raise QuestionFileError(f"{source}: VStream-QA file with questions on {len(ids)} videos; choose the "
-                                        f"bag's video with --video-id (e.g. {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''})")
+                raise QuestionFileError(
+                    f"{source}: VStream-QA file with questions on {len(ids)} videos; choose the "
+                    f"bag's video with --video-id (e.g. {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''})"
+                )
             video_id = ids[0]
     picked = []
     for line, o in objs:
@@ -435,8 +491,14 @@ def load_vstream(entries, source: str, *, video_id: Optional[str] = None, clips=
                 continue
             end = clip.get("end_time")
             if not isinstance(end, (int, float)) or isinstance(end, bool):
-                issues.append(QuestionIssue(source, line, f"clip {vid!r} has no numeric end_time; question skipped",
-                                            None if o.get("id") is None else str(o.get("id"))))
+                issues.append(
+                    QuestionIssue(
+                        source,
+                        line,
+                        f"clip {vid!r} has no numeric end_time; question skipped",
+                        None if o.get("id") is None else str(o.get("id")),
+                    )
+                )
                 continue
             item["time"] = float(end) - time_offset
             item["clip_start_time"], item["clip_end_time"] = clip.get("start_time"), end

@@ -2,6 +2,7 @@
 
 The Markdown and the plot are rendered from the JSON summary, so the three always agree.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,13 @@ def stats(values: Iterable[Optional[float]]) -> dict:
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if v.size == 0:
         return {"n": 0, "mean": None, "p50": None, "p95": None, "max": None}
-    return {"n": int(v.size), "mean": float(v.mean()), "p50": float(np.percentile(v, 50)),
-            "p95": float(np.percentile(v, 95)), "max": float(v.max())}
+    return {
+        "n": int(v.size),
+        "mean": float(v.mean()),
+        "p50": float(np.percentile(v, 50)),
+        "p95": float(np.percentile(v, 95)),
+        "max": float(v.max()),
+    }
 
 
 def summarize(rows: list[dict], issues: list[dict], frames: dict, timing: Optional[dict] = None) -> dict:
@@ -31,9 +37,13 @@ def summarize(rows: list[dict], issues: list[dict], frames: dict, timing: Option
     for kind in ("mc", "short", "open"):
         rs = [r for r in rows if r["type"] == kind]
         sc = [r for r in rs if r["status"] == "answered" and r.get("score") is not None]
-        entry = {"questions": len(rs), "answered": sum(r["status"] == "answered" for r in rs), "scored": len(sc),
-                 "correct": sum(bool(r.get("correct")) for r in sc),
-                 "accuracy": (sum(bool(r.get("correct")) for r in sc) / len(sc)) if sc else None}
+        entry = {
+            "questions": len(rs),
+            "answered": sum(r["status"] == "answered" for r in rs),
+            "scored": len(sc),
+            "correct": sum(bool(r.get("correct")) for r in sc),
+            "accuracy": (sum(bool(r.get("correct")) for r in sc) / len(sc)) if sc else None,
+        }
         if kind == "short":
             ex = [r for r in sc if r.get("exact") is not None]
             entry["exact_accuracy"] = (sum(bool(r["exact"]) for r in ex) / len(ex)) if ex else None
@@ -55,17 +65,30 @@ def summarize(rows: list[dict], issues: list[dict], frames: dict, timing: Option
         "latency_s": {
             "ttft": stats(r.get("ttft_s") for r in answered),
             "total": stats(r.get("total_s") for r in answered),
-            **({"round_trip": stats(r.get("round_trip_s") for r in answered)}
-               if any(r.get("round_trip_s") is not None for r in answered) else {}),
+            **(
+                {"round_trip": stats(r.get("round_trip_s") for r in answered)}
+                if any(r.get("round_trip_s") is not None for r in answered)
+                else {}
+            ),
         },
         "frames": frames,
         **({"timing": timing} if timing else {}),
     }
 
 
-def build_report(*, mode: str, bag: dict, questions_file: str, config: dict, rows: list[dict],
-                 issues: list[dict], frames: dict, timing: Optional[dict] = None, started: str = "",
-                 wall_s: Optional[float] = None) -> dict:
+def build_report(
+    *,
+    mode: str,
+    bag: dict,
+    questions_file: str,
+    config: dict,
+    rows: list[dict],
+    issues: list[dict],
+    frames: dict,
+    timing: Optional[dict] = None,
+    started: str = "",
+    wall_s: Optional[float] = None,
+) -> dict:
     return {
         "fvs_ros_bag_report": REPORT_VERSION,
         "mode": mode,
@@ -81,6 +104,7 @@ def build_report(*, mode: str, bag: dict, questions_file: str, config: dict, row
 
 
 # ----------------------------------------------------------------------------- rendering
+
 
 def _f(x, digits=3, unit="") -> str:
     if x is None:
@@ -111,52 +135,90 @@ def render_markdown(report: dict, plot_name: Optional[str] = None) -> str:
     cfg = report["config"]
     bag = report["bag"]
     lines = [f"# fvs_ros bag evaluation ({report['mode']} mode)", ""]
-    lines += [f"- bag: `{bag.get('path')}` topic `{bag.get('topic')}` ({bag.get('msgtype')}, {bag.get('count')} frames, "
-              f"{_f(bag.get('duration_s'), 2)} s)",
-              f"- questions: `{report['questions_file']}`",
-              f"- model: `{cfg.get('model', '-')}`" + (f", rate {cfg['rate']}" if "rate" in cfg else ""),
-              f"- started: {report.get('started', '')}, wall time {_f(report.get('wall_s'), 1)} s", ""]
-    lines += ["## Accuracy", "",
-              "| questions | answered | failed | skipped | scored | correct | accuracy |",
-              "|---:|---:|---:|---:|---:|---:|---:|",
-              f"| {s['questions']} | {s['answered']} | {s['failed']} | {s['skipped']} | {s['scored']} | "
-              f"{s['correct']} | {_pct(s['accuracy'])} |", ""]
-    lines += ["| type | questions | answered | scored | correct | accuracy | exact | contains |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        f"- bag: `{bag.get('path')}` topic `{bag.get('topic')}` ({bag.get('msgtype')}, {bag.get('count')} frames, "
+        f"{_f(bag.get('duration_s'), 2)} s)",
+        f"- questions: `{report['questions_file']}`",
+        f"- model: `{cfg.get('model', '-')}`" + (f", rate {cfg['rate']}" if "rate" in cfg else ""),
+        f"- started: {report.get('started', '')}, wall time {_f(report.get('wall_s'), 1)} s",
+        "",
+    ]
+    lines += [
+        "## Accuracy",
+        "",
+        "| questions | answered | failed | skipped | scored | correct | accuracy |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {s['questions']} | {s['answered']} | {s['failed']} | {s['skipped']} | {s['scored']} | "
+        f"{s['correct']} | {_pct(s['accuracy'])} |",
+        "",
+    ]
+    lines += [
+        "| type | questions | answered | scored | correct | accuracy | exact | contains |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for kind, e in s["by_type"].items():
-        lines.append(f"| {kind} | {e['questions']} | {e['answered']} | {e['scored']} | {e['correct']} | "
-                     f"{_pct(e['accuracy'])} | {_pct(e.get('exact_accuracy'))} | {_pct(e.get('contains_accuracy'))} |")
+        lines.append(
+            f"| {kind} | {e['questions']} | {e['answered']} | {e['scored']} | {e['correct']} | "
+            f"{_pct(e['accuracy'])} | {_pct(e.get('exact_accuracy'))} | {_pct(e.get('contains_accuracy'))} |"
+        )
     if s.get("mean_command_score") is not None:
         lines.append(f"\nMean scoring-command score: {s['mean_command_score']:.3f}")
-    lines += ["", "## Latency (ms)", "", "| measure | n | p50 | p95 | max | mean |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Latency (ms)",
+        "",
+        "| measure | n | p50 | p95 | max | mean |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, st in s["latency_s"].items():
-        lines.append(f"| {name} | {st['n']} | {_ms(st['p50'])} | {_ms(st['p95'])} | {_ms(st['max'])} | {_ms(st['mean'])} |")
-    lines += ["", "## Frames", "", "| " + " | ".join(s["frames"]) + " |", "|" + "---:|" * len(s["frames"]),
-              "| " + " | ".join(_f(v) for v in s["frames"].values()) + " |"]
+        lines.append(
+            f"| {name} | {st['n']} | {_ms(st['p50'])} | {_ms(st['p95'])} | {_ms(st['max'])} | {_ms(st['mean'])} |"
+        )
+    lines += [
+        "",
+        "## Frames",
+        "",
+        "| " + " | ".join(s["frames"]) + " |",
+        "|" + "---:|" * len(s["frames"]),
+        "| " + " | ".join(_f(v) for v in s["frames"].values()) + " |",
+    ]
     if s.get("timing"):
         t = s["timing"]
-        lines += ["", "## Replay timing (ms late against the recorded schedule)", "",
-                  "| what | n | p50 | p95 | max |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Replay timing (ms late against the recorded schedule)",
+            "",
+            "| what | n | p50 | p95 | max |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name in ("frames_late_s", "questions_late_s"):
             if name in t:
                 st = t[name]
-                lines.append(f"| {name.replace('_late_s', '')} | {st['n']} | {_ms(st['p50'])} | {_ms(st['p95'])} | {_ms(st['max'])} |")
+                lines.append(
+                    f"| {name.replace('_late_s', '')} | {st['n']} | {_ms(st['p50'])} | {_ms(st['p95'])} | {_ms(st['max'])} |"
+                )
         extra = {k: v for k, v in t.items() if not isinstance(v, dict)}
         if extra:
             lines += ["", ", ".join(f"{k}: {_f(v)}" for k, v in extra.items())]
     if plot_name:
         lines += ["", f"![latency against stream time]({plot_name})"]
-    lines += ["", "## Questions", "",
-              "| id | t (s) | status | frames seen | ttft (ms) | total (ms) | score | answer | reference |",
-              "|---|---:|---|---:|---:|---:|---:|---|---|"]
+    lines += [
+        "",
+        "## Questions",
+        "",
+        "| id | t (s) | status | frames seen | ttft (ms) | total (ms) | score | answer | reference |",
+        "|---|---:|---|---:|---:|---:|---:|---|---|",
+    ]
     for r in report["questions"]:
         ref = r.get("reference")
         if r["type"] == "mc" and r.get("reference_letter"):
             ref = r["reference_letter"]
         status = r["status"] if r["status"] == "answered" else f"{r['status']}: {_cell(r.get('error'), 60)}"
-        lines.append(f"| {_cell(r['id'], 30)} | {_f(r.get('time'), 2)} | {status} | {_f(r.get('frames_seen'))} | "
-                     f"{_ms(r.get('ttft_s'))} | {_ms(r.get('total_s'))} | {_f(r.get('score'), 2)} | "
-                     f"{_cell(r.get('answer'))} | {_cell(ref, 40)} |")
+        lines.append(
+            f"| {_cell(r['id'], 30)} | {_f(r.get('time'), 2)} | {status} | {_f(r.get('frames_seen'))} | "
+            f"{_ms(r.get('ttft_s'))} | {_ms(r.get('total_s'))} | {_f(r.get('score'), 2)} | "
+            f"{_cell(r.get('answer'))} | {_cell(ref, 40)} |"
+        )
     if report["input_errors"]:
         lines += ["", "## Input errors (questions not asked)", ""]
         for e in report["input_errors"]:
@@ -175,19 +237,41 @@ def render_plot(report: dict, path: Path) -> int:
     rows = [r for r in report["questions"] if r.get("time") is not None and r["status"] != "skipped"]
     ok = [r for r in rows if r["status"] == "answered"]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    colors = ["tab:green" if r.get("correct") is True else "tab:red" if r.get("correct") is False else "tab:gray"
-              for r in ok]
+    colors = [
+        "tab:green" if r.get("correct") is True else "tab:red" if r.get("correct") is False else "tab:gray"
+        for r in ok
+    ]
     t = [r["time"] for r in ok]
-    ax.scatter(t, [r["total_s"] for r in ok], c=colors, marker="o", label="total (green correct, red wrong, grey unscored)",
-               zorder=3)
-    ax.scatter(t, [r["ttft_s"] for r in ok], c=colors, marker="^", alpha=0.6, label="time to first token", zorder=3)
+    ax.scatter(
+        t,
+        [r["total_s"] for r in ok],
+        c=colors,
+        marker="o",
+        label="total (green correct, red wrong, grey unscored)",
+        zorder=3,
+    )
+    ax.scatter(
+        t, [r["ttft_s"] for r in ok], c=colors, marker="^", alpha=0.6, label="time to first token", zorder=3
+    )
     if any(r.get("round_trip_s") is not None for r in ok):
-        ax.scatter(t, [r.get("round_trip_s") for r in ok], marker="x", color="tab:blue", label="service round trip",
-                   zorder=2)
+        ax.scatter(
+            t,
+            [r.get("round_trip_s") for r in ok],
+            marker="x",
+            color="tab:blue",
+            label="service round trip",
+            zorder=2,
+        )
     failed = [r for r in rows if r["status"] != "answered"]
     if failed:
-        ax.scatter([r["time"] for r in failed], [0] * len(failed), marker="x", color="black", label="failed",
-                   zorder=4)
+        ax.scatter(
+            [r["time"] for r in failed],
+            [0] * len(failed),
+            marker="x",
+            color="black",
+            label="failed",
+            zorder=4,
+        )
     ax.set_xlabel("stream time (s)")
     ax.set_ylabel("latency (s)")
     ax.set_ylim(bottom=0)
@@ -195,14 +279,22 @@ def render_plot(report: dict, path: Path) -> int:
     ax2 = ax.twinx()
     seen = [(r["time"], r["frames_seen"]) for r in ok if r.get("frames_seen") is not None]
     if seen:
-        ax2.step([x for x, _ in seen], [y for _, y in seen], where="post", color="tab:purple", alpha=0.5,
-                 label="frames seen")
+        ax2.step(
+            [x for x, _ in seen],
+            [y for _, y in seen],
+            where="post",
+            color="tab:purple",
+            alpha=0.5,
+            label="frames seen",
+        )
         ax2.set_ylabel("frames seen", color="tab:purple")
         ax2.set_ylim(bottom=0)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
-    ax.set_title(f"{report['mode']} replay of {Path(str(report['bag'].get('path'))).name}: latency against stream time")
+    ax.set_title(
+        f"{report['mode']} replay of {Path(str(report['bag'].get('path'))).name}: latency against stream time"
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -213,7 +305,11 @@ def write_report(report: dict, out_dir, stem: str = "report") -> dict:
     """Write <stem>.json, <stem>.md and <stem>_latency.png into out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "plot": out / f"{stem}_latency.png"}
+    paths = {
+        "json": out / f"{stem}.json",
+        "markdown": out / f"{stem}.md",
+        "plot": out / f"{stem}_latency.png",
+    }
     report["files"] = {k: p.name for k, p in paths.items()}
     report["plot_points"] = render_plot(report, paths["plot"])
     paths["markdown"].write_text(render_markdown(report, paths["plot"].name), encoding="utf-8")

@@ -14,6 +14,7 @@
   "correct", correct = score >= threshold. A failing command leaves the question unscored
   and records the error.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,13 @@ from typing import Optional, Sequence
 
 from fvs_ros.bag.questions import LETTERS, Question
 
-_NUMBERS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty".split())}
+_NUMBERS = {
+    w: str(i)
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
 _ARTICLES = {"a", "an", "the"}
 
 
@@ -58,7 +63,9 @@ def _contains(answer_norm: str, ref_norm: str) -> bool:
 
 _LETTER_ONLY = re.compile(r"\(?([A-Z])\)?[\.\):]?")
 _LETTER_LEAD = re.compile(r"^(?:\(([A-Z])\)|([A-Z])[\.\):])(?:\s|$)")
-_LETTER_SAID = re.compile(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*(?:option\s*)?\(?([A-Z])\b\)?", re.IGNORECASE)
+_LETTER_SAID = re.compile(
+    r"\b(?:answer|option|choice)\s*(?:is|:)?\s*(?:option\s*)?\(?([A-Z])\b\)?", re.IGNORECASE
+)
 
 
 def extract_choice(answer: str, choices: Sequence[str]) -> tuple[Optional[str], str]:
@@ -83,8 +90,15 @@ def extract_choice(answer: str, choices: Sequence[str]) -> tuple[Optional[str], 
     return None, "none"
 
 
-def score_answer(q: Question, answer: str, score_cmd: Optional[str] = None, *, cmd_all: bool = False,
-                 timeout: float = 60.0, threshold: float = 0.5) -> Score:
+def score_answer(
+    q: Question,
+    answer: str,
+    score_cmd: Optional[str] = None,
+    *,
+    cmd_all: bool = False,
+    timeout: float = 60.0,
+    threshold: float = 0.5,
+) -> Score:
     if q.reference is None and not (score_cmd and (cmd_all or q.kind == "open")):
         return Score(None, None, "unscored", detail="no reference answer")
     if score_cmd and (cmd_all or q.kind == "open"):
@@ -103,19 +117,36 @@ def score_answer(q: Question, answer: str, score_cmd: Optional[str] = None, *, c
     return Score(None, None, "unscored", detail="open answer (configure --score-cmd to score it)")
 
 
-def run_score_cmd(cmd: str, q: Question, answer: str, *, timeout: float = 60.0, threshold: float = 0.5) -> Score:
-    payload = {"id": q.id, "question": q.question, "prompt": q.prompt(), "choices": q.choices,
-               "reference": q.reference, "answer": answer, "type": q.kind}
+def run_score_cmd(
+    cmd: str, q: Question, answer: str, *, timeout: float = 60.0, threshold: float = 0.5
+) -> Score:
+    payload = {
+        "id": q.id,
+        "question": q.question,
+        "prompt": q.prompt(),
+        "choices": q.choices,
+        "reference": q.reference,
+        "answer": answer,
+        "type": q.kind,
+    }
     try:
-        proc = subprocess.run(shlex.split(cmd), input=json.dumps(payload), capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(
+            shlex.split(cmd),
+            input=json.dumps(payload),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except (OSError, ValueError) as e:
         return Score(None, None, "command", detail=f"scoring command failed to start: {e}")
     except subprocess.TimeoutExpired:
         return Score(None, None, "command", detail=f"scoring command timed out after {timeout:g} s")
     if proc.returncode != 0:
         err = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-        return Score(None, None, "command", detail=f"scoring command exited with {proc.returncode}: {err[0][:200]}")
+        return Score(
+            None, None, "command", detail=f"scoring command exited with {proc.returncode}: {err[0][:200]}"
+        )
     out = proc.stdout.strip()
     try:
         value = json.loads(out) if out else None

@@ -7,6 +7,7 @@ right, a green background with a yellow disc moving down, a blue background with
 Every frame differs from the previous one (the shape moves). Used by the tests and as a first
 run of the evaluation pipeline (docs/evaluation.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,14 @@ def scene_frame(scene: int, phase: float, height: int = 112, width: int = 168) -
     s = max(8, height // 4)
     if name == "red":
         x = int(phase * (width - s))
-        img[height // 2 - s // 2: height // 2 + s // 2, x: x + s] = 255
+        img[height // 2 - s // 2 : height // 2 + s // 2, x : x + s] = 255
     elif name == "green":
         y = int(s // 2 + phase * (height - s))
         cv2.circle(img, (width // 2, y), s // 2, (240, 220, 40), -1)
     else:
         off = int(phase * 8)
         for y in range(off, height, 16):
-            img[y: y + 4] = 255
+            img[y : y + 4] = 255
     return img
 
 
@@ -59,9 +60,19 @@ def scene_at(t: float, scene_s: float = 2.0) -> int:
     return min(int(t // scene_s), len(SCENES) - 1)
 
 
-def write_scene_bag(out, *, fps: float = 5.0, scene_s: float = 2.0, compressed=None, topic=None,
-                    storage: str = "mcap", start_stamp: float = DEFAULT_START_STAMP, height: int = 112,
-                    width: int = 168, overwrite: bool = False) -> list[tuple[float, int, np.ndarray]]:
+def write_scene_bag(
+    out,
+    *,
+    fps: float = 5.0,
+    scene_s: float = 2.0,
+    compressed=None,
+    topic=None,
+    storage: str = "mcap",
+    start_stamp: float = DEFAULT_START_STAMP,
+    height: int = 112,
+    width: int = 168,
+    overwrite: bool = False,
+) -> list[tuple[float, int, np.ndarray]]:
     """Write the scenes to a bag; returns the frames written (stream time, scene, RGB)."""
     topic = topic or ("/camera/image_raw/compressed" if compressed else "/camera/image_raw")
     frames = list(scene_frames(fps, scene_s, height, width))
@@ -77,13 +88,32 @@ def scene_questions(scene_s: float = 2.0) -> list[dict]:
     qs = []
     for k, (name, _, shape) in enumerate(SCENES):
         t = round((k + 0.5) * scene_s, 3)
-        qs.append({"id": f"colour_{name}", "time": t, "question": "What colour is the background now?",
-                   "choices": names, "answer": name})
-    qs.append({"id": "count_scenes", "time": "end", "question": "How many different background colours were shown?",
-               "answer": str(len(SCENES))})
-    qs.append({"id": "describe", "time": "end", "question": "Describe what happened in the video.",
-               "answer": "The background was red with a moving white square, then green with a yellow disc, "
-                         "then blue with white stripes."})
+        qs.append(
+            {
+                "id": f"colour_{name}",
+                "time": t,
+                "question": "What colour is the background now?",
+                "choices": names,
+                "answer": name,
+            }
+        )
+    qs.append(
+        {
+            "id": "count_scenes",
+            "time": "end",
+            "question": "How many different background colours were shown?",
+            "answer": str(len(SCENES)),
+        }
+    )
+    qs.append(
+        {
+            "id": "describe",
+            "time": "end",
+            "question": "Describe what happened in the video.",
+            "answer": "The background was red with a moving white square, then green with a yellow disc, "
+            "then blue with white stripes.",
+        }
+    )
     return qs
 
 
@@ -98,8 +128,15 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))
-    frames = write_scene_bag(args.out, fps=args.fps, scene_s=args.scene_s, compressed=args.compressed,
-                             height=h, width=w, overwrite=args.overwrite)
+    frames = write_scene_bag(
+        args.out,
+        fps=args.fps,
+        scene_s=args.scene_s,
+        compressed=args.compressed,
+        height=h,
+        width=w,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {len(frames)} frames ({frames[-1][0]:.2f} s) to {args.out}", file=sys.stderr)
     if args.questions:
         Path(args.questions).write_text("".join(json.dumps(q) + "\n" for q in scene_questions(args.scene_s)))

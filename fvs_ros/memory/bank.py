@@ -71,8 +71,18 @@ class FeatureBank:
             return torch.zeros(0, dtype=torch.float64, device=self.device)
         return (self.low[: self.count] @ frame).double()
 
-    def add(self, frame: Tensor, frame_sq: Tensor, frame_dots: Tensor, center_dots: Tensor, full: Tensor,
-            slot: Tensor, stamp: Tensor, clusters: Clusters, mix: Tensor) -> None:
+    def add(
+        self,
+        frame: Tensor,
+        frame_sq: Tensor,
+        frame_dots: Tensor,
+        center_dots: Tensor,
+        full: Tensor,
+        slot: Tensor,
+        stamp: Tensor,
+        clusters: Clusters,
+        mix: Tensor,
+    ) -> None:
         """Offer one frame to the bank, right after the CSM absorbed it.
 
         frame [D] float32, frame_sq 0-d float64, frame_dots [count] = self.dots(frame), center_dots
@@ -98,7 +108,9 @@ class FeatureBank:
             getattr(self, name).index_copy_(0, row, value[None])
         self.cross.index_copy_(1, row, new[:, None])
 
-    def _row_for(self, clusters: Clusters, held: Tensor, new: Tensor, frame_sq: Tensor, slot: Tensor) -> Tensor:
+    def _row_for(
+        self, clusters: Clusters, held: Tensor, new: Tensor, frame_sq: Tensor, slot: Tensor
+    ) -> Tensor:
         """Row [1] the new frame (slot `slot`) goes to: the first free row while the bank fills up,
         then the row of the frame the retention rule drops (the discard row when that is the new
         frame, which can only happen with capacity < 4)."""
@@ -121,7 +133,9 @@ class FeatureBank:
         """Make room for `rows` frames (a bounded bank allocates its capacity at once)."""
         if rows <= self.rows:
             return
-        want = self.capacity if self.capacity is not None else max(rows, _FIRST_ROWS, int(self.rows * _GROWTH))
+        want = (
+            self.capacity if self.capacity is not None else max(rows, _FIRST_ROWS, int(self.rows * _GROWTH))
+        )
         if self.low is None:
             self.low = torch.zeros(want + 1, *frame.shape, device=self.device)
             self.sq = torch.zeros(want + 1, dtype=torch.float64, device=self.device)

@@ -52,6 +52,7 @@ class Clusters:
     @staticmethod
     def empty(k: int, dim: int, device: torch.device) -> Clusters:
         """K dead clusters, each field its own buffer (they are overwritten in place)."""
+
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=torch.float64, device=device)
 
@@ -92,11 +93,19 @@ class Absorption:
 
         points = torch.arange(k + 1, device=device)
         return Absorption(
-            frame=torch.zeros(dim, device=device), slot_stamp=zeros(2), frame_sq=zeros(), dots=zeros(k),
-            gram=zeros(k + 1, k + 1), w=torch.cat([zeros(k), torch.ones(1, dtype=torch.float64, device=device)]),
-            a=zeros(k, k + 1), mass=zeros(k), done=torch.zeros((), dtype=torch.bool, device=device),
-            ids=points[:k, None].clone(), points=points,
-            not_pair=~torch.ones(k + 1, k + 1, dtype=torch.bool, device=device).triu(1))
+            frame=torch.zeros(dim, device=device),
+            slot_stamp=zeros(2),
+            frame_sq=zeros(),
+            dots=zeros(k),
+            gram=zeros(k + 1, k + 1),
+            w=torch.cat([zeros(k), torch.ones(1, dtype=torch.float64, device=device)]),
+            a=zeros(k, k + 1),
+            mass=zeros(k),
+            done=torch.zeros((), dtype=torch.bool, device=device),
+            ids=points[:k, None].clone(),
+            points=points,
+            not_pair=~torch.ones(k + 1, k + 1, dtype=torch.bool, device=device).triu(1),
+        )
 
 
 def sq_dists_from_gram(gram: Tensor) -> Tensor:
@@ -132,7 +141,9 @@ def merge_cheapest_pair(ab: Absorption) -> Tensor:
     Returns labels [N] in [0, N-1); ties go to the first pair in row-major order.
     """
     n, w = ab.gram.shape[0], ab.w
-    cost = (w[:, None] * w[None, :]) / (w[:, None] + w[None, :]).clamp_min(1e-300) * sq_dists_from_gram(ab.gram)
+    cost = (
+        (w[:, None] * w[None, :]) / (w[:, None] + w[None, :]).clamp_min(1e-300) * sq_dists_from_gram(ab.gram)
+    )
     flat = cost.masked_fill_(ab.not_pair, float("inf")).view(-1).argmin()
     i, j = flat // n, flat % n  # i < j
     labels = torch.where(ab.points == j, i, ab.points)
@@ -156,7 +167,9 @@ def start(ab: Absorption, clusters: Clusters) -> None:
     ab.done.fill_(False)
 
 
-def iterate(ab: Absorption, iters: int, tol: float, stop_early: Callable[[Tensor], bool] | None = None) -> None:
+def iterate(
+    ab: Absorption, iters: int, tol: float, stop_early: Callable[[Tensor], bool] | None = None
+) -> None:
     """Stage 2: `iters` weighted Lloyd iterations on ab.a and ab.mass, in place.
 
     One iteration = assign each point to its nearest live centroid, then recompute the weighted

@@ -44,8 +44,15 @@ class SplitStep:
     and the CaptureError propagates.
     """
 
-    def __init__(self, head: Callable[[], None], tail: Callable[[], None], tail_max: int,
-                 finish: Callable[[], None], done: Tensor, device: torch.device):
+    def __init__(
+        self,
+        head: Callable[[], None],
+        tail: Callable[[], None],
+        tail_max: int,
+        finish: Callable[[], None],
+        done: Tensor,
+        device: torch.device,
+    ):
         stages = [head, *[tail] * tail_max, finish]
         graphs: dict[Callable[[], None], StepGraph] = {}
         for i, stage in enumerate(stages):
@@ -55,7 +62,7 @@ class SplitStep:
             try:
                 graphs[stage] = StepGraph(stage, device)
             except CaptureError:
-                for rest in stages[i + 1:]:
+                for rest in stages[i + 1 :]:
                     rest()
                 raise
         self._head, self._tail, self._finish = graphs[head], graphs.get(tail), graphs[finish]

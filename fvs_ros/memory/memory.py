@@ -49,7 +49,9 @@ class MemoryConfig:
         if self.csm_slots < 1 or self.dam_frames < 0 or self.kmeans_iters < 1 or not self.kmeans_tol >= 0:
             raise ValueError(f"invalid memory config {self}")
         if self.bank_capacity is not None and self.bank_capacity < max(self.dam_frames, 1):
-            raise ValueError(f"bank_capacity ({self.bank_capacity}) must be >= dam_frames ({self.dam_frames})")
+            raise ValueError(
+                f"bank_capacity ({self.bank_capacity}) must be >= dam_frames ({self.dam_frames})"
+            )
 
 
 @dataclass(frozen=True)
@@ -77,15 +79,36 @@ class MemorySnapshot:
     @property
     def nbytes(self) -> int:
         """Bytes of this snapshot's tensors."""
-        return sum(t.nbytes for t in (self.csm_features, self.csm_weights, self.csm_times, self.csm_stamps,
-                                      self.dam_features, self.dam_slots, self.dam_stamps))
+        return sum(
+            t.nbytes
+            for t in (
+                self.csm_features,
+                self.csm_weights,
+                self.csm_times,
+                self.csm_stamps,
+                self.dam_features,
+                self.dam_slots,
+                self.dam_stamps,
+            )
+        )
 
 
 def _empty_snapshot(version: int, device: torch.device) -> MemorySnapshot:
     none = torch.zeros(0, 0, 0, device=device)
-    return MemorySnapshot(none, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64),
-                          torch.zeros(0, dtype=torch.float64), none, torch.zeros(0, dtype=torch.int64),
-                          torch.zeros(0, dtype=torch.float64), 0, None, None, version, None)
+    return MemorySnapshot(
+        none,
+        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, dtype=torch.float64),
+        torch.zeros(0, dtype=torch.float64),
+        none,
+        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, dtype=torch.float64),
+        0,
+        None,
+        None,
+        version,
+        None,
+    )
 
 
 class FlashMemory:
@@ -99,8 +122,9 @@ class FlashMemory:
     graphs (identical results, a fraction of the launch overhead); False: always eager.
     """
 
-    def __init__(self, config: MemoryConfig | None = None, device: str | torch.device = "cpu",
-                 cuda_graphs: bool = True):
+    def __init__(
+        self, config: MemoryConfig | None = None, device: str | torch.device = "cpu", cuda_graphs: bool = True
+    ):
         self.config = config or MemoryConfig()
         self.device = torch.device(device)
         self._lock = threading.Lock()
@@ -122,13 +146,22 @@ class FlashMemory:
 
     def nbytes(self) -> int:
         """Bytes held: writer state (centroids, feature bank) plus the published snapshot."""
-        state = 0 if self._clusters is None else self._reference.nbytes + sum(
-            getattr(self._clusters, name).nbytes for name in Clusters.__dataclass_fields__)
+        state = (
+            0
+            if self._clusters is None
+            else self._reference.nbytes
+            + sum(getattr(self._clusters, name).nbytes for name in Clusters.__dataclass_fields__)
+        )
         return state + self._bank.nbytes() + self._snapshot.nbytes
 
     # ---- writer --------------------------------------------------------------------------
-    def update(self, low: Tensor, full: Tensor, stamps: Tensor | Sequence[float],
-               full_hw: tuple[int, int] | None = None) -> MemorySnapshot:
+    def update(
+        self,
+        low: Tensor,
+        full: Tensor,
+        stamps: Tensor | Sequence[float],
+        full_hw: tuple[int, int] | None = None,
+    ) -> MemorySnapshot:
         """Absorb B frames: low-res [B, Nl, C] and full-res [B, Nf, C] ViT features (before the
         merger), stamps [B] in seconds (non-decreasing), full_hw = (h, w) the ViT patch grid of a
         full-res slot (h * w = Nf; kept for the snapshot's readers). Returns the new snapshot."""
@@ -158,8 +191,9 @@ class FlashMemory:
                 "shape": self._shape,
             }
             if self._clusters is not None:
-                state["clusters"] = {name: getattr(self._clusters, name).cpu()
-                                     for name in Clusters.__dataclass_fields__}
+                state["clusters"] = {
+                    name: getattr(self._clusters, name).cpu() for name in Clusters.__dataclass_fields__
+                }
                 state["reference"] = self._reference.cpu()
                 state["bank"] = self._bank.state_dict()
             path = Path(path)
@@ -168,8 +202,9 @@ class FlashMemory:
             os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-             cuda_graphs: bool = True) -> FlashMemory:
+    def load(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", cuda_graphs: bool = True
+    ) -> FlashMemory:
         """A memory restored from save(); raises MemoryFileError if it cannot be."""
         path = Path(path)
         if not path.is_file():
@@ -181,8 +216,10 @@ class FlashMemory:
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise MemoryFileError(f"{path} is not an fvs_ros memory file")
         if state.get("format_version") != FORMAT_VERSION:
-            raise MemoryFileError(f"{path} has memory format version {state.get('format_version')}; "
-                                  f"this fvs_ros reads version {FORMAT_VERSION}")
+            raise MemoryFileError(
+                f"{path} has memory format version {state.get('format_version')}; "
+                f"this fvs_ros reads version {FORMAT_VERSION}"
+            )
         try:
             mem = cls(MemoryConfig(**state["config"]), device, cuda_graphs)
             mem._restore(state)
@@ -196,36 +233,55 @@ class FlashMemory:
         self._clusters: Clusters | None = None
         self._absorption: Absorption | None = None  # the frame step's buffers
         self._full_in: Tensor | None = None  # [Nf, C] the graphs' full-res input (allocated at capture)
-        self._reference: Tensor | None = None  # [Nl*C] float32, the first frame: vectors are kept relative to it
+        self._reference: Tensor | None = (
+            None  # [Nl*C] float32, the first frame: vectors are kept relative to it
+        )
         self._bank = FeatureBank(self.config.bank_capacity, self.device)
-        self._shape: dict[str, Any] | None = None  # low_tokens, full_tokens, channels, full_dtype (name), full_hw
+        self._shape: dict[str, Any] | None = (
+            None  # low_tokens, full_tokens, channels, full_dtype (name), full_hw
+        )
         self._frames_seen = 0
         self._first_stamp: float | None = None
         self._last_stamp: float | None = None
         self._version += 1
         self._snapshot = _empty_snapshot(self._version, self.device)
 
-    def _checked(self, low: Any, full: Any, stamps: Any, full_hw: Any) -> tuple[Tensor, Tensor, np.ndarray, Any]:
+    def _checked(
+        self, low: Any, full: Any, stamps: Any, full_hw: Any
+    ) -> tuple[Tensor, Tensor, np.ndarray, Any]:
         """Validated inputs on the memory's device, or ValueError (the memory is untouched)."""
         for name, x in (("low", low), ("full", full)):
             if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
-                raise ValueError(f"{name} features must be a floating-point tensor [B, tokens, C], got "
-                                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+                raise ValueError(
+                    f"{name} features must be a floating-point tensor [B, tokens, C], got "
+                    f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
+                )
         b, nl, c = low.shape
         if b == 0 or full.shape[0] != b or full.shape[2] != c or nl == 0 or full.shape[1] == 0 or c == 0:
-            raise ValueError(f"low {tuple(low.shape)} and full {tuple(full.shape)} must be [B, Nl, C] and "
-                             f"[B, Nf, C] with the same B >= 1 and C")
+            raise ValueError(
+                f"low {tuple(low.shape)} and full {tuple(full.shape)} must be [B, Nl, C] and "
+                f"[B, Nf, C] with the same B >= 1 and C"
+            )
         if self._shape is not None and (nl, full.shape[1], c) != (
-                self._shape["low_tokens"], self._shape["full_tokens"], self._shape["channels"]):
-            raise ValueError(f"frame features changed shape: memory holds Nl={self._shape['low_tokens']}, "
-                             f"Nf={self._shape['full_tokens']}, C={self._shape['channels']}; got Nl={nl}, "
-                             f"Nf={full.shape[1]}, C={c}")
+            self._shape["low_tokens"],
+            self._shape["full_tokens"],
+            self._shape["channels"],
+        ):
+            raise ValueError(
+                f"frame features changed shape: memory holds Nl={self._shape['low_tokens']}, "
+                f"Nf={self._shape['full_tokens']}, C={self._shape['channels']}; got Nl={nl}, "
+                f"Nf={full.shape[1]}, C={c}"
+            )
         if full_hw is not None:
             full_hw = tuple(int(n) for n in full_hw)
             if len(full_hw) != 2 or full_hw[0] * full_hw[1] != full.shape[1]:
-                raise ValueError(f"full_hw {full_hw} must be the (h, w) grid of the {full.shape[1]} full-res tokens")
+                raise ValueError(
+                    f"full_hw {full_hw} must be the (h, w) grid of the {full.shape[1]} full-res tokens"
+                )
             if self._shape is not None and self._shape["full_hw"] not in (None, list(full_hw)):
-                raise ValueError(f"full_hw changed: memory holds {tuple(self._shape['full_hw'])}, got {full_hw}")
+                raise ValueError(
+                    f"full_hw changed: memory holds {tuple(self._shape['full_hw'])}, got {full_hw}"
+                )
         try:
             stamps = np.asarray(torch.as_tensor(stamps, dtype=torch.float64).cpu(), dtype=np.float64)
         except (TypeError, ValueError, RuntimeError) as e:
@@ -234,20 +290,31 @@ class FlashMemory:
             raise ValueError(f"stamps must be {b} finite numbers, got {stamps}")
         previous = -math.inf if self._last_stamp is None else self._last_stamp
         if np.any(np.diff(stamps, prepend=previous) < 0):
-            raise ValueError(f"stamps must not decrease (last stamp {self._last_stamp}, got {stamps}); "
-                             f"reset() the memory when the clock jumps back")
+            raise ValueError(
+                f"stamps must not decrease (last stamp {self._last_stamp}, got {stamps}); "
+                f"reset() the memory when the clock jumps back"
+            )
         low = low.to(self.device)
-        full = full.to(self.device, dtype=getattr(torch, self._shape["full_dtype"]) if self._shape else full.dtype)
+        full = full.to(
+            self.device, dtype=getattr(torch, self._shape["full_dtype"]) if self._shape else full.dtype
+        )
         if not bool(torch.isfinite(low).all() & torch.isfinite(full).all()):
             raise ValueError("frame features contain NaN or Inf")
         return low, full, stamps, full_hw
 
-    def _absorb_all(self, low: Tensor, full: Tensor, stamps: np.ndarray, full_hw: tuple[int, int] | None) -> None:
+    def _absorb_all(
+        self, low: Tensor, full: Tensor, stamps: np.ndarray, full_hw: tuple[int, int] | None
+    ) -> None:
         b, nl, c = low.shape
         frames = low.reshape(b, nl * c).float()
         if self._clusters is None:
-            self._shape = {"low_tokens": nl, "full_tokens": full.shape[1], "channels": c,
-                           "full_dtype": str(full.dtype).removeprefix("torch."), "full_hw": None}
+            self._shape = {
+                "low_tokens": nl,
+                "full_tokens": full.shape[1],
+                "channels": c,
+                "full_dtype": str(full.dtype).removeprefix("torch."),
+                "full_hw": None,
+            }
             self._clusters = Clusters.empty(self.config.csm_slots, nl * c, self.device)
             self._absorption = Absorption.empty(self.config.csm_slots, nl * c, self.device)
             self._reference = frames[0].clone()
@@ -287,8 +354,14 @@ class FlashMemory:
         head = min(HEAD_ITERS, self.config.kmeans_iters)
         self._full_in = full.clone()
         try:
-            return SplitStep(partial(self._start, head), partial(self._iterate, 1), self.config.kmeans_iters - head,
-                             partial(self._finish, self._full_in), self._absorption.done, self.device)
+            return SplitStep(
+                partial(self._start, head),
+                partial(self._iterate, 1),
+                self.config.kmeans_iters - head,
+                partial(self._finish, self._full_in),
+                self._absorption.done,
+                self.device,
+            )
         except CaptureError as e:
             log.warning("Flash Memory: CUDA graph capture failed, updating eagerly from now on: %s", e)
             self._use_graphs = False
@@ -323,8 +396,17 @@ class FlashMemory:
         centroids while the host picks the DAM frames."""
         clusters, bank, shape, n = self._clusters, self._bank, self._shape, self._bank.count
         by_time = torch.where(clusters.live, clusters.time, math.inf).argsort(stable=True)  # dead last
-        meta = [clusters.mass, clusters.time, clusters.stamp, by_time.double(), clusters.gram.diagonal(),
-                bank.sq[:n], bank.slot[:n].double(), bank.stamp[:n], bank.cross[:, :n].reshape(-1)]
+        meta = [
+            clusters.mass,
+            clusters.time,
+            clusters.stamp,
+            by_time.double(),
+            clusters.gram.diagonal(),
+            bank.sq[:n],
+            bank.slot[:n].double(),
+            bank.stamp[:n],
+            bank.cross[:, :n].reshape(-1),
+        ]
         host = torch.cat(meta).to("cpu", non_blocking=True)  # one dtype, one kernel; slots < 2**53 are exact
         landed = _recorded_event(self.device)
         centers = clusters.centers.index_select(0, by_time).add_(self._reference)
@@ -332,7 +414,8 @@ class FlashMemory:
             landed.synchronize()
         ends = np.cumsum([t.numel() for t in meta]).tolist()
         mass, time, stamp, by_time, c_sq, f_sq, slot, bank_stamp, cross = (
-            host.numpy()[a:b] for a, b in zip([0, *ends], ends))
+            host.numpy()[a:b] for a, b in zip([0, *ends], ends)
+        )
         live = int(np.count_nonzero(mass > 0))
         order = by_time[:live].astype(np.int64)
         choosers = dam.choosing_order(mass, time)[: min(self.config.dam_frames, live)]
@@ -369,11 +452,16 @@ class FlashMemory:
         dim = shape["low_tokens"] * shape["channels"]
         saved = Clusters(**state["clusters"])
         reference, bank, k = state["reference"].to(self.device), state["bank"], self.config.csm_slots
-        if (saved.centers.shape != (k, dim) or saved.gram.shape != (k, k) or reference.shape != (dim,)
-                or any(getattr(saved, name).shape != (k,) for name in ("mass", "time", "stamp"))
-                or int(saved.mass.sum()) != self._frames_seen
-                or bank["low"].shape[1:] != (dim,) or bank["cross"].shape != (k, bank["low"].shape[0])
-                or bank["full"].shape[1:] != (shape["full_tokens"], shape["channels"])):
+        if (
+            saved.centers.shape != (k, dim)
+            or saved.gram.shape != (k, k)
+            or reference.shape != (dim,)
+            or any(getattr(saved, name).shape != (k,) for name in ("mass", "time", "stamp"))
+            or int(saved.mass.sum()) != self._frames_seen
+            or bank["low"].shape[1:] != (dim,)
+            or bank["cross"].shape != (k, bank["low"].shape[0])
+            or bank["full"].shape[1:] != (shape["full_tokens"], shape["channels"])
+        ):
             raise ValueError("saved tensors do not match the saved config and counters")
         self._graphs, self._full_in = None, None  # the state tensors are replaced
         self._shape, self._clusters, self._reference = shape, Clusters.empty(k, dim, self.device), reference

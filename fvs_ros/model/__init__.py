@@ -9,8 +9,15 @@ See docs/model.md.
 """
 
 from .checkpoint import ModelLoadError, map_weight_name
-from .video_lm import (FrameFeatures, Generation, MemoryPrefix, PromptInputs, VideoLM, load_model,
-                       resolve_device_dtype)
+from .video_lm import (
+    FrameFeatures,
+    Generation,
+    MemoryPrefix,
+    PromptInputs,
+    VideoLM,
+    load_model,
+    resolve_device_dtype,
+)
 
 __all__ = [
     "FrameFeatures",

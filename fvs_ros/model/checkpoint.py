@@ -100,7 +100,9 @@ def read_config(ckpt_dir: Path) -> CheckpointConfig:
         raw = json.loads(json.dumps(raw))  # deep copy: the edits below stay local
         flash = raw.get("vision_config", {}).pop("flash_memory_config", None)
         if flash is None:
-            raise ModelLoadError(f"{config_file}: {FLASH_VSTREAM} config without vision_config.flash_memory_config")
+            raise ModelLoadError(
+                f"{config_file}: {FLASH_VSTREAM} config without vision_config.flash_memory_config"
+            )
         memory_defaults = flash_memory_defaults(flash, config_file)
         raw["model_type"] = QWEN2_VL
         raw.pop("architectures", None)
@@ -159,7 +161,9 @@ def weight_files(ckpt_dir: Path) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [s for s in shards if not (ckpt_dir / s).is_file()]
         if missing:
-            raise ModelLoadError(f"{ckpt_dir}: weight shards listed in the index are missing: {', '.join(missing)}")
+            raise ModelLoadError(
+                f"{ckpt_dir}: weight shards listed in the index are missing: {', '.join(missing)}"
+            )
         return [ckpt_dir / s for s in shards]
     single = ckpt_dir / "model.safetensors"
     if single.is_file():
@@ -217,14 +221,18 @@ def build_model(ckpt: CheckpointConfig, ckpt_dir: Path, dtype: torch.dtype, devi
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
-        raise ModelLoadError(f"{ckpt_dir}: weights do not fit on {device} in {dtype} (out of memory)") from None
+        raise ModelLoadError(
+            f"{ckpt_dir}: weights do not fit on {device} in {dtype} (out of memory)"
+        ) from None
     return model.eval().requires_grad_(False)
 
 
 def is_out_of_memory(err: Exception) -> bool:
     """torch's OOM error, or the RuntimeError an allocator (CPU, safetensors) raises instead."""
     text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+    return (
+        isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+    )
 
 
 def materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:

@@ -93,7 +93,9 @@ class _AttnContext:
     flash: bool
     mask: torch.Tensor | None = None  # sdpa: [1, 1, groups * q, capacity] bool, True = attend
     cu_q: torch.Tensor | None = None  # flash: [0, q] int32
-    cu_k: torch.Tensor | None = None  # flash, unsplit: [0, valid key length]; split: [P, valid key length] (new keys)
+    cu_k: torch.Tensor | None = (
+        None  # flash, unsplit: [0, valid key length]; split: [P, valid key length] (new keys)
+    )
     max_k: int = 0
     flash_kwargs: dict | None = None
     splits: int = 0  # flash: prefix chunks (0: one causal sequence over all keys)
@@ -106,8 +108,9 @@ def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, kwargs=None):
     """FlashAttention-2 over packed sequences: q [Lq, H, D], k/v [Lk, Hkv, D], bounds cu_q/cu_k (int32)
     -> (out [Lq, H, D], log-sum-exp)."""
     kwargs = kwargs or {}
-    out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
-                                                  scale=scale, **kwargs)
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale, **kwargs
+    )
     return out[0], out[1]
 
 
@@ -122,9 +125,21 @@ def _split_flash(q, k, v, ctx: _AttnContext, scale):
     """q [q, H, D] over prefix chunks (non-causal) + new keys (causal), merged by log-sum-exp -> [q, H, D]."""
     q_len, heads, dim = q.shape
     s = ctx.splits
-    o_pre, lse_pre = flash_varlen(q.repeat(s, 1, 1), k, v, ctx.cu_q_pre, ctx.cu_k_pre, q_len, ctx.max_k_pre, False,
-                            scale, ctx.flash_kwargs)
-    o_new, lse_new = flash_varlen(q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scale, ctx.flash_kwargs)
+    o_pre, lse_pre = flash_varlen(
+        q.repeat(s, 1, 1),
+        k,
+        v,
+        ctx.cu_q_pre,
+        ctx.cu_k_pre,
+        q_len,
+        ctx.max_k_pre,
+        False,
+        scale,
+        ctx.flash_kwargs,
+    )
+    o_new, lse_new = flash_varlen(
+        q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scale, ctx.flash_kwargs
+    )
     o = torch.cat([o_pre.view(s, q_len, heads, dim), o_new.view(1, q_len, heads, dim)]).float()
     lse = torch.cat([_lse_rows(lse_pre, s, q_len, heads), _lse_rows(lse_new, 1, q_len, heads)])
     lse = lse.masked_fill(lse == float("inf"), float("-inf"))  # FlashAttention marks empty chunks with +inf
@@ -147,7 +162,9 @@ def _static_attention(module, query, key, value, attention_mask=None, dropout=0.
         v = value[0].transpose(0, 1)
         if ctx.splits:
             return _split_flash(q, k, v, ctx, scaling).unsqueeze(0), None
-        out, _ = flash_varlen(q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scaling, ctx.flash_kwargs)
+        out, _ = flash_varlen(
+            q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scaling, ctx.flash_kwargs
+        )
         return out.unsqueeze(0), None
     groups = heads // kv_heads
     # query heads kv*groups + j share KV head kv (transformers' repeat_kv order): fold j into the rows
@@ -200,9 +217,18 @@ class _Graph:
 class FastDecoder:
     """Greedy generation on a static KV cache (+ CUDA graphs on CUDA) for a Qwen2-VL text model."""
 
-    def __init__(self, llm, lm_head, *, graphs: bool | None = None, attention: str = "auto",
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, max_new_tokens: int = 1024,
-                 splits: int = 8, flash_splits: int | None = None):
+    def __init__(
+        self,
+        llm,
+        lm_head,
+        *,
+        graphs: bool | None = None,
+        attention: str = "auto",
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        max_new_tokens: int = 1024,
+        splits: int = 8,
+        flash_splits: int | None = None,
+    ):
         self.llm, self.lm_head = llm, lm_head
         self.config = llm.config
         self.device = lm_head.weight.device
@@ -216,8 +242,10 @@ class FastDecoder:
         if attention not in ("flash", "sdpa"):
             raise ValueError(f"attention must be 'auto', 'flash' or 'sdpa', got {attention!r}")
         if attention == "flash" and not flash_available(self.device, self.dtype):
-            raise ValueError("attention='flash' needs a CUDA sm80+ device, bf16/fp16 weights and "
-                             "aten._flash_attention_forward")
+            raise ValueError(
+                "attention='flash' needs a CUDA sm80+ device, bf16/fp16 weights and "
+                "aten._flash_attention_forward"
+            )
         self.attention = attention
         self.graphs = (self.device.type == "cuda") if graphs is None else bool(graphs)
         if self.graphs and self.device.type != "cuda":
@@ -228,9 +256,14 @@ class FastDecoder:
         self._flash_kwargs = {}
         if flash_splits is not None and "num_splits" in schema:
             self._flash_kwargs["num_splits"] = int(flash_splits)
-        self._cache_kw = "cache" if "cache" in inspect.signature(type(self.layers[0]).forward).parameters \
+        self._cache_kw = (
+            "cache"
+            if "cache" in inspect.signature(type(self.layers[0]).forward).parameters
             else "past_key_values"
-        self._attn_configs = list({id(layer.self_attn.config): layer.self_attn.config for layer in self.layers}.values())
+        )
+        self._attn_configs = list(
+            {id(layer.self_attn.config): layer.self_attn.config for layer in self.layers}.values()
+        )
         self.capacity = 0
         self._kv: _StaticKV | None = None
         self._graphs: dict[int, _Graph] = {}  # bucket -> prefill graph; 1 -> decode graph under key 0
@@ -256,21 +289,41 @@ class FastDecoder:
         worst = 0.0
         for prefix, q_len in ((1000, 1), (1000, 7), (3, 5), (0, 4)):
             n = prefix + q_len
-            k = torch.randn(n + 64, self.kv_heads, self.head_dim, device=self.device, dtype=self.dtype, generator=g)
+            k = torch.randn(
+                n + 64, self.kv_heads, self.head_dim, device=self.device, dtype=self.dtype, generator=g
+            )
             v = torch.randn_like(k)
-            q = torch.randn(q_len, self.heads, self.head_dim, device=self.device, dtype=self.dtype, generator=g)
+            q = torch.randn(
+                q_len, self.heads, self.head_dim, device=self.device, dtype=self.dtype, generator=g
+            )
             scale = self.head_dim**-0.5
             i32 = dict(dtype=torch.int32, device=self.device)
-            ref, _ = flash_varlen(q, k, v, torch.tensor([0, q_len], **i32), torch.tensor([0, n], **i32), q_len, n,
-                            q_len > 1, scale, self._flash_kwargs)
-            ctx = self._split_context(torch.tensor([prefix], device=self.device),
-                                      torch.tensor([n], device=self.device), q_len, k.shape[0])
+            ref, _ = flash_varlen(
+                q,
+                k,
+                v,
+                torch.tensor([0, q_len], **i32),
+                torch.tensor([0, n], **i32),
+                q_len,
+                n,
+                q_len > 1,
+                scale,
+                self._flash_kwargs,
+            )
+            ctx = self._split_context(
+                torch.tensor([prefix], device=self.device),
+                torch.tensor([n], device=self.device),
+                q_len,
+                k.shape[0],
+            )
             got = _split_flash(q, k, v, ctx, scale)
             err = float((got.float() - ref.float()).norm() / ref.float().norm())
             worst = max(worst, err if err == err else float("inf"))
         return worst
 
-    def _split_context(self, plen: torch.Tensor, kvlen: torch.Tensor, q_len: int, capacity: int) -> _AttnContext:
+    def _split_context(
+        self, plen: torch.Tensor, kvlen: torch.Tensor, q_len: int, capacity: int
+    ) -> _AttnContext:
         """Flash context for q_len new rows after a P-token prefix (plen [1]); keys valid up to kvlen [1]."""
         s = self.splits
         chunk = (plen + (s - 1)) // s
@@ -317,7 +370,11 @@ class FastDecoder:
 
     @property
     def cache_bytes(self) -> int:
-        return 0 if self._kv is None else sum(t.numel() * t.element_size() for t in self._kv.keys + self._kv.values)
+        return (
+            0
+            if self._kv is None
+            else sum(t.numel() * t.element_size() for t in self._kv.keys + self._kv.values)
+        )
 
     # ------------------------------------------------------------------ core forward
 
@@ -340,8 +397,14 @@ class FastDecoder:
                 c._attn_implementation = name
             _local.ctx = None
 
-    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 last: torch.Tensor, plen: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        last: torch.Tensor,
+        plen: torch.Tensor,
+    ) -> torch.Tensor:
         """[1, q, hidden] embeds at position ids [3, 1, q] written to cache `slots` [q] -> logits [vocab] of row `last`.
 
         plen [1]: prefix length P (slots [0, P) hold the prefix; the new rows attend all of it).
@@ -371,8 +434,14 @@ class FastDecoder:
         position_embeddings = self.llm.rotary_emb(hidden, positions)
         cache_kw = {self._cache_kw: kv}
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=None, position_embeddings=position_embeddings,
-                           use_cache=True, **cache_kw)
+            hidden = layer(
+                hidden,
+                attention_mask=None,
+                position_ids=None,
+                position_embeddings=position_embeddings,
+                use_cache=True,
+                **cache_kw,
+            )
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
         hidden = self.llm.norm(hidden.index_select(1, last))
@@ -380,8 +449,9 @@ class FastDecoder:
 
     # ------------------------------------------------------------------ graphs
 
-    def _capture(self, fn: Callable[[], dict], reset: Callable[[], None] = lambda: None
-                 ) -> tuple[torch.cuda.CUDAGraph, dict]:
+    def _capture(
+        self, fn: Callable[[], dict], reset: Callable[[], None] = lambda: None
+    ) -> tuple[torch.cuda.CUDAGraph, dict]:
         """Capture fn into this decoder's shared graph pool (cuda_graph.capture)."""
         graph, outputs = capture(fn, self.device, self._pool, reset=reset)
         if self._pool is None:
@@ -400,8 +470,9 @@ class FastDecoder:
         }
 
         def fn():
-            logits = self._forward(inputs["embeds"], inputs["positions"], inputs["slots"], inputs["last"],
-                                   inputs["plen"])
+            logits = self._forward(
+                inputs["embeds"], inputs["positions"], inputs["slots"], inputs["last"], inputs["plen"]
+            )
             return {"logits": logits, "token": logits.argmax().view(1, 1)}
 
         with self._static_attention():
@@ -463,10 +534,20 @@ class FastDecoder:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, tail_embeds: torch.Tensor, tail_positions: torch.Tensor, next_position: int,
-                 max_new_tokens: int, stop_ids=(), *, prefix_kv=None, prefix_len: int = 0,
-                 on_token: Callable[[int], None] | None = None,
-                 force_tokens: Sequence[int] | None = None, collect_logits: bool = False) -> FastGeneration:
+    def generate(
+        self,
+        tail_embeds: torch.Tensor,
+        tail_positions: torch.Tensor,
+        next_position: int,
+        max_new_tokens: int,
+        stop_ids=(),
+        *,
+        prefix_kv=None,
+        prefix_len: int = 0,
+        on_token: Callable[[int], None] | None = None,
+        force_tokens: Sequence[int] | None = None,
+        collect_logits: bool = False,
+    ) -> FastGeneration:
         """Greedy tokens after [prefix + tail].
 
         tail_embeds [1, T, hidden] and tail_positions [3, 1, T] are the new tokens (question tail, or
@@ -511,10 +592,19 @@ class FastDecoder:
             kept = [logits.float().clone()] if collect_logits else None
             first = int(token)
             ttft = time.perf_counter() - start
-            tokens = self._decode(first, next_position, prefix_len, prefix_len + tail_len, max_new_tokens, stop,
-                                  on_token, force_tokens, kept)
+            tokens = self._decode(
+                first,
+                next_position,
+                prefix_len,
+                prefix_len + tail_len,
+                max_new_tokens,
+                stop,
+                on_token,
+                force_tokens,
+                kept,
+            )
         if kept is not None:
-            kept = kept[:len(tokens)]
+            kept = kept[: len(tokens)]
         return FastGeneration(tokens, ttft, time.perf_counter() - start, tail_len, graphed, kept)
 
     def _prefill_graph(self, bucket, embeds, positions, prefix_len, tail_len) -> torch.Tensor:
@@ -525,8 +615,10 @@ class FastDecoder:
         pos = inp["positions"]
         pos[:, :, :tail_len].copy_(positions, non_blocking=True)
         if tail_len < bucket:  # padding rows: any valid positions (their outputs are never used)
-            pos[:, :, tail_len:].copy_(pos[:, :, tail_len - 1:tail_len] + torch.arange(
-                1, bucket - tail_len + 1, device=self.device))
+            pos[:, :, tail_len:].copy_(
+                pos[:, :, tail_len - 1 : tail_len]
+                + torch.arange(1, bucket - tail_len + 1, device=self.device)
+            )
         inp["slots"].copy_(torch.arange(prefix_len, prefix_len + bucket, device=self.device))
         inp["last"].fill_(tail_len - 1)
         inp["plen"].fill_(prefix_len)
@@ -541,9 +633,18 @@ class FastDecoder:
         with self._static_attention():
             return self._forward(embeds.to(self.dtype), positions.to(self.device), slots, last, plen)
 
-    def _decode(self, token: int, position: int, prefix_len: int, slot: int, max_new_tokens: int,
-                stop: frozenset, on_token, force: Sequence[int] | None = None,
-                kept: list | None = None) -> list[int]:
+    def _decode(
+        self,
+        token: int,
+        position: int,
+        prefix_len: int,
+        slot: int,
+        max_new_tokens: int,
+        stop: frozenset,
+        on_token,
+        force: Sequence[int] | None = None,
+        kept: list | None = None,
+    ) -> list[int]:
         tokens: list[int] = []
         g = self._graphs.get(0) if self.graphs else None
         if g is not None:
@@ -601,9 +702,19 @@ def eager_prefill(llm, embeds: torch.Tensor, positions: torch.Tensor):
 
 
 @torch.inference_mode()
-def eager_generate(llm, lm_head, tail_embeds, tail_positions, next_position: int, max_new_tokens: int,
-                   stop_ids=(), prefix_kv=None, *, force_tokens: Sequence[int] | None = None,
-                   on_logits: Callable[[torch.Tensor], None] | None = None) -> list[int]:
+def eager_generate(
+    llm,
+    lm_head,
+    tail_embeds,
+    tail_positions,
+    next_position: int,
+    max_new_tokens: int,
+    stop_ids=(),
+    prefix_kv=None,
+    *,
+    force_tokens: Sequence[int] | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
+) -> list[int]:
     """Reference greedy loop, the eager transformers path of VideoLM.answer (DynamicCache copy of the prefix).
 
     on_logits(logits) sees each step's float32 logits [vocab] before its token is chosen;
@@ -618,7 +729,9 @@ def eager_generate(llm, lm_head, tail_embeds, tail_positions, next_position: int
     device = lm_head.weight.device
 
     def step(embeds, positions):
-        hidden = llm(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{kw: cache}).last_hidden_state
+        hidden = llm(
+            inputs_embeds=embeds, position_ids=positions, use_cache=True, **{kw: cache}
+        ).last_hidden_state
         return lm_head(hidden[0, -1]).float()
 
     logits = step(tail_embeds, tail_positions)
@@ -634,6 +747,8 @@ def eager_generate(llm, lm_head, tail_embeds, tail_positions, next_position: int
         if i + 1 < max_new_tokens:
             feed = token if force_tokens is None else int(force_tokens[i])
             ids = torch.tensor([[feed]], device=device)
-            logits = step(llm.embed_tokens(ids), torch.full((3, 1, 1), position, dtype=torch.long, device=device))
+            logits = step(
+                llm.embed_tokens(ids), torch.full((3, 1, 1), position, dtype=torch.long, device=device)
+            )
             position += 1
     return tokens

@@ -40,16 +40,32 @@ ATTN_NAME = "fvs_vision_flash_varlen"  # "flash" in the name: VisionAttention pa
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
 
 
-def _packed_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
-                      cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
+def _packed_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask=None,
+    dropout=0.0,
+    scaling=None,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    max_length_k=None,
+    **kwargs,
+):
     """Bidirectional attention within each packed sequence: q/k/v [1, H, L, D] -> [1, L, H, D]."""
     if flash_available(query.device, query.dtype):
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [L, H, D]
-        out, _ = flash_varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, False, scaling)
+        out, _ = flash_varlen(
+            q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, False, scaling
+        )
         return out[None], None
     bounds = cu_seq_lens_q.tolist()
-    outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scaling)
-            for a, b in zip(bounds[:-1], bounds[1:])]
+    outs = [
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scaling)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     return torch.cat(outs, dim=2).transpose(1, 2), None
 
 
@@ -94,7 +110,9 @@ class FastVision:
         self.graph_replays = 0
 
     @torch.inference_mode()
-    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
+    def encode(
+        self, frames: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
         """[B, H, W, 3] uint8 frames on the device (H, W multiples of 56) -> (full [B, Nf, C], low [B, Nl, C],
         full (h, w) grid, low grid). Outputs are the caller's (never overwritten by a later call)."""
         b, height, width, _ = frames.shape
@@ -126,8 +144,9 @@ class FastVision:
         hidden = self.visual.patch_embed(pixels)  # [B * (Nf + Nl), C]
         rotary = self.visual.rotary_pos_emb(hidden, layout.position_ids)
         for block in self.visual.blocks:
-            hidden = block(hidden, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen,
-                           position_embeddings=rotary)
+            hidden = block(
+                hidden, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, position_embeddings=rotary
+            )
         full, low = hidden.split([patches.full.shape[0], patches.low.shape[0]])
         return full.view(b, -1, hidden.shape[-1]), low.view(b, -1, hidden.shape[-1])
 
@@ -137,8 +156,9 @@ class FastVision:
             h, w = height // 14, width // 14
             grid = torch.tensor([[b, h, w], [b, h // 2, w // 2]], device=self.device)
             cu = get_vision_cu_seqlens(grid)
-            self._layouts[key] = _Layout(grid, get_vision_position_ids(grid, self.merge), cu,
-                                         int((cu[1:] - cu[:-1]).max()))
+            self._layouts[key] = _Layout(
+                grid, get_vision_position_ids(grid, self.merge), cu, int((cu[1:] - cu[:-1]).max())
+            )
         return self._layouts[key]
 
     def _graph(self, b: int, height: int, width: int) -> _Graph | None:
@@ -153,8 +173,13 @@ class FastVision:
             try:
                 graph, (full, low) = capture(lambda: self._forward(frames), self.device, self._pool)
             except Exception as e:  # noqa: BLE001 - eager stays correct, only slower
-                log.warning("ViT graph capture failed for %d x %dx%d frames (running eagerly): %s",
-                            bucket, height, width, e)
+                log.warning(
+                    "ViT graph capture failed for %d x %dx%d frames (running eagerly): %s",
+                    bucket,
+                    height,
+                    width,
+                    e,
+                )
                 self._graphs[key] = None
                 return None
             self._pool = self._pool or graph.pool()

@@ -30,7 +30,9 @@ import torch
 TRAINED_SLOTS = 120  # official training/evaluation: max_frames 240, two frames per slot
 
 
-def time_to_position(times: torch.Tensor, slots_seen: int, trained_slots: int = TRAINED_SLOTS) -> torch.Tensor:
+def time_to_position(
+    times: torch.Tensor, slots_seen: int, trained_slots: int = TRAINED_SLOTS
+) -> torch.Tensor:
     """Slot-unit times [n] -> integer temporal offsets [n] inside [0, trained_slots - 1]."""
     scale = min(1.0, (trained_slots - 1) / max(slots_seen - 1, 1))
     return torch.round(times.to(torch.float64) * scale).long()

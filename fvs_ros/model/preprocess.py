@@ -43,7 +43,9 @@ class SlotPatches:
     low_hw: tuple[int, int]  # (h/2, w/2)
 
 
-def frame_size(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def frame_size(
+    height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """Resize target (H, W): multiples of 56 near the input aspect ratio, H * W within the budget."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"frame aspect ratio above 200: {height}x{width}")
@@ -88,7 +90,9 @@ def patchify(images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """[T, 3, H, W] (T even) -> ([T/2 * h * w, 3 * 2 * 14 * 14], (h, w)) in Qwen2-VL patch order."""
     t, c, height, width = images.shape
     h, w = height // PATCH, width // PATCH
-    x = images.reshape(t // TEMPORAL_PATCH, TEMPORAL_PATCH, c, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
+    x = images.reshape(
+        t // TEMPORAL_PATCH, TEMPORAL_PATCH, c, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH
+    )
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [t', h/2, w/2, 2, 2, c, 2, 14, 14]
     return x.reshape(-1, c * TEMPORAL_PATCH * PATCH * PATCH), (h, w)
 

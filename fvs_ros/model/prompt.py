@@ -23,8 +23,13 @@ _SYSTEM = "FVS_SYSTEM_SENTINEL"
 _QUESTION = "FVS_QUESTION_SENTINEL"
 
 QWEN2_VL_CHAT = (
-    "<|im_start|>system\n" + _SYSTEM + "<|im_end|>\n<|im_start|>user\n<|vision_start|>" + VIDEO_PAD
-    + VISION_END + _QUESTION + "<|im_end|>\n<|im_start|>assistant\n"
+    "<|im_start|>system\n"
+    + _SYSTEM
+    + "<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+    + VIDEO_PAD
+    + VISION_END
+    + _QUESTION
+    + "<|im_end|>\n<|im_start|>assistant\n"
 )
 
 

@@ -94,7 +94,9 @@ def build_random(fmt: str, seed: int) -> torch.nn.Module:
     """A randomly initialised transformers model of the tiny shape for `fmt`."""
     torch.manual_seed(seed)
     if fmt == "qwen2_5_vl":
-        config = Qwen2_5_VLConfig.from_dict({**_TEXT, "model_type": "qwen2_5_vl", "vision_config": _QWEN2_5_VL_VISION})
+        config = Qwen2_5_VLConfig.from_dict(
+            {**_TEXT, "model_type": "qwen2_5_vl", "vision_config": _QWEN2_5_VL_VISION}
+        )
         return Qwen2_5_VLForConditionalGeneration(config)
     config = Qwen2VLConfig.from_dict({**_TEXT, "model_type": "qwen2_vl", "vision_config": _QWEN2_VL_VISION})
     return Qwen2VLForConditionalGeneration(config)

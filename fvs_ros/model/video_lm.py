@@ -29,9 +29,9 @@ import torch
 from transformers import AutoTokenizer, DynamicCache
 from transformers.vision_utils import get_vision_window_index
 
+from .checkpoint import QWEN2_5_VL, CheckpointConfig, ModelLoadError, build_model, read_config, resolve_source
 from .fast_decode import FastDecoder
 from .fast_vision import FastVision
-from .checkpoint import QWEN2_5_VL, CheckpointConfig, ModelLoadError, build_model, read_config, resolve_source
 from .positions import TRAINED_SLOTS, memory_positions, time_to_position
 from .preprocess import MAX_PIXELS, MIN_PIXELS, SlotPatches, frame_size, resize_frames, slot_patches
 from .prompt import ChatFormat, chat_format
@@ -84,8 +84,18 @@ class Generation:
 class VideoLM:
     """A Qwen2-VL-family checkpoint driven for Flash Memory streaming. Build it with load_model()."""
 
-    def __init__(self, model, tokenizer, chat: ChatFormat, checkpoint: CheckpointConfig, ckpt_dir: Path,
-                 min_pixels: int, max_pixels: int, fast_decode: bool = False, fast_vision: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        chat: ChatFormat,
+        checkpoint: CheckpointConfig,
+        ckpt_dir: Path,
+        min_pixels: int,
+        max_pixels: int,
+        fast_decode: bool = False,
+        fast_vision: bool = False,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.chat = chat
@@ -154,7 +164,9 @@ class VideoLM:
     def _undo_window_order(self, hidden: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """Qwen2.5-VL returns pre-merger tokens grouped by attention window; restore the Qwen2-VL order."""
         cfg = self.visual.config
-        window_index, _ = get_vision_window_index(grid, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
+        window_index, _ = get_vision_window_index(
+            grid, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size
+        )
         unit = cfg.spatial_merge_size**2
         order = torch.argsort(window_index.to(hidden.device))
         return hidden.view(-1, unit, hidden.shape[-1])[order].view(-1, hidden.shape[-1])
@@ -171,7 +183,9 @@ class VideoLM:
     def memory_inputs(self, snapshot, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Memory tokens at positions from `start`: (embeds [M, hidden], position ids [3, M], <|vision_end|> position)."""
         if getattr(snapshot, "full_hw", None) is None:
-            raise ValueError("memory snapshot without full_hw (the slots' ViT patch grid, docs/architecture.md)")
+            raise ValueError(
+                "memory snapshot without full_hw (the slots' ViT patch grid, docs/architecture.md)"
+            )
         h, w = snapshot.full_hw
         dam_t = time_to_position(snapshot.dam_slots, snapshot.frames_seen, self.trained_slots)
         csm_t = time_to_position(snapshot.csm_times, snapshot.frames_seen, self.trained_slots)
@@ -180,23 +194,30 @@ class VideoLM:
         return embeds, positions.to(self.device), end
 
     @torch.inference_mode()
-    def prompt_inputs(self, snapshot, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                      answer_prefix: str = "") -> PromptInputs:
+    def prompt_inputs(
+        self, snapshot, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT, answer_prefix: str = ""
+    ) -> PromptInputs:
         """The whole prompt [head + memory + <|vision_end|> + question tail] as one LLM input."""
         head, head_pos, next_position = self._head_inputs(snapshot, system_prompt)
         tail, tail_pos = self._tail_inputs(question, answer_prefix, next_position)
         return PromptInputs(
-            torch.cat([head, tail], dim=1), torch.cat([head_pos, tail_pos], dim=2), next_position + tail.shape[1]
+            torch.cat([head, tail], dim=1),
+            torch.cat([head_pos, tail_pos], dim=2),
+            next_position + tail.shape[1],
         )
 
     def _head_inputs(self, snapshot, system_prompt: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         ids = self._tokenize(self.chat.head(system_prompt))
         memory, memory_pos, end = self.memory_inputs(snapshot, len(ids))
         embeds = torch.cat([self._embed(ids), memory, self._embed([self.vision_end_id])])
-        positions = torch.cat([self._text_positions(0, len(ids)), memory_pos, self._text_positions(end, 1)], dim=1)
+        positions = torch.cat(
+            [self._text_positions(0, len(ids)), memory_pos, self._text_positions(end, 1)], dim=1
+        )
         return embeds[None], positions[:, None], end + 1
 
-    def _tail_inputs(self, question: str, answer_prefix: str, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tail_inputs(
+        self, question: str, answer_prefix: str, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ids = (
             self._tokenize(self.chat.before_question)
             + self._tokenize(question, split_special_tokens=True)  # a question cannot inject control tokens
@@ -215,10 +236,17 @@ class VideoLM:
         if not text:
             return []
         with self._tokenizer_lock:
-            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens).input_ids
+            return self.tokenizer(
+                text, add_special_tokens=False, split_special_tokens=split_special_tokens
+            ).input_ids
 
-    def warm_up(self, csm_slots: int, dam_frames: int, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                frame_hw: tuple[int, int] = (720, 1280)) -> None:
+    def warm_up(
+        self,
+        csm_slots: int,
+        dam_frames: int,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        frame_hw: tuple[int, int] = (720, 1280),
+    ) -> None:
         """Pay start-up costs before the first frame and question: one ViT pass on a blank frame
         (kernel selection, allocator); with FastVision, its graphs for frames of that size captured;
         with FastDecoder, its cache sized for a full memory of such frames and its CUDA graphs
@@ -242,8 +270,9 @@ class VideoLM:
             except StopIteration as done:
                 return done.value
 
-    def prefill_steps(self, snapshot, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                      chunk_tokens: int | None = None) -> Generator[None, None, MemoryPrefix]:
+    def prefill_steps(
+        self, snapshot, system_prompt: str = DEFAULT_SYSTEM_PROMPT, chunk_tokens: int | None = None
+    ) -> Generator[None, None, MemoryPrefix]:
         """prefill_memory in chunks of `chunk_tokens` prompt tokens (None: one pass), pausing between them.
 
         A generator: each next() queues one more chunk and returns (the GPU may still be running
@@ -257,16 +286,26 @@ class VideoLM:
         step = chunk_tokens or total
         for start in range(0, total, step):
             with torch.inference_mode(), self._llm_lock:
-                self.llm(inputs_embeds=embeds[:, start: start + step], position_ids=positions[:, :, start: start + step],
-                         cache=cache, use_cache=True)
+                self.llm(
+                    inputs_embeds=embeds[:, start : start + step],
+                    position_ids=positions[:, :, start : start + step],
+                    cache=cache,
+                    use_cache=True,
+                )
             if start + step < total:
                 yield
         kv = tuple((layer.keys, layer.values) for layer in cache.layers)
         return MemoryPrefix(kv, total, next_position, int(snapshot.version), int(snapshot.frames_seen))
 
     @torch.inference_mode()
-    def answer(self, prefix: MemoryPrefix, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-               on_token: TokenCallback | None = None, answer_prefix: str = "") -> Generation:
+    def answer(
+        self,
+        prefix: MemoryPrefix,
+        question: str,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        on_token: TokenCallback | None = None,
+        answer_prefix: str = "",
+    ) -> Generation:
         """Greedy answer from a cached prefix: prefill only the question tail on a copy of the cache."""
         start = time.perf_counter()
         if self.fast is not None:
@@ -279,8 +318,15 @@ class VideoLM:
         next_position = prefix.next_position + embeds.shape[1]
         return self._decode(cache, logits, next_position, max_new_tokens, on_token, start, embeds.shape[1])
 
-    def _answer_fast(self, prefix: MemoryPrefix, question: str, max_new_tokens: int,
-                     on_token: TokenCallback | None, answer_prefix: str, start: float) -> Generation:
+    def _answer_fast(
+        self,
+        prefix: MemoryPrefix,
+        question: str,
+        max_new_tokens: int,
+        on_token: TokenCallback | None,
+        answer_prefix: str,
+        start: float,
+    ) -> Generation:
         """answer() through the FastDecoder: the prefix KV is read into its static cache, never written."""
         embeds, positions = self._tail_inputs(question, answer_prefix, prefix.next_position)
         tokens, sent = [], [""]
@@ -290,26 +336,41 @@ class VideoLM:
             sent[0] = self._stream_text(tokens, sent[0], on_token)
 
         generate_start = time.perf_counter()
-        out = self.fast.generate(embeds, positions, prefix.next_position + embeds.shape[1], max_new_tokens,
-                                 self.stop_ids, prefix_kv=prefix.kv, prefix_len=prefix.num_tokens,
-                                 on_token=stream)
+        out = self.fast.generate(
+            embeds,
+            positions,
+            prefix.next_position + embeds.shape[1],
+            max_new_tokens,
+            self.stop_ids,
+            prefix_kv=prefix.kv,
+            prefix_len=prefix.num_tokens,
+            on_token=stream,
+        )
         final = self._detokenize(out.tokens)
         if on_token is not None and len(final) > len(sent[0]):
-            on_token(final[len(sent[0]):])
+            on_token(final[len(sent[0]) :])
         ttft = generate_start - start + out.ttft_s
         return Generation(final, out.tokens, ttft, time.perf_counter() - start, embeds.shape[1])
 
     @torch.inference_mode()
-    def answer_uncached(self, snapshot, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                        system_prompt: str = DEFAULT_SYSTEM_PROMPT, on_token: TokenCallback | None = None,
-                        answer_prefix: str = "") -> Generation:
+    def answer_uncached(
+        self,
+        snapshot,
+        question: str,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        on_token: TokenCallback | None = None,
+        answer_prefix: str = "",
+    ) -> Generation:
         """The same answer as prefill_memory + answer, from one full prefill (reference path)."""
         start = time.perf_counter()
         inputs = self.prompt_inputs(snapshot, question, system_prompt, answer_prefix)
         cache = self._new_cache()
         logits = self._step(inputs.embeds, inputs.position_ids, cache)
         prompt_tokens = inputs.embeds.shape[1]
-        return self._decode(cache, logits, inputs.next_position, max_new_tokens, on_token, start, prompt_tokens)
+        return self._decode(
+            cache, logits, inputs.next_position, max_new_tokens, on_token, start, prompt_tokens
+        )
 
     @torch.inference_mode()
     def logits(self, inputs: PromptInputs) -> torch.Tensor:
@@ -323,11 +384,21 @@ class VideoLM:
     def _step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         """Run [1, L] new tokens through the LLM on `cache` (extended in place); float32 logits [vocab] of the last."""
         with self._llm_lock:
-            hidden = self.llm(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+            hidden = self.llm(
+                inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True
+            ).last_hidden_state
         return self.lm_head(hidden[0, -1]).float()
 
-    def _decode(self, cache: DynamicCache, logits: torch.Tensor, position: int, max_new_tokens: int,
-                on_token: TokenCallback | None, start: float, prompt_tokens: int) -> Generation:
+    def _decode(
+        self,
+        cache: DynamicCache,
+        logits: torch.Tensor,
+        position: int,
+        max_new_tokens: int,
+        on_token: TokenCallback | None,
+        start: float,
+        prompt_tokens: int,
+    ) -> Generation:
         """Greedy decoding until a stop token or max_new_tokens; each new token takes the next text position."""
         tokens, text, ttft = [], "", None
         for step in range(max_new_tokens):
@@ -338,12 +409,14 @@ class VideoLM:
             tokens.append(token)
             text = self._stream_text(tokens, text, on_token)
             if step + 1 < max_new_tokens:
-                logits = self._step(self._embed([token])[None], self._text_positions(position, 1)[:, None], cache)
+                logits = self._step(
+                    self._embed([token])[None], self._text_positions(position, 1)[:, None], cache
+                )
                 position += 1
         total = time.perf_counter() - start
         final = self._detokenize(tokens)
         if on_token is not None and len(final) > len(text):
-            on_token(final[len(text):])
+            on_token(final[len(text) :])
         return Generation(final, tokens, total if ttft is None else ttft, total, prompt_tokens)
 
     def _stream_text(self, tokens: list[int], sent: str, on_token: TokenCallback | None) -> str:
@@ -351,7 +424,7 @@ class VideoLM:
         text = self._detokenize(tokens)
         if on_token is None or text.endswith("\ufffd") or len(text) <= len(sent):
             return sent
-        on_token(text[len(sent):])
+        on_token(text[len(sent) :])
         return text
 
     def _detokenize(self, tokens: list[int]) -> str:
@@ -376,8 +449,9 @@ def stop_token_ids(config, tokenizer, ckpt_dir: Path) -> frozenset[int]:
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
-def resolve_device_dtype(device: str | torch.device = "auto",
-                         dtype: str | torch.dtype = "auto") -> tuple[torch.device, torch.dtype]:
+def resolve_device_dtype(
+    device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+) -> tuple[torch.device, torch.dtype]:
     """'auto' device: CUDA when available, else CPU; 'auto' dtype: bfloat16 on CUDA, float32 on CPU.
 
     Also takes devices and dtypes by name ('cuda:1', 'float16'); raises ModelLoadError for others.
@@ -397,9 +471,16 @@ def resolve_device_dtype(device: str | torch.device = "auto",
     return device, dtype
 
 
-def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
-               min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-               fast_decode: bool | None = None, fast_vision: bool | None = None) -> VideoLM:
+def load_model(
+    source: str | Path,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    fast_decode: bool | None = None,
+    fast_vision: bool | None = None,
+) -> VideoLM:
     """Load a Flash-VStream-Qwen2-VL, Qwen2-VL or Qwen2.5-VL checkpoint (hub id or local directory).
 
     device and dtype: objects, names or 'auto' (resolve_device_dtype).
@@ -410,7 +491,9 @@ def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32, dev
     that do not match the config, or weights that do not fit the device.
     """
     if "cache" not in inspect.signature(_text_model_forward()).parameters:
-        raise ModelLoadError("this transformers version is too old: fvs_ros.model needs the 5.x `cache=` LLM API")
+        raise ModelLoadError(
+            "this transformers version is too old: fvs_ros.model needs the 5.x `cache=` LLM API"
+        )
     device, dtype = resolve_device_dtype(device, dtype)
     ckpt_dir = resolve_source(source)
     checkpoint = read_config(ckpt_dir)
@@ -426,7 +509,9 @@ def load_model(source: str | Path, dtype: str | torch.dtype = torch.float32, dev
     on_cuda = device.type == "cuda"
     fast_decode = on_cuda if fast_decode is None else fast_decode
     fast_vision = on_cuda if fast_vision is None else fast_vision
-    return VideoLM(model, tokenizer, chat, checkpoint, ckpt_dir, min_pixels, max_pixels, fast_decode, fast_vision)
+    return VideoLM(
+        model, tokenizer, chat, checkpoint, ckpt_dir, min_pixels, max_pixels, fast_decode, fast_vision
+    )
 
 
 def _text_model_forward():

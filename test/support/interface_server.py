@@ -4,6 +4,7 @@ Used by test_interfaces.py to prove the generated types work across processes ov
 DDS, independently of the real node. It answers with the question reversed so the
 test can tell the reply was computed from its request.
 """
+
 import sys
 
 import rclpy
@@ -15,16 +16,16 @@ from fvs_ros.srv import Ask
 
 class InterfaceServer(Node):
     def __init__(self):
-        super().__init__('interface_server')
-        self.create_service(Ask, 'ask', self.on_ask)
-        self.summary_pub = self.create_publisher(SceneSummary, 'scene_summary', 10)
+        super().__init__("interface_server")
+        self.create_service(Ask, "ask", self.on_ask)
+        self.summary_pub = self.create_publisher(SceneSummary, "scene_summary", 10)
         self.create_timer(0.1, self.publish_summary)
         self.count = 0
 
     def on_ask(self, request, response):
         response.success = bool(request.question)
         response.answer = request.question[::-1]
-        response.error = '' if request.question else 'empty question'
+        response.error = "" if request.question else "empty question"
         response.frames_seen = 42
         response.frames_in_memory = 7
         response.first_frame_stamp.sec = 1
@@ -39,8 +40,8 @@ class InterfaceServer(Node):
         self.count += 1
         msg = SceneSummary()
         msg.header.stamp = self.get_clock().now().to_msg()
-        msg.header.frame_id = 'camera'
-        msg.summary = f'summary {self.count}'
+        msg.header.frame_id = "camera"
+        msg.summary = f"summary {self.count}"
         msg.frames_seen = self.count
         msg.frames_dropped = 3
         msg.generation_time_s = 0.5
@@ -50,7 +51,7 @@ class InterfaceServer(Node):
 def main():
     rclpy.init(args=sys.argv)
     node = InterfaceServer()
-    print('ready', flush=True)
+    print("ready", flush=True)
     try:
         rclpy.spin(node)
     except KeyboardInterrupt:
@@ -60,5 +61,5 @@ def main():
         rclpy.try_shutdown()
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()
