@@ -139,7 +139,8 @@ def main() -> None:
         write_checkpoint(Path(tmp), args.size, args.csm_slots, args.dam_frames, args.device, dtype)
         lm, t_load = timed(lambda: load_model(tmp, dtype=dtype, device=args.device), sync)
     print(
-        f"model {args.size} on {args.device} {args.dtype}: loaded in {t_load:.2f} s, memory {lm.memory_defaults}"
+        f"model {args.size} on {args.device} {args.dtype}: "
+        f"loaded in {t_load:.2f} s, memory {lm.memory_defaults}"
     )
 
     mem = FlashMemory(MemoryConfig(**lm.memory_defaults), device=lm.device)
@@ -147,14 +148,15 @@ def main() -> None:
     t_encode = t_update = 0.0
     for start in range(0, args.frames, args.batch):
         frames = rng.integers(0, 256, (min(args.batch, args.frames - start), 360, 640, 3), dtype=np.uint8)
-        feats, dt = timed(lambda: lm.encode_frames(frames), sync)
+        feats, dt = timed(lambda frames=frames: lm.encode_frames(frames), sync)
         t_encode += dt
         stamps = torch.arange(start, start + len(frames), dtype=torch.float64)
-        snap, dt = timed(lambda: mem.update(feats.low, feats.full, stamps), sync)
+        snap, dt = timed(lambda feats=feats, stamps=stamps: mem.update(feats.low, feats.full, stamps), sync)
         t_update += dt
     snap = with_grid(snap, feats.full_hw)
     print(
-        f"{args.frames} frames {lm.frame_size(360, 640)}: encode {1e3 * t_encode / args.frames:.1f} ms/frame, "
+        f"{args.frames} frames {lm.frame_size(360, 640)}: "
+        f"encode {1e3 * t_encode / args.frames:.1f} ms/frame, "
         f"memory update {1e3 * t_update / args.frames:.1f} ms/frame"
     )
 
@@ -163,8 +165,8 @@ def main() -> None:
     print(f"prefill_memory: {prefix.num_tokens} tokens in {1e3 * t_prefill:.0f} ms")
     questions = [f"Question {i}: what is happening in the video right now?" for i in range(args.questions)]
     for q in questions:
-        cached, _ = timed(lambda: lm.answer(prefix, q, args.max_new_tokens), sync)
-        uncached, _ = timed(lambda: lm.answer_uncached(snap, q, args.max_new_tokens), sync)
+        cached, _ = timed(lambda q=q: lm.answer(prefix, q, args.max_new_tokens), sync)
+        uncached, _ = timed(lambda q=q: lm.answer_uncached(snap, q, args.max_new_tokens), sync)
         same = "same tokens" if cached.token_ids == uncached.token_ids else "DIFFERENT tokens"
         print(
             f"answer: cached ttft {1e3 * cached.ttft_s:.1f} ms total {1e3 * cached.total_s:.1f} ms "

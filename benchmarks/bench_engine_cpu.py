@@ -85,7 +85,8 @@ def main() -> None:
 
     print(
         f"CPU ({torch.get_num_threads()} threads), tiny random flash_vstream checkpoint, float32; memory "
-        f"{args.csm_slots} CSM + {args.dam_frames} DAM after {stats.frames_seen} frames of {stats.frame_size}: "
+        f"{args.csm_slots} CSM + {args.dam_frames} DAM after "
+        f"{stats.frames_seen} frames of {stats.frame_size}: "
         f"{prefix.num_tokens}-token prefix (prefill_memory {1e3 * stats.last_prefill_s:.0f} ms); "
         f"{args.questions} questions x {args.repeats}, <= {args.max_new_tokens} new tokens; "
         f"answers {'identical' if same else 'DIFFER'} on both paths"

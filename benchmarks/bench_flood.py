@@ -162,7 +162,8 @@ def main():
         print(
             f"node:  received {d.get('frames_received')}, into memory {d.get('frames_into_memory')}, "
             f"skipped by sampling {d.get('frames_skipped_by_sampling')}, dropped (queue full) "
-            f"{d.get('frames_dropped')}, queue depth {d.get('queue_depth')}, slots {d.get('memory_slots_used')}"
+            f"{d.get('frames_dropped')}, queue depth "
+            f"{d.get('queue_depth')}, slots {d.get('memory_slots_used')}"
         )
         print(
             f"rss:   start {rss_start:.0f} MiB, max {max(rss):.0f} MiB, end {rss[-1]:.0f} MiB, "
@@ -170,7 +171,8 @@ def main():
         )
         if lat:
             print(
-                f"ask:   {len(lat)} answers, {len(failures)} failed; latency p50 {statistics.median(lat):.3f} s, "
+                f"ask:   {len(lat)} answers, {len(failures)} failed; "
+                f"latency p50 {statistics.median(lat):.3f} s, "
                 f"p95 {lat[int(0.95 * (len(lat) - 1))]:.3f} s, max {lat[-1]:.3f} s"
             )
         else:

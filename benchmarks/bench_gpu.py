@@ -147,7 +147,8 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
     RESULTS["build_s"] = time.perf_counter() - t0
     n = sum(p.numel() for p in model.parameters())
     log(
-        f"model built in {RESULTS['build_s']:.1f} s: {n / 1e9:.2f} B params, {gib(n * dtype.itemsize):.1f} GiB"
+        f"model built in {RESULTS['build_s']:.1f} s: {n / 1e9:.2f} "
+        f"B params, {gib(n * dtype.itemsize):.1f} GiB"
     )
     return model
 
@@ -158,7 +159,8 @@ def memory_layout(tiny: bool):
 
 
 def prompt(llm, tiny: bool, device, dtype, seed=0):
-    """Head text + memory tokens (official AM-RoPE layout) + <|vision_end|>; -> embeds, positions, next position."""
+    """Head text + memory tokens (official AM-RoPE layout) + <|vision_end|>; -> embeds, positions, next
+    position."""
     g = torch.Generator().manual_seed(seed)
     vocab = llm.config.vocab_size
     dam, (hm, wm), csm = memory_layout(tiny)
@@ -221,7 +223,7 @@ def eager_tokens_with_gaps(llm, lm_head, q_embeds, q_pos, next_pos, n, prefix_kv
             on_logits=steps.append,
         )
     finally:
-        for c, name in zip(configs, old):
+        for c, name in zip(configs, old, strict=True):
             c._attn_implementation = name
     top2 = [logits.topk(2).values for logits in steps]
     return tokens, [float(t[0] - t[1]) for t in top2], [float(t[0]) for t in top2], torch.stack(steps)
@@ -248,12 +250,13 @@ def check_tokens(fast, llm, lm_head, qe, qp, next_pos, n, prefix, P, dtype, labe
     got = fast.generate(
         qe, qp, next_pos, n, prefix_kv=prefix, prefix_len=P, force_tokens=ref, collect_logits=True
     )
-    first = next((i for i, (a, b) in enumerate(zip(free, ref)) if a != b), None)
+    first = next((i for i, (a, b) in enumerate(zip(free, ref, strict=False)) if a != b), None)
     verdict = (
         "identical"
         if free == ref
         else (
-            f"diverge at {first} (eager top-2 gap there {gaps[first]:.3g} = {gaps[first] / ulp(tops[first], dtype):.1f} ulp)"
+            f"diverge at {first} (eager top-2 gap there {gaps[first]:.3g} "
+            f"= {gaps[first] / ulp(tops[first], dtype):.1f} ulp)"
         )
     )
     row(f"{label} greedy tokens vs eager ({n}): free-running", verdict, "must be identical" if strict else "")
@@ -347,7 +350,7 @@ def section_attn(device, tiny):
             kk, vv = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
             mod = type("M", (), {})()
 
-            def call():
+            def call(mod=mod, query=query, kk=kk, vv=vv):
                 return fd._static_attention(mod, query, kk, vv, scaling=dim**-0.5)[0]
 
             try:
@@ -489,7 +492,8 @@ def section_llm(model, device, tiny, args):
                 setup_s=setup,
             )
             log(
-                f"  [{name}] attention={fast.attention} splits={fast.splits} (check err {fast.split_check_error}) "
+                f"  [{name}] attention={fast.attention} splits={fast.splits} "
+                f"(check err {fast.split_check_error}) "
                 f"graphs={fast.graphs} capacity={fast.capacity} cache {gib(fast.cache_bytes):.2f} GiB, "
                 f"setup+capture {setup:.2f} s"
             )
@@ -524,7 +528,7 @@ def section_llm(model, device, tiny, args):
             )
             # TTFT right after a prefix change (includes copying the new prefix into the static cache)
             sw = []
-            for i in range(5):
+            for _ in range(5):
                 alt = tuple((k.clone(), v.clone()) for k, v in prefix)
                 sync(device)
                 t0 = time.perf_counter()
@@ -583,7 +587,8 @@ def section_llm(model, device, tiny, args):
 
 @torch.inference_mode()
 def section_check(model, device, tiny, args):
-    """float32, 7B widths, 4 layers: fast path (graphs, static cache; SDPA since flash needs 16-bit) == eager."""
+    """float32, 7B widths, 4 layers: fast path (graphs, static cache; SDPA since flash needs 16-bit) ==
+    eager."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     log("\n== exactness: float32 model of 7B widths, 4 layers ==")
@@ -631,7 +636,8 @@ def section_check(model, device, tiny, args):
 
 @torch.inference_mode()
 def transformers_vit(visual, frames):
-    """transformers' own ViT forward on uint8 frames [B, H, W, 3] (one frame a slot) -> pre-merger features."""
+    """transformers' own ViT forward on uint8 frames [B, H, W, 3] (one frame a slot) -> pre-merger
+    features."""
     from fvs_ros.model.preprocess import slot_patches
 
     patches = slot_patches(frames, 1)
@@ -660,13 +666,15 @@ def section_vit(model, device, tiny, args):
         batch = frames[:b]
         visual.config._attn_implementation = eager_impl
         t_eager = bench_cuda(
-            lambda: transformers_vit(visual, batch), device, reps=5 if b >= 16 else 10, warmup=2
+            lambda batch=batch: transformers_vit(visual, batch), device, reps=5 if b >= 16 else 10, warmup=2
         )
         fast = fast or FastVision(visual)
         visual.config._attn_implementation = (
             FAST_VISION_ATTN  # the packed kernel FastVision runs the tower with
         )
-        t_fast = bench_cuda(lambda: fast.encode(batch), device, reps=10 if b >= 16 else 20, warmup=2)
+        t_fast = bench_cuda(
+            lambda fast=fast, batch=batch: fast.encode(batch), device, reps=10 if b >= 16 else 20, warmup=2
+        )
         res[f"b{b}"] = {
             "eager_s": t_eager,
             "fast_s": t_fast,
@@ -1033,7 +1041,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_gpu.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     log(
-        f"\n==== summary ({env['gpu'] or env['device']}, torch {env['torch']}, transformers {env['transformers']}) ===="
+        f"\n==== summary ({env['gpu'] or env['device']}, torch "
+        f"{env['torch']}, transformers {env['transformers']}) ===="
     )
     width = max(len(m) for m, _, _ in ROWS) if ROWS else 10
     for metric, value, target in ROWS:

@@ -228,18 +228,21 @@ def scaling(args, device: torch.device) -> None:
     )
     guessed = extrapolate(unbounded)
     print(
-        f"  {'frames':>8} | {'bounded ms':>10} | {'bounded MB':>10} | {'unbounded ms':>12} | {'unbounded MB':>12}"
+        f"  {'frames':>8} | {'bounded ms':>10} | {'bounded MB':>10} "
+        f"| {'unbounded ms':>12} | {'unbounded MB':>12}"
     )
     for n in LENGTHS:
         bt, bb = bounded[n]
         ut, ub = unbounded[n] or guessed[n]
         mark = "  " if unbounded[n] else " *"
         print(
-            f"  {n:>8} | {bt * 1e3:>10.2f} | {bb / MB:>10.1f} | {ut * 1e3:>10.2f}{mark} | {ub / MB:>10.1f}{mark}"
+            f"  {n:>8} | {bt * 1e3:>10.2f} | {bb / MB:>10.1f} | "
+            f"{ut * 1e3:>10.2f}{mark} | {ub / MB:>10.1f}{mark}"
         )
     if stored_tokens != args.full_tokens:
         print(
-            f"  unbounded: full-res stored at {stored_tokens} token/frame to fit in memory; its MB include the "
+            f"  unbounded: full-res stored at {stored_tokens} "
+            "token/frame to fit in memory; its MB include the "
             f"bytes of {args.full_tokens} tokens/frame (exact for the shapes); time barely depends on it"
         )
     if guessed:
@@ -282,7 +285,8 @@ def print_breakdown(parts: dict[str, float], reps: int) -> None:
     print(f"    {'update':<12} {parts['update'] * 1e3:6.2f} ms  (with the syncs between parts)")
     if "graphs" in parts:
         print(
-            f"    graphs' GPU time {parts['graphs'] * 1e3:.3f} ms (head + tail + finish), head start to finish end "
+            f"    graphs' GPU time {parts['graphs'] * 1e3:.3f} ms "
+            "(head + tail + finish), head start to finish end "
             f"{parts['graph span'] * 1e3:.3f} ms; tail replays per frame {parts['tails']:.2f}"
         )
 
@@ -386,7 +390,8 @@ def main() -> None:
         f"features per frame: low-res {args.low_tokens}x{args.channels} (float32 in memory), "
         f"full-res {args.full_tokens}x{args.channels} {str(args.dtype).removeprefix('torch.')}"
         + (
-            "\n  [channels reduced for the CPU; Qwen2-VL-7B on a 16:9 frame is 240x1280 / 960x1280: --full-size]"
+            "\n  [channels reduced for the CPU; Qwen2-VL-7B on "
+            "a 16:9 frame is 240x1280 / 960x1280: --full-size]"
             if reduced
             else ""
         )

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Example scoring command for open answers (python -m fvs_ros.bag.evaluate ... --score-cmd "python examples/score_overlap.py").
+"""Example scoring command for open answers.
+
+Use: python -m fvs_ros.bag.evaluate ... --score-cmd "python examples/score_overlap.py"
 
 Reads {"id", "question", "prompt", "choices", "reference", "answer", "type"} as JSON on stdin and
 prints {"score": s, "correct": bool}: s = share of the reference's content words found in the

@@ -349,7 +349,8 @@ class FvsNode(LifecycleNode):
     # ------------------------------------------------------------------ outputs
 
     def _publish_summary(self, answer: Answer):
-        """Engine callback (LLM worker thread) with a finished periodic summary (so the node is configured)."""
+        """Engine callback (LLM worker thread) with a finished periodic summary (so the node is
+        configured)."""
         msg = SceneSummary(
             summary=answer.text,
             frames_seen=answer.frames_seen,

@@ -182,8 +182,8 @@ def main(argv=None) -> int:
     print(
         json.dumps({"stats": asdict(stats)})
         if args.json
-        else f"frames: {stats.frames_in} read, {stats.frames_into_memory} into memory, {stats.frames_skipped} skipped "
-        f"by sampling, {stats.frames_dropped} dropped; errors: {stats.errors}"
+        else f"frames: {stats.frames_in} read, {stats.frames_into_memory} into memory, "
+        f"{stats.frames_skipped} skipped by sampling, {stats.frames_dropped} dropped; errors: {stats.errors}"
         + (f" (last: {stats.last_error})" if stats.last_error else ""),
         file=sys.stderr,
     )

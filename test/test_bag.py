@@ -110,7 +110,7 @@ def test_convert_video_raw_read_back_by_mcap_ros2(tmp_path):
         assert np.array_equal(raw_pixels(msg), source[5 * k])
     with ImageBag(out) as bag:  # our reader agrees with the independent one
         assert bag.info.topic == "/camera/image_raw" and bag.info.count == 6
-        for f, (stamp, _, msg) in zip(bag.frames(), msgs):
+        for f, (stamp, _, msg) in zip(bag.frames(), msgs, strict=True):
             assert f.stamp == pytest.approx(stamp, abs=1e-9)
             assert np.array_equal(bag.decode(f), raw_pixels(msg))
 
@@ -138,7 +138,7 @@ def test_convert_folder_png_to_sqlite3_read_back_by_rclpy(tmp_path):
         assert np.array_equal(decode_compressed(msg), frames[k])  # png is lossless
     with ImageBag(out) as bag:
         assert bag.info.storage == "sqlite3" and bag.info.topic == "/camera/image_raw/compressed"
-        for f, (_, msg) in zip(bag.frames(), msgs):
+        for f, (_, msg) in zip(bag.frames(), msgs, strict=True):
             assert np.array_equal(bag.decode(f), decode_compressed(msg))
 
 
@@ -154,7 +154,7 @@ def test_convert_jpeg_identical_bytes_and_close_pixels(tmp_path):
     msgs = read_mcap_independently(out)
     with ImageBag(out) as bag:
         ours = list(bag.frames())
-        for f, (_, _, msg), (_, _, src) in zip(ours, msgs, frames):
+        for f, (_, _, msg), (_, _, src) in zip(ours, msgs, frames, strict=True):
             assert bytes(bag.deserialize(f).data) == bytes(msg.data)
             mine, theirs = bag.decode(f), decode_compressed(msg)
             assert np.array_equal(mine, theirs)
@@ -380,7 +380,7 @@ def test_jsonl_malformed_lines_are_named_and_the_rest_kept(tmp_path):
         {"id": "f", "time": 2, "question": "Bad option", "choices": ["x", "y"], "answer": "C"}
 
         {"id": "a", "time": 4, "question": "Duplicate id"}
-        {"id": "g", "time": "end", "question": "Describe the whole video in detail please, thanks.", "answer": "A long reference answer with many words in it."}
+        {"id": "g", "time": "end", "question": "All?", "answer": "Seven words make this answer open ended."}
         ["not", "an", "object"]
         {"time": 0.5, "question": "No id", "choices": {"A": "left", "B": "right"}, "answer": 1}
         """)
@@ -449,7 +449,8 @@ def test_parse_time():
 
 
 def test_vstream_qa_files(tmp_path):
-    """VStream-QA (IVGSZ/VStream-QA test_qa_*.json): video_id, question, answer, id (+ answer_type, duration)."""
+    """VStream-QA (IVGSZ/VStream-QA test_qa_*.json): video_id, question, answer, id (+ answer_type,
+    duration)."""
     qa = tmp_path / "test_qa_ego4d.json"
     qa.write_text(
         json.dumps(

@@ -117,8 +117,8 @@ def check_report(out: Path, ids: set, mode: str) -> dict:
     ) in md
     tot = s["latency_s"]["total"]
     assert (
-        f"| total | {tot['n']} | {1000 * tot['p50']:.1f} | {1000 * tot['p95']:.1f} | {1000 * tot['max']:.1f} |"
-        in md
+        f"| total | {tot['n']} | {1000 * tot['p50']:.1f} | "
+        f"{1000 * tot['p95']:.1f} | {1000 * tot['max']:.1f} |" in md
     )
     for r in rows:
         assert f"| {r['id']} | {r['time']:.2f} | {r['status']}" in md
@@ -306,8 +306,10 @@ def test_live_mode_recorded_timing(scenes, node, tmp_path):
     assert len(watcher.arrivals) == 30
     dev = sorted(abs(d) for d in watcher.deviations(rate=1.0))
     print(
-        f"\nlive timing: publish late p50/p95/max {t['frames_late_s']['p50']:.4f}/{t['frames_late_s']['p95']:.4f}/"
-        f"{t['frames_late_s']['max']:.4f} s; arrival deviation p50/p90/max {dev[15]:.4f}/{dev[26]:.4f}/{dev[-1]:.4f} s; "
+        "\nlive timing: publish late p50/p95/max "
+        f"{t['frames_late_s']['p50']:.4f}/{t['frames_late_s']['p95']:.4f}/"
+        f"{t['frames_late_s']['max']:.4f} s; arrival deviation "
+        f"p50/p90/max {dev[15]:.4f}/{dev[26]:.4f}/{dev[-1]:.4f} s; "
         f"questions late max {t['questions_late_s']['max']:.4f} s"
     )
     assert dev[26] <= LATE_MAX_S and dev[-1] <= OUTLIER_MAX_S, dev
@@ -323,7 +325,8 @@ def test_live_mode_recorded_timing(scenes, node, tmp_path):
 
 
 def test_live_mode_external_player_with_clock(scenes, node, tmp_path):
-    """The bag is played by another process (stand-in for `ros2 bag play --clock`); questions follow /clock."""
+    """The bag is played by another process (stand-in for `ros2 bag play --clock`); questions follow
+    /clock."""
     out = tmp_path / "external"
     ev = subprocess.Popen(
         _evaluate_cmd(scenes, out, "--player", "external", "--sync", "clock", "--rate", "2"),

@@ -1,4 +1,5 @@
-"""StreamEngine on CPU with tiny random checkpoints: answers, prefix cache, streaming, floods, errors, state."""
+"""StreamEngine on CPU with tiny random checkpoints: answers, prefix cache, streaming, floods, errors,
+state."""
 
 from __future__ import annotations
 

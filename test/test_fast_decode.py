@@ -39,7 +39,8 @@ def model():
 
 
 def multimodal_prompt(llm, n_text=5, frames=3, h=2, w=3, seed=0):
-    """[text, 'memory' tokens on a (t, h, w) grid, text]: embeds [1, P, hidden], positions [3, 1, P], next pos."""
+    """[text, 'memory' tokens on a (t, h, w) grid, text]: embeds [1, P, hidden], positions [3, 1, P], next
+    pos."""
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(3, 256, (n_text,), generator=g)
     n_vis = frames * h * w
@@ -75,7 +76,7 @@ def test_fast_matches_eager_on_cached_prefix(model):
         got = fast.generate(q_embeds, q_pos, next_pos + n, 16, prefix_kv=prefix, prefix_len=embeds.shape[1])
         assert got.tokens == ref, f"question of {n} tokens"
         assert len(set(ref)) > 1  # a meaningful sequence, not one repeated token
-    for (k, v), (k0, v0) in zip(prefix, before):  # the prefix is read, never written
+    for (k, v), (k0, v0) in zip(prefix, before, strict=True):  # the prefix is read, never written
         assert torch.equal(k, k0) and torch.equal(v, v0)
 
 

@@ -12,7 +12,7 @@ import unittest
 
 import pytest
 
-launch_testing = pytest.importorskip(
+pytest.importorskip(
     "launch_testing",
     reason="launch_testing is not installed (no ROS 2 launch here); "
     "test_launch_file.py checks the launch file and test_node.py the node instead",

@@ -34,7 +34,8 @@ def one_thread():
 
 
 def scene_stream(seed: int, n: int, nl: int = 4, nf: int = 16, c: int = 8, scenes: int = 5):
-    """Frames drawn from a few scenes with slow drift and noise: low [n, nl, c], full [n, nf, c], stamps [n]."""
+    """Frames drawn from a few scenes with slow drift and noise: low [n, nl, c], full [n, nf, c], stamps
+    [n]."""
     g = torch.Generator().manual_seed(seed)
     centers = 3 * torch.randn(scenes, nl, c, generator=g)
     which = torch.randint(0, scenes, (n // 10 + 1,), generator=g).repeat_interleave(10)[:n]
@@ -165,7 +166,9 @@ def test_carried_dot_products_match_the_features():
 def test_same_config_same_stream_same_memory():
     low, full, stamps = scene_stream(4, 120)
     a, b = FlashMemory(SMALL), FlashMemory(SMALL)
-    for sa, sb in zip(feed(a, low, full, stamps, [5] * 24), feed(b, low, full, stamps, [5] * 24)):
+    for sa, sb in zip(
+        feed(a, low, full, stamps, [5] * 24), feed(b, low, full, stamps, [5] * 24), strict=True
+    ):
         assert_same_snapshot(sa, sb)
 
 
@@ -353,7 +356,7 @@ def pick_frames_row_by_row(sq_dist, scale, slot):
     """dam.pick_frames as first written: one centroid after the other (the reference)."""
     taken = np.zeros(sq_dist.shape[1], dtype=bool)
     rows = []
-    for d, noise in zip(sq_dist, dam.TIE_NOISE * scale):
+    for d, noise in zip(sq_dist, dam.TIE_NOISE * scale, strict=True):
         d = np.where(taken, np.inf, d)
         near = d <= d.min() * (1 + dam.TIE_RTOL) + noise
         row = int(np.argmax(np.where(near, slot, -1)))
@@ -463,7 +466,9 @@ def test_split_step_gives_the_eager_memory_on_cpu(monkeypatch, head_iters, iters
     low, full, stamps = scene_stream(17, 150)
     split, eager = graph_memory(cfg), FlashMemory(cfg)
     batches = [1] * 50 + random_batches(17, 100)
-    for a, b in zip(feed(split, low, full, stamps, batches), feed(eager, low, full, stamps, batches)):
+    for a, b in zip(
+        feed(split, low, full, stamps, batches), feed(eager, low, full, stamps, batches), strict=True
+    ):
         assert_same_snapshot(a, b)
     assert split.graph_replays == 150 - cfg.bank_capacity - 1
     if head_iters == 0:  # the head only starts Lloyd: every frame needs the tail at least once
@@ -489,7 +494,9 @@ def test_split_step_capture_failure_absorbs_the_frame_once_on_cpu(monkeypatch, c
     monkeypatch.setattr(memory_module, "HEAD_ITERS", 0)  # the capture frame needs the tail
     low, full, stamps = scene_stream(18, 60)
     mem, eager = graph_memory(SMALL), FlashMemory(SMALL)
-    for a, b in zip(feed(mem, low, full, stamps, [1] * 60), feed(eager, low, full, stamps, [1] * 60)):
+    for a, b in zip(
+        feed(mem, low, full, stamps, [1] * 60), feed(eager, low, full, stamps, [1] * 60), strict=True
+    ):
         assert_same_snapshot(a, b)
     assert mem.graph_replays == 0 and mem._graphs is None
     assert [r.levelname for r in caplog.records if "capture failed" in r.getMessage()] == ["WARNING"]
@@ -525,7 +532,9 @@ def test_cuda_graph_replays_give_the_eager_memory_bit_for_bit(monkeypatch, head_
     low, full, stamps = cuda_stream(14, 300)
     graphed, eager = FlashMemory(SMALL, "cuda"), FlashMemory(SMALL, "cuda", cuda_graphs=False)
     batches = [1] * 100 + random_batches(14, 200)
-    for a, b in zip(feed(graphed, low, full, stamps, batches), feed(eager, low, full, stamps, batches)):
+    for a, b in zip(
+        feed(graphed, low, full, stamps, batches), feed(eager, low, full, stamps, batches), strict=True
+    ):
         assert_same_snapshot(a, b)
     assert graphed.graph_replays == 300 - SMALL.bank_capacity - 1 and eager.graph_replays == 0
     if head_iters == 0:
@@ -542,13 +551,15 @@ def test_cuda_graph_is_recaptured_after_reset_and_load(tmp_path):
     replays = mem.graph_replays
     assert replays > 0
     mem.reset()
-    for a, b in zip(feed(mem, low, full, stamps, [1] * 100), feed(eager, low, full, stamps, [1] * 100)):
+    for a, b in zip(
+        feed(mem, low, full, stamps, [1] * 100), feed(eager, low, full, stamps, [1] * 100), strict=True
+    ):
         assert_same_snapshot(a, b)
     assert mem.graph_replays == replays + 100 - SMALL.bank_capacity - 1
     mem.save(tmp_path / "memory.pt")
     loaded = FlashMemory.load(tmp_path / "memory.pt", "cuda")
     rest = (low[100:], full[100:], stamps[100:], [4] * 25)
-    for a, b, c in zip(feed(mem, *rest), feed(loaded, *rest), feed(eager, *rest)):
+    for a, b, c in zip(feed(mem, *rest), feed(loaded, *rest), feed(eager, *rest), strict=True):
         assert_same_snapshot(a, c)
         assert_same_snapshot(b, c)
     assert loaded.graph_replays == 100 - 1
@@ -569,7 +580,9 @@ def test_cuda_graph_capture_failure_falls_back_to_eager(monkeypatch, caplog, sta
     monkeypatch.setattr(FlashMemory, stage, step_failing_in_capture)
     low, full, stamps = cuda_stream(16, 60)
     mem, eager = FlashMemory(SMALL, "cuda"), FlashMemory(SMALL, "cuda", cuda_graphs=False)
-    for a, b in zip(feed(mem, low, full, stamps, [1] * 60), feed(eager, low, full, stamps, [1] * 60)):
+    for a, b in zip(
+        feed(mem, low, full, stamps, [1] * 60), feed(eager, low, full, stamps, [1] * 60), strict=True
+    ):
         assert_same_snapshot(a, b)
     assert mem.graph_replays == 0
     assert [r.levelname for r in caplog.records if "capture failed" in r.getMessage()] == ["WARNING"]

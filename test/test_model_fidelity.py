@@ -108,7 +108,8 @@ def test_prompt_embeddings_and_positions(lm, feats, ref, question):
 
 
 def test_logits_match_teacher_forced(lm, feats, ref, question):
-    """Prefill logits and the 4 decode steps' logits, with the generated tokens fed back at decode positions."""
+    """Prefill logits and the 4 decode steps' logits, with the generated tokens fed back at decode
+    positions."""
     inputs = lm.prompt_inputs(reference_snapshot(feats), question, answer_prefix=ANSWER_PREFIX)
     generated = torch.from_numpy(ref["generated_ids"][:4])
     decode_positions = torch.from_numpy(ref["position_ids_decode"])

@@ -146,7 +146,7 @@ def test_answer_does_not_mutate_the_prefix(lm, snapshot):
     lm.answer(prefix, "Something else entirely, much longer than the first question?", max_new_tokens=12)
     again = lm.answer(prefix, "What is on the table?", max_new_tokens=12)
     assert again.token_ids == first.token_ids
-    assert all(k.equal(k0) and v.equal(v0) for (k, v), (k0, v0) in zip(prefix.kv, before))
+    assert all(k.equal(k0) and v.equal(v0) for (k, v), (k0, v0) in zip(prefix.kv, before, strict=True))
     assert all(k.shape[-2] == prefix.num_tokens for k, _ in prefix.kv)
     assert (prefix.snapshot_version, prefix.frames_seen) == (3, 6)
 

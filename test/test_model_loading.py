@@ -90,7 +90,8 @@ def test_each_format_loads_and_answers(tiny_dirs, fmt, rng_frames):
 
 @pytest.mark.parametrize("fmt", ["qwen2_vl", "qwen2_5_vl"])
 def test_pre_merger_features_are_in_qwen2_vl_order(tiny_dirs, fmt, rng_frames):
-    """Merging our pre-merger features reproduces the ViT's own merged output (Qwen2.5-VL: window order undone)."""
+    """Merging our pre-merger features reproduces the ViT's own merged output (Qwen2.5-VL: window order
+    undone)."""
     lm = load_model(tiny_dirs[fmt])
     feats = lm.encode_frames(rng_frames[:1])
     patches = slot_patches(torch.from_numpy(rng_frames[:1]), 1)

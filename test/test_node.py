@@ -302,7 +302,7 @@ def test_node_starts_with_the_params_file_and_answers_before_any_frame(node, cli
 
 
 def test_raw_frames_make_the_answers_see_more(node, client):
-    for i in range(6):
+    for _ in range(6):
         client.image(frame(), "rgb8")
         time.sleep(0.05)
     first = frames_seen_reaches(client, 3)

@@ -4,8 +4,8 @@ Commands (see docs/evaluation.md):
 
     python -m fvs_ros.bag.convert VIDEO_OR_DIR OUT.mcap --fps 2 [--compressed]
     python -m fvs_ros.bag.evaluate BAG QUESTIONS --mode offline --model CKPT --out DIR
-    python -m fvs_ros.bag.evaluate BAG QUESTIONS --mode live --out DIR        # node already running
-    python -m fvs_ros.bag.play BAG --clock                                    # stand-in for `ros2 bag play --clock`
+    python -m fvs_ros.bag.evaluate BAG QUESTIONS --mode live --out DIR   # node already running
+    python -m fvs_ros.bag.play BAG --clock                               # like `ros2 bag play --clock`
 
 Modules:
 - `bagio`: read image topics from rosbag2 bags (mcap or sqlite3, directory or single file) and

@@ -47,7 +47,7 @@ def _node_defaults(params_file: Optional[str]) -> dict:
         pass
     if params_file:
         doc = yaml.safe_load(Path(params_file).read_text()) or {}
-        for node_key, section in doc.items():
+        for section in doc.values():
             if isinstance(section, dict) and "ros__parameters" in section:
                 values.update(section["ros__parameters"])
     return values
@@ -301,7 +301,8 @@ def main(argv=None) -> int:
                         {
                             "status": "skipped",
                             "error": (
-                                f"{q.where}: time {q.time:.3f} s is beyond the end of the bag ({bag.info.bag_end_s:.3f} s); "
+                                f"{q.where}: time {q.time:.3f} s is beyond the "
+                                f"end of the bag ({bag.info.bag_end_s:.3f} s); "
                                 "use time 'end' to ask after the last frame"
                             ),
                         },
@@ -422,7 +423,8 @@ def main(argv=None) -> int:
     lat = s["latency_s"]["total"]
     p50 = "-" if lat["p50"] is None else f"{1000 * lat['p50']:.0f} ms"
     print(
-        f"[evaluate] {s['answered']}/{s['questions']} answered, {s['failed']} failed, {s['skipped']} skipped; "
+        f"[evaluate] {s['answered']}/{s['questions']} answered, "
+        f"{s['failed']} failed, {s['skipped']} skipped; "
         f"accuracy {acc} of {s['scored']} scored; latency p50 {p50}; report: {paths['markdown']}",
         file=sys.stderr,
     )

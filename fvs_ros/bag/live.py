@@ -587,7 +587,8 @@ def _run_external(session, bag, questions, opts, asker, diag, log):
     if sync == "auto":
         sync = "clock" if st.clock_before_image else "image"
     print(
-        f"[evaluate] stream started; scheduling questions against {'/clock' if sync == 'clock' else 'the first image'}",
+        "[evaluate] stream started; scheduling questions against "
+        f"{'/clock' if sync == 'clock' else 'the first image'}",
         file=log,
         flush=True,
     )
@@ -689,7 +690,8 @@ def play(
             player.start_clock()
             if wait_s > 0 and not player.wait_for_subscribers(wait_s, subscribers):
                 print(
-                    f"[play] {player.pub.get_subscription_count()} of {subscribers} subscriber(s) on {player.topic} "
+                    f"[play] {player.pub.get_subscription_count()} of "
+                    f"{subscribers} subscriber(s) on {player.topic} "
                     f"after {wait_s:g} s; playing anyway",
                     file=log,
                 )

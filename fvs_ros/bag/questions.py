@@ -323,7 +323,7 @@ def _entries_yaml(text: str, source: str) -> list[tuple[Optional[int], Any]]:
     if not isinstance(doc, list):
         raise QuestionFileError(f"{source}: expected a list of questions (or 'questions:' holding one)")
     out = []
-    for i, item in enumerate(doc):
+    for item in doc:
         line = item.get("__line__") if isinstance(item, dict) else None
         out.append((line, _strip_lines(item)))
     return out

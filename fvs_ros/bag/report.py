@@ -136,7 +136,8 @@ def render_markdown(report: dict, plot_name: Optional[str] = None) -> str:
     bag = report["bag"]
     lines = [f"# fvs_ros bag evaluation ({report['mode']} mode)", ""]
     lines += [
-        f"- bag: `{bag.get('path')}` topic `{bag.get('topic')}` ({bag.get('msgtype')}, {bag.get('count')} frames, "
+        f"- bag: `{bag.get('path')}` topic `{bag.get('topic')}` "
+        f"({bag.get('msgtype')}, {bag.get('count')} frames, "
         f"{_f(bag.get('duration_s'), 2)} s)",
         f"- questions: `{report['questions_file']}`",
         f"- model: `{cfg.get('model', '-')}`" + (f", rate {cfg['rate']}" if "rate" in cfg else ""),
@@ -172,7 +173,8 @@ def render_markdown(report: dict, plot_name: Optional[str] = None) -> str:
     ]
     for name, st in s["latency_s"].items():
         lines.append(
-            f"| {name} | {st['n']} | {_ms(st['p50'])} | {_ms(st['p95'])} | {_ms(st['max'])} | {_ms(st['mean'])} |"
+            f"| {name} | {st['n']} | {_ms(st['p50'])} | "
+            f"{_ms(st['p95'])} | {_ms(st['max'])} | {_ms(st['mean'])} |"
         )
     lines += [
         "",
@@ -195,7 +197,8 @@ def render_markdown(report: dict, plot_name: Optional[str] = None) -> str:
             if name in t:
                 st = t[name]
                 lines.append(
-                    f"| {name.replace('_late_s', '')} | {st['n']} | {_ms(st['p50'])} | {_ms(st['p95'])} | {_ms(st['max'])} |"
+                    f"| {name.replace('_late_s', '')} | {st['n']} | "
+                    f"{_ms(st['p50'])} | {_ms(st['p95'])} | {_ms(st['max'])} |"
                 )
         extra = {k: v for k, v in t.items() if not isinstance(v, dict)}
         if extra:

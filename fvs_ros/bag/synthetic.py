@@ -86,7 +86,7 @@ def scene_questions(scene_s: float = 2.0) -> list[dict]:
     """Questions whose reference answers follow from the scenes (a random model gets some right by chance)."""
     names = [n for n, _, _ in SCENES]
     qs = []
-    for k, (name, _, shape) in enumerate(SCENES):
+    for k, (name, _, _shape) in enumerate(SCENES):
         t = round((k + 0.5) * scene_s, 3)
         qs.append(
             {

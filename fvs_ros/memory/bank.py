@@ -104,7 +104,7 @@ class FeatureBank:
         else:
             row = self._row_for(clusters, held, new, frame_sq, slot)
             self.count = min(n + 1, self.capacity)
-        for name, value in zip(_ROWS, (frame, frame_sq, full, slot, stamp)):
+        for name, value in zip(_ROWS, (frame, frame_sq, full, slot, stamp), strict=True):
             getattr(self, name).index_copy_(0, row, value[None])
         self.cross.index_copy_(1, row, new[:, None])
 

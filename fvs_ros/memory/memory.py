@@ -414,7 +414,7 @@ class FlashMemory:
             landed.synchronize()
         ends = np.cumsum([t.numel() for t in meta]).tolist()
         mass, time, stamp, by_time, c_sq, f_sq, slot, bank_stamp, cross = (
-            host.numpy()[a:b] for a, b in zip([0, *ends], ends)
+            host.numpy()[a:b] for a, b in zip([0, *ends], ends, strict=False)
         )
         live = int(np.count_nonzero(mass > 0))
         order = by_time[:live].astype(np.int64)

@@ -77,7 +77,8 @@ def resolve_source(source: str | Path) -> Path:
     except Exception as err:  # network, auth, unknown repo: all mean "cannot get it"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
-            f"model source {source!r} is not a local directory and could not be fetched from the hub: {reason}"
+            f"model source {source!r} is not a local directory "
+            f"and could not be fetched from the hub: {reason}"
         ) from None
 
 

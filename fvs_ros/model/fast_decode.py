@@ -88,7 +88,8 @@ class FastGeneration:
 
 @dataclass
 class _AttnContext:
-    """What the attention function needs besides q/k/v, built once per forward (inside a graph if captured)."""
+    """What the attention function needs besides q/k/v, built once per forward (inside a graph if
+    captured)."""
 
     flash: bool
     mask: torch.Tensor | None = None  # sdpa: [1, 1, groups * q, capacity] bool, True = attend
@@ -177,7 +178,8 @@ AttentionInterface.register(ATTN_NAME, _static_attention)
 
 
 class _StaticKV:
-    """Duck-typed transformers Cache for the decoder layers: writes new K/V at `slots`, returns whole buffers."""
+    """Duck-typed transformers Cache for the decoder layers: writes new K/V at `slots`, returns whole
+    buffers."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
         self.keys, self.values = keys, values
@@ -341,7 +343,8 @@ class FastDecoder:
         )
 
     def reserve(self, prefix_tokens: int, max_new_tokens: int | None = None) -> None:
-        """Size the cache for prefixes up to `prefix_tokens` and capture the graphs now (not on a question)."""
+        """Size the cache for prefixes up to `prefix_tokens` and capture the graphs now (not on a
+        question)."""
         with self._lock, torch.inference_mode():
             if max_new_tokens is not None:
                 self.max_new_tokens = max(self.max_new_tokens, int(max_new_tokens))
@@ -393,7 +396,7 @@ class FastDecoder:
         try:
             yield
         finally:
-            for c, name in zip(self._attn_configs, old):
+            for c, name in zip(self._attn_configs, old, strict=True):
                 c._attn_implementation = name
             _local.ctx = None
 
@@ -405,7 +408,8 @@ class FastDecoder:
         last: torch.Tensor,
         plen: torch.Tensor,
     ) -> torch.Tensor:
-        """[1, q, hidden] embeds at position ids [3, 1, q] written to cache `slots` [q] -> logits [vocab] of row `last`.
+        """[1, q, hidden] embeds at position ids [3, 1, q] written to cache `slots` [q]
+        -> logits [vocab] of row `last`.
 
         plen [1]: prefix length P (slots [0, P) hold the prefix; the new rows attend all of it).
         Only device ops: safe to capture. Call inside _static_attention().
@@ -525,7 +529,7 @@ class FastDecoder:
         self._prefix_ref, self._prefix_len = None, 0
         if len(prefix_kv) != len(self.layers):
             raise ValueError(f"prefix has {len(prefix_kv)} layers, the model {len(self.layers)}")
-        for (keys, values), k_buf, v_buf in zip(prefix_kv, self._kv.keys, self._kv.values):
+        for (keys, values), k_buf, v_buf in zip(prefix_kv, self._kv.keys, self._kv.values, strict=True):
             if keys.shape[2] != prefix_len:
                 raise ValueError(f"prefix KV holds {keys.shape[2]} tokens, prefix_len says {prefix_len}")
             k_buf[:prefix_len].copy_(keys[0].transpose(0, 1))

@@ -64,7 +64,7 @@ def _packed_attention(
     bounds = cu_seq_lens_q.tolist()
     outs = [
         F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scaling)
-        for a, b in zip(bounds[:-1], bounds[1:])
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
     return torch.cat(outs, dim=2).transpose(1, 2), None
 

@@ -98,7 +98,8 @@ def patchify(images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
 
 
 def slot_patches(frames: torch.Tensor, frames_per_slot: int) -> SlotPatches:
-    """[B, H, W, 3] uint8 frames (already resized) -> full- and low-resolution patches of B / frames_per_slot slots."""
+    """[B, H, W, 3] uint8 frames (already resized) -> full- and low-resolution patches of B / frames_per_slot
+    slots."""
     if frames_per_slot not in (1, 2) or frames.shape[0] % frames_per_slot:
         raise ValueError(f"{frames.shape[0]} frames do not form slots of {frames_per_slot} frame(s)")
     images = normalize(frames)  # [B, 3, H, W]

@@ -47,7 +47,8 @@ class ChatFormat:
 
 
 def chat_format(ckpt_dir: Path, tokenizer) -> ChatFormat:
-    """Split the checkpoint's chat template, rendered for [system, user(video, question)], at its placeholders."""
+    """Split the checkpoint's chat template, rendered for [system, user(video, question)], at its
+    placeholders."""
     template = load_chat_template(ckpt_dir, tokenizer)
     if template is None:
         rendered = QWEN2_VL_CHAT

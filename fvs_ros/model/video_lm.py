@@ -181,7 +181,8 @@ class VideoLM:
 
     @torch.inference_mode()
     def memory_inputs(self, snapshot, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Memory tokens at positions from `start`: (embeds [M, hidden], position ids [3, M], <|vision_end|> position)."""
+        """Memory tokens at positions from `start`: (embeds [M, hidden], position ids [3, M], <|vision_end|>
+        position)."""
         if getattr(snapshot, "full_hw", None) is None:
             raise ValueError(
                 "memory snapshot without full_hw (the slots' ViT patch grid, docs/architecture.md)"
@@ -382,7 +383,8 @@ class VideoLM:
         return DynamicCache(config=self.llm.config)
 
     def _step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Run [1, L] new tokens through the LLM on `cache` (extended in place); float32 logits [vocab] of the last."""
+        """Run [1, L] new tokens through the LLM on `cache` (extended in place); float32 logits [vocab] of
+        the last."""
         with self._llm_lock:
             hidden = self.llm(
                 inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True
@@ -399,7 +401,8 @@ class VideoLM:
         start: float,
         prompt_tokens: int,
     ) -> Generation:
-        """Greedy decoding until a stop token or max_new_tokens; each new token takes the next text position."""
+        """Greedy decoding until a stop token or max_new_tokens; each new token takes the next text
+        position."""
         tokens, text, ttft = [], "", None
         for step in range(max_new_tokens):
             token = int(logits.argmax())
