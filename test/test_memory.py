@@ -83,7 +83,9 @@ def check_invariants(mem: FlashMemory, snap: MemorySnapshot, full, stamps, cfg: 
     assert float(snap.csm_stamps.max()) <= float(stamps[n - 1]) + 1e-9
     slots = snap.dam_slots.tolist()
     assert len(slots) == min(cfg.dam_frames, k)
-    assert slots == sorted(set(slots))  # distinct, ascending
+    assert len(set(slots)) == len(slots)  # distinct
+    if cfg.dam_order == "time" or n <= cfg.dam_frames:
+        assert slots == sorted(slots)
     retained = set(mem._bank.slot[: mem._bank.count].tolist())
     assert set(slots) <= retained
     assert torch.equal(snap.dam_features, full[slots])  # DAM hands over exactly those frames' features
@@ -362,7 +364,7 @@ def pick_frames_row_by_row(sq_dist, scale, slot):
         row = int(np.argmax(np.where(near, slot, -1)))
         taken[row] = True
         rows.append(row)
-    return np.array(sorted(rows, key=lambda r: slot[r]), dtype=np.int64)
+    return np.array(rows, dtype=np.int64)
 
 
 def tie_prone_distances(rng, n: int, m: int, kind: int) -> np.ndarray:
@@ -392,14 +394,44 @@ def test_pick_frames_matches_the_row_by_row_rule():
         np.testing.assert_array_equal(dam.pick_frames(d, scale, slot), pick_frames_row_by_row(d, scale, slot))
 
 
-def test_choosing_order_matches_stable_descending_sorts():
-    rng = np.random.default_rng(1)
-    for _ in range(200):
-        weight = rng.integers(0, 4, 12).astype(np.float64)
-        time = rng.integers(0, 5, 12).astype(np.float64)
-        by_time = torch.from_numpy(time).argsort(descending=True, stable=True)
-        want = by_time[torch.from_numpy(weight)[by_time].argsort(descending=True, stable=True)]
-        np.testing.assert_array_equal(dam.choosing_order(weight, time), want.numpy())
+def weight_order_stream(order_of_sizes=(1, 2, 4, 3)):
+    """Scenes of these lengths in time order (well separated): low [n, 4, 8], full [n, 16, 8], stamps,
+    and each slot's scene."""
+    g = torch.Generator().manual_seed(5)
+    centers = 10 * torch.randn(len(order_of_sizes), 4, 8, generator=g)
+    which = torch.repeat_interleave(torch.arange(len(order_of_sizes)), torch.tensor(order_of_sizes))
+    low = centers[which] + 0.1 * torch.randn(len(which), 4, 8, generator=g)
+    return low, torch.randn(len(which), 16, 8, generator=g), torch.arange(float(len(which))).double(), which
+
+
+@pytest.mark.parametrize("dam_order", ["weight", "time"])
+def test_dam_frames_come_heaviest_cluster_first(dam_order):
+    """Official order: weights [1, 2, 4, 3] (time order) -> DAM frames of the 4-, 3-, 2-slot scenes,
+    in that order; "time" lists the same frames by slot."""
+    low, full, stamps, scene_of = weight_order_stream()
+    cfg = MemoryConfig(csm_slots=4, dam_frames=3, dam_order=dam_order)
+    snap = FlashMemory(cfg).update(low, full, stamps)
+    assert snap.csm_weights.tolist() == [1, 2, 4, 3]
+    scenes = scene_of[snap.dam_slots].tolist()
+    assert scenes == ([2, 3, 1] if dam_order == "weight" else [1, 2, 3])
+    assert torch.equal(snap.dam_features, full[snap.dam_slots])
+
+
+def test_equal_weights_fall_as_the_official_argsort_orders_them():
+    """Ties: the official torch.argsort(weights, descending=True) on the CPU; stable (earlier
+    centroid first) up to 16 centroids, torch's own order above (a stream of distinct slots, each
+    its own centroid of weight 1, into a memory larger than the stream)."""
+    for n in (10, 40):
+        low, full, stamps = scene_stream(2, n)
+        snap = FlashMemory(MemoryConfig(csm_slots=64, dam_frames=n - 1, bank_capacity=None)).update(
+            low, full, stamps
+        )
+        want = torch.argsort(torch.ones(n), descending=True)[: n - 1]
+        assert snap.dam_slots.tolist() == want.tolist()
+        if n <= 16:
+            assert want.tolist() == list(range(n - 1))
+    few = FlashMemory(MemoryConfig(csm_slots=64, dam_frames=40)).update(low[:30], full[:30], stamps[:30])
+    assert few.dam_slots.tolist() == list(range(30))  # at most dam_frames slots: all, in time order
 
 
 def lloyd_from_a_poor_partition(seed: int, k: int = 8) -> csm.Absorption:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "fvs_ros.flash_memory"
 FORMAT_VERSION = 1
+DAM_ORDERS = ("weight", "time")
 HEAD_ITERS = 1  # Lloyd iterations in a frame's head CUDA graph: after the warm start one converges (csm.py)
 
 
@@ -44,8 +45,13 @@ class MemoryConfig:
     kmeans_iters: int = 10  # Lloyd iterations per update, at most
     kmeans_tol: float = 1e-4  # stop when the centroids move less than this in total
     bank_capacity: int | None = 120  # frames retained for DAM; None keeps every frame (unbounded)
+    dam_order: str = (
+        "weight"  # DAM frames to the LLM heaviest cluster first (official, trained); "time": by slot
+    )
 
     def __post_init__(self):
+        if self.dam_order not in DAM_ORDERS:
+            raise ValueError(f"MemoryConfig.dam_order must be one of {DAM_ORDERS}, got {self.dam_order!r}")
         if self.csm_slots < 1 or self.dam_frames < 0 or self.kmeans_iters < 1 or not self.kmeans_tol >= 0:
             raise ValueError(f"invalid memory config {self}")
         if self.bank_capacity is not None and self.bank_capacity < max(self.dam_frames, 1):
@@ -68,7 +74,7 @@ class MemorySnapshot:
     csm_times: Tensor  # [K'] float64, weighted mean slot index, ascending
     csm_stamps: Tensor  # [K'] float64, weighted mean stamp
     dam_features: Tensor  # [D', Nf, C] full-resolution features of the retrieved frames
-    dam_slots: Tensor  # [D'] int64, their slot indices, ascending
+    dam_slots: Tensor  # [D'] int64, their slot indices, in the LLM's order (MemoryConfig.dam_order)
     dam_stamps: Tensor  # [D'] float64
     frames_seen: int
     first_stamp: float | None  # None while empty
@@ -418,9 +424,11 @@ class FlashMemory:
         )
         live = int(np.count_nonzero(mass > 0))
         order = by_time[:live].astype(np.int64)
-        choosers = dam.choosing_order(mass, time)[: min(self.config.dam_frames, live)]
+        choosers = order[dam.official_order(mass[order])][: self.config.dam_frames]
         scale = c_sq[choosers, None] + f_sq[None, :]
         rows = dam.pick_frames(np.maximum(scale - 2 * cross.reshape(-1, n)[choosers], 0), scale, slot)
+        if self.config.dam_order == "time" or self._frames_seen <= self.config.dam_frames:
+            rows = rows[np.argsort(slot[rows], kind="stable")]  # official: all slots, in time order
         snap = MemorySnapshot(
             csm_features=centers[:live].view(live, shape["low_tokens"], shape["channels"]),
             csm_weights=torch.from_numpy(mass[order].astype(np.int64)),
