@@ -64,8 +64,13 @@ class EngineConfig:
     """Engine settings (memory settings live in MemoryConfig, model ones in load_model)."""
 
     sample_fps: float = 1.0  # frames per second of stream time that enter memory; <= 0: every frame
-    queue_size: int = 32  # sampled frames waiting for the ViT; the oldest is dropped when full
-    max_batch: int = 16  # frames encoded per ViT call (whatever is queued, up to this)
+    # Sampled frames per memory slot: 2 = two consecutive sampled frames in one Qwen2-VL temporal
+    # patch, the layout the checkpoint was trained with; 1 = each frame alone (filling both halves).
+    frames_per_slot: int = 2
+    queue_size: int = (
+        32  # sampled frames waiting for the ViT (whole slots); the oldest slot is dropped when full
+    )
+    max_batch: int = 16  # frames encoded per ViT call (whatever is queued, whole slots, at least one)
     max_frame_side: int = 8192  # larger frames are rejected (FrameError)
     max_question_chars: int = 2000
     max_new_tokens: int = 128  # default answer length
@@ -100,6 +105,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("EngineConfig.max_new_tokens exceeds max_new_tokens_limit")
+        if self.frames_per_slot not in (1, 2):
+            raise ValueError(f"EngineConfig.frames_per_slot must be 1 or 2, got {self.frames_per_slot}")
 
 
 @dataclass(frozen=True)
@@ -107,14 +114,15 @@ class Answer:
     """One answer and the part of the stream it was computed from."""
 
     text: str
-    frames_seen: int  # frames the memory had absorbed (whole stream so far)
+    frames_seen: int  # frames the memory had absorbed (whole stream so far; whole slots only)
     frames_in_memory: int  # memory slots in use (CSM entries; <= MemoryConfig.csm_slots)
     first_stamp: Optional[float]  # stream time of the first frame seen (None: no video)
-    last_stamp: Optional[float]  # stream time of the newest frame the answer saw
+    last_stamp: Optional[float]  # stream time of the newest frame the answer saw (its slot's last frame)
     ttft_s: float  # from the ask() call to the first token (queueing and prefill included)
     total_s: float  # from the ask() call to the last token
     num_tokens: int
     from_cache: bool = False  # True when a prefix built before the question was used
+    frames_per_slot: int = 2  # the slot layout that ran (EngineConfig.frames_per_slot)
 
 
 @dataclass(frozen=True)
@@ -125,12 +133,12 @@ class EngineStats:
     frames_in: int  # valid frames offered to add_frame
     frames_rejected: int  # FrameError
     frames_skipped: int  # not picked by the memory sampling rate (cost nothing)
-    frames_dropped: int  # picked, then pushed out of the full queue
+    frames_dropped: int  # picked, then pushed out of the full queue (whole slots)
     frames_into_memory: int  # encoded and added to memory
     queue_depth: int
     frame_size: Optional[tuple[int, int]]  # (H, W) ViT input size (lm.frame_size of the first frame)
     memory_version: int
-    frames_seen: int  # as the current memory snapshot reports
+    frames_seen: int  # frames in the current memory snapshot (its slots x frames_per_slot)
     last_update_time: Optional[float]  # time.time() of the last memory update
     last_update_s: Optional[float]  # encode + memory update time of the last batch
     last_batch_size: int
@@ -194,6 +202,7 @@ class _Published:
 
     snapshot: MemorySnapshot
     epoch: int
+    first_stamp: Optional[float] = None  # stamp of the first frame of the memory's first slot
 
 
 @dataclass
@@ -245,7 +254,8 @@ class StreamEngine:
         self._frames_cv = threading.Condition(self._lock)  # frame worker waits for frames
         self._idle_cv = threading.Condition(self._lock)  # flush() waits for an empty queue
         self._llm_cv = threading.Condition()  # LLM worker waits for requests / new snapshots
-        self._queue: deque = deque(maxlen=self.config.queue_size)
+        fps = self.config.frames_per_slot
+        self._queue: deque = deque(maxlen=max(1, self.config.queue_size // fps))  # slots: [(frame, stamp)]
         self._requests: list = []  # heap of (priority, seq, _Request)
         self._seq = itertools.count()
         self._counters = _Counters()
@@ -279,7 +289,12 @@ class StreamEngine:
             sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_S))
         memory = self._memory.config
         with self._worker_stream(priority=-1):  # graphs captured here keep the workers' high priority
-            self.lm.warm_up(memory.csm_slots, memory.dam_frames, self.config.max_new_tokens_limit)
+            self.lm.warm_up(
+                memory.csm_slots,
+                memory.dam_frames,
+                self.config.max_new_tokens_limit,
+                frames_per_slot=self.config.frames_per_slot,
+            )
         self._threads = [
             threading.Thread(target=self._frame_loop, name="fvs-frame-worker", daemon=True),
             threading.Thread(target=self._llm_loop, name="fvs-llm-worker", daemon=True),
@@ -316,8 +331,11 @@ class StreamEngine:
     def add_frame(self, frame: np.ndarray, stamp: float) -> bool:
         """Offer one RGB uint8 HxWx3 frame at stream time `stamp` (seconds).
 
-        Returns True if the frame was queued for memory, False if the sampling rate skipped it.
-        Never blocks: a full queue drops its oldest frame. Raises FrameError on bad input.
+        Returns True if the frame was taken for memory, False if the sampling rate skipped it.
+        Sampled frames are grouped into slots of frames_per_slot consecutive frames; a slot is
+        queued when complete (until then its first frame waits, and questions see the memory up
+        to the last complete slot). Never blocks: a full queue drops its oldest slot. Raises
+        FrameError on bad input.
         """
         try:
             stamp = self._check_frame(frame, stamp)
@@ -336,14 +354,19 @@ class StreamEngine:
             if not self._sampled(stamp):
                 self._counters.frames_skipped += 1
                 return False
-            if len(self._queue) == self._queue.maxlen:
-                self._counters.frames_dropped += 1
-            self._queue.append((frame.copy(), stamp))
-            self._frames_cv.notify()
+            self._slot.append((frame.copy(), stamp))
+            if len(self._slot) == self.config.frames_per_slot:
+                if len(self._queue) == self._queue.maxlen:
+                    self._counters.frames_dropped += len(self._queue[0])
+                self._queue.append(self._slot)
+                self._slot = []
+                self._frames_cv.notify()
         return True
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every queued frame is in memory (offline replay, tests). False on timeout."""
+        """Wait until every queued slot is in memory (offline replay, tests). False on timeout.
+
+        A slot still waiting for its second frame stays out: it enters with that frame."""
         with self._lock:
             if not self._started:
                 raise EngineError("engine not started: flush() would wait forever")
@@ -401,6 +424,7 @@ class StreamEngine:
 
     def _reset_stream_state(self):
         self._queue.clear()
+        self._slot: list = []  # sampled frames of the slot being filled: dropped by reset/load, not saved
         self._last_stamp: Optional[float] = None
         self._next_due: Optional[float] = None
         self._source_hw: Optional[tuple[int, int]] = (
@@ -426,8 +450,8 @@ class StreamEngine:
             self._frames_cv.wait_for(lambda: self._stopping or self._queue)
             if self._stopping:
                 return None
-            n = min(len(self._queue), self.config.max_batch)
-            batch = [self._queue.popleft() for _ in range(n)]
+            n = min(len(self._queue), max(1, self.config.max_batch // self.config.frames_per_slot))
+            batch = [self._queue.popleft() for _ in range(n)]  # whole slots: pairs never split
             self._busy = True
             return batch, self._epoch, self._source_hw
 
@@ -443,26 +467,30 @@ class StreamEngine:
 
     def _encode_and_update(self, batch, epoch: int, source_hw: tuple[int, int]):
         t0 = time.perf_counter()
+        fps = self.config.frames_per_slot
         try:
-            frames = np.stack([_fit(f, source_hw) for f, _ in batch])
-            stamps = torch.tensor([s for _, s in batch], dtype=torch.float64)
-            feats = self.lm.encode_frames(frames)
+            frames = np.stack([_fit(f, source_hw) for slot in batch for f, _ in slot])
+            stamps = torch.tensor(
+                [slot[-1][1] for slot in batch], dtype=torch.float64
+            )  # a slot's stamp: its last frame's
+            feats = self.lm.encode_frames(frames, fps)
             with self._mem_lock:
                 if epoch != self._epoch:  # reset() or load() while encoding: drop the old stream's frames
                     return
+                first = self._published.first_stamp if self._memory.frames_seen else batch[0][0][1]
                 snap = self._memory.update(feats.low, feats.full, stamps, feats.full_hw)
                 self._sync()
-                self._published = _Published(snap, epoch)
+                self._published = _Published(snap, epoch, first)
         except Exception as e:  # noqa: BLE001 - a bad batch must not kill the worker
             self._record_error("frame worker", e)
             return
         with self._lock:
             c = self._counters
-            c.frames_into_memory += len(batch)
+            c.frames_into_memory += len(batch) * fps
             c.last_update_time, c.last_update_s, c.last_batch_size = (
                 time.time(),
                 time.perf_counter() - t0,
-                len(batch),
+                len(batch) * fps,
             )
 
     # ----------------------------------------------------------------- questions
@@ -754,7 +782,8 @@ class StreamEngine:
 
         if self.config.prefix_cache:
             prefix, hit = self._prefix_for(pub, req)
-            snap = prefix.source.snapshot
+            pub = prefix.source
+            snap = pub.snapshot
             t_gen = time.perf_counter()
             with self._generating():
                 gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token)
@@ -766,16 +795,18 @@ class StreamEngine:
             )
         if req.cancelled:
             raise _Cancelled
+        fps = self.config.frames_per_slot
         return Answer(
             text=gen.text,
-            frames_seen=int(snap.frames_seen),
+            frames_seen=int(snap.frames_seen) * fps,
             frames_in_memory=int(len(snap.csm_weights)),
-            first_stamp=_opt_float(snap.first_stamp),
+            first_stamp=_opt_float(pub.first_stamp),
             last_stamp=_opt_float(snap.last_stamp),
             ttft_s=t_gen - req.submitted + gen.ttft_s,
             total_s=time.perf_counter() - req.submitted,
             num_tokens=len(gen.token_ids),
             from_cache=hit,
+            frames_per_slot=fps,
         )
 
     @contextlib.contextmanager
@@ -796,7 +827,7 @@ class StreamEngine:
         if req.on_token is not None:
             req.on_token(text)
         dt = time.perf_counter() - req.submitted
-        return Answer(text, 0, 0, None, None, dt, dt, 0, False)
+        return Answer(text, 0, 0, None, None, dt, dt, 0, False, self.config.frames_per_slot)
 
     # ----------------------------------------------------------------- state
 
@@ -815,6 +846,8 @@ class StreamEngine:
         """Write memory (FlashMemory.save) and engine state to directory `path`.
 
         Frames still queued are not in memory and are not saved; call flush() first to include them.
+        A slot waiting for its second frame is not saved either (after load() the next sampled frame
+        starts a new slot).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -822,6 +855,8 @@ class StreamEngine:
             self._memory.save(path / "memory.pt")
             state = {
                 "format": 1,
+                "frames_per_slot": self.config.frames_per_slot,
+                "first_stamp": self._published.first_stamp,
                 "source_size": self._source_hw,
                 "frame_size": self._frame_hw,
                 "last_stamp": self._last_stamp,
@@ -837,6 +872,12 @@ class StreamEngine:
         if not (path / "engine.json").is_file() or not (path / "memory.pt").exists():
             raise FileNotFoundError(f"no saved engine state in {path} (expected engine.json and memory.pt)")
         state = json.loads((path / "engine.json").read_text())
+        saved_fps = state.get("frames_per_slot", 1)  # saved before slots had a layout: one frame each
+        if saved_fps != self.config.frames_per_slot:
+            raise ValueError(
+                f"{path} holds a memory of {saved_fps}-frame slots; this engine makes "
+                f"{self.config.frames_per_slot}-frame slots (EngineConfig.frames_per_slot)"
+            )
         memory = FlashMemory.load(path / "memory.pt", device=self.device)
         with self._mem_lock, self._lock:
             self._epoch += 1
@@ -846,7 +887,9 @@ class StreamEngine:
                 self._source_hw, self._frame_hw = tuple(state["source_size"]), tuple(state["frame_size"])
             self._last_stamp, self._next_due = state["last_stamp"], state["next_due"]
             self._counters.reset_frames(state["counters"])
-            self._published = _Published(memory.snapshot(), self._epoch)
+            snap = memory.snapshot()
+            first = state.get("first_stamp", snap.first_stamp) if snap.frames_seen else None
+            self._published = _Published(snap, self._epoch, first)
         with self._llm_cv:
             self._llm_cv.notify_all()
 
@@ -865,7 +908,7 @@ class StreamEngine:
             queue_depth=queue_depth,
             frame_size=frame_hw,
             memory_version=int(pub.snapshot.version),
-            frames_seen=int(pub.snapshot.frames_seen),
+            frames_seen=int(pub.snapshot.frames_seen) * self.config.frames_per_slot,
             prefix_current=p is not None and p.source is pub,
             device_memory_bytes=mem,
             **c,

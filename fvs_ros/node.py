@@ -103,6 +103,7 @@ class FvsNode(LifecycleNode):
             memory = MemoryConfig(csm_slots=p["csm_slots"], dam_frames=p["dam_frames"])
             config = EngineConfig(
                 sample_fps=p["memory_fps"],
+                frames_per_slot=p["frames_per_slot"],
                 queue_size=p["queue_size"],
                 max_question_chars=p["max_question_chars"],
                 max_new_tokens=p["max_new_tokens"],
@@ -141,7 +142,10 @@ class FvsNode(LifecycleNode):
         self._diag_timer = self.create_timer(
             p["diagnostics_period_s"], self._publish_diagnostics, callback_group=self._misc_group
         )
-        self.get_logger().info(f"model loaded in {time.perf_counter() - t0:.1f} s")
+        self.get_logger().info(
+            f"model loaded in {time.perf_counter() - t0:.1f} s; memory slots of {config.frames_per_slot} "
+            f"frame(s) ({'the trained layout' if config.frames_per_slot == 2 else 'one frame per slot'})"
+        )
         self._state = "inactive"
         return SUCCESS
 
@@ -390,6 +394,7 @@ class FvsNode(LifecycleNode):
             "frames_dropped": s.frames_dropped,
             "frames_into_memory": s.frames_into_memory,
             "frames_seen": s.frames_seen,
+            "frames_per_slot": self._engine.config.frames_per_slot,
             "queue_depth": s.queue_depth,
             "memory_slots_used": f"{slots}/{self._p['csm_slots']}",
             "memory_fill": f"{slots / self._p['csm_slots']:.2f}",

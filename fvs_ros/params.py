@@ -114,6 +114,13 @@ SPECS = {
         "Frames per second of stream time taken into memory; 0 = every frame.",
         range=(0.0, 240.0),
     ),
+    "frames_per_slot": Spec(
+        int,
+        CONFIGURE,
+        "Sampled frames per memory slot: 2 = two consecutive frames in one Qwen2-VL temporal patch, "
+        "as the checkpoint was trained; 1 = each frame alone. Questions see whole slots only.",
+        range=(1, 2),
+    ),
     "queue_size": Spec(
         int,
         CONFIGURE,

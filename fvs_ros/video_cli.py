@@ -66,7 +66,7 @@ def format_answer(t: float, question: str, a: Answer) -> str:
         f"              A: {a.text}\n"
         f"              frames_seen={a.frames_seen} in_memory={a.frames_in_memory} {span} "
         f"ttft={a.ttft_s * 1e3:.1f} ms total={a.total_s * 1e3:.1f} ms tokens={a.num_tokens} "
-        f"prefix_cache={'hit' if a.from_cache else 'miss'}"
+        f"prefix_cache={'hit' if a.from_cache else 'miss'} frames_per_slot={a.frames_per_slot}"
     )
 
 
@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realtime", action="store_true", help="pace frames at video speed")
     p.add_argument("--end", type=float, help="stop reading the video after this many seconds")
     p.add_argument("--sample-fps", type=float, default=1.0, help="frames per second into memory (<=0: all)")
+    p.add_argument(
+        "--frames-per-slot",
+        type=int,
+        choices=(1, 2),
+        default=EngineConfig.frames_per_slot,
+        help="sampled frames per memory slot: 2 = two consecutive frames, the trained layout (default); "
+        "1 = one frame each. A question sees whole slots only",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per answer")
     p.add_argument(
@@ -160,6 +168,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config = EngineConfig(
         sample_fps=args.sample_fps,
+        frames_per_slot=args.frames_per_slot,
         answer_timeout_s=args.timeout,
         max_new_tokens_limit=max(args.max_new_tokens, EngineConfig.max_new_tokens_limit),
     )
@@ -171,6 +180,11 @@ def main(argv=None) -> int:
     sizes = {"csm_slots": args.csm_slots, "dam_frames": args.dam_frames}
     memory = MemoryConfig(**{**lm.memory_defaults, **{k: v for k, v in sizes.items() if v is not None}})
     out = _Printer(args.json)
+    print(
+        f"memory: slots of {config.frames_per_slot} frame(s), {memory.csm_slots} CSM slots, "
+        f"{memory.dam_frames} DAM frames",
+        file=sys.stderr,
+    )
     engine = StreamEngine(lm, memory, config).start()
     try:
         run(engine, args, out)

@@ -91,11 +91,11 @@ class Proxy:
     def __getattr__(self, name):
         return getattr(self._lm, name)
 
-    def encode_frames(self, batch):
+    def encode_frames(self, batch, frames_per_slot=1):
         time.sleep(self.encode_delay)
         if self.fail_encode:
             raise RuntimeError("injected ViT failure")
-        return self._lm.encode_frames(batch)
+        return self._lm.encode_frames(batch, frames_per_slot)
 
     def prefill_steps(self, *args, **kw):
         steps = self._lm.prefill_steps(*args, **kw)
@@ -130,7 +130,8 @@ def test_each_backbone_format_loads_and_answers(ckpts, fmt):
         assert eng.flush(10)
         a = eng.ask(Q, max_new_tokens=4, timeout=30)
     assert isinstance(a.text, str) and 0 <= a.num_tokens <= 4
-    assert (a.frames_seen, a.frames_in_memory, a.first_stamp, a.last_stamp) == (6, 4, 0.0, pytest.approx(0.5))
+    assert (a.frames_seen, a.frames_in_memory, a.first_stamp, a.last_stamp) == (6, 3, 0.0, pytest.approx(0.5))
+    assert a.frames_per_slot == 2  # the default: 6 frames, 3 slots of two
     assert 0 < a.ttft_s <= a.total_s
 
 
@@ -198,7 +199,7 @@ def test_questions_are_answered_while_the_prefix_is_rebuilt(lm, make_engine):
     feed(eng, 6)
     eng.flush()
     wait_for(lambda: eng.stats().prefix_current)
-    feed(eng, 1, t0=1.0)  # new memory: a background rebuild starts
+    feed(eng, 2, t0=1.0)  # one more slot: a background rebuild starts
     eng.flush()
     wait_for(lambda: slow.chunks > 0 and not eng.stats().prefix_current)
     start = slow.chunks
@@ -207,7 +208,7 @@ def test_questions_are_answered_while_the_prefix_is_rebuilt(lm, make_engine):
     assert slow.chunks - start <= 2 and a.ttft_s < 0.3
     wait_for(lambda: eng.stats().prefix_current)
     b = eng.ask(Q, max_new_tokens=2)
-    assert b.from_cache and b.frames_seen == 7
+    assert b.from_cache and b.frames_seen == 8
 
 
 def test_a_lagging_prefix_answers_at_once_while_the_builder_catches_up(lm, make_engine):
@@ -234,9 +235,9 @@ def test_an_exact_question_waits_for_the_rebuild(lm, make_engine):
     feed(eng, 6)
     eng.flush()
     wait_for(lambda: eng.stats().prefix_current)
-    feed(eng, 1, t0=1.0)
+    feed(eng, 2, t0=1.0)
     eng.flush()
-    assert eng.ask(Q, max_new_tokens=2).frames_seen == 7
+    assert eng.ask(Q, max_new_tokens=2).frames_seen == 8
 
 
 def test_frame_flood_keeps_memory_bounded_and_counts_drops(lm, make_engine):
@@ -253,9 +254,9 @@ def test_frame_flood_keeps_memory_bounded_and_counts_drops(lm, make_engine):
     eng.flush()
     s = eng.stats()
     assert s.frames_in == sent and s.frames_dropped > sent // 2
-    assert s.frames_into_memory + s.frames_dropped == sent and max(depths) <= 4
+    assert s.frames_into_memory + s.frames_dropped == sent and max(depths) <= 2  # 4 frames = 2 slots
     snap = eng.snapshot()
-    assert snap.frames_seen == s.frames_into_memory
+    assert snap.frames_seen * 2 == s.frames_into_memory == s.frames_seen  # the memory counts slots
     assert len(snap.csm_weights) <= 4 and len(snap.dam_slots) <= 2
     assert np.median(calls) < 1e-3 and max(calls) < 0.1  # add_frame never waits for the worker
 
@@ -271,7 +272,11 @@ def test_sampling_rate_picks_frames_by_stamp(lm, make_engine):
     assert len(kept) == 10 and all(0.96 < d < 1.04 for d in np.diff(kept))  # no drift
     eng.flush()
     s = eng.stats()
-    assert (s.frames_in, s.frames_skipped, s.frames_into_memory) == (390, 377, 13)
+    assert (s.frames_in, s.frames_skipped, s.frames_into_memory) == (
+        390,
+        377,
+        12,
+    )  # the 13th waits for a pair
 
 
 def test_other_frame_sizes_are_resized_to_the_first(lm, make_engine):
@@ -279,9 +284,10 @@ def test_other_frame_sizes_are_resized_to_the_first(lm, make_engine):
     eng.add_frame(frames(1)[0], 0.0)
     eng.add_frame(frames(1, h=300, w=500)[0], 0.1)
     eng.add_frame(frames(1, h=60, w=90)[0], 0.2)
+    eng.add_frame(frames(1, h=120, w=90)[0], 0.3)
     eng.flush()
     s = eng.stats()
-    assert (s.frames_into_memory, s.errors, s.frame_size) == (3, 0, (H, W))
+    assert (s.frames_into_memory, s.errors, s.frame_size) == (4, 0, (H, W))
 
 
 def test_bad_inputs_raise_clear_errors_and_the_engine_keeps_working(lm, ckpts, make_engine, tmp_path):
@@ -328,18 +334,18 @@ def test_model_errors_are_counted_and_reported(lm, make_engine):
     broken = Proxy(lm)
     eng = make_engine(broken)
     broken.fail_encode = True
-    feed(eng, 3)
+    feed(eng, 4)
     eng.flush()
     s = eng.stats()
     assert s.errors >= 1 and "injected ViT failure" in s.last_error and s.frames_into_memory == 0
     broken.fail_encode, broken.fail_answer = False, True
-    feed(eng, 3, t0=1.0)
+    feed(eng, 4, t0=1.0)
     eng.flush()
     with pytest.raises(EngineError, match="injected LLM failure") as err:
         eng.ask(Q)
     assert isinstance(err.value.__cause__, RuntimeError)
     broken.fail_answer = False
-    assert eng.ask(Q, max_new_tokens=2).frames_seen == 3
+    assert eng.ask(Q, max_new_tokens=2).frames_seen == 4
     s = eng.stats()
     assert s.questions_failed == 1 and s.questions_answered == 1 and s.running
 
@@ -347,7 +353,7 @@ def test_model_errors_are_counted_and_reported(lm, make_engine):
 def test_timeout_cancels_the_request_and_the_worker_keeps_serving(lm, make_engine):
     slow = Proxy(lm, answer_delay=1.0)
     eng = make_engine(slow)
-    feed(eng, 3)
+    feed(eng, 4)
     eng.flush()
     t = time.perf_counter()
     with pytest.raises(AnswerTimeout):
@@ -355,7 +361,7 @@ def test_timeout_cancels_the_request_and_the_worker_keeps_serving(lm, make_engin
     assert time.perf_counter() - t < 0.5
     slow.answer_delay = 0.0
     a = eng.ask(Q, max_new_tokens=2, timeout=10)
-    assert a.frames_seen == 3 and slow.aborted == 1  # the abandoned generation stopped early
+    assert a.frames_seen == 4 and slow.aborted == 1  # the abandoned generation stopped early
     s = eng.stats()
     assert (s.questions_timed_out, s.questions_answered, s.errors) == (1, 1, 0)
 
@@ -377,11 +383,11 @@ def test_summaries_on_demand_and_periodic(lm, make_engine):
 def test_questions_preempt_a_running_summary_and_shutdown_stops_it(lm, make_engine):
     slow = Proxy(lm, answer_delay=5.0, slow_prompt=EngineConfig.summary_prompt)
     eng = make_engine(slow, EngineConfig(sample_fps=0, summary_period_s=0.01), on_summary=print)
-    feed(eng, 3)
+    feed(eng, 4)
     assert slow.started.wait(10)  # the automatic summary is generating (maybe on the first frames)
-    assert eng.flush(10)  # all three frames in memory before the question
+    assert eng.flush(10)  # all four frames in memory before the question
     t = time.perf_counter()
-    assert eng.ask(Q, max_new_tokens=2).frames_seen == 3
+    assert eng.ask(Q, max_new_tokens=2).frames_seen == 4
     assert time.perf_counter() - t < 1.0 and slow.aborted == 1
     time.sleep(0.1)  # the summary starts again ...
     t = time.perf_counter()
@@ -395,6 +401,7 @@ def test_reset_save_load_round_trip(lm, make_engine, tmp_path):
     eng.flush()
     saved = eng.snapshot()
     before = eng.ask(Q, max_new_tokens=6)
+    eng.add_frame(frames(1)[0], 1.0)  # half a slot: not in memory, not saved
     eng.save(tmp_path / "state")
     eng.reset()
     s = eng.stats()
@@ -414,12 +421,17 @@ def test_reset_save_load_round_trip(lm, make_engine, tmp_path):
             snap.dam_slots, saved.dam_slots
         )
         after = target.ask(Q, max_new_tokens=6)
-        assert (after.text, after.frames_seen) == (before.text, 10)
+        assert (after.text, after.frames_seen, after.first_stamp) == (before.text, 10, 0.0)
         s = target.stats()
-        assert (s.frames_in, s.frames_into_memory, s.frame_size) == (10, 10, (H, W))
-        target.add_frame(frames(1)[0], 1.0)  # the stream continues after the saved stamp
+        assert (s.frames_in, s.frames_into_memory, s.frame_size) == (11, 10, (H, W))
+        for t in (1.1, 1.2):  # the stream continues after the saved stamp, with a new slot
+            target.add_frame(frames(1)[0], t)
         target.flush()
-        assert target.snapshot().frames_seen == 11
+        assert (target.snapshot().frames_seen, target.snapshot().last_stamp) == (6, 1.2)
+    one = make_engine(lm, EngineConfig(sample_fps=0, frames_per_slot=1))
+    with pytest.raises(ValueError, match="2-frame slots"):  # another slot layout: refused, nothing changes
+        one.load(tmp_path / "state")
+    assert one.snapshot().frames_seen == 0
 
 
 def test_shutdown_fails_pending_requests_and_leaves_no_threads(lm):

@@ -65,6 +65,7 @@ def make_engine(args) -> tuple[object, dict]:
         ("device", args.device),
         ("dtype", args.dtype),
         ("memory_fps", args.memory_fps),
+        ("frames_per_slot", args.frames_per_slot),
         ("csm_slots", args.csm_slots),
         ("dam_frames", args.dam_frames),
         ("queue_size", args.queue_size),
@@ -80,6 +81,7 @@ def make_engine(args) -> tuple[object, dict]:
     max_new = int(p.get("max_new_tokens", 128))
     config = EngineConfig(
         sample_fps=float(p.get("memory_fps", 1.0)),
+        frames_per_slot=int(p.get("frames_per_slot", EngineConfig.frames_per_slot)),
         queue_size=int(p.get("queue_size", 32)),
         max_question_chars=int(p.get("max_question_chars", 2000)),
         max_new_tokens=max_new,
@@ -98,6 +100,7 @@ def make_engine(args) -> tuple[object, dict]:
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "memory_fps": config.sample_fps,
+        "frames_per_slot": config.frames_per_slot,
         "csm_slots": memory.csm_slots,
         "dam_frames": memory.dam_frames,
         "queue_size": config.queue_size,
@@ -216,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     g.add_argument("--memory-fps", type=float, help="frames per second of stream time into memory (0: all)")
+    g.add_argument(
+        "--frames-per-slot",
+        type=int,
+        choices=(1, 2),
+        help="sampled frames per memory slot: 2 = the trained layout (pairs), 1 = one frame each",
+    )
     g.add_argument("--csm-slots", type=int)
     g.add_argument("--dam-frames", type=int)
     g.add_argument("--queue-size", type=int)
@@ -389,6 +398,8 @@ def main(argv=None) -> int:
                 return 2
             if frames.get("node_model"):  # from the node's /diagnostics status
                 config["model"] = frames.pop("node_model")
+            if frames.get("node_frames_per_slot"):
+                config["frames_per_slot"] = frames.pop("node_frames_per_slot")
         by_id = {r["id"]: r for r in results}
         last = frames.get("last_frame_stream_s")
         rows = []

@@ -461,6 +461,8 @@ def _finish(asker: _Asker, diag, questions, results: dict, frames: dict, stop):
         frames.update({k: v for k, v in diag.counters().items() if v is not None})
         if diag.hardware_id:
             frames["node_model"] = diag.hardware_id
+        if (diag.values or {}).get("frames_per_slot", "").isdigit():  # the slot layout the node runs
+            frames["node_frames_per_slot"] = int(diag.values["frames_per_slot"])
     seen = [r.get("frames_seen") for r in results.values() if r.get("frames_seen") is not None]
     frames.setdefault("used", max(seen) if seen else None)
     return [results[q.id] | {"id": q.id} for q in questions if q.id in results]

@@ -141,6 +141,7 @@ def render_markdown(report: dict, plot_name: Optional[str] = None) -> str:
         f"{_f(bag.get('duration_s'), 2)} s)",
         f"- questions: `{report['questions_file']}`",
         f"- model: `{cfg.get('model', '-')}`" + (f", rate {cfg['rate']}" if "rate" in cfg else ""),
+        f"- memory slots: {cfg.get('frames_per_slot', '-')} frame(s) each (2 = the trained layout)",
         f"- started: {report.get('started', '')}, wall time {_f(report.get('wall_s'), 1)} s",
         "",
     ]

@@ -12,10 +12,13 @@ transformers modules (patch_embed, rotary_pos_emb, blocks) with
 - positions and sequence bounds computed once per (batch, frame size) outside the forward, so
   the forward from uint8 frames (normalisation, patchify, 2x2 pooling: preprocess.slot_patches)
   to pre-merger features has no host synchronisation;
-- on CUDA, one captured graph per batch bucket (1, 2, 4, 8, 16 by default): a batch is padded
-  up to its bucket; padding frames are sequences of their own, so they change nothing.
+- on CUDA, one captured graph per batch bucket (1, 2, 4, 8, 16 slots by default) and slot
+  layout: a batch is padded up to its bucket; padding slots are sequences of their own, so they
+  change nothing.
 
-Streaming only (one frame per slot, Qwen2-VL); VideoLM keeps the eager tower for the rest.
+Slots of one frame (the frame in both halves of the temporal patch) or of two consecutive frames
+(the trained layout: one temporal patch of two different frames); Qwen2-VL only, VideoLM keeps
+the eager tower for Qwen2.5-VL.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ AttentionInterface.register(ATTN_NAME, _packed_attention)
 class _Layout:
     """What the forward needs besides the pixels, for B slots of one frame size."""
 
-    grid: torch.Tensor  # [2, 3]: (B, h, w) full and (B, h/2, w/2) low resolution
+    grid: torch.Tensor  # [2, 3]: (B, h, w) full and (B, h/2, w/2) low resolution (B slots)
     position_ids: torch.Tensor  # [B * (Nf + Nl), 2] (h, w) rotary positions
     cu_seqlens: torch.Tensor  # [2B + 1] int32
     max_seqlen: int
@@ -85,13 +88,14 @@ class _Layout:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    frames: torch.Tensor  # static input [bucket, H, W, 3] uint8
+    frames: torch.Tensor  # static input [bucket * frames_per_slot, H, W, 3] uint8
     full: torch.Tensor  # static outputs [bucket, Nf, C]
     low: torch.Tensor  # [bucket, Nl, C]
 
 
 class FastVision:
-    """Pre-merger ViT features of streamed frames: encode(frames [B, H, W, 3] uint8) -> (full, low, hw)."""
+    """Pre-merger ViT features of streamed slots: encode(frames [B, H, W, 3] uint8, frames_per_slot) ->
+    (full, low, hw)."""
 
     def __init__(self, visual, graphs: bool | None = None, buckets=DEFAULT_BUCKETS):
         self.visual = visual
@@ -103,43 +107,48 @@ class FastVision:
             raise ValueError("CUDA graphs need a CUDA device")
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
         visual.config._attn_implementation = ATTN_NAME
-        self._layouts: dict[tuple[int, int, int], _Layout] = {}
-        self._graphs: dict[tuple[int, int, int], _Graph | None] = {}  # None: capture failed, run eagerly
+        self._layouts: dict[tuple[int, int, int], _Layout] = {}  # (slots, H, W)
+        self._graphs: dict[tuple, _Graph | None] = {}  # (slots, H, W, frames_per_slot); None: capture failed
         self._pool = None
         self._lock = threading.Lock()
         self.graph_replays = 0
 
     @torch.inference_mode()
     def encode(
-        self, frames: torch.Tensor
+        self, frames: torch.Tensor, frames_per_slot: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
-        """[B, H, W, 3] uint8 frames on the device (H, W multiples of 56) -> (full [B, Nf, C], low [B, Nl, C],
-        full (h, w) grid, low grid). Outputs are the caller's (never overwritten by a later call)."""
+        """[B, H, W, 3] uint8 frames on the device (H, W multiples of 56) -> features of
+        S = B / frames_per_slot slots (full [S, Nf, C], low [S, Nl, C], full (h, w) grid, low grid);
+        frames_per_slot 2 pairs consecutive frames. Outputs are the caller's (never overwritten by
+        a later call)."""
         b, height, width, _ = frames.shape
+        if frames_per_slot not in (1, 2) or b % frames_per_slot:
+            raise ValueError(f"{b} frames do not form slots of {frames_per_slot} frame(s)")
+        slots = b // frames_per_slot
         hw = (height // 14, width // 14)
         low_hw = (hw[0] // 2, hw[1] // 2)
         with self._lock:
-            graph = self._graph(b, height, width) if self.graphs else None
+            graph = self._graph(slots, height, width, frames_per_slot) if self.graphs else None
             if graph is None:
-                full, low = self._forward(frames)
+                full, low = self._forward(frames, frames_per_slot)
                 return full, low, hw, low_hw
             graph.frames[:b].copy_(frames)
             graph.graph.replay()
             self.graph_replays += 1
-            return graph.full[:b].clone(), graph.low[:b].clone(), hw, low_hw
+            return graph.full[:slots].clone(), graph.low[:slots].clone(), hw, low_hw
 
-    def prepare(self, height: int, width: int) -> None:
-        """Capture the graphs of every bucket for frames of this size now (else on first use)."""
+    def prepare(self, height: int, width: int, frames_per_slot: int = 1) -> None:
+        """Capture the graphs of every bucket for slots of this size and layout now (else on first use)."""
         if self.graphs:
             with self._lock, torch.inference_mode():
                 for bucket in self.buckets:
-                    self._graph(bucket, height, width)
+                    self._graph(bucket, height, width, frames_per_slot)
 
-    def _forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, frames: torch.Tensor, frames_per_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Device ops only (graph-safe once the layout is cached): uint8 frames -> (full, low) features."""
-        b = frames.shape[0]
+        b = frames.shape[0] // frames_per_slot
         layout = self._layout(b, frames.shape[1], frames.shape[2])
-        patches = slot_patches(frames, 1)
+        patches = slot_patches(frames, frames_per_slot)
         pixels = torch.cat([patches.full, patches.low]).to(self.dtype)
         hidden = self.visual.patch_embed(pixels)  # [B * (Nf + Nl), C]
         rotary = self.visual.rotary_pos_emb(hidden, layout.position_ids)
@@ -161,21 +170,26 @@ class FastVision:
             )
         return self._layouts[key]
 
-    def _graph(self, b: int, height: int, width: int) -> _Graph | None:
-        """The graph of the smallest bucket holding b frames of this size (captured on first use)."""
+    def _graph(self, b: int, height: int, width: int, frames_per_slot: int) -> _Graph | None:
+        """The graph of the smallest bucket holding b slots of this size and layout (captured on first
+        use)."""
         bucket = next((n for n in self.buckets if n >= b), None)
         if bucket is None:
             return None
-        key = (bucket, height, width)
+        key = (bucket, height, width, frames_per_slot)
         if key not in self._graphs:
-            frames = torch.zeros(bucket, height, width, 3, dtype=torch.uint8, device=self.device)
+            n = bucket * frames_per_slot
+            frames = torch.zeros(n, height, width, 3, dtype=torch.uint8, device=self.device)
             self._layout(bucket, height, width)
             try:
-                graph, (full, low) = capture(lambda: self._forward(frames), self.device, self._pool)
+                graph, (full, low) = capture(
+                    lambda: self._forward(frames, frames_per_slot), self.device, self._pool
+                )
             except Exception as e:  # noqa: BLE001 - eager stays correct, only slower
                 log.warning(
-                    "ViT graph capture failed for %d x %dx%d frames (running eagerly): %s",
+                    "ViT graph capture failed for %d slots of %d x %dx%d frames (running eagerly): %s",
                     bucket,
+                    frames_per_slot,
                     height,
                     width,
                     e,

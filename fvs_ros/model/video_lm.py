@@ -136,16 +136,16 @@ class VideoLM:
     def encode_frames(self, frames: np.ndarray, frames_per_slot: int = 1) -> FrameFeatures:
         """[B, H, W, 3] uint8 RGB -> features of B / frames_per_slot slots.
 
-        frames_per_slot=1 (streaming) puts each frame in both halves of a temporal patch;
-        2 (offline, as the checkpoint was trained) pairs consecutive frames. Frames not at
-        frame_size(H, W) are resized (PIL bicubic, as the official processor).
+        frames_per_slot=2 pairs consecutive frames in one temporal patch, as the checkpoint was
+        trained (offline and the engine's default); 1 puts each frame in both halves. Frames not
+        at frame_size(H, W) are resized (PIL bicubic, as the official processor).
         """
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
             raise ValueError(f"expected [B, H, W, 3] uint8 frames, got {frames.dtype} {frames.shape}")
         frames = torch.from_numpy(resize_frames(frames, self.frame_size(*frames.shape[1:3]))).to(self.device)
-        if self.fast_vision is not None and frames_per_slot == 1:
-            return FrameFeatures(*self.fast_vision.encode(frames))
+        if self.fast_vision is not None:
+            return FrameFeatures(*self.fast_vision.encode(frames, frames_per_slot))
         return self.vit(slot_patches(frames, frames_per_slot))
 
     @torch.inference_mode()
@@ -247,14 +247,15 @@ class VideoLM:
         dam_frames: int,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         frame_hw: tuple[int, int] = (720, 1280),
+        frames_per_slot: int = 1,
     ) -> None:
-        """Pay start-up costs before the first frame and question: one ViT pass on a blank frame
-        (kernel selection, allocator); with FastVision, its graphs for frames of that size captured;
-        with FastDecoder, its cache sized for a full memory of such frames and its CUDA graphs
-        captured (otherwise the first answer pays ~1 s on a 7B)."""
-        feats = self.encode_frames(np.zeros((1, *frame_hw, 3), np.uint8))
+        """Pay start-up costs before the first frame and question: one ViT pass on a blank slot
+        (kernel selection, allocator); with FastVision, its graphs for slots of that size and layout
+        captured; with FastDecoder, its cache sized for a full memory of such frames and its CUDA
+        graphs captured (otherwise the first answer pays ~1 s on a 7B)."""
+        feats = self.encode_frames(np.zeros((frames_per_slot, *frame_hw, 3), np.uint8), frames_per_slot)
         if self.fast_vision is not None:
-            self.fast_vision.prepare(*self.frame_size(*frame_hw))
+            self.fast_vision.prepare(*self.frame_size(*frame_hw), frames_per_slot)
         if self.fast is not None:
             (h, w), merge = feats.full_hw, self.model.config.vision_config.spatial_merge_size
             memory_tokens = dam_frames * h * w // merge**2 + csm_slots * feats.low.shape[1] // merge**2
