@@ -30,6 +30,21 @@ def test_features_equal_the_transformers_forward(ckpt):
     torch.testing.assert_close(low, ref.low, rtol=1e-5, atol=1e-5)
 
 
+def test_two_frame_slots_equal_the_transformers_forward(ckpt):
+    """The trained layout: one temporal patch of two different frames per slot."""
+    lm = load_model(ckpt, fast_vision=False)
+    batch = torch.from_numpy(frames(6, seed=4))
+    ref = lm.vit(slot_patches(batch, 2))
+    full, low, full_hw, _ = FastVision(lm.visual, graphs=False).encode(batch, frames_per_slot=2)
+    assert full.shape[0] == low.shape[0] == 3 and full_hw == ref.full_hw
+    torch.testing.assert_close(full, ref.full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(low, ref.low, rtol=1e-5, atol=1e-5)
+    one = FastVision(lm.visual, graphs=False).encode(batch[::2], frames_per_slot=1)[0]
+    assert not torch.allclose(full, one, atol=1e-3)  # a pair is not its first frame twice
+    with pytest.raises(ValueError, match="slots of 2"):
+        FastVision(lm.visual, graphs=False).encode(batch[:3], frames_per_slot=2)
+
+
 def test_extra_frames_in_a_batch_change_nothing(ckpt):
     """What lets a graph pad a batch up to its bucket: every slot's sequences attend only to themselves."""
     fast = FastVision(load_model(ckpt, fast_vision=False).visual, graphs=False)
@@ -46,8 +61,10 @@ def test_video_lm_streams_frames_through_it(ckpt, tmp_path):
     feats = lm.encode_frames(frames(2, 100, 150))  # resized to the model's grid first
     ref = load_model(ckpt, fast_vision=False).encode_frames(frames(2, 100, 150))
     torch.testing.assert_close(feats.full, ref.full, rtol=1e-5, atol=1e-5)
-    offline = lm.encode_frames(frames(2, 100, 150), frames_per_slot=2)  # pairs of frames: the eager tower
-    assert offline.full.shape[0] == 1
+    paired = lm.encode_frames(frames(2, 100, 150), frames_per_slot=2)  # a pair of frames: one slot
+    eager = load_model(ckpt, fast_vision=False).encode_frames(frames(2, 100, 150), frames_per_slot=2)
+    assert paired.full.shape[0] == 1
+    torch.testing.assert_close(paired.full, eager.full, rtol=1e-5, atol=1e-5)
     assert (
         load_model(write_tiny_checkpoint(tmp_path / "q25", "qwen2_5_vl"), fast_vision=True).fast_vision
         is None
@@ -63,5 +80,10 @@ def test_cuda_graphs_replay_the_eager_forward(ckpt):
         want, got = eager.encode(batch[:n]), graphed.encode(batch[:n])
         torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-2)
-    assert graphed.graph_replays == 3
+    pairs = torch.from_numpy(frames(6, seed=5)).cuda()
+    for n in (2, 6, 6):  # two-frame slots: 1 slot (bucket 2), 3 slots (bucket 4), replayed
+        want, got = eager.encode(pairs[:n], 2), graphed.encode(pairs[:n], 2)
+        torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got[1], want[1], rtol=2e-2, atol=2e-2)
+    assert graphed.graph_replays == 6
     assert graphed.encode(torch.from_numpy(frames(5)).cuda())[0].shape[0] == 5  # above the buckets: eager
