@@ -11,9 +11,11 @@ Sections
           eager transformers vs fvs_ros.model.fast_decode (static cache + CUDA graphs):
           TTFT of a 30-token question on the cached prefix (p50/p99), full-prefill TTFT (no
           prefix cache, the paper's way), decode tokens/s, greedy-token equality, peak memory.
-- vit:    ViT frames/s at 336x560, full + low resolution (960 + 240 ViT tokens a frame), batched.
+- vit:    ViT frames/s at 336x560, full + low resolution (960 + 240 ViT tokens a slot), batched;
+          FastVision in both slot layouts (a frame per slot; two frames per slot, the trained one).
 - engine: the real StreamEngine (fvs_ros.engine + fvs_ros.model.VideoLM + fvs_ros.memory) on a
-          synthetic 336x560 stream: frames/s into memory, update p50/p99, TTFT at 100/1000/10000
+          synthetic 336x560 stream, slots of --frames-per-slot frames (default 2, the engine's):
+          frames/s into memory, update p50/p99, TTFT at 100/1000/10000
           frames while frames keep arriving, peak memory; baseline = no prefix cache + unbounded
           bank + eager decoding. VideoLM is built around the in-memory random model with the
           tiny tokenizer; ours answers through FastDecoder (VideoLM(fast_decode=True)).
@@ -657,7 +659,7 @@ def section_vit(model, device, tiny, args):
     res = RESULTS.setdefault("vit", {})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    frames = torch.from_numpy(np.stack(synthetic_frames(max(args.vit_batches), height, width))).to(device)
+    frames = torch.from_numpy(np.stack(synthetic_frames(2 * max(args.vit_batches), height, width))).to(device)
     eager_impl = visual.config._attn_implementation
     fast = None
     for b in args.vit_batches:
@@ -675,16 +677,23 @@ def section_vit(model, device, tiny, args):
         t_fast = bench_cuda(
             lambda fast=fast, batch=batch: fast.encode(batch), device, reps=10 if b >= 16 else 20, warmup=2
         )
+        pairs = frames[: 2 * b]  # b slots of two frames: the trained layout, 2b frames per call
+        t_pairs = bench_cuda(
+            lambda fast=fast, pairs=pairs: fast.encode(pairs, 2), device, reps=10 if b >= 16 else 20, warmup=2
+        )
         res[f"b{b}"] = {
             "eager_s": t_eager,
             "fast_s": t_fast,
             "eager_fps": b / t_eager,
             "fast_fps": b / t_fast,
+            "fast_pairs_s": t_pairs,
+            "fast_pairs_fps": 2 * b / t_pairs,
         }
         row(
-            f"ViT batch {b:2d} (uint8 frames -> features)",
+            f"ViT batch {b:2d} slots (uint8 frames -> features)",
             f"eager {1e3 * t_eager:.1f} ms ({b / t_eager:.0f} fps), FastVision {1e3 * t_fast:.1f} ms "
-            f"({b / t_fast:.0f} fps), ratio {t_fast / t_eager:.2f}",
+            f"({b / t_fast:.0f} fps), ratio {t_fast / t_eager:.2f}; FastVision 2-frame slots "
+            f"{1e3 * t_pairs:.1f} ms ({2 * b / t_pairs:.0f} frames/s)",
             "target >= 30 fps",
         )
     if fast is not None and fast.graphs:
@@ -742,7 +751,18 @@ def synthetic_frames(n, h, w, seed=0):
 
 
 def run_engine(
-    lm, device, tiny, *, label, prefix_cache, bank_capacity, checkpoints, realtime_s, ask_reps, fast_feed=True
+    lm,
+    device,
+    tiny,
+    *,
+    label,
+    prefix_cache,
+    bank_capacity,
+    checkpoints,
+    realtime_s,
+    ask_reps,
+    frames_per_slot,
+    fast_feed=True,
 ):
     from fvs_ros.engine import EngineConfig, StreamEngine
     from fvs_ros.memory import MemoryConfig
@@ -752,6 +772,7 @@ def run_engine(
     mem = MemoryConfig(csm_slots=4 if tiny else 60, dam_frames=2 if tiny else 30, bank_capacity=bank_capacity)
     cfg = EngineConfig(
         sample_fps=0.0,
+        frames_per_slot=frames_per_slot,
         queue_size=64,
         max_batch=16,
         prefix_cache=prefix_cache,
@@ -760,7 +781,8 @@ def run_engine(
         answer_timeout_s=120.0,
         max_new_tokens=16,
     )
-    res = {"label": label, "checkpoints": {}}
+    res = {"label": label, "frames_per_slot": frames_per_slot, "checkpoints": {}}
+    log(f"  [{label}] memory slots of {frames_per_slot} frame(s)")
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -789,7 +811,7 @@ def run_engine(
                 if due > time.perf_counter():
                     time.sleep(due - time.perf_counter())
             else:  # as fast as the engine absorbs: keep the queue about one batch deep
-                while not stop.is_set() and eng.stats().queue_depth >= cfg.max_batch:
+                while not stop.is_set() and eng.stats().queue_depth >= cfg.max_batch // frames_per_slot:
                     time.sleep(0.001)
             eng.add_frame(frames[i % len(frames)], i / 30.0)
             i += 1
@@ -933,6 +955,7 @@ def section_engine(model, device, tiny, args):
                 checkpoints=args.baseline_frames,
                 realtime_s=min(args.realtime_s, 10),
                 ask_reps=4,
+                frames_per_slot=args.frames_per_slot,
             )
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -952,6 +975,7 @@ def section_engine(model, device, tiny, args):
             checkpoints=args.engine_frames,
             realtime_s=args.realtime_s,
             ask_reps=args.ask_reps,
+            frames_per_slot=args.frames_per_slot,
         )
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
@@ -982,6 +1006,9 @@ def main(argv=None):
     ap.add_argument("--sdpa-variant", action="store_true", help="with --fast-variants: also SDPA + mask")
     ap.add_argument("--vit-batches", default="1,2,4,8,16,32")
     ap.add_argument("--engine-frames", default="100,1000,10000")
+    ap.add_argument(
+        "--frames-per-slot", type=int, choices=(1, 2), default=2, help="engine slot layout (2: trained)"
+    )
     ap.add_argument("--baseline-frames", default="100,1000")
     ap.add_argument(
         "--realtime-s", type=float, default=20.0, help="seconds of 30 fps stream before saturating"
