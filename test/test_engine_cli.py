@@ -32,7 +32,15 @@ def video(tmp_path_factory):
     return path
 
 
-def test_questions_at_stream_times_see_the_video_up_to_then(ckpt, video, capsys):
+@pytest.mark.parametrize(
+    "layout, seen, last",
+    [
+        ([], [0, 2, 4], [None, 1.0, 3.0]),  # default: slots of two frames; a half slot is not seen yet
+        (["--frames-per-slot", "1"], [1, 3, 4], [0.0, 2.0, 3.0]),
+    ],
+    ids=["two_frame_slots", "one_frame_slots"],
+)
+def test_questions_at_stream_times_see_the_video_up_to_then(ckpt, video, capsys, layout, seen, last):
     rc = main(
         [
             str(video),
@@ -47,13 +55,17 @@ def test_questions_at_stream_times_see_the_video_up_to_then(ckpt, video, capsys)
             "--max-new-tokens",
             "3",
             "--json",
+            *layout,
         ]
     )
     out = capsys.readouterr()
     answers = [json.loads(line) for line in out.out.splitlines()]
     assert rc == 0 and [a["t"] for a in answers] == [0.5, 2.05, 99]
-    assert [a["frames_seen"] for a in answers] == [1, 3, 4]  # 1 frame/s into memory: stamps 0, 1, 2, 3
-    assert [a["last_stamp"] for a in answers] == [0.0, 2.0, 3.0] and all(a["error"] is None for a in answers)
+    assert [a["frames_seen"] for a in answers] == seen  # 1 frame/s into memory: stamps 0, 1, 2, 3
+    assert [a["last_stamp"] for a in answers] == last and all(a["error"] is None for a in answers)
+    fps = 1 if layout else 2
+    assert {a["frames_per_slot"] for a in answers} == {fps}
+    assert out.err.startswith(f"memory: slots of {fps} frame(s)")
     stats = json.loads(out.err.splitlines()[-1])["stats"]
     assert (stats["frames_in"], stats["frames_into_memory"], stats["errors"]) == (40, 4, 0)
 
@@ -78,6 +90,7 @@ def test_text_output_and_realtime_pacing(ckpt, video, capsys):
     )
     out = capsys.readouterr().out
     assert rc == 0 and "Q: What colour?" in out and "Q: (summary)" in out and "frames_seen=" in out
+    assert "frames_per_slot=2" in out
 
 
 def test_bad_arguments_are_reported(ckpt, video, tmp_path, capsys):
