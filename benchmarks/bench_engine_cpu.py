@@ -1,6 +1,6 @@
 """Answer latency through StreamEngine.ask with and without the memory prefix cache (CPU, tiny model).
 
-    python benchmarks/bench_engine_cpu.py [--frames 64] [--questions 5] [--repeats 3]
+    python benchmarks/bench_engine_cpu.py [--frames 128] [--questions 5] [--repeats 3]
 
 Writes the tiny random flash_vstream checkpoint (fvs_ros.model.tiny) to a temporary directory,
 streams synthetic 16:9 frames (360x640 -> 336x560: 240 DAM + 60 CSM tokens per slot) into two
@@ -56,7 +56,9 @@ def measure(eng: StreamEngine, questions: list[str], repeats: int, max_new_token
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", type=int, default=64, help="frames streamed into memory")
+    p.add_argument(
+        "--frames", type=int, default=128, help="frames streamed into memory (two per slot: 64 slots)"
+    )
     p.add_argument("--csm-slots", type=int, default=60)
     p.add_argument("--dam-frames", type=int, default=30)
     p.add_argument("--questions", type=int, default=5)

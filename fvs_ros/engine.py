@@ -67,9 +67,7 @@ class EngineConfig:
     # Sampled frames per memory slot: 2 = two consecutive sampled frames in one Qwen2-VL temporal
     # patch, the layout the checkpoint was trained with; 1 = each frame alone (filling both halves).
     frames_per_slot: int = 2
-    queue_size: int = (
-        32  # sampled frames waiting for the ViT (whole slots); the oldest slot is dropped when full
-    )
+    queue_size: int = 32  # sampled frames waiting for the ViT, whole slots; the oldest slot is dropped
     max_batch: int = 16  # frames encoded per ViT call (whatever is queued, whole slots, at least one)
     max_frame_side: int = 8192  # larger frames are rejected (FrameError)
     max_question_chars: int = 2000
@@ -135,7 +133,7 @@ class EngineStats:
     frames_skipped: int  # not picked by the memory sampling rate (cost nothing)
     frames_dropped: int  # picked, then pushed out of the full queue (whole slots)
     frames_into_memory: int  # encoded and added to memory
-    queue_depth: int
+    queue_depth: int  # slots waiting for the ViT
     frame_size: Optional[tuple[int, int]]  # (H, W) ViT input size (lm.frame_size of the first frame)
     memory_version: int
     frames_seen: int  # frames in the current memory snapshot (its slots x frames_per_slot)
@@ -470,9 +468,8 @@ class StreamEngine:
         fps = self.config.frames_per_slot
         try:
             frames = np.stack([_fit(f, source_hw) for slot in batch for f, _ in slot])
-            stamps = torch.tensor(
-                [slot[-1][1] for slot in batch], dtype=torch.float64
-            )  # a slot's stamp: its last frame's
+            # a slot's stamp is its last frame's: an answer's last_stamp is the newest frame it saw
+            stamps = torch.tensor([slot[-1][1] for slot in batch], dtype=torch.float64)
             feats = self.lm.encode_frames(frames, fps)
             with self._mem_lock:
                 if epoch != self._epoch:  # reset() or load() while encoding: drop the old stream's frames
