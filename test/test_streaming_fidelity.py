@@ -20,6 +20,7 @@ bank no longer holds (bank_capacity; docs/memory.md).
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,25 +32,22 @@ from fvs_ros.model import load_model
 from fvs_ros.model.tiny import write_tiny_checkpoint
 from fvs_ros.model.video_lm import DEFAULT_SYSTEM_PROMPT
 
-REF_DIR = Path(__file__).parent / "data" / "official_reference"
-ANSWER_PREFIX = "Best option: ("
+# Every official reference run (test/data/official_reference*/: a tiny checkpoint, its frames and
+# what the official offline path fed its LLM); a further one dropped in beside is checked the same way.
+REF_DIRS = sorted(Path(__file__).parent.glob("data/official_reference*/offline_reference.npz"))
 Q = "What is happening in the video?"
 
 
-@pytest.fixture(scope="module")
-def ref():
-    return dict(np.load(REF_DIR / "offline_reference.npz"))
-
-
-@pytest.fixture(scope="module")
-def ref_question():
-    prompt = json.loads((REF_DIR / "offline_reference.json").read_text())["prompt_text"]
-    return prompt.split("<|vision_end|>")[1].split("<|im_end|>")[0]
-
-
-@pytest.fixture(scope="module")
-def ref_lm():
-    return load_model(REF_DIR / "tiny_ckpt")
+@pytest.fixture(scope="module", params=[p.parent for p in REF_DIRS], ids=lambda d: d.name)
+def ref(request):
+    """One reference: its arrays, the question and answer prefix of its prompt, its model."""
+    prompt = json.loads((request.param / "offline_reference.json").read_text())["prompt_text"]
+    return SimpleNamespace(
+        **dict(np.load(request.param / "offline_reference.npz")),
+        question=prompt.split("<|vision_end|>")[1].split("<|im_end|>")[0],
+        answer_prefix=prompt.split("<|im_start|>assistant\n")[1],
+        lm=load_model(request.param / "tiny_ckpt"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,46 +118,57 @@ def official_memory(low, which, csm_slots, dam_frames):
 
 
 @pytest.mark.parametrize("flush_every", [1, 0], ids=["slot_by_slot", "batched"])
-def test_reference_frames_streamed_give_the_official_llm_input(ref_lm, ref, ref_question, flush_every):
-    """16 frames one by one -> 8 two-frame slots -> the official memory, embeddings, positions, tokens."""
-    memory = MemoryConfig(**ref_lm.memory_defaults)
-    eng = stream(ref_lm, ref["frames"], memory, flush_every, extra=ref["frames"][-1:])  # + half a slot
+def test_reference_frames_streamed_give_the_official_llm_input(ref, flush_every):
+    """The reference frames one by one (16 for the first reference) -> two-frame slots (8) -> the
+    official memory, embeddings, positions and greedy tokens; one more frame waits for its pair."""
+    lm, frames = ref.lm, ref.frames
+    memory = MemoryConfig(**lm.memory_defaults)
+    eng = stream(lm, frames, memory, flush_every, extra=frames[-1:])  # + half a slot
     try:
         snap = eng.snapshot()
-        assert (snap.frames_seen, snap.last_stamp) == (8, 15.0)  # the 17th frame waits for its pair
-        assert snap.csm_weights.tolist() == ref["csm_weights"].tolist() == [4, 2, 1, 1]
-        assert snap.csm_times.tolist() == ref["csm_timestamps"].tolist()
-        assert snap.dam_slots.tolist() == ref["dam_positions"].tolist() == [0, 5]
-        inputs = ref_lm.prompt_inputs(snap, ref_question, answer_prefix=ANSWER_PREFIX)
-        assert torch.equal(inputs.position_ids.cpu(), torch.from_numpy(ref["position_ids"]))
-        torch.testing.assert_close(
-            inputs.embeds, torch.from_numpy(ref["inputs_embeds"]), rtol=1e-5, atol=1e-5
-        )
-        gen = ref_lm.answer(ref_lm.prefill_memory(snap), ref_question, 5, answer_prefix=ANSWER_PREFIX)
-        assert gen.token_ids == ref["generated_ids"].tolist()
-        offline, _ = offline_snapshot(ref_lm, ref["frames"], memory)
-        want = ref_lm.answer_uncached(offline, Q, max_new_tokens=6)
+        slots = len(frames) // 2
+        assert (snap.frames_seen, snap.last_stamp) == (slots, 2 * slots - 1.0)
+        assert snap.csm_weights.tolist() == ref.csm_weights.tolist()
+        assert snap.csm_times.tolist() == ref.csm_timestamps.tolist()
+        assert snap.dam_slots.tolist() == ref.dam_positions.tolist()  # the official order
+        inputs = lm.prompt_inputs(snap, ref.question, answer_prefix=ref.answer_prefix)
+        assert torch.equal(inputs.position_ids.cpu(), torch.from_numpy(ref.position_ids))
+        torch.testing.assert_close(inputs.embeds, torch.from_numpy(ref.inputs_embeds), rtol=1e-5, atol=1e-5)
+        n = len(ref.generated_ids)
+        gen = lm.answer(lm.prefill_memory(snap), ref.question, n, answer_prefix=ref.answer_prefix)
+        assert gen.token_ids == ref.generated_ids.tolist()
+        offline, _ = offline_snapshot(lm, frames[: 2 * slots], memory)
+        want = lm.answer_uncached(offline, Q, max_new_tokens=6)
         got = eng.ask(Q, max_new_tokens=6)  # the engine's own path: its cached prefix
         assert (got.text, got.num_tokens, got.frames_seen, got.frames_per_slot) == (
             want.text,
             len(want.token_ids),
-            16,
+            2 * slots,
             2,
         )
-        assert (got.first_stamp, got.last_stamp) == (0.0, 15.0)
+        assert (got.first_stamp, got.last_stamp) == (0.0, 2 * slots - 1.0)
     finally:
         eng.shutdown()
 
 
-def test_one_frame_per_slot_is_not_what_the_checkpoint_saw(ref_lm, ref, ref_question):
+def test_first_reference_is_the_one_documented(ref):
+    """Pins what the first reference holds (docs/model.md's numbers), so the test above cannot pass
+    on an empty or misread file."""
+    if ref.frames.shape != (16, 112, 224, 3):
+        pytest.skip("another reference")
+    assert ref.csm_weights.tolist() == [4, 2, 1, 1] and ref.dam_positions.tolist() == [0, 5]
+    assert ref.generated_ids.tolist() == [251, 379, 33, 66, 142] and ref.answer_prefix == "Best option: ("
+
+
+def test_one_frame_per_slot_is_not_what_the_checkpoint_saw(ref):
     """The layout matters: streaming each frame as its own slot gives other embeddings."""
-    eng = stream(ref_lm, ref["frames"], MemoryConfig(**ref_lm.memory_defaults), frames_per_slot=1)
+    eng = stream(ref.lm, ref.frames, MemoryConfig(**ref.lm.memory_defaults), frames_per_slot=1)
     try:
         snap = eng.snapshot()
-        assert snap.frames_seen == 16 and eng.ask(Q, max_new_tokens=1).frames_per_slot == 1
-        inputs = ref_lm.prompt_inputs(snap, ref_question, answer_prefix=ANSWER_PREFIX)
-        assert inputs.embeds.shape == ref["inputs_embeds"].shape
-        assert not torch.allclose(inputs.embeds, torch.from_numpy(ref["inputs_embeds"]), atol=1e-3)
+        assert snap.frames_seen == len(ref.frames) and eng.ask(Q, max_new_tokens=1).frames_per_slot == 1
+        embeds = ref.lm.prompt_inputs(snap, ref.question, answer_prefix=ref.answer_prefix).embeds
+        want = torch.from_numpy(ref.inputs_embeds)
+        assert embeds.shape != want.shape or not torch.allclose(embeds, want, atol=1e-3)
     finally:
         eng.shutdown()
 
