@@ -361,6 +361,7 @@ def test_diagnostics_arrive(node, client):
     for key in (
         "frames_received",
         "frames_into_memory",
+        "frames_per_slot",
         "frames_dropped",
         "queue_depth",
         "memory_fill",
@@ -371,6 +372,7 @@ def test_diagnostics_arrive(node, client):
     ):
         assert key in d, key
     assert int(d["frames_received"]) >= 10 and int(d["frames_into_memory"]) >= 5
+    assert d["frames_per_slot"] == "2"  # the trained layout, the default
     assert float(d["last_answer_latency_s"]) > 0
     assert d["state"] == "active"
 
