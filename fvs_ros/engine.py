@@ -1,7 +1,9 @@
-"""Streaming engine: a frame worker and an LLM worker around one VideoLM and one FlashMemory.
+"""Streaming engine: frame intake, requests and their workers around one VideoLM and one FlashMemory.
 
-No ROS here: the node, the video CLI, the bag evaluation and the tests all drive this class.
-Design and threading are described in docs/engine.md.
+Three threads: the frame worker (ViT + memory update), the LLM worker (answers, summaries) and
+the prefix builder of the PrefixCache (fvs_ros/prefix_cache.py), which keeps the KV prefix of
+[system prompt + memory] warm. No ROS here: the node, the video CLI, the bag evaluation and the
+tests all drive this class. Design and threading are described in docs/engine.md.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import cv2
 import numpy as np
 import torch
 
 from fvs_ros.memory import FlashMemory, MemoryConfig, MemorySnapshot
+from fvs_ros.prefix_cache import MemoryPrefix, PrefixCache, PrefixModel, Published
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +37,6 @@ _QUESTION, _SUMMARY = 0, 1  # request priorities: lower is served first
 # Three workers share the GIL. One waking from a GPU wait (a decode step, a ViT batch) takes it back
 # within this time, instead of CPython's default 5 ms, while another launches a prefill chunk.
 _GIL_SWITCH_S = 0.001
-# Between chunks the prefix builder waits while a frame batch or an answer has the GPU, but never
-# longer than this: a rebuild makes progress under a frame flood or back-to-back questions.
-_BUILDER_YIELD_S = 0.1
 
 
 class EngineError(RuntimeError):
@@ -163,7 +163,6 @@ class _Counters:
     last_update_time: Optional[float] = None
     last_update_s: Optional[float] = None
     last_batch_size: int = 0
-    last_prefill_s: Optional[float] = None
     last_ttft_s: Optional[float] = None
     last_answer_s: Optional[float] = None
     questions_answered: int = 0
@@ -194,21 +193,41 @@ class _Counters:
             setattr(self, k, state[k])
 
 
-@dataclass(frozen=True, eq=False)
-class _Published:
-    """The memory snapshot readers use, tagged with the stream epoch (bumped by reset/load)."""
+class Generation(Protocol):
+    """What the engine reads of a model's answer (fvs_ros.model.video_lm.Generation)."""
 
-    snapshot: MemorySnapshot
-    epoch: int
-    first_stamp: Optional[float] = None  # stamp of the first frame of the memory's first slot
+    text: str
+    token_ids: list[int]
+    ttft_s: float
 
 
-@dataclass
-class _Prefix:
-    source: _Published
-    prefix: object  # the model's MemoryPrefix
-    built_at: float  # time.monotonic()
-    build_s: float = 0.0  # how long the build took
+class VideoModel(PrefixModel, Protocol):
+    """What the engine needs of VideoLM (the model seam; tests wrap a VideoLM in proxies of it)."""
+
+    device: torch.device
+
+    def frame_size(self, height: int, width: int) -> tuple[int, int]: ...
+
+    def encode_frames(self, frames: np.ndarray): ...  # -> FrameFeatures (.low, .full, .full_hw)
+
+    def warm_up(self, csm_slots: int, dam_frames: int, max_new_tokens: int) -> None: ...
+
+    def answer(
+        self,
+        prefix: MemoryPrefix,
+        question: str,
+        max_new_tokens: int,
+        on_token: Optional[TokenCallback] = None,
+    ) -> Generation: ...
+
+    def answer_uncached(
+        self,
+        snapshot: MemorySnapshot,
+        question: str,
+        max_new_tokens: int,
+        system_prompt: str,
+        on_token: Optional[TokenCallback] = None,
+    ) -> Generation: ...
 
 
 @dataclass
@@ -235,7 +254,7 @@ class StreamEngine:
 
     def __init__(
         self,
-        lm,
+        lm: VideoModel,
         memory_config: Optional[MemoryConfig] = None,
         config: Optional[EngineConfig] = None,
         on_summary: Optional[Callable[[Answer], None]] = None,
@@ -258,17 +277,19 @@ class StreamEngine:
         self._seq = itertools.count()
         self._counters = _Counters()
         self._epoch = 0
-        self._published = _Published(self._memory.snapshot(), 0)
-        self._prefix: Optional[_Prefix] = None  # written by the LLM worker only
-        self._refresh_failed: Optional[_Published] = None  # no background retry until the memory changes
-        self._prefix_wanted = False  # a request waits for a prefix: the builder starts one now
-        self._answering = False  # the LLM worker is generating: the builder pauses between chunks
-        self._encoding = False  # the frame worker is encoding a batch: likewise
-        self._awaited = False  # a request waits for the prefix being built: no pausing then
-        self._build_running = False  # the builder is prefilling a newer memory
-        self._build_attempts = 0  # prefix builds finished or failed
-        self._build_error: Optional[tuple[int, BaseException]] = None  # (attempt, error) of the last build
-        self._summarized: Optional[_Published] = None
+        self._published = Published(self._memory.snapshot(), 0)
+        self._prefixes = PrefixCache(
+            lm,
+            lambda: self._published,
+            system_prompt=self.config.system_prompt,
+            refresh_s=self.config.prefix_refresh_s,
+            max_lag_s=self.config.max_prefix_lag_s,
+            chunk_tokens=self.config.prefill_chunk_tokens,
+            stream=lambda: self._worker_stream(priority=0),
+            sync=self._sync,
+            on_error=self._record_error,
+        )
+        self._summarized: Optional[Published] = None
         self._last_summary_t = time.monotonic()
         self._reset_stream_state()
         self._busy = False
@@ -296,14 +317,15 @@ class StreamEngine:
         self._threads = [
             threading.Thread(target=self._frame_loop, name="fvs-frame-worker", daemon=True),
             threading.Thread(target=self._llm_loop, name="fvs-llm-worker", daemon=True),
-            threading.Thread(target=self._builder_loop, name="fvs-prefix-builder", daemon=True),
         ]
         for t in self._threads:
             t.start()
+        if self.config.prefix_cache:
+            self._prefixes.start()
         return self
 
     def shutdown(self):
-        """Stop both workers, fail pending requests, wait for in-flight GPU work. Idempotent."""
+        """Stop the workers, fail pending requests, wait for in-flight GPU work. Idempotent."""
         with self._lock:
             self._stopping = True
             self._frames_cv.notify_all()
@@ -311,8 +333,10 @@ class StreamEngine:
         with self._llm_cv:  # a running generation stops at its next token (see _generate)
             pending, self._requests = self._requests, []
             self._llm_cv.notify_all()
+        self._prefixes.wake()
         for _, _, req in pending:
             self._fail(req, EngineError("engine shut down before answering"))
+        self._prefixes.stop()
         for t in self._threads:
             t.join()
         if self.device.type == "cuda":
@@ -454,13 +478,12 @@ class StreamEngine:
             return batch, self._epoch, self._source_hw
 
     def _encode_batch(self, batch, epoch: int, source_hw: tuple[int, int]):
-        with self._llm_cv:
-            self._encoding = True
         try:
-            self._encode_and_update(batch, epoch, source_hw)
+            with self._prefixes.gpu_busy("frames"):
+                self._encode_and_update(batch, epoch, source_hw)
         finally:
-            with self._llm_cv:  # wakes the builder, and the LLM worker for the new snapshot
-                self._encoding = False
+            self._prefixes.memory_changed()
+            with self._llm_cv:  # the LLM worker's summary looks at the new snapshot
                 self._llm_cv.notify_all()
 
     def _encode_and_update(self, batch, epoch: int, source_hw: tuple[int, int]):
@@ -477,7 +500,7 @@ class StreamEngine:
                 first = self._published.first_stamp if self._memory.frames_seen else batch[0][0][1]
                 snap = self._memory.update(feats.low, feats.full, stamps, feats.full_hw)
                 self._sync()
-                self._published = _Published(snap, epoch, first)
+                self._published = Published(snap, epoch, first)
         except Exception as e:  # noqa: BLE001 - a bad batch must not kill the worker
             self._record_error("frame worker", e)
             return
@@ -553,6 +576,7 @@ class StreamEngine:
                 raise EngineError("engine is not running (call start(); engines stop at shutdown())")
             heapq.heappush(self._requests, (priority, next(self._seq), req))
             self._llm_cv.notify_all()
+        self._prefixes.wake()  # a summary waiting for a prefix gives way to this request
         if not req.done.wait(timeout):
             req.cancelled = True
             with self._lock:
@@ -596,130 +620,6 @@ class StreamEngine:
         ):
             return None
         return max(0.0, self._last_summary_t + self.config.summary_period_s - time.monotonic())
-
-    # ----------------------------------------------------------------- prefix builder
-
-    def _builder_loop(self):
-        """Keeps the [system prompt + memory] KV prefix warm, on a low-priority stream of its own:
-        answers (LLM worker) and frames (frame worker) run alongside a rebuild and go first on the GPU."""
-        with torch.inference_mode(), self._worker_stream(priority=0):
-            while True:
-                with self._llm_cv:
-                    while not self._stopping and (wait := self._refresh_wait()) != 0:
-                        self._llm_cv.wait(wait)
-                    if self._stopping:
-                        return
-                    pub, self._prefix_wanted = self._published, False
-                self._build_prefix(pub)
-
-    def _refresh_wait(self) -> Optional[float]:
-        """Seconds until a prefix rebuild is due (0: now; None: not needed)."""
-        pub = self._published
-        if not self.config.prefix_cache or pub.snapshot.frames_seen == 0:
-            return None
-        p = self._prefix
-        if (
-            p is not None
-            and p.source.epoch == pub.epoch
-            and p.source.snapshot.version >= pub.snapshot.version
-        ):
-            return None  # current
-        if self._prefix_wanted or p is None or p.source.epoch != pub.epoch:
-            return 0.0
-        if self._refresh_failed is pub:
-            return None
-        max_lag = self.config.max_prefix_lag_s
-        if max_lag > 0 and pub.snapshot.last_stamp - p.source.snapshot.last_stamp >= max_lag - p.build_s:
-            return 0.0  # a rebuild started now lands about when the prefix would pass the bound
-        return max(0.0, p.built_at + self.config.prefix_refresh_s - time.monotonic())
-
-    def _build_prefix(self, pub: _Published):
-        """Prefill the memory of `pub`, then swap it in; the old prefix serves answers until then."""
-        t0 = time.perf_counter()
-        self._build_running = True
-        try:
-            prefix, error = self._prefill(pub), None
-        except Exception as e:  # noqa: BLE001 - a failed build must not kill the builder
-            prefix, error = None, e
-            self._record_error("prefix refresh", e)
-        with self._llm_cv:
-            self._build_running = False
-            if prefix is None and error is None:  # shutting down
-                return
-            self._build_attempts += 1
-            if error is not None:
-                self._refresh_failed, self._build_error = pub, (self._build_attempts, error)
-            else:
-                self._prefix = _Prefix(pub, prefix, time.monotonic(), time.perf_counter() - t0)
-                self._build_error = None
-            self._llm_cv.notify_all()
-        if prefix is not None:
-            with self._lock:
-                self._counters.last_prefill_s = time.perf_counter() - t0
-
-    def _prefill(self, pub: _Published):
-        """The model's MemoryPrefix of `pub`, one chunk at a time (None if the engine stops meanwhile)."""
-        chunk = self.config.prefill_chunk_tokens or None
-        steps = self.lm.prefill_steps(pub.snapshot, self.config.system_prompt, chunk)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                self._sync()
-                return done.value
-            self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
-            with self._llm_cv:  # frames and answers share the GPU with at most one chunk
-                self._llm_cv.wait_for(
-                    lambda: self._stopping or self._awaited or not (self._answering or self._encoding),
-                    _BUILDER_YIELD_S,
-                )
-                if self._stopping:
-                    return None
-
-    def _usable_prefix(self, pub: _Published) -> Optional[_Prefix]:
-        """The cached prefix if it is of this stream and built from `pub` or a newer memory, or (with
-        max_prefix_lag_s > 0) from one at most that much stream time older."""
-        p, max_lag = self._prefix, self.config.max_prefix_lag_s
-        if p is None or p.source.epoch != pub.epoch:
-            return None
-        src = p.source.snapshot
-        if src.version >= pub.snapshot.version:
-            return p
-        return p if max_lag > 0 and pub.snapshot.last_stamp - src.last_stamp <= max_lag else None
-
-    def _prefix_for(self, pub: _Published, req: _Request) -> tuple[_Prefix, bool]:
-        """(prefix, True) if the cached one is usable for `pub`, or, with max_prefix_lag_s > 0, lags it
-        further while a rebuild is running (a question does not wait for a rebuild under way: answers
-        lag at most max_prefix_lag_s plus one rebuild); else wait for the builder's next prefix."""
-        with self._llm_cv:
-            p = self._usable_prefix(pub)
-            if p is not None:
-                return p, True
-            p = self._prefix
-            if (
-                self.config.max_prefix_lag_s > 0
-                and self._build_running
-                and p is not None
-                and p.source.epoch == pub.epoch
-            ):
-                self._prefix_wanted = True  # and the next rebuild follows at once
-                return p, True
-            attempts = self._build_attempts
-            self._awaited = True
-            try:
-                while True:
-                    self._prefix_wanted = True
-                    self._llm_cv.notify_all()
-                    self._llm_cv.wait(0.05)
-                    p = self._usable_prefix(pub)
-                    if p is not None:
-                        return p, False
-                    if self._stopping or req.cancelled or (req.preemptible and self._requests):
-                        raise _Cancelled
-                    if self._build_error is not None and self._build_error[0] > attempts:
-                        raise self._build_error[1]
-            finally:
-                self._awaited = False
 
     def _serve(self, req: _Request):
         try:
@@ -778,11 +678,16 @@ class StreamEngine:
                 req.on_token(piece)
 
         if self.config.prefix_cache:
-            prefix, hit = self._prefix_for(pub, req)
+            got = self._prefixes.get(
+                pub, lambda: req.cancelled or self._stopping or (req.preemptible and bool(self._requests))
+            )
+            if got is None:
+                raise _Cancelled
+            prefix, hit = got
             pub = prefix.source
             snap = pub.snapshot
             t_gen = time.perf_counter()
-            with self._generating():
+            with self._prefixes.gpu_busy("answer"):
                 gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token)
         else:
             hit = False
@@ -806,18 +711,6 @@ class StreamEngine:
             frames_per_slot=fps,
         )
 
-    @contextlib.contextmanager
-    def _generating(self):
-        """Marks an answer in progress: the prefix builder waits between its chunks meanwhile."""
-        with self._llm_cv:
-            self._answering = True
-        try:
-            yield
-        finally:
-            with self._llm_cv:
-                self._answering = False
-                self._llm_cv.notify_all()
-
     def _no_video_answer(self, req: _Request) -> Answer:
         """Without frames the LLM is not run: an answer about unseen video would be invented."""
         text = self.config.no_video_answer
@@ -835,7 +728,8 @@ class StreamEngine:
             self._reset_stream_state()
             self._counters.reset_frames()
             self._memory.reset()
-            self._published = _Published(self._memory.snapshot(), self._epoch)
+            self._published = Published(self._memory.snapshot(), self._epoch)
+        self._prefixes.memory_changed()
         with self._llm_cv:
             self._llm_cv.notify_all()
 
@@ -886,7 +780,8 @@ class StreamEngine:
             self._counters.reset_frames(state["counters"])
             snap = memory.snapshot()
             first = state.get("first_stamp", snap.first_stamp) if snap.frames_seen else None
-            self._published = _Published(snap, self._epoch, first)
+            self._published = Published(snap, self._epoch, first)
+        self._prefixes.memory_changed()
         with self._llm_cv:
             self._llm_cv.notify_all()
 
@@ -895,10 +790,11 @@ class StreamEngine:
         return self._published.snapshot
 
     def stats(self) -> EngineStats:
-        pub, p = self._published, self._prefix
+        pub, p = self._published, self._prefixes.current
         with self._lock:
             c = asdict(self._counters)
             queue_depth, frame_hw = len(self._queue), self._frame_hw
+        c["last_prefill_s"] = self._prefixes.last_build_s
         mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         return EngineStats(
             running=self._started and not self._stopping,
