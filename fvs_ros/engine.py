@@ -335,7 +335,7 @@ class StreamEngine:
             self._llm_cv.notify_all()
         self._prefixes.wake()
         for _, _, req in pending:
-            self._fail(req, EngineError("engine shut down before answering"))
+            self._finish(req, error=EngineError("engine shut down before answering"))
         self._prefixes.stop()
         for t in self._threads:
             t.join()
@@ -500,18 +500,17 @@ class StreamEngine:
                 first = self._published.first_stamp if self._memory.frames_seen else batch[0][0][1]
                 snap = self._memory.update(feats.low, feats.full, stamps, feats.full_hw)
                 self._sync()
-                self._published = Published(snap, epoch, first)
+                with self._lock:  # memory and counters change together: reset() cannot come between
+                    c = self._counters
+                    c.frames_into_memory += len(batch) * fps
+                    c.last_update_time, c.last_update_s, c.last_batch_size = (
+                        time.time(),
+                        time.perf_counter() - t0,
+                        len(batch) * fps,
+                    )
+                    self._published = Published(snap, epoch, first)
         except Exception as e:  # noqa: BLE001 - a bad batch must not kill the worker
             self._record_error("frame worker", e)
-            return
-        with self._lock:
-            c = self._counters
-            c.frames_into_memory += len(batch) * fps
-            c.last_update_time, c.last_update_s, c.last_batch_size = (
-                time.time(),
-                time.perf_counter() - t0,
-                len(batch) * fps,
-            )
 
     # ----------------------------------------------------------------- questions
 
@@ -578,10 +577,13 @@ class StreamEngine:
             self._llm_cv.notify_all()
         self._prefixes.wake()  # a summary waiting for a prefix gives way to this request
         if not req.done.wait(timeout):
-            req.cancelled = True
-            with self._lock:
-                self._counters.questions_timed_out += 1
-            raise AnswerTimeout(f"no answer within {timeout:.3g} s; the request was cancelled")
+            with self._lock:  # against _finish: a request ends once, answered/failed or timed out
+                req.cancelled = req.answer is None and req.error is None
+                if req.cancelled:
+                    self._counters.questions_timed_out += 1
+            if req.cancelled:
+                self._prefixes.wake()  # a wait for a prefix on its behalf ends
+                raise AnswerTimeout(f"no answer within {timeout:.3g} s; the request was cancelled")
         if req.error is not None:
             raise req.error
         return req.answer
@@ -625,23 +627,31 @@ class StreamEngine:
         try:
             answer = self._generate(req)
         except _Cancelled:  # the asker timed out (nobody reads this) or the engine is stopping
-            self._fail(
-                req, EngineError("engine shut down before answering" if self._stopping else "cancelled")
-            )
+            self._finish(req, error=EngineError("engine shut down before answering"))
             return
         except Exception as e:  # noqa: BLE001
             self._record_error("answer", e)
-            with self._lock:
-                self._counters.questions_failed += 1
-            self._fail(req, EngineError(f"the model failed to answer: {type(e).__name__}: {e}"), cause=e)
+            error = EngineError(f"the model failed to answer: {type(e).__name__}: {e}")
+            error.__cause__ = e
+            self._finish(req, error=error)
             return
         finally:
             self._sync()
+        self._finish(req, answer=answer)
+
+    def _finish(self, req: _Request, answer: Optional[Answer] = None, error: Optional[EngineError] = None):
+        """End a request once: nothing if its asker already timed out (counted there), else hand over
+        the answer or the error and count it (a shutdown's error counts nowhere)."""
         with self._lock:
+            if req.cancelled:
+                return
             c = self._counters
-            c.questions_answered += 1
-            c.last_ttft_s, c.last_answer_s = answer.ttft_s, answer.total_s
-        req.answer = answer
+            if answer is not None:
+                c.questions_answered += 1
+                c.last_ttft_s, c.last_answer_s = answer.ttft_s, answer.total_s
+            elif error.__cause__ is not None:
+                c.questions_failed += 1
+            req.answer, req.error = answer, error
         req.done.set()
 
     def _auto_summary(self):
@@ -822,12 +832,6 @@ class StreamEngine:
             log.debug(message)
         else:
             log.error(message, exc_info=exc)
-
-    @staticmethod
-    def _fail(req: _Request, error: EngineError, cause: Optional[BaseException] = None):
-        error.__cause__ = cause
-        req.error = error
-        req.done.set()
 
     def _worker_stream(self, priority: int = 0):
         """On CUDA each worker issues its kernels on its own stream so their work overlaps.
