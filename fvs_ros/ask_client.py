@@ -47,7 +47,11 @@ def format_response(question: str, r: Ask.Response) -> str:
     if not r.success:
         return f"Q: {question}\nerror: {r.error}\n(total {r.total_time_s:.3f} s)"
     first, last = _stamp(r.first_frame_stamp), _stamp(r.last_frame_stamp)
-    span = f"stream {first:.2f}-{last:.2f} s ({last - first:.1f} s)" if r.frames_seen else "no video yet"
+    span = (
+        f"stream {first:.2f}-{last:.2f} s ({last - first:.1f} s) memory_lag={r.memory_lag_s:.2f} s"
+        if r.frames_seen
+        else "no video yet"
+    )
     return (
         f"Q: {question}\nA: {r.answer}\n"
         f"frames_seen={r.frames_seen} frames_in_memory={r.frames_in_memory} {span}\n"

@@ -121,6 +121,10 @@ class Answer:
     num_tokens: int
     from_cache: bool = False  # True when a prefix built before the question was used
     frames_per_slot: int = 2  # the slot layout that ran (EngineConfig.frames_per_slot)
+    # Stamp of the newest frame the engine had received when the question arrived minus the
+    # newest stamp in the memory the answer used (>= 0; None: memory empty). How old the answer's
+    # view of the stream is: sampling, encoding, prefix rebuild and waiting all count.
+    memory_lag_s: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,7 @@ class _Request:
     error: Optional[BaseException] = None
     cancelled: bool = False
     preemptible: bool = False  # automatic summaries give way to any queued request
+    received_stamp: Optional[float] = None  # newest frame stamp received when the request arrived
 
 
 class StreamEngine:
@@ -569,7 +574,7 @@ class StreamEngine:
         timeout = self.config.answer_timeout_s if timeout is None else timeout
         if not timeout > 0:
             raise QuestionError(f"timeout must be > 0 seconds, got {timeout}")
-        req = _Request(prompt, max_new_tokens, on_token)
+        req = _Request(prompt, max_new_tokens, on_token, received_stamp=self._received_stamp())
         with self._llm_cv:
             if not self._started or self._stopping:
                 raise EngineError("engine is not running (call start(); engines stop at shutdown())")
@@ -657,7 +662,13 @@ class StreamEngine:
     def _auto_summary(self):
         pub = self._published
         self._summarized, self._last_summary_t = pub, time.monotonic()
-        req = _Request(self.config.summary_prompt, self.config.summary_max_new_tokens, None, preemptible=True)
+        req = _Request(
+            self.config.summary_prompt,
+            self.config.summary_max_new_tokens,
+            None,
+            preemptible=True,
+            received_stamp=self._received_stamp(),
+        )
         try:
             answer = self._generate(req)
         except _Cancelled:  # a question arrived: it goes first, the summary is redone afterwards
@@ -719,7 +730,20 @@ class StreamEngine:
             num_tokens=len(gen.token_ids),
             from_cache=hit,
             frames_per_slot=fps,
+            memory_lag_s=self._memory_lag(req, snap),
         )
+
+    def _received_stamp(self) -> Optional[float]:
+        with self._lock:
+            return self._last_stamp
+
+    @staticmethod
+    def _memory_lag(req: _Request, snap: MemorySnapshot) -> Optional[float]:
+        if snap.last_stamp is None or snap.frames_seen == 0:
+            return None
+        if req.received_stamp is None:  # every frame in memory arrived after the question
+            return 0.0
+        return max(0.0, req.received_stamp - float(snap.last_stamp))
 
     def _no_video_answer(self, req: _Request) -> Answer:
         """Without frames the LLM is not run: an answer about unseen video would be invented."""

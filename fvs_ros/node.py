@@ -361,6 +361,7 @@ class FvsNode(LifecycleNode):
             frames_dropped=self._engine.stats().frames_dropped,
             first_frame_stamp=_time_msg(answer.first_stamp),
             last_frame_stamp=_time_msg(answer.last_stamp),
+            memory_lag_s=_lag(answer),
             generation_time_s=answer.total_s,
         )
         msg.header.stamp, msg.header.frame_id = msg.last_frame_stamp, self._frame_id
@@ -447,8 +448,14 @@ def _fill_answer(response: Ask.Response, answer: Answer):
     response.frames_seen, response.frames_in_memory = answer.frames_seen, answer.frames_in_memory
     response.first_frame_stamp = _time_msg(answer.first_stamp)
     response.last_frame_stamp = _time_msg(answer.last_stamp)
+    response.memory_lag_s = _lag(answer)
     response.time_to_first_token_s = answer.ttft_s
     response.num_tokens = answer.num_tokens
+
+
+def _lag(answer: Answer) -> float:
+    """Answer.memory_lag_s for the interface: -1 when the memory was empty."""
+    return -1.0 if answer.memory_lag_s is None else answer.memory_lag_s
 
 
 def _seconds(stamp: Time) -> float:

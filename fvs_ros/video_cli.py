@@ -67,6 +67,7 @@ def format_answer(t: float, question: str, a: Answer) -> str:
         f"              frames_seen={a.frames_seen} in_memory={a.frames_in_memory} {span} "
         f"ttft={a.ttft_s * 1e3:.1f} ms total={a.total_s * 1e3:.1f} ms tokens={a.num_tokens} "
         f"prefix_cache={'hit' if a.from_cache else 'miss'} frames_per_slot={a.frames_per_slot}"
+        + ("" if a.memory_lag_s is None else f" memory_lag={a.memory_lag_s:.2f} s")
     )
 
 

@@ -325,6 +325,7 @@ class _Asker:
                 "frames_in_memory": int(r.frames_in_memory),
                 "first_stamp": _time_s(r.first_frame_stamp) if seen else None,
                 "last_stamp": _time_s(r.last_frame_stamp) if seen else None,
+                "memory_lag_s": float(r.memory_lag_s) if seen else None,
             }
         )
         if not r.success:

@@ -65,6 +65,7 @@ def summarize(rows: list[dict], issues: list[dict], frames: dict, timing: Option
         "latency_s": {
             "ttft": stats(r.get("ttft_s") for r in answered),
             "total": stats(r.get("total_s") for r in answered),
+            "memory_lag": stats(r.get("memory_lag_s") for r in answered),
             **(
                 {"round_trip": stats(r.get("round_trip_s") for r in answered)}
                 if any(r.get("round_trip_s") is not None for r in answered)
@@ -210,8 +211,9 @@ def render_markdown(report: dict, plot_name: Optional[str] = None) -> str:
         "",
         "## Questions",
         "",
-        "| id | t (s) | status | frames seen | ttft (ms) | total (ms) | score | answer | reference |",
-        "|---|---:|---|---:|---:|---:|---:|---|---|",
+        "| id | t (s) | status | frames seen | memory lag (s) | ttft (ms) | total (ms) | score | answer "
+        "| reference |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in report["questions"]:
         ref = r.get("reference")
@@ -220,7 +222,7 @@ def render_markdown(report: dict, plot_name: Optional[str] = None) -> str:
         status = r["status"] if r["status"] == "answered" else f"{r['status']}: {_cell(r.get('error'), 60)}"
         lines.append(
             f"| {_cell(r['id'], 30)} | {_f(r.get('time'), 2)} | {status} | {_f(r.get('frames_seen'))} | "
-            f"{_ms(r.get('ttft_s'))} | {_ms(r.get('total_s'))} | {_f(r.get('score'), 2)} | "
+            f"{_f(r.get('memory_lag_s'), 2)} | {_ms(r.get('ttft_s'))} | {_ms(r.get('total_s'))} | {_f(r.get('score'), 2)} | "
             f"{_cell(r.get('answer'))} | {_cell(ref, 40)} |"
         )
     if report["input_errors"]:
