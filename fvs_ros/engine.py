@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fvs_ros.memory import FlashMemory, MemoryConfig, MemorySnapshot
+from fvs_ros.model.prompt import DEFAULT_SYSTEM_PROMPT
 from fvs_ros.prefix_cache import MemoryPrefix, PrefixCache, PrefixModel, Published
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class EngineConfig:
     max_new_tokens: int = 128  # default answer length
     max_new_tokens_limit: int = 1024  # largest max_new_tokens a caller may ask for
     answer_timeout_s: float = 30.0  # default ask() timeout
-    system_prompt: str = "You are a helpful assistant."
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
     summary_prompt: str = "Describe briefly what is happening in the video."
     summary_max_new_tokens: int = 64
     summary_period_s: float = 0.0  # wall seconds between automatic summaries (to on_summary); 0: off

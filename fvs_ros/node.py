@@ -37,8 +37,8 @@ from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
 from fvs_ros import params
-from fvs_ros.engine import Answer, EngineConfig, EngineError, FrameError, QuestionError, open_engine
-from fvs_ros.memory import MemoryConfig
+from fvs_ros.config import engine_config, memory_config
+from fvs_ros.engine import Answer, EngineError, FrameError, QuestionError, open_engine
 from fvs_ros.model import ModelLoadError
 from fvs_ros.msg import SceneSummary
 from fvs_ros.ros_image import MalformedImage, UnsupportedEncoding, compressed_to_rgb, image_to_rgb
@@ -100,22 +100,7 @@ class FvsNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             p = params.read(self)
-            memory = MemoryConfig(csm_slots=p["csm_slots"], dam_frames=p["dam_frames"])
-            config = EngineConfig(
-                sample_fps=p["memory_fps"],
-                frames_per_slot=p["frames_per_slot"],
-                queue_size=p["queue_size"],
-                max_question_chars=p["max_question_chars"],
-                max_new_tokens=p["max_new_tokens"],
-                max_new_tokens_limit=max(p["max_new_tokens"], p["summary_max_new_tokens"]),
-                answer_timeout_s=p["default_timeout_s"],
-                system_prompt=p["system_prompt"],
-                summary_prompt=p["summary_prompt"],
-                summary_max_new_tokens=p["summary_max_new_tokens"],
-                summary_period_s=p["summary_period_s"],
-                prefix_refresh_s=p["prefix_refresh_s"],
-                max_prefix_lag_s=p["max_prefix_lag_s"],
-            )
+            memory, config = memory_config(p), engine_config(p)
         except ValueError as e:
             self.get_logger().error(f"configure failed: {e}")
             return FAILURE

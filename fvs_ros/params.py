@@ -18,7 +18,8 @@ from typing import Optional
 import yaml
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 
-PACKAGE = "fvs_ros"
+from fvs_ros.config import defaults_file
+
 CONFIGURE, ACTIVATE = "configure", "activate"
 
 _TYPES = {
@@ -162,16 +163,6 @@ SPECS = {
     "summary_max_new_tokens": Spec(int, CONFIGURE, "Scene summary length limit.", range=(1, 4096)),
     "diagnostics_period_s": Spec(float, CONFIGURE, "Period of the /diagnostics status.", range=(0.1, 60.0)),
 }
-
-
-def defaults_file() -> Path:
-    """config/fvs.yaml beside this code (source checkout), else the installed share/fvs_ros copy."""
-    source = Path(__file__).resolve().parents[1] / "config" / "fvs.yaml"
-    if source.is_file():
-        return source
-    from ament_index_python.packages import get_package_share_directory
-
-    return Path(get_package_share_directory(PACKAGE)) / "config" / "fvs.yaml"
 
 
 def load_defaults(path: Optional[Path] = None) -> dict:

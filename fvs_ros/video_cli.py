@@ -22,8 +22,8 @@ from typing import Iterator, Optional
 import cv2
 import numpy as np
 
+from fvs_ros.config import engine_config, memory_config
 from fvs_ros.engine import Answer, EngineConfig, EngineError, StreamEngine
-from fvs_ros.memory import MemoryConfig
 from fvs_ros.model import ModelLoadError, load_model
 from fvs_ros.model.video_lm import DTYPE_NAMES
 
@@ -167,19 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    config = EngineConfig(
-        sample_fps=args.sample_fps,
-        frames_per_slot=args.frames_per_slot,
+    config = engine_config(
+        {
+            "memory_fps": args.sample_fps,
+            "frames_per_slot": args.frames_per_slot,
+            "max_new_tokens": args.max_new_tokens,
+        },
         answer_timeout_s=args.timeout,
-        max_new_tokens_limit=max(args.max_new_tokens, EngineConfig.max_new_tokens_limit),
     )
     try:
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sizes = {"csm_slots": args.csm_slots, "dam_frames": args.dam_frames}
-    memory = MemoryConfig(**{**lm.memory_defaults, **{k: v for k, v in sizes.items() if v is not None}})
+    memory = memory_config({"csm_slots": args.csm_slots, "dam_frames": args.dam_frames}, lm.memory_defaults)
     out = _Printer(args.json)
     print(
         f"memory: slots of {config.frames_per_slot} frame(s), {memory.csm_slots} CSM slots, "

@@ -34,32 +34,26 @@ EPS = 1e-6
 # ----------------------------------------------------------------------------- offline engine
 
 
-def _node_defaults(params_file: Optional[str]) -> dict:
+def _node_params(params_file: Optional[str]) -> dict:
     """The node's parameters (config/fvs.yaml, then --params FILE) so offline runs match the node."""
-    import yaml
+    from fvs_ros.config import defaults_file, read_params_file
 
-    values: dict = {}
     try:
-        from fvs_ros.params import defaults_file
-
-        values.update(yaml.safe_load(Path(defaults_file()).read_text())["/**"]["ros__parameters"])
-    except Exception:  # noqa: BLE001 - no ROS / no installed config: CLI values and built-in defaults
-        pass
-    if params_file:
-        doc = yaml.safe_load(Path(params_file).read_text()) or {}
-        for section in doc.values():
-            if isinstance(section, dict) and "ros__parameters" in section:
-                values.update(section["ros__parameters"])
+        values = read_params_file(defaults_file())
+        if params_file:
+            values.update(read_params_file(params_file))
+    except ValueError as e:
+        raise SystemExit(f"evaluate: error: {e}") from None
     return values
 
 
 def make_engine(args) -> tuple[object, dict]:
     """Load the model and start an engine set up like the node (offline mode)."""
-    from fvs_ros.engine import EngineConfig, StreamEngine
-    from fvs_ros.memory import MemoryConfig
+    from fvs_ros.config import engine_config, memory_config
+    from fvs_ros.engine import StreamEngine
     from fvs_ros.model import load_model, resolve_device_dtype
 
-    p = _node_defaults(args.params)
+    p = _node_params(args.params)
     for key, value in (
         ("model", args.model),
         ("device", args.device),
@@ -77,21 +71,17 @@ def make_engine(args) -> tuple[object, dict]:
     if not p.get("model"):
         raise SystemExit("evaluate: error: offline mode needs --model (checkpoint directory or hub id)")
     device, dtype = resolve_device_dtype(p.get("device", "auto"), p.get("dtype", "auto"))
-    memory = MemoryConfig(**{k: int(p[k]) for k in ("csm_slots", "dam_frames") if k in p})
-    max_new = int(p.get("max_new_tokens", 128))
-    config = EngineConfig(
-        sample_fps=float(p.get("memory_fps", 1.0)),
-        frames_per_slot=int(p.get("frames_per_slot", EngineConfig.frames_per_slot)),
-        queue_size=int(p.get("queue_size", 32)),
-        max_question_chars=int(p.get("max_question_chars", 2000)),
-        max_new_tokens=max_new,
-        max_new_tokens_limit=max(max_new, 1024),
-        answer_timeout_s=float(args.ask_timeout),
-        system_prompt=str(p.get("system_prompt", "You are a helpful assistant.")),
-        summary_period_s=0.0,
-        prefix_cache=not args.no_prefix_cache,
-        max_prefix_lag_s=0.0,
-    )
+    try:
+        memory = memory_config(p)
+        config = engine_config(
+            p,
+            answer_timeout_s=float(args.ask_timeout),
+            summary_period_s=0.0,
+            prefix_cache=not args.no_prefix_cache,
+            max_prefix_lag_s=0.0,  # each question sees exactly the frames up to its time
+        )
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"evaluate: error: parameters: {e}") from None
     t0 = time.perf_counter()
     lm = load_model(p["model"], dtype=dtype, device=device)
     engine = StreamEngine(lm, memory, config).start()
@@ -104,7 +94,7 @@ def make_engine(args) -> tuple[object, dict]:
         "csm_slots": memory.csm_slots,
         "dam_frames": memory.dam_frames,
         "queue_size": config.queue_size,
-        "max_new_tokens": max_new,
+        "max_new_tokens": config.max_new_tokens,
         "system_prompt": config.system_prompt,
         "prefix_cache": config.prefix_cache,
         "batch": args.batch,

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # the one default (config/fvs.yaml repeats it)
 VIDEO_PAD = "<|video_pad|>"
 VISION_END = "<|vision_end|>"
 _SYSTEM = "FVS_SYSTEM_SENTINEL"

@@ -34,9 +34,8 @@ from .fast_decode import FastDecoder
 from .fast_vision import FastVision
 from .positions import TRAINED_SLOTS, memory_positions, time_to_position
 from .preprocess import MAX_PIXELS, MIN_PIXELS, SlotPatches, frame_size, resize_frames, slot_patches
-from .prompt import ChatFormat, chat_format
+from .prompt import DEFAULT_SYSTEM_PROMPT, ChatFormat, chat_format
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_MAX_NEW_TOKENS = 128
 
 TokenCallback = Callable[[str], None]
