@@ -83,6 +83,9 @@ class EngineConfig:
     prefix_refresh_s: float = 0.5  # background prefix rebuild at most this often (wall seconds)
     max_prefix_lag_s: float = 0.0  # stream time a question's prefix may lag the newest memory (0: exact)
     prefill_chunk_tokens: int = 256  # background rebuilds run in chunks of this many tokens; 0: one pass
+    # A rebuild pauses between chunks while frames or an answer have the GPU, for at most this long in
+    # all; then it shares the GPU, so it lands within its own time plus this (inf: pauses unbounded).
+    prefix_yield_budget_s: float = 0.2
     no_video_answer: str = "No video frames have been received yet, so I cannot answer about the video."
 
     def __post_init__(self):
@@ -99,7 +102,13 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.answer_timeout_s > 0:
             raise ValueError(f"EngineConfig.answer_timeout_s must be > 0, got {self.answer_timeout_s}")
-        for name in ("summary_period_s", "prefix_refresh_s", "max_prefix_lag_s", "prefill_chunk_tokens"):
+        for name in (
+            "summary_period_s",
+            "prefix_refresh_s",
+            "max_prefix_lag_s",
+            "prefill_chunk_tokens",
+            "prefix_yield_budget_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_new_tokens > self.max_new_tokens_limit:
@@ -291,6 +300,7 @@ class StreamEngine:
             refresh_s=self.config.prefix_refresh_s,
             max_lag_s=self.config.max_prefix_lag_s,
             chunk_tokens=self.config.prefill_chunk_tokens,
+            yield_budget_s=self.config.prefix_yield_budget_s,
             stream=lambda: self._worker_stream(priority=0),
             sync=self._sync,
             on_error=self._record_error,

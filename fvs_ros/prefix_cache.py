@@ -21,8 +21,10 @@ from fvs_ros.memory import MemorySnapshot
 
 log = logging.getLogger(__name__)
 
-# Between chunks the builder pauses while a frame batch or an answer has the GPU, but never
-# longer than this: a rebuild makes progress under a frame flood or back-to-back questions.
+# Between chunks the builder pauses while a frame batch or an answer has the GPU, at most this
+# long each time, and at most yield_budget_s in all per rebuild: after that it shares the GPU (its
+# stream's lower priority still puts frame and decode kernels first), so the prefix keeps
+# advancing under back-to-back questions or a frame burst (no starvation).
 _YIELD_S = 0.1
 
 
@@ -78,6 +80,7 @@ class PrefixCache:
         refresh_s: float,
         max_lag_s: float,
         chunk_tokens: int,
+        yield_budget_s: float = float("inf"),
         stream: Callable[[], ContextManager],
         sync: Callable[[], None],
         on_error: Callable[[str, BaseException], None],
@@ -85,10 +88,12 @@ class PrefixCache:
         self.lm, self._latest = lm, latest
         self.system_prompt = system_prompt
         self.refresh_s, self.max_lag_s, self.chunk_tokens = refresh_s, max_lag_s, chunk_tokens
+        self.yield_budget_s = yield_budget_s
         self._stream, self._sync, self._on_error = stream, sync, on_error
         self._cv = threading.Condition()
         self._prefix: Optional[Prefix] = None  # written by the builder thread, under _cv
         self._building: Optional[Published] = None  # the memory being prefilled (set with the decision)
+        self._started_at = -float("inf")  # time.monotonic() when the last build started
         self._wanted = False  # a question wants a prefix: the next build starts at once
         self._waiting: Optional[Published] = None  # the memory a question waits for (no pausing then)
         self._answering = self._encoding = 0  # answers / frame batches on the GPU now
@@ -143,10 +148,11 @@ class PrefixCache:
         stopped while waiting (callers wake() the cache when abandon() may have changed).
 
         Served at once: a prefix of this stream built from `pub` or newer, or one at most
-        max_lag_s of stream time older; with max_lag_s > 0 also any prefix of the stream while a
-        rebuild is under way (answers then lag by at most max_lag_s plus one bounded rebuild).
-        Otherwise the question waits: the builder starts at once and does not pause. A failed
-        build raises its error to the waiter.
+        max_lag_s of stream time older, or (a rebuild under way lands soon) 2 x max_lag_s older.
+        Otherwise the question waits: the builder starts at once, does not pause, and drops a
+        build that would not serve this question. So no answer rests on a prefix more than
+        2 x max_lag_s behind the memory of its question (a burst of frames cannot leave answers
+        minutes behind). A failed build raises its error to the waiter.
         """
         with self._cv:
             p = self._usable(pub)
@@ -154,10 +160,9 @@ class PrefixCache:
                 return p, True
             p = self._prefix
             if (
-                self.max_lag_s > 0
-                and self._building is not None
+                self._building is not None
                 and p is not None
-                and p.source.epoch == pub.epoch
+                and self._serves(p.source, pub, 2 * self.max_lag_s)
             ):
                 self._wanted = True  # and the next rebuild follows this one at once
                 return p, True
@@ -180,14 +185,16 @@ class PrefixCache:
 
     def _usable(self, pub: Published) -> Optional[Prefix]:
         p = self._prefix
-        if p is None or p.source.epoch != pub.epoch:
-            return None
-        src = p.source.snapshot
-        if src.version >= pub.snapshot.version:
-            return p
-        return (
-            p if self.max_lag_s > 0 and pub.snapshot.last_stamp - src.last_stamp <= self.max_lag_s else None
-        )
+        return p if p is not None and self._serves(p.source, pub, self.max_lag_s) else None
+
+    def _serves(self, source: Published, pub: Published, bound: float) -> bool:
+        """A prefix built from `source` may answer a question on `pub`: same stream, and as new or at
+        most `bound` stream seconds older (with max_lag_s > 0)."""
+        if source.epoch != pub.epoch:
+            return False
+        if source.snapshot.version >= pub.snapshot.version:
+            return True
+        return self.max_lag_s > 0 and pub.snapshot.last_stamp - source.snapshot.last_stamp <= bound
 
     # ----------------------------------------------------------------- builder
 
@@ -204,6 +211,7 @@ class PrefixCache:
                     # The decision and the mark that a build runs are one step under _cv: a question
                     # in between would otherwise wait for the whole build.
                     self._building, self._wanted = pub, False
+                    self._started_at = time.monotonic()
                 self._build(pub)
 
     def _due(self) -> Optional[float]:
@@ -227,7 +235,7 @@ class PrefixCache:
             and pub.snapshot.last_stamp - p.source.snapshot.last_stamp >= self.max_lag_s - p.build_s
         ):
             return 0.0  # a rebuild started now lands about when the prefix would pass the bound
-        return max(0.0, p.built_at + self.refresh_s - time.monotonic())
+        return max(0.0, self._started_at + self.refresh_s - time.monotonic())  # start to start
 
     def _build(self, pub: Published):
         """Prefill the memory of `pub`, then swap it in; the old prefix serves answers until then."""
@@ -239,7 +247,7 @@ class PrefixCache:
             self._on_error("prefix refresh", e)
         with self._cv:
             self._building = None
-            if prefix is None and error is None:  # stopping
+            if prefix is None and error is None:  # stopping, or dropped for a newer memory
                 self._cv.notify_all()
                 return
             self._attempts += 1
@@ -252,8 +260,9 @@ class PrefixCache:
             self._cv.notify_all()
 
     def _prefill(self, pub: Published) -> Optional[MemoryPrefix]:
-        """The model's prefix of `pub`, one chunk at a time; None if the cache stops meanwhile."""
+        """The model's prefix of `pub`, one chunk at a time; None if stopped or obsolete meanwhile."""
         steps = self.lm.prefill_steps(pub.snapshot, self.system_prompt, self.chunk_tokens or None)
+        budget = self.yield_budget_s
         while True:
             try:
                 next(steps)
@@ -262,11 +271,20 @@ class PrefixCache:
                 return done.value
             self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
             with self._cv:  # frames and answers share the GPU with at most one chunk
+                t = time.monotonic()
                 self._cv.wait_for(
                     lambda: (
                         self._stopping or self._waiting is not None or not (self._answering or self._encoding)
                     ),
-                    _YIELD_S,
+                    min(_YIELD_S, budget),
                 )
-                if self._stopping:
+                budget = max(0.0, budget - (time.monotonic() - t))
+                if self._stopping or self._obsolete(pub):
                     return None
+
+    def _obsolete(self, pub: Published) -> bool:
+        """A reset/load made `pub` another stream's, or a question waits that its prefix would not serve."""
+        w = self._waiting
+        if self._latest().epoch != pub.epoch:
+            return True
+        return w is not None and not self._serves(pub, w, self.max_lag_s)

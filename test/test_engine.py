@@ -211,8 +211,9 @@ def test_questions_are_answered_while_the_prefix_is_rebuilt(lm, make_engine):
     assert b.from_cache and b.frames_seen == 8
 
 
-def test_a_lagging_prefix_answers_at_once_while_the_builder_catches_up(lm, make_engine):
-    """Past max_prefix_lag_s a question still does not wait: the old prefix answers, the new one follows."""
+def test_a_question_never_rests_on_a_prefix_far_behind_its_memory(lm, make_engine):
+    """Past 2 x max_prefix_lag_s (a burst of frames) a question waits for a prefix of its memory,
+    built at once (long before prefix_refresh_s), instead of answering from minutes-old memory."""
     slow = Proxy(lm, chunk_delay=0.05)
     eng = make_engine(
         slow, EngineConfig(sample_fps=0, prefix_refresh_s=5.0, max_prefix_lag_s=0.05, prefill_chunk_tokens=16)
@@ -220,12 +221,10 @@ def test_a_lagging_prefix_answers_at_once_while_the_builder_catches_up(lm, make_
     feed(eng, 6)
     eng.flush()
     wait_for(lambda: eng.stats().prefix_current)
-    feed(eng, 4, t0=1.0)  # memory moves 1.3 s of stream ahead of the prefix
+    feed(eng, 4, t0=1.0)  # memory moves 0.8 s of stream ahead of the prefix
     eng.flush()
-    t = time.perf_counter()
-    assert eng.ask(Q, max_new_tokens=2).frames_seen == 6 and time.perf_counter() - t < 0.3
-    wait_for(lambda: eng.stats().prefix_current)  # rebuilt well before prefix_refresh_s
-    assert eng.ask(Q, max_new_tokens=2).frames_seen == 10
+    a = eng.ask(Q, max_new_tokens=2)
+    assert a.frames_seen == 10 and not a.from_cache
 
 
 def test_an_exact_question_waits_for_the_rebuild(lm, make_engine):

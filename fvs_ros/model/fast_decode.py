@@ -61,7 +61,7 @@ import inspect
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -405,31 +405,34 @@ class FastDecoder:
         embeds: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,
-        last: torch.Tensor,
-        plen: torch.Tensor,
-    ) -> torch.Tensor:
+        last: torch.Tensor | None,
+        plen: torch.Tensor | None,
+        kv: _StaticKV | None = None,
+    ) -> torch.Tensor | None:
         """[1, q, hidden] embeds at position ids [3, 1, q] written to cache `slots` [q]
         -> logits [vocab] of row `last`.
 
         plen [1]: prefix length P (slots [0, P) hold the prefix; the new rows attend all of it).
+        kv: another static cache than the answers' (a prefix build); last None: no logits (returns None).
         Only device ops: safe to capture. Call inside _static_attention().
         """
         q_len = embeds.shape[1]
-        kv = self._kv
+        kv = kv or self._kv
+        capacity = kv.keys[0].shape[0]
         kv.slots = slots
-        if self.attention == "flash" and self.splits and 1 < q_len <= max(self.buckets):
-            ctx = self._split_context(plen, slots[-1:] + 1, q_len, self.capacity)
+        if self.attention == "flash" and self.splits and plen is not None and 1 < q_len <= max(self.buckets):
+            ctx = self._split_context(plen, slots[-1:] + 1, q_len, capacity)
         elif self.attention == "flash":
             zero = torch.zeros(1, dtype=torch.int32, device=self.device)
             ctx = _AttnContext(
                 flash=True,
                 cu_q=torch.arange(0, 2 * q_len, q_len, dtype=torch.int32, device=self.device),  # [0, q]
                 cu_k=torch.cat([zero, (slots[-1:] + 1).to(torch.int32)]),
-                max_k=self.capacity,
+                max_k=capacity,
                 flash_kwargs=self._flash_kwargs,
             )
         else:
-            keys = torch.arange(self.capacity, device=self.device)
+            keys = torch.arange(capacity, device=self.device)
             mask = keys[None, :] <= slots[:, None]  # [q, capacity]
             groups = self.heads // self.kv_heads
             ctx = _AttnContext(flash=False, mask=mask.repeat(groups, 1)[None, None])
@@ -448,6 +451,8 @@ class FastDecoder:
             )
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
+        if last is None:
+            return None
         hidden = self.llm.norm(hidden.index_select(1, last))
         return self.lm_head(hidden)[0, 0]
 
@@ -535,6 +540,43 @@ class FastDecoder:
             k_buf[:prefix_len].copy_(keys[0].transpose(0, 1))
             v_buf[:prefix_len].copy_(values[0].transpose(0, 1))
         self._prefix_ref, self._prefix_len = prefix_kv, prefix_len
+
+    # ------------------------------------------------------------------ prefix prefill
+
+    def prefill_steps(
+        self, embeds: torch.Tensor, positions: torch.Tensor, chunk_tokens: int | None = None
+    ) -> Generator[None, None, tuple[tuple[torch.Tensor, torch.Tensor], ...]]:
+        """A memory prefix [1, P, hidden] at positions [3, 1, P] through a static cache of its own.
+
+        Each chunk runs the decoder layers with this module's attention (FlashAttention-2 varlen,
+        causal over the chunk and all before it, on CUDA; SDPA with a mask on CPU) into fresh
+        zeroed [P, kv_heads, head_dim] buffers (masked slots must not hold NaN garbage): the
+        answers' cache is never touched and a prefix in service stays valid. A generator like
+        VideoLM.prefill_steps: each next() queues one chunk; the return value is the KV as
+        MemoryPrefix.kv (per layer (keys, values) [1, kv_heads, P, head_dim], views of the
+        buffers). Safe beside generate() on another thread: eager forwards take module_lock.
+        """
+        total = int(embeds.shape[1])
+        shape = (total, self.kv_heads, self.head_dim)
+        with torch.inference_mode():
+            kv = _StaticKV(
+                [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
+                [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
+            )
+        step = chunk_tokens or total
+        for start in range(0, total, step):
+            end = min(start + step, total)
+            with torch.inference_mode(), self._static_attention():
+                slots = torch.arange(start, end, device=self.device)
+                self._forward(
+                    embeds[:, start:end].to(self.dtype), positions[:, :, start:end], slots, None, None, kv
+                )
+            if end < total:
+                yield
+        return tuple(
+            (k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0))
+            for k, v in zip(kv.keys, kv.values)
+        )
 
     # ------------------------------------------------------------------ generation
 
