@@ -82,7 +82,7 @@ class EngineConfig:
     prefix_cache: bool = True  # False: every answer prefills [system + memory + question] from scratch
     prefix_refresh_s: float = 0.5  # background prefix rebuild at most this often (wall seconds)
     max_prefix_lag_s: float = 0.0  # stream time a question's prefix may lag the newest memory (0: exact)
-    prefill_chunk_tokens: int = 256  # background rebuilds run in chunks of this many tokens; 0: one pass
+    prefill_chunk_tokens: int = 1024  # background rebuilds run in chunks of this many tokens; 0: one pass
     # A rebuild pauses between chunks while frames or an answer have the GPU, for at most this long in
     # all; then it shares the GPU, so it lands within its own time plus this (inf: pauses unbounded).
     prefix_yield_budget_s: float = 0.2

@@ -115,6 +115,10 @@ class VideoLM:
         # Static-cache / CUDA-graph decoding for answer(); None = the eager loop below.
         self.fast = FastDecoder(self.llm, self.lm_head) if fast_decode else None
         self.static_prefill = True  # prefix prefills through self.fast (False: eager, the reference)
+        # transformers 5.17 names the LLM's cache argument past_key_values, later 5.x cache
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(type(self.llm).forward).parameters else "past_key_values"
+        )
         # Eager LLM forwards that may run beside a FastDecoder answer on another thread take this
         # lock: the FastDecoder switches the layers' attention while it runs eagerly or captures.
         self._llm_lock = self.fast.module_lock if self.fast is not None else contextlib.nullcontext()
@@ -298,7 +302,7 @@ class VideoLM:
                 self.llm(
                     inputs_embeds=embeds[:, start : start + step],
                     position_ids=positions[:, :, start : start + step],
-                    cache=cache,
+                    **{self._cache_kw: cache},
                     use_cache=True,
                 )
             if start + step < total:
@@ -395,7 +399,7 @@ class VideoLM:
         the last."""
         with self._llm_lock:
             hidden = self.llm(
-                inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True
+                inputs_embeds=embeds, position_ids=positions, use_cache=True, **{self._cache_kw: cache}
             ).last_hidden_state
         return self.lm_head(hidden[0, -1]).float()
 
