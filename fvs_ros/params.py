@@ -148,7 +148,8 @@ SPECS = {
         float,
         CONFIGURE,
         "Keep the cached prefix within this many stream seconds of the "
-        "newest memory; questions do not wait for a rebuild under way; "
+        "newest memory; a question within it (twice it while a rebuild runs) "
+        "does not wait, else it waits for a prefix of its memory; "
         "0 = every question waits for a prefix of the newest memory.",
         range=(0.0, 3600.0),
     ),
