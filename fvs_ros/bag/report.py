@@ -222,7 +222,8 @@ def render_markdown(report: dict, plot_name: Optional[str] = None) -> str:
         status = r["status"] if r["status"] == "answered" else f"{r['status']}: {_cell(r.get('error'), 60)}"
         lines.append(
             f"| {_cell(r['id'], 30)} | {_f(r.get('time'), 2)} | {status} | {_f(r.get('frames_seen'))} | "
-            f"{_f(r.get('memory_lag_s'), 2)} | {_ms(r.get('ttft_s'))} | {_ms(r.get('total_s'))} | {_f(r.get('score'), 2)} | "
+            f"{_f(r.get('memory_lag_s'), 2)} | {_ms(r.get('ttft_s'))} | {_ms(r.get('total_s'))} | "
+            f"{_f(r.get('score'), 2)} | "
             f"{_cell(r.get('answer'))} | {_cell(ref, 40)} |"
         )
     if report["input_errors"]:

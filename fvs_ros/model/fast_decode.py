@@ -575,7 +575,7 @@ class FastDecoder:
                 yield
         return tuple(
             (k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0))
-            for k, v in zip(kv.keys, kv.values)
+            for k, v in zip(kv.keys, kv.values, strict=True)
         )
 
     # ------------------------------------------------------------------ generation
