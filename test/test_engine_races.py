@@ -58,7 +58,7 @@ def test_a_question_during_a_just_decided_rebuild_does_not_wait(lm, engines):
     (its prefix past max_prefix_lag_s but within twice that) is answered from the old prefix at
     once. Before the fix the 'build running' mark was set outside the lock, after the decision,
     and such a question waited for the whole rebuild."""
-    eng = start(lm, engines, max_prefix_lag_s=2.0, prefix_refresh_s=3600.0)
+    eng = start(lm, engines, max_prefix_lag_s=2.0, prefix_refresh_s=0.0)
     feed(eng, 6)
     assert eng.flush(LONG)
     wait_for(lambda: eng.stats().prefix_current)

@@ -31,7 +31,7 @@ def answer_fields(a) -> dict:
         "total_s": float(a.total_s),
         "num_tokens": int(a.num_tokens),
         "from_cache": bool(getattr(a, "from_cache", False)),
-        "memory_lag_s": a.memory_lag_s,
+        "memory_lag_s": getattr(a, "memory_lag_s", None),
     }
 
 
