@@ -1207,7 +1207,10 @@ def main(argv=None):
     ap.add_argument("--ask-reps", type=int, default=30, help="questions per checkpoint (ours; baseline: 4)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this")
     ap.add_argument(
-        "--fresh-s", type=float, default=30.0, help="freshness: seconds of questions per scenario"
+        "--fresh-s",
+        type=float,
+        default=None,
+        help="freshness: seconds of questions per scenario (30; --tiny: 3)",
     )
     ap.add_argument("--fresh-variants", default="old,new", help="freshness: old (eager prefill) and/or new")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -1220,6 +1223,7 @@ def main(argv=None):
     )
     args.splits = ints(args.splits)
     args.fresh_variants = [v for v in args.fresh_variants.split(",") if v]
+    args.fresh_s = args.fresh_s if args.fresh_s is not None else (3.0 if args.tiny else 30.0)
     DEADLINE[0] = time.monotonic() + args.budget_s
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
