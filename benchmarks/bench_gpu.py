@@ -1020,13 +1020,13 @@ def fresh_scenario(lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds
         p, max_new_tokens=16, answer_timeout_s=120.0, max_prefix_lag_s=max_lag, prefix_yield_budget_s=budget_s
     )
     mem = memory_config(p, {"csm_slots": 4, "dam_frames": 2} if tiny else {})
-    slot_s = 1.0 / cfg.sample_fps
+    slot_s = cfg.frames_per_slot / cfg.sample_fps  # stream seconds per memory slot
     eng = StreamEngine(lm, mem, cfg).start()
     stop, updates, catch = threading.Event(), {}, {}
     newest = [0.0]
     try:
         for i in range(150):  # the burst: as fast as the GPU absorbs (queue kept one batch deep)
-            while eng.stats().queue_depth >= cfg.max_batch:
+            while eng.stats().queue_depth >= max(1, cfg.max_batch // cfg.frames_per_slot):  # slots
                 time.sleep(0.0005)
             eng.add_frame(frames[i % len(frames)], float(i))
             newest[0] = float(i)
@@ -1053,7 +1053,8 @@ def fresh_scenario(lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds
                 if st.last_update_time is not None:
                     updates.setdefault(st.last_update_time, st.last_update_s)
                 cur = eng._prefixes.current  # when the prefix first rests on memory within slot + 1 s
-                if "s" not in catch and cur is not None and cur.source.snapshot.frames_seen >= 150:
+                filled = cur is not None and cur.source.snapshot.frames_seen >= 150 // cfg.frames_per_slot
+                if "s" not in catch and filled:
                     if newest[0] - float(cur.source.snapshot.last_stamp) <= slot_s + 1.0:
                         catch["s"] = time.perf_counter() - t_burst
                 time.sleep(0.002)

@@ -165,7 +165,9 @@ def wait_for(cond):
 
 def test_an_exact_question_drops_a_rebuild_of_older_memory(lm, engines):
     gated = Gated(lm)
-    eng = start(gated, engines, sample_fps=0, prefill_chunk_tokens=16, prefix_refresh_s=0.0)
+    eng = start(
+        gated, engines, sample_fps=0, frames_per_slot=1, prefill_chunk_tokens=16, prefix_refresh_s=0.0
+    )
     feed(eng, [0.0, 0.1])
     assert eng.flush(LONG)
     wait_for(lambda: eng.stats().prefix_current)
@@ -188,7 +190,13 @@ def test_a_rebuild_finishes_while_an_answer_holds_the_gpu(lm, engines):
     """No starvation: the builder pauses for answers only within its yield budget."""
     gated = Gated(lm)
     eng = start(
-        gated, engines, sample_fps=0, prefill_chunk_tokens=16, max_prefix_lag_s=100.0, prefix_refresh_s=0.0
+        gated,
+        engines,
+        sample_fps=0,
+        frames_per_slot=1,  # one frame, one memory update
+        prefill_chunk_tokens=16,
+        max_prefix_lag_s=100.0,
+        prefix_refresh_s=0.0,
     )
     feed(eng, [0.0, 0.1])
     assert eng.flush(LONG)
