@@ -1,5 +1,8 @@
 """Image message -> RGB conversion for every supported encoding (pure functions, no DDS)."""
 
+import struct
+import zlib
+
 import cv2
 import numpy as np
 import pytest
@@ -68,23 +71,37 @@ def test_8bit_encodings(encoding, pixels, expected, step):
 
 
 @pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "mono8"])
-def test_numpy_path_matches_cv_bridge(encoding, monkeypatch):
-    """Dense 8-bit images go through cv_bridge; the numpy path must give the same pixels."""
-    if ros_image._bridge is None:
-        pytest.skip("cv_bridge is not importable here")
+def test_matches_cv_bridge_where_cv_bridge_is_right(encoding):
+    """Dense little-endian 8-bit images: the same pixels as cv_bridge (an independent reference)."""
+    cv_bridge = pytest.importorskip("cv_bridge")
     pixels = {"rgb8": RGB, "bgr8": RGB, "mono8": RGB[..., 0]}.get(encoding, np.dstack([RGB, RGB[..., 0]]))
     msg = make_image(encoding, np.ascontiguousarray(pixels))
-    bridged = image_to_rgb(msg)
-    monkeypatch.setattr(ros_image, "_bridge", None)
-    np.testing.assert_array_equal(image_to_rgb(msg), bridged)
+    np.testing.assert_array_equal(image_to_rgb(msg), cv_bridge.CvBridge().imgmsg_to_cv2(msg, "rgb8"))
 
 
+@pytest.mark.parametrize(
+    "encoding,pixels,expected",
+    [
+        ("rgb8", RGB, RGB),
+        ("bgr8", RGB[..., ::-1], RGB),
+        ("mono8", RGB[..., 0], np.repeat(RGB[..., :1], 3, axis=2)),
+        ("8UC3", RGB[..., ::-1], RGB),  # OpenCV's type: BGR
+        ("8UC1", RGB[..., 0], np.repeat(RGB[..., :1], 3, axis=2)),
+    ],
+)
+def test_big_endian_flag_does_not_matter_for_8_bit(encoding, pixels, expected):
+    """is_bigendian: 1 on 8-bit images (cv_bridge under NumPy 2 raises on it) converts as usual."""
+    out = image_to_rgb(make_image(encoding, np.ascontiguousarray(pixels), bigendian=True))
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("encoding", ["mono16", "16UC1"])
 @pytest.mark.parametrize("bigendian", [False, True])
 @pytest.mark.parametrize("step", [None, 20])
-def test_mono16_scales_full_range_to_8_bit(bigendian, step):
+def test_mono16_scales_full_range_to_8_bit(encoding, bigendian, step):
     values = np.array([[0, 257, 32896, 65535], [128, 255, 65280, 1000]], np.uint16)
     pixels = values.astype(">u2" if bigendian else "<u2")
-    out = image_to_rgb(make_image("mono16", pixels, step=step, bigendian=bigendian))
+    out = image_to_rgb(make_image(encoding, pixels, step=step, bigendian=bigendian))
     expected = np.round(values / 257.0).astype(np.uint8)
     np.testing.assert_array_equal(out[..., 0], expected)
     assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
@@ -154,7 +171,7 @@ def test_truncated_jpeg_is_malformed_or_decodes_partially():
         pass
 
 
-@pytest.mark.parametrize("encoding", ["32FC1", "16UC1", "bayer_rggb8", "rgb16", "foo"])
+@pytest.mark.parametrize("encoding", ["32FC1", "8SC1", "rgb16", "foo"])
 def test_unsupported_encodings(encoding):
     msg = Image(encoding=encoding, height=2, width=2, step=8)
     msg.data = bytes(16)
@@ -191,3 +208,84 @@ def test_longer_data_than_needed_is_accepted():
     msg = make_image("rgb8", RGB)
     msg.data = bytes(msg.data) + bytes(10)
     np.testing.assert_array_equal(image_to_rgb(msg), RGB)
+
+
+COLOUR = (200, 90, 30)  # R, G, B
+
+
+def bayer_mosaic(pattern, h=8, w=8, dtype=np.uint8, scale=1):
+    """A solid-colour image as a Bayer sensor of `pattern` (first row's two, second row's two) sees it."""
+    value = dict(zip("rgb", COLOUR, strict=True))
+    cell = np.array([[value[pattern[0]], value[pattern[1]]], [value[pattern[2]], value[pattern[3]]]])
+    return (np.tile(cell, (h // 2, w // 2)) * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("pattern", ["rggb", "bggr", "gbrg", "grbg"])
+@pytest.mark.parametrize("bits", [8, 16])
+def test_bayer_patterns_demosaic_to_the_right_colours(pattern, bits):
+    if bits == 8:
+        mosaic = bayer_mosaic(pattern)
+    else:
+        mosaic = bayer_mosaic(pattern, dtype=np.uint16, scale=257).astype(">u2")
+    out = image_to_rgb(make_image(f"bayer_{pattern}{bits}", mosaic, bigendian=bits == 16))
+    assert out.shape == (8, 8, 3)
+    np.testing.assert_array_equal(out[2:-2, 2:-2], np.broadcast_to(COLOUR, (4, 4, 3)))
+
+
+def png_header(width, height):
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def test_png_declaring_a_huge_image_is_refused_before_decoding():
+    """69 bytes declaring 40000x40000: refused from the header (decoding would need 4.8 GB)."""
+    msg = CompressedImage(format="png")
+    msg.data = png_header(40000, 40000) + bytes(36)
+    with pytest.raises(MalformedImage, match="40000x40000 is over the size limit"):
+        compressed_to_rgb(msg)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_real_images_over_the_limit_are_refused_by_their_header(ext):
+    msg = CompressedImage(format=ext[1:])
+    msg.data = cv2.imencode(ext, np.zeros((30, 40, 3), np.uint8))[1].tobytes()
+    with pytest.raises(MalformedImage, match="40x30 is over the size limit of 1000 pixels"):
+        compressed_to_rgb(msg, max_pixels=1000)
+    assert compressed_to_rgb(msg, max_pixels=1200).shape == (30, 40, 3)
+
+
+def test_jpeg_size_is_read_past_other_segments():
+    """EXIF/APP segments and fill bytes before the frame header; progressive JPEG (SOF2)."""
+    jpeg = cv2.imencode(".jpg", np.zeros((17, 23, 3), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[
+        1
+    ].tobytes()
+    app1 = b"\xff\xe1" + struct.pack(">H", 10) + b"Exif\x00\x00\x00\x00"
+    data = jpeg[:2] + b"\xff" + app1 + jpeg[2:]
+    assert ros_image.compressed_size(np.frombuffer(data, np.uint8)) == (23, 17)
+    msg = CompressedImage(format="jpeg")
+    msg.data = data
+    assert compressed_to_rgb(msg).shape == (17, 23, 3)
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (b"GIF89a" + bytes(30), "neither JPEG nor PNG"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(8), "IHDR"),
+        (b"\xff\xd8\xff\xda" + bytes(40), "without a frame header"),
+        (b"\xff\xd8\xff\xe0\x00\x01" + bytes(40), "segment length"),
+        (b"\xff\xd8" + bytes(40), "marker expected"),
+        (png_header(4, 4) + bytes(20), "does not decode"),
+    ],
+)
+def test_broken_compressed_headers_are_malformed(data, match):
+    msg = CompressedImage(format="png")
+    msg.data = data
+    with pytest.raises(MalformedImage, match=match):
+        compressed_to_rgb(msg)
+
+
+def test_raw_images_over_the_limit_are_refused():
+    with pytest.raises(MalformedImage, match="over the size limit"):
+        image_to_rgb(make_image("rgb8", RGB), max_pixels=47)
