@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-import json
 import logging
 import math
 import sys
@@ -26,14 +25,16 @@ import cv2
 import numpy as np
 import torch
 
-from fvs_ros.memory import FlashMemory, MemoryConfig, MemorySnapshot
+from fvs_ros.memory import FlashMemory, MemoryConfig, MemoryFileError, MemorySnapshot
 from fvs_ros.model.prompt import DEFAULT_SYSTEM_PROMPT
+from fvs_ros.persistence import SavedStateError, read_saved, write_saved
 from fvs_ros.prefix_cache import MemoryPrefix, PrefixCache, PrefixModel, Published
 
 log = logging.getLogger(__name__)
 
 TokenCallback = Callable[[str], None]
 
+_SAVE_FORMAT = 2  # engine.json: 2 names its memory file (fvs_ros.persistence); 1: memory.pt beside it
 _QUESTION, _SUMMARY = 0, 1  # request priorities: lower is served first
 # Three workers share the GIL. One waking from a GPU wait (a decode step, a ViT batch) takes it back
 # within this time, instead of CPython's default 5 ms, while another launches a prefill chunk.
@@ -71,6 +72,7 @@ class EngineConfig:
     queue_size: int = 32  # sampled frames waiting for the ViT, whole slots; the oldest slot is dropped
     max_batch: int = 16  # frames encoded per ViT call (whatever is queued, whole slots, at least one)
     max_frame_side: int = 8192  # larger frames are rejected (FrameError)
+    max_stamp_backstep_s: float = 1.0  # older stamps by up to this: out of order, rejected; more: a jump back
     max_question_chars: int = 2000
     max_new_tokens: int = 128  # default answer length
     max_new_tokens_limit: int = 1024  # largest max_new_tokens a caller may ask for
@@ -108,6 +110,7 @@ class EngineConfig:
             "max_prefix_lag_s",
             "prefill_chunk_tokens",
             "prefix_yield_budget_s",
+            "max_stamp_backstep_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -148,7 +151,9 @@ class EngineStats:
     frames_dropped: int  # picked, then pushed out of the full queue (whole slots)
     frames_into_memory: int  # encoded and added to memory
     queue_depth: int  # slots waiting for the ViT
-    frame_size: Optional[tuple[int, int]]  # (H, W) ViT input size (lm.frame_size of the first frame)
+    frame_size: Optional[tuple[int, int]]  # (H, W) ViT input size every frame is resized to (see add_frame)
+    frame_size_changes: int  # frames whose size differed from the previous frame's
+    stamp_jumps: int  # jumps back in stamps the stream clock continued across (see add_frame)
     memory_version: int
     frames_seen: int  # frames in the current memory snapshot (its slots x frames_per_slot)
     last_update_time: Optional[float]  # time.time() of the last memory update
@@ -174,6 +179,8 @@ class _Counters:
     frames_skipped: int = 0
     frames_dropped: int = 0
     frames_into_memory: int = 0
+    frame_size_changes: int = 0
+    stamp_jumps: int = 0
     last_update_time: Optional[float] = None
     last_update_s: Optional[float] = None
     last_batch_size: int = 0
@@ -192,6 +199,8 @@ class _Counters:
         "frames_skipped",
         "frames_dropped",
         "frames_into_memory",
+        "frame_size_changes",
+        "stamp_jumps",
         "last_update_time",
         "last_update_s",
         "last_batch_size",
@@ -201,10 +210,24 @@ class _Counters:
         return {k: getattr(self, k) for k in self._FRAME_FIELDS}
 
     def reset_frames(self, state: Optional[dict] = None):
-        """Zero the frame counters, or set them from a saved frame_state()."""
-        state = state or _Counters().frame_state()
+        """Zero the frame counters, or set them from a saved frame_state() (missing ones: zero)."""
+        state = {**_Counters().frame_state(), **(state or {})}
         for k in self._FRAME_FIELDS:
             setattr(self, k, state[k])
+
+    @classmethod
+    def check_saved(cls, state) -> dict:
+        """A saved frame_state() checked field by field; ValueError names the first bad one."""
+        if not isinstance(state, dict):
+            raise ValueError(f"counters must be an object, got {type(state).__name__}")
+        for k, v in state.items():
+            if k not in cls._FRAME_FIELDS:
+                raise ValueError(f"unknown counter {k!r}")
+            if k in ("last_update_time", "last_update_s"):
+                _check_number(f"counters.{k}", v, optional=True)
+            elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"counters.{k} must be an integer >= 0, got {v!r}")
+        return state
 
 
 class Generation(Protocol):
@@ -279,8 +302,9 @@ class StreamEngine:
         self.config = config or EngineConfig()
         self.device = torch.device(getattr(lm, "device", "cpu"))
         self.on_summary = on_summary
-        memory_config = memory_config or MemoryConfig(**getattr(lm, "memory_defaults", {}))
-        self._memory = FlashMemory(memory_config, device=self.device)
+        self._memory_config = memory_config or MemoryConfig(**getattr(lm, "memory_defaults", {}))
+        self._memory = FlashMemory(self._memory_config, device=self.device)
+        self._save_lock = threading.Lock()  # one save at a time (they write the same directory)
         self._mem_lock = threading.Lock()  # memory object: update / reset / save / load
         self._lock = threading.Lock()  # frame queue, sampling state, counters
         self._frames_cv = threading.Condition(self._lock)  # frame worker waits for frames
@@ -308,6 +332,7 @@ class StreamEngine:
         self._summarized: Optional[Published] = None
         self._last_summary_t = time.monotonic()
         self._reset_stream_state()
+        self._size_logged_at = -math.inf  # time.monotonic() of the last frame-size-change log line
         self._busy = False
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = False
@@ -322,6 +347,7 @@ class StreamEngine:
             self._started = True
         if self.device.type == "cuda":  # process-wide: see _GIL_SWITCH_S
             sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_S))
+        self._check_context()
         memory = self._memory.config
         with self._worker_stream(priority=-1):  # graphs captured here keep the workers' high priority
             self.lm.warm_up(
@@ -339,6 +365,23 @@ class StreamEngine:
         if self.config.prefix_cache:
             self._prefixes.start()
         return self
+
+    def _check_context(self):
+        """ValueError when the system prompt, a full memory, a question of max_question_chars (one token
+        per character at most, about) and the longest answer cannot fit the model's context."""
+        budget = getattr(self.lm, "context_budget", None)
+        if budget is None:
+            return
+        m, c = self._memory_config, self.config
+        head, context = budget(c.system_prompt, m.csm_slots, m.dam_frames)
+        need = head + c.max_question_chars + c.max_new_tokens_limit
+        if need > context:
+            raise ValueError(
+                f"the prompt does not fit the model's context of {context} tokens: system prompt and a "
+                f"full memory ({m.csm_slots} CSM + {m.dam_frames} DAM slots) take {head} tokens, a question "
+                f"up to {c.max_question_chars} and an answer up to {c.max_new_tokens_limit}: {need}; "
+                "shorten system_prompt or lower csm_slots / dam_frames / max_question_chars"
+            )
 
     def shutdown(self):
         """Stop the workers, fail pending requests, wait for in-flight GPU work. Idempotent."""
@@ -374,25 +417,32 @@ class StreamEngine:
         queued when complete (until then its first frame waits, and questions see the memory up
         to the last complete slot). Never blocks: a full queue drops its oldest slot. Raises
         FrameError on bad input.
+
+        Stamps: one older than the previous frame's by at most max_stamp_backstep_s is out of order
+        (FrameError); an older one is a jump back of the source's clock (a replay restarting, a
+        camera clock reset): the stream clock carries on from the previous frame and later frames
+        keep their spacing (stamp_jumps, logged). Sizes: the model's size rule (lm.frame_size:
+        multiples of 56 within its pixel budget) applied to the first frame gives the stream's
+        input size, and every frame is resized straight to it, whatever its own size (memory holds
+        one input size until reset); a size change is counted and logged.
         """
         try:
-            stamp = self._check_frame(frame, stamp)
+            frame_stamp = self._check_frame(frame, stamp)
         except FrameError:
             with self._lock:
                 self._counters.frames_rejected += 1
             raise
         with self._lock:
-            if self._stopping:
-                raise EngineError("engine is shut down")
-            self._check_stamp(stamp)
-            if self._frame_hw is None:
-                self._fix_frame_size(frame.shape[0], frame.shape[1])
+            t = self._admit(frame_stamp)
+            self._follow_size(frame.shape[0], frame.shape[1])
+            self._commit_stamp(frame_stamp, t)
             self._counters.frames_in += 1
-            self._last_stamp = stamp
-            if not self._sampled(stamp):
+            if not self._due(t):
                 self._counters.frames_skipped += 1
                 return False
-            self._slot.append((frame.copy(), stamp))
+            self._advance(t)
+            fitted = _fit(frame, self._frame_hw)
+            self._slot.append((frame.copy() if fitted is frame else fitted, t))
             if len(self._slot) == self.config.frames_per_slot:
                 if len(self._queue) == self._queue.maxlen:
                     self._counters.frames_dropped += len(self._queue[0])
@@ -400,6 +450,26 @@ class StreamEngine:
                 self._slot = []
                 self._frames_cv.notify()
         return True
+
+    def offer(self, stamp: float) -> bool:
+        """Whether add_frame() would take a frame stamped `stamp` into memory: decided before the
+        caller pays for decoding it. A frame the sampling rate skips is counted here (received,
+        skipped; its stamp advances the stream) and needs no add_frame(); for a frame it would take
+        nothing changes until add_frame(). Raises FrameError for a bad or out-of-order stamp."""
+        try:
+            frame_stamp = _check_stamp_value(stamp)
+        except FrameError:
+            with self._lock:
+                self._counters.frames_rejected += 1
+            raise
+        with self._lock:
+            t = self._admit(frame_stamp)
+            if self._due(t):
+                return True
+            self._commit_stamp(frame_stamp, t)
+            self._counters.frames_in += 1
+            self._counters.frames_skipped += 1
+        return False
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until every queued slot is in memory (offline replay, tests). False on timeout.
@@ -422,53 +492,93 @@ class StreamEngine:
             raise FrameError(f"frame is empty: {frame.shape}")
         if max(h, w) > self.config.max_frame_side:
             raise FrameError(f"frame {h}x{w} exceeds max_frame_side={self.config.max_frame_side}")
-        try:
-            stamp = float(stamp)
-        except (TypeError, ValueError):
-            raise FrameError(f"stamp must be a number of seconds, got {stamp!r}") from None
-        if not math.isfinite(stamp):
-            raise FrameError(f"stamp must be finite, got {stamp}")
-        return stamp
+        return _check_stamp_value(stamp)
 
-    def _check_stamp(self, stamp: float):
-        if self._last_stamp is not None and stamp < self._last_stamp:
+    def _admit(self, stamp: float) -> float:
+        """Stream time of a frame stamped `stamp` (nothing changes yet); FrameError if out of order."""
+        if self._stopping:
+            raise EngineError("engine is shut down")
+        t, last = stamp + self._stamp_offset, self._last_stamp
+        if last is None or t >= last:
+            return t
+        if last - t <= self.config.max_stamp_backstep_s:
             self._counters.frames_rejected += 1
             raise FrameError(
-                f"stamp {stamp:.3f} s is older than the previous frame's "
-                f"{self._last_stamp:.3f} s; call reset() when the stream restarts"
+                f"stamp {stamp:.3f} s is older than the previous frame's {last - self._stamp_offset:.3f} s "
+                f"(out of order); a jump back of more than {self.config.max_stamp_backstep_s:g} s "
+                f"continues the stream"
             )
+        return last  # a jump back: the stream clock carries on from the previous frame
 
-    def _sampled(self, stamp: float) -> bool:
-        """Memory sampling by stream time: keep a frame when the next sampling instant is reached."""
-        fps = self.config.sample_fps
-        if fps <= 0:
-            return True
-        period = 1.0 / fps
-        if self._next_due is not None and stamp < self._next_due - 1e-6:
-            return False
-        # Step on the sampling grid so jittered stamps do not drift; a gap restarts the grid.
-        due = (stamp if self._next_due is None else self._next_due) + period
-        self._next_due = due if due > stamp else stamp + period
-        return True
+    def _commit_stamp(self, stamp: float, t: float):
+        """The stream is now at `t` (from _admit for `stamp`)."""
+        if t != stamp + self._stamp_offset:
+            self._counters.stamp_jumps += 1
+            log.warning(
+                "frame stamps jumped back by %.3f s (from %.3f to %.3f s): the stream clock carries on "
+                "from %.3f s, later frames keep their spacing",
+                t - self._stamp_offset - stamp,
+                t - self._stamp_offset,
+                stamp,
+                t,
+            )
+            self._stamp_offset = t - stamp
+        self._last_stamp = t
 
-    def _fix_frame_size(self, h: int, w: int):
-        """The first frame fixes the stream's size; the model resizes (h, w) to its grid lm.frame_size."""
+    def _due(self, t: float) -> bool:
+        """Memory sampling by stream time: a frame is taken when the next sampling instant is reached."""
+        return self.config.sample_fps <= 0 or self._next_due is None or t >= self._next_due - 1e-6
+
+    def _advance(self, t: float):
+        """Step on the sampling grid so jittered stamps do not drift; a gap restarts the grid."""
+        if self.config.sample_fps <= 0:
+            return
+        period = 1.0 / self.config.sample_fps
+        due = (t if self._next_due is None else self._next_due) + period
+        self._next_due = due if due > t else t + period
+
+    def _follow_size(self, h: int, w: int):
+        """Keep the stream's model input size (_frame_hw) for a frame of h x w; count and log changes."""
+        if (h, w) == self._source_hw:
+            return
         try:
-            self._frame_hw = tuple(int(v) for v in self.lm.frame_size(h, w))
+            size = tuple(int(v) for v in self.lm.frame_size(h, w))
         except Exception as e:
             self._counters.frames_rejected += 1
             raise FrameError(f"frame {h}x{w} cannot be used by the model: {e}") from e
+        old = self._source_hw
+        if self._frame_hw is None:
+            self._frame_hw = size
+        if old is not None:
+            self._counters.frame_size_changes += 1
+            now = time.monotonic()
+            if now - self._size_logged_at >= 5.0:  # a source alternating sizes: one line per 5 s
+                self._size_logged_at = now
+                log.warning(
+                    "frame size changed from %dx%d to %dx%d (%d changes so far): frames are resized to "
+                    "the stream's model input %dx%d%s",
+                    old[1],
+                    old[0],
+                    w,
+                    h,
+                    self._counters.frame_size_changes,
+                    self._frame_hw[1],
+                    self._frame_hw[0],
+                    ""
+                    if size == self._frame_hw
+                    else f" (the model's size for {w}x{h} would be "
+                    f"{size[1]}x{size[0]}; memory keeps one input size until reset)",
+                )
         self._source_hw = (h, w)
 
     def _reset_stream_state(self):
         self._queue.clear()
         self._slot: list = []  # sampled frames of the slot being filled: dropped by reset/load, not saved
-        self._last_stamp: Optional[float] = None
+        self._last_stamp: Optional[float] = None  # stream time of the newest frame
+        self._stamp_offset = 0.0  # stream time = frame stamp + this (changes at a jump back)
         self._next_due: Optional[float] = None
-        self._source_hw: Optional[tuple[int, int]] = (
-            None  # first frame's size; later frames are resized to it
-        )
-        self._frame_hw: Optional[tuple[int, int]] = None  # the ViT input size the model makes of it
+        self._source_hw: Optional[tuple[int, int]] = None  # the latest frame's size
+        self._frame_hw: Optional[tuple[int, int]] = None  # the model input size every frame is resized to
 
     # ----------------------------------------------------------------- frame worker
 
@@ -491,22 +601,24 @@ class StreamEngine:
             n = min(len(self._queue), max(1, self.config.max_batch // self.config.frames_per_slot))
             batch = [self._queue.popleft() for _ in range(n)]  # whole slots: pairs never split
             self._busy = True
-            return batch, self._epoch, self._source_hw
+            return batch, self._epoch
 
-    def _encode_batch(self, batch, epoch: int, source_hw: tuple[int, int]):
+    def _encode_batch(self, batch, epoch: int):
         try:
             with self._prefixes.gpu_busy("frames"):
-                self._encode_and_update(batch, epoch, source_hw)
+                self._encode_and_update(batch, epoch)
         finally:
             self._prefixes.memory_changed()
             with self._llm_cv:  # the LLM worker's summary looks at the new snapshot
                 self._llm_cv.notify_all()
 
-    def _encode_and_update(self, batch, epoch: int, source_hw: tuple[int, int]):
+    def _encode_and_update(self, batch, epoch: int):
         t0 = time.perf_counter()
         fps = self.config.frames_per_slot
         try:
-            frames = np.stack([_fit(f, source_hw) for slot in batch for f, _ in slot])
+            frames = np.stack(
+                [f for slot in batch for f, _ in slot]
+            )  # at the stream's input size (add_frame)
             # a slot's stamp is its last frame's: an answer's last_stamp is the newest frame it saw
             stamps = torch.tensor([slot[-1][1] for slot in batch], dtype=torch.float64)
             feats = self.lm.encode_frames(frames, fps)
@@ -592,7 +704,7 @@ class StreamEngine:
             heapq.heappush(self._requests, (priority, next(self._seq), req))
             self._llm_cv.notify_all()
         self._prefixes.wake()  # a summary waiting for a prefix gives way to this request
-        if not req.done.wait(timeout):
+        if not req.done.wait(min(timeout, threading.TIMEOUT_MAX)):
             with self._lock:  # against _finish: a request ends once, answered/failed or timed out
                 req.cancelled = req.answer is None and req.error is None
                 if req.cancelled:
@@ -767,68 +879,121 @@ class StreamEngine:
     # ----------------------------------------------------------------- state
 
     def reset(self):
-        """Forget the stream: empty memory and queue, sampling and frame size start over."""
+        """Forget the stream: empty memory (of the configured sizes) and queue; sampling, stamps and
+        frame size start over."""
         with self._mem_lock, self._lock:
             self._epoch += 1
             self._reset_stream_state()
             self._counters.reset_frames()
-            self._memory.reset()
+            if self._memory.config == self._memory_config:
+                self._memory.reset()
+            else:  # a restored memory of other sizes (see load) gives way to the configured ones
+                self._memory = FlashMemory(self._memory_config, device=self.device)
             self._published = Published(self._memory.snapshot(), self._epoch)
         self._prefixes.memory_changed()
         with self._llm_cv:
             self._llm_cv.notify_all()
 
-    def save(self, path) -> Path:
-        """Write memory (FlashMemory.save) and engine state to directory `path`.
+    def save(self, path, extra: Optional[dict] = None) -> Path:
+        """Write memory and stream state to directory `path`, crash-safe (fvs_ros.persistence: a
+        process killed during a save leaves the previous save or this one, never neither).
 
+        `extra`: JSON-able state of the caller saved alongside and returned by load(). The state is
+        copied under the engine's locks and written after them, so frames keep flowing meanwhile.
         Frames still queued are not in memory and are not saved; call flush() first to include them.
         A slot waiting for its second frame is not saved either (after load() the next sampled frame
         starts a new slot).
         """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        with self._mem_lock, self._lock:
-            self._memory.save(path / "memory.pt")
-            state = {
-                "format": 1,
-                "frames_per_slot": self.config.frames_per_slot,
-                "first_stamp": self._published.first_stamp,
-                "source_size": self._source_hw,
-                "frame_size": self._frame_hw,
-                "last_stamp": self._last_stamp,
-                "next_due": self._next_due,
-                "counters": self._counters.frame_state(),
-            }
-        (path / "engine.json").write_text(json.dumps(state, indent=1))
-        return path
+        with self._save_lock:
+            with self._mem_lock, self._lock:
+                memory = self._memory.state()
+                index = {
+                    "format": _SAVE_FORMAT,
+                    "frames_per_slot": self.config.frames_per_slot,
+                    "first_stamp": self._published.first_stamp,
+                    "source_size": self._source_hw,
+                    "frame_size": self._frame_hw,
+                    "last_stamp": self._last_stamp,
+                    "stamp_offset": self._stamp_offset,
+                    "next_due": self._next_due,
+                    "counters": self._counters.frame_state(),
+                    "extra": dict(extra or {}),
+                }
+            write_saved(Path(path), lambda f: torch.save(memory, f), index)
+        return Path(path)
 
-    def load(self, path):
-        """Replace memory and stream state with those saved by save(path); queued frames are dropped."""
-        path = Path(path)
-        if not (path / "engine.json").is_file() or not (path / "memory.pt").exists():
-            raise FileNotFoundError(f"no saved engine state in {path} (expected engine.json and memory.pt)")
-        state = json.loads((path / "engine.json").read_text())
-        saved_fps = state.get("frames_per_slot", 1)  # saved before slots had a layout: one frame each
-        if saved_fps != self.config.frames_per_slot:
-            raise ValueError(
-                f"{path} holds a memory of {saved_fps}-frame slots; this engine makes "
+    def load(self, path) -> dict:
+        """Replace memory and stream state with those of save(path); queued frames are dropped.
+
+        Returns the saved `extra`. Raises NothingSaved (a FileNotFoundError) when nothing was saved
+        at `path`, SavedStateError when what is there cannot be restored: unreadable, a field of the
+        wrong type or range, or a memory this model cannot continue (other feature size or input
+        size). A memory saved with other csm_slots / dam_frames is restored with its own sizes,
+        which stay until reset() (then the configured sizes apply); nothing is dropped.
+        """
+        index, memory_file = read_saved(Path(path))
+        try:
+            state = _checked_index(index)
+            memory = FlashMemory.load(memory_file, device=self.device)
+        except (ValueError, MemoryFileError) as e:
+            raise SavedStateError(f"cannot restore {path}: {e}") from e
+        if state["frames_per_slot"] != self.config.frames_per_slot:
+            raise SavedStateError(
+                f"{path} holds a memory of {state['frames_per_slot']}-frame slots; this engine makes "
                 f"{self.config.frames_per_slot}-frame slots (EngineConfig.frames_per_slot)"
             )
-        memory = FlashMemory.load(path / "memory.pt", device=self.device)
+        self._check_restorable(memory.snapshot(), state, path)
+        if memory.config != self._memory_config:
+            log.warning(
+                "restored memory has csm_slots=%d, dam_frames=%d (configured: %d, %d): it keeps its sizes "
+                "until reset",
+                memory.config.csm_slots,
+                memory.config.dam_frames,
+                self._memory_config.csm_slots,
+                self._memory_config.dam_frames,
+            )
         with self._mem_lock, self._lock:
             self._epoch += 1
             self._reset_stream_state()
             self._memory = memory
-            if state["source_size"]:
-                self._source_hw, self._frame_hw = tuple(state["source_size"]), tuple(state["frame_size"])
+            self._source_hw, self._frame_hw = state["source_size"], state["frame_size"]
             self._last_stamp, self._next_due = state["last_stamp"], state["next_due"]
+            self._stamp_offset = state["stamp_offset"]
             self._counters.reset_frames(state["counters"])
             snap = memory.snapshot()
-            first = state.get("first_stamp", snap.first_stamp) if snap.frames_seen else None
-            self._published = Published(snap, self._epoch, first)
+            first = state["first_stamp"] if state["first_stamp"] is not None else snap.first_stamp
+            self._published = Published(snap, self._epoch, first if snap.frames_seen else None)
         self._prefixes.memory_changed()
         with self._llm_cv:
             self._llm_cv.notify_all()
+        return state["extra"]
+
+    def _check_restorable(self, snap: MemorySnapshot, state: dict, path):
+        """SavedStateError unless this model can keep adding frames to the restored memory."""
+        size = state["frame_size"]
+        if snap.frames_seen and size is None:
+            raise SavedStateError(f"cannot restore {path}: a memory of frames without a frame_size")
+        if size is not None:
+            try:
+                model_size = tuple(int(v) for v in self.lm.frame_size(*size))
+            except Exception as e:  # noqa: BLE001 - the model's own reason
+                model_size = f"none ({e})"
+            if model_size != size:
+                raise SavedStateError(
+                    f"cannot restore {path}: its memory holds frames of input size {size[1]}x{size[0]}, "
+                    f"which this model resizes to {model_size} (another model or pixel budget)"
+                )
+        channels = getattr(self.lm, "feature_dim", None)
+        if snap.frames_seen and channels is not None and snap.csm_features.shape[-1] != channels:
+            raise SavedStateError(
+                f"cannot restore {path}: its memory holds {snap.csm_features.shape[-1]}-d features; "
+                f"this model makes {channels}-d ones"
+            )
+
+    @property
+    def memory_config(self) -> MemoryConfig:
+        """The sizes of the memory in use (a restored memory keeps its own until reset())."""
+        return self._memory.config
 
     def snapshot(self) -> MemorySnapshot:
         """The newest published memory snapshot (immutable)."""
@@ -904,12 +1069,69 @@ def open_engine(
 
 
 def _fit(frame: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Bring a frame to the stream's first-frame size (area filter when shrinking, cubic when enlarging)."""
+    """Bring a frame to the stream's model input size (area filter when shrinking, cubic when enlarging)."""
     h, w = hw
     if frame.shape[:2] == (h, w):
         return frame
     shrink = h * w < frame.shape[0] * frame.shape[1]
     return cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def _check_stamp_value(stamp) -> float:
+    try:
+        stamp = float(stamp)
+    except (TypeError, ValueError):
+        raise FrameError(f"stamp must be a number of seconds, got {stamp!r}") from None
+    if not math.isfinite(stamp):
+        raise FrameError(f"stamp must be finite, got {stamp}")
+    return stamp
+
+
+def _check_number(name: str, value, optional: bool = False):
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number{' or null' if optional else ''}, got {value!r}")
+
+
+def _check_size(name: str, value) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+    ):
+        raise ValueError(f"{name} must be null or [height, width] of positive integers, got {value!r}")
+    return tuple(value)
+
+
+def _checked_index(index: dict) -> dict:
+    """A saved engine.json checked field by field (ValueError names the field); defaults for fields
+    older formats lack."""
+    if index.get("format") not in (1, _SAVE_FORMAT):
+        raise ValueError(f"engine.json format {index.get('format')!r} is not one this fvs_ros reads")
+    state = {
+        "source_size": _check_size("source_size", index.get("source_size")),
+        "frame_size": _check_size("frame_size", index.get("frame_size")),
+        "stamp_offset": index.get("stamp_offset", 0.0),
+        "last_stamp": index.get("last_stamp"),
+        "next_due": index.get("next_due"),
+        "counters": _Counters.check_saved(index.get("counters", {})),
+        "frames_per_slot": index.get("frames_per_slot", 1),  # saved before slots had a layout: one frame
+        "first_stamp": index.get("first_stamp"),
+        "extra": index.get("extra", {}),
+    }
+    if (state["source_size"] is None) != (state["frame_size"] is None):
+        raise ValueError("source_size and frame_size must both be set or both null")
+    _check_number("stamp_offset", state["stamp_offset"])
+    if state["frames_per_slot"] not in (1, 2):
+        raise ValueError(f"frames_per_slot must be 1 or 2, got {state['frames_per_slot']!r}")
+    for name in ("last_stamp", "next_due", "first_stamp"):
+        _check_number(name, state[name], optional=True)
+    if not isinstance(state["extra"], dict):
+        raise ValueError(f"extra must be an object, got {state['extra']!r}")
+    return state
 
 
 def _opt_float(x) -> Optional[float]:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fvs_ros.cuda_graph import CaptureError
+from fvs_ros.persistence import atomic_write
 
 from . import csm, dam
 from .bank import FeatureBank
@@ -184,7 +185,12 @@ class FlashMemory:
             self._clear()
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the whole memory to `path` (atomically: a crash leaves any old file intact)."""
+        """Write the whole memory to `path` (temp name, fsync, rename: a crash leaves any old file intact)."""
+        state = self.state()
+        atomic_write(Path(path), lambda f: torch.save(state, f))
+
+    def state(self) -> dict[str, Any]:
+        """Everything save() writes, as CPU copies: what later updates do cannot change it."""
         with self._lock:
             state = {
                 "format": FORMAT,
@@ -198,14 +204,11 @@ class FlashMemory:
             }
             if self._clusters is not None:
                 state["clusters"] = {
-                    name: getattr(self._clusters, name).cpu() for name in Clusters.__dataclass_fields__
+                    name: _cpu_copy(getattr(self._clusters, name)) for name in Clusters.__dataclass_fields__
                 }
-                state["reference"] = self._reference.cpu()
-                state["bank"] = self._bank.state_dict()
-            path = Path(path)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+                state["reference"] = _cpu_copy(self._reference)
+                state["bank"] = {k: _cpu_copy(v) for k, v in self._bank.state_dict().items()}
+        return state
 
     @classmethod
     def load(
@@ -477,6 +480,13 @@ class FlashMemory:
         self._clusters.copy_(saved)
         self._bank.load_state_dict(bank)
         self._snapshot = self._publish()
+
+
+def _cpu_copy(x: Any) -> Any:
+    """A CPU tensor that shares no storage with `x` (tensors only; anything else as it is)."""
+    if not isinstance(x, Tensor):
+        return x
+    return x.detach().to("cpu", copy=True)
 
 
 def _recorded_event(device: torch.device) -> torch.cuda.Event | None:
