@@ -1,12 +1,17 @@
 """The Flash-VStream perception node: a managed (lifecycle) rclpy node around StreamEngine.
 
-configure: load the model, start the engine, create the summary and diagnostics publishers.
-activate:  restore memory_file, subscribe to the camera, offer ~/ask, ~/reset, ~/save_memory.
-deactivate: stop intake and services, save memory_file.  cleanup: stop the engine.
+configure: load the model, start the engine, offer ~/ask, ~/reset, ~/save_memory, publish
+           ~/scene_summary and /diagnostics.
+activate:  restore memory_file, subscribe to the camera, save memory_file every save_period_s.
+deactivate: stop intake, save memory_file (questions are refused while inactive).
+cleanup: stop the engine (pending questions fail), withdraw the services.
+shutdown: all of the above from any state; then the process ends.
 
-Callback groups keep the parts apart on a MultiThreadedExecutor: image intake, questions and
-housekeeping each have their own, so an answer being generated never stalls image intake.
-The node converts between ROS and the engine; it holds no model code.
+Callback groups keep the parts apart on a MultiThreadedExecutor: image intake, questions (many at
+once, up to max_pending_questions) and housekeeping each have their own, so an answer being
+generated never stalls image intake. Every callback handles its own failure: it is counted in
+/diagnostics and logged, and services answer success: false with the reason. The node converts
+between ROS and the engine; it holds no model code.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from typing import Optional
 
 import rclpy
 from builtin_interfaces.msg import Time
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -36,12 +41,13 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
-from fvs_ros import params
+from fvs_ros import node_health, params
 from fvs_ros.config import engine_config, memory_config
-from fvs_ros.engine import Answer, EngineError, FrameError, QuestionError, open_engine
+from fvs_ros.engine import Answer, EngineError, QuestionError, open_engine
+from fvs_ros.intake import ImageIntake, IntakeCounters
 from fvs_ros.model import ModelLoadError
 from fvs_ros.msg import SceneSummary
-from fvs_ros.ros_image import MalformedImage, UnsupportedEncoding, compressed_to_rgb, image_to_rgb
+from fvs_ros.persistence import NothingSaved, move_aside
 from fvs_ros.srv import Ask
 
 SUCCESS, FAILURE, ERROR = (
@@ -54,6 +60,11 @@ TINY_MODEL_HINT = (
     "test model with `python -m fvs_ros.model.tiny /tmp/fvs_tiny` and use model:=/tmp/fvs_tiny; "
     "then configure again"
 )
+# Executor threads: every admitted question blocks one while it waits for the engine; the rest
+# serve images, housekeeping, lifecycle and immediate refusals ("busy") of further questions.
+EXECUTOR_THREADS = params.SPECS["max_pending_questions"].range[1] + 4
+# Requests a service keeps until a thread takes them (the default of 10 lost bursts of 20).
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=256, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def _transition(func):
@@ -70,6 +81,32 @@ def _transition(func):
     return wrapper
 
 
+def _guarded(func):
+    """A timer or service callback that counts and logs its own failure instead of raising it into
+    the executor (which would end the process). A service gets success: false and the reason."""
+
+    @functools.wraps(func)
+    def wrapper(self, *args):
+        try:
+            return func(self, *args)
+        except Exception as e:  # noqa: BLE001
+            self._callback_errors += 1
+            reason = f"internal error in {func.__name__}: {type(e).__name__}: {e}"
+            self._callback_problem = reason
+            self.get_logger().error(reason, throttle_duration_sec=5.0)
+            if len(args) == 2:  # a service: (request, response)
+                response = args[1]
+                response.success = False
+                if hasattr(response, "error"):
+                    response.error = reason
+                else:
+                    response.message = reason
+                return response
+            return None
+
+    return wrapper
+
+
 class FvsNode(LifecycleNode):
     """Answers questions about everything its camera has seen, from a fixed-size Flash Memory."""
 
@@ -78,19 +115,25 @@ class FvsNode(LifecycleNode):
         params.declare(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._state = "unconfigured"
+        self.finished = threading.Event()  # set by the shutdown transition: main() then ends the process
         self._image_group = MutuallyExclusiveCallbackGroup()
-        self._ask_group = MutuallyExclusiveCallbackGroup()
+        self._ask_group = ReentrantCallbackGroup()
         self._misc_group = MutuallyExclusiveCallbackGroup()
         self._engine = None
         self._p: dict = {}
-        self._summary_pub = self._diag_pub = self._diag_timer = None
+        self._summary_pub = self._diag_pub = self._diag_timer = self._save_timer = None
         self._image_sub = None
-        self._topic = ""
+        self._intake: Optional[ImageIntake] = None
         self._fvs_services: list = []
-        self._frame_id = ""
-        self._received = self._unsupported = self._malformed = 0
-        self._image_problem = ""  # the latest malformed/unsupported image, for diagnostics
-        self._reported_encodings: set = set()
+        self._asking = 0  # questions admitted and not answered yet
+        self._ask_cv = threading.Condition()
+        self._busy_refusals = self._callback_errors = 0
+        self._callback_problem = ""
+        self._memory_problem = ""  # why memory_file was not restored or cannot be saved
+        self._save_blocked = ""  # memory_file must not be written (it could not be moved aside)
+        self._saved_version: Optional[tuple] = None  # what the last save held (periodic saves skip repeats)
+        self._intake_state: dict = {}  # intake counters restored with memory_file, or kept across deactivate
+        self._health = node_health.Health()
         self._log_handler = _RosLogHandler(self.get_logger())
         logging.getLogger("fvs_ros").addHandler(self._log_handler)
 
@@ -100,6 +143,7 @@ class FvsNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             p = params.read(self)
+            params.check_together(p)
             memory, config = memory_config(p), engine_config(p)
         except ValueError as e:
             self.get_logger().error(f"configure failed: {e}")
@@ -118,6 +162,9 @@ class FvsNode(LifecycleNode):
         except ModelLoadError as e:
             self.get_logger().error(f"cannot load model '{p['model']}': {e} -- {TINY_MODEL_HINT}")
             return FAILURE
+        except ValueError as e:  # the parameters do not fit the model (e.g. the prompt its context)
+            self.get_logger().error(f"configure failed: {e}")
+            return FAILURE
         except Exception as e:  # noqa: BLE001 - CUDA OOM, corrupt weights, ...: stay up and unconfigured
             self.get_logger().error(f"loading model '{p['model']}' failed: {type(e).__name__}: {e}")
             return FAILURE
@@ -127,6 +174,21 @@ class FvsNode(LifecycleNode):
         self._diag_timer = self.create_timer(
             p["diagnostics_period_s"], self._publish_diagnostics, callback_group=self._misc_group
         )
+        self._fvs_services = [
+            self.create_service(
+                Ask, "~/ask", self._on_ask, qos_profile=SERVICE_QOS, callback_group=self._ask_group
+            ),
+            self.create_service(
+                Trigger, "~/reset", self._on_reset, qos_profile=SERVICE_QOS, callback_group=self._misc_group
+            ),
+            self.create_service(
+                Trigger,
+                "~/save_memory",
+                self._on_save_memory,
+                qos_profile=SERVICE_QOS,
+                callback_group=self._misc_group,
+            ),
+        ]
         self.get_logger().info(
             f"model loaded in {time.perf_counter() - t0:.1f} s; memory slots of {config.frames_per_slot} "
             f"frame(s) ({'the trained layout' if config.frames_per_slot == 2 else 'one frame per slot'})"
@@ -147,27 +209,29 @@ class FvsNode(LifecycleNode):
                 else ReliabilityPolicy.BEST_EFFORT
             ),
         )
-        if p["image_transport"] == "compressed":
-            msg_type, topic, convert = (
-                CompressedImage,
-                p["image_topic"].rstrip("/") + "/compressed",
-                compressed_to_rgb,
-            )
-        else:
-            msg_type, topic, convert = Image, p["image_topic"], image_to_rgb
-        self._image_sub = self.create_subscription(
-            msg_type, topic, functools.partial(self._on_image, convert), qos, callback_group=self._image_group
+        compressed = p["image_transport"] == "compressed"
+        msg_type = CompressedImage if compressed else Image
+        topic = p["image_topic"].rstrip("/") + "/compressed" if compressed else p["image_topic"]
+        self._intake = ImageIntake(
+            self._engine,
+            compressed,
+            now=lambda: self.get_clock().now().nanoseconds * 1e-9,
+            logger=self.get_logger(),
+            max_stamp_ahead_s=p["max_stamp_ahead_s"],
+            max_pixels=p["max_image_pixels"],
+            counters=self._intake_state,
         )
-        self._fvs_services = [
-            self.create_service(Ask, "~/ask", self._on_ask, callback_group=self._ask_group),
-            self.create_service(Trigger, "~/reset", self._on_reset, callback_group=self._misc_group),
-            self.create_service(
-                Trigger, "~/save_memory", self._on_save_memory, callback_group=self._misc_group
-            ),
-        ]
-        self._topic = self._image_sub.topic_name
+        callback = self._intake.on_serialized if p["raw_intake"] else self._intake.on_message
+        self._image_sub = self.create_subscription(
+            msg_type, topic, callback, qos, callback_group=self._image_group, raw=p["raw_intake"]
+        )
+        if p["memory_file"] and p["save_period_s"] > 0:
+            self._save_timer = self.create_timer(
+                p["save_period_s"], self._periodic_save, callback_group=self._misc_group
+            )
         self.get_logger().info(
-            f"watching {self._topic} ({msg_type.__name__}, {p['reliability']}, depth {p['qos_depth']})"
+            f"watching {self._image_sub.topic_name} ({msg_type.__name__}, {p['reliability']}, "
+            f"depth {p['qos_depth']})"
         )
         self._state = "active"
         return super().on_activate(state)
@@ -186,6 +250,7 @@ class FvsNode(LifecycleNode):
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.finalize()
         self._state = "finalized"
+        self.finished.set()
         return SUCCESS
 
     @_transition
@@ -205,25 +270,35 @@ class FvsNode(LifecycleNode):
         self._release()
 
     def _stop_intake(self):
+        if self._save_timer is not None:
+            self.destroy_timer(self._save_timer)
+            self._save_timer = None
         if self._image_sub is not None:
             self.destroy_subscription(self._image_sub)
             self._image_sub = None
-        for service in self._fvs_services:
-            self.destroy_service(service)
-        self._fvs_services = []
         self._state = "inactive"
+        if self._intake is not None:
+            self._intake_state = self._intake.state()
         if self._p.get("memory_file"):
-            self._save_memory(self._p["memory_file"])
+            self._save_memory(self._p["memory_file"], flush=True)
 
     def _release(self):
         if self._engine is not None:
-            self._engine.shutdown()
+            self._engine.shutdown()  # questions still waiting fail now ...
+            with self._ask_cv:  # ... and their callbacks return before the service goes
+                self._ask_cv.wait_for(lambda: self._asking == 0, timeout=10.0)
             self._engine = None
+        for service in self._fvs_services:
+            self.destroy_service(service)
+        self._fvs_services = []
         if self._diag_timer is not None:
             self.destroy_timer(self._diag_timer)
             self.destroy_publisher(self._diag_pub)
             self.destroy_lifecycle_publisher(self._summary_pub)
             self._summary_pub = self._diag_pub = self._diag_timer = None
+        self._intake, self._intake_state = None, {}
+        self._busy_refusals = self._callback_errors = 0
+        self._callback_problem = self._memory_problem = self._save_blocked = ""
         self._state = "unconfigured"
 
     def _on_set_parameters(self, changes) -> SetParametersResult:
@@ -233,43 +308,17 @@ class FvsNode(LifecycleNode):
                 return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
 
-    # ------------------------------------------------------------------ images
-
-    def _on_image(self, convert, msg):
-        """Convert and hand the frame to the engine; never blocks (the engine's queue drops the oldest)."""
-        self._received += 1
-        topic = self._topic
-        try:
-            frame = convert(msg)
-        except UnsupportedEncoding as e:
-            self._unsupported += 1
-            self._image_problem = str(e)
-            if (topic, msg.encoding) not in self._reported_encodings:
-                self._reported_encodings.add((topic, msg.encoding))
-                self.get_logger().error(f"{topic}: {e}; frames in this encoding are ignored")
-            return
-        except MalformedImage as e:
-            self._malformed += 1
-            self._image_problem = str(e)
-            self.get_logger().warning(
-                f"{topic}: malformed image dropped ({self._malformed} so far): {e}", throttle_duration_sec=5.0
-            )
-            return
-        self._frame_id = msg.header.frame_id
-        stamp = _seconds(msg.header.stamp) or self.get_clock().now().nanoseconds * 1e-9
-        try:
-            self._engine.add_frame(frame, stamp)
-        except FrameError as e:
-            self.get_logger().warning(f"{topic}: frame rejected: {e}", throttle_duration_sec=5.0)
-        except EngineError:  # shutting down: the engine stopped under this callback
-            pass
-
     # ------------------------------------------------------------------ services
 
+    @_guarded
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
         t0 = time.perf_counter()
+        admitted = False
         try:
             _check_request(request, self._p["max_question_chars"])
+            if self._state != "active":
+                raise EngineError(f"the node is {self._state}: questions are answered while it is active")
+            admitted = self._admit_question()
             limit = self._p["max_new_tokens"]
             answer = self._engine.ask(
                 request.question, min(request.max_new_tokens or limit, limit), request.timeout_s or None
@@ -279,10 +328,9 @@ class FvsNode(LifecycleNode):
             self.get_logger().debug(f"ask {_preview(request.question)} refused: {e}")
         except EngineError as e:
             response.success, response.error = False, str(e)
-            self.get_logger().warning(f"ask {_preview(request.question)} failed: {e}")
-        except Exception as e:  # noqa: BLE001 - a service callback must answer, not raise
-            response.success, response.error = False, f"internal error: {type(e).__name__}: {e}"
-            self.get_logger().error(f"ask {_preview(request.question)}: {response.error}")
+            self.get_logger().warning(
+                f"ask {_preview(request.question)} failed: {e}", throttle_duration_sec=1.0
+            )
         else:
             _fill_answer(response, answer)
             self.get_logger().info(
@@ -290,56 +338,111 @@ class FvsNode(LifecycleNode):
                 f"({answer.frames_seen} frames, ttft {answer.ttft_s:.3f} s, "
                 f"total {answer.total_s:.3f} s)"
             )
+        finally:
+            if admitted:
+                with self._ask_cv:
+                    self._asking -= 1
+                    self._ask_cv.notify_all()
         response.total_time_s = time.perf_counter() - t0
         return response
 
+    def _admit_question(self) -> bool:
+        """Count one more waiting question, or refuse it as busy (EngineError) at the limit."""
+        limit = self._p["max_pending_questions"]
+        with self._ask_cv:
+            if self._asking >= limit:
+                self._busy_refusals += 1
+                raise EngineError(
+                    f"busy: {self._asking} questions are already waiting (max_pending_questions "
+                    f"is {limit}); ask again later"
+                )
+            self._asking += 1
+        return True
+
+    @_guarded
     def _on_reset(self, request, response: Trigger.Response) -> Trigger.Response:
         forgotten = self._engine.stats().frames_seen
         self._engine.reset()
-        self._received = self._unsupported = self._malformed = 0
-        self._image_problem = ""
+        if self._intake is not None:
+            self._intake.counters = type(self._intake.counters)()
+            self._intake.problem = ""
+        self._intake_state = {}
         response.success, response.message = True, f"memory cleared ({forgotten} frames forgotten)"
         self.get_logger().info(response.message)
         return response
 
+    @_guarded
     def _on_save_memory(self, request, response: Trigger.Response) -> Trigger.Response:
         path = self._p["memory_file"]
         if not path:
             response.success, response.message = False, "memory_file parameter is empty: nowhere to save"
         else:
-            response.success = self._save_memory(path)
-            response.message = f"memory saved to {path}" if response.success else f"saving to {path} failed"
+            response.success, response.message = self._save_memory(path, flush=True)
         return response
 
-    def _save_memory(self, path: str) -> bool:
+    # ------------------------------------------------------------------ memory file
+
+    @_guarded
+    def _periodic_save(self):
+        """Every save_period_s while active, if memory or the stream state changed since the last save."""
+        s = self._engine.stats()
+        if (s.memory_version, s.frames_in) != self._saved_version:
+            self._save_memory(self._p["memory_file"], flush=False)
+
+    def _save_memory(self, path: str, flush: bool) -> tuple[bool, str]:
+        """Save to memory_file (crash-safe: fvs_ros.persistence); (success, message), logged."""
+        if self._save_blocked:
+            message = f"not saving to {path}: {self._save_blocked}"
+            self.get_logger().error(message, throttle_duration_sec=60.0)
+            return False, message
         try:
-            self._engine.flush(timeout=5.0)
-            self._engine.save(Path(path).expanduser())
-        except Exception as e:  # noqa: BLE001 - shutting down must go on
-            self.get_logger().error(f"saving memory to {path} failed: {type(e).__name__}: {e}")
-            return False
-        self.get_logger().info(f"memory saved to {path} ({self._engine.stats().frames_seen} frames seen)")
-        return True
+            if flush:
+                self._engine.flush(timeout=5.0)
+            s = self._engine.stats()
+            extra = {"intake": self._intake.state() if self._intake is not None else self._intake_state}
+            self._engine.save(Path(path).expanduser(), extra=extra)
+        except Exception as e:  # noqa: BLE001 - a failed save is reported, intake goes on
+            message = f"saving memory to {path} failed: {type(e).__name__}: {e}"
+            self._memory_problem = message
+            self.get_logger().error(message, throttle_duration_sec=10.0)
+            return False, message
+        self._saved_version = (s.memory_version, s.frames_in)
+        message = f"memory saved to {path} ({s.frames_seen} frames seen)"
+        (self.get_logger().info if flush else self.get_logger().debug)(message)
+        return True, message
 
     def _restore_memory(self, path: str):
-        if not path or not Path(path).expanduser().exists():
+        """Restore memory_file; one that cannot be restored is moved aside (kept, never overwritten)."""
+        if not path:
             return
+        path = Path(path).expanduser()
         try:
-            self._engine.load(Path(path).expanduser())
+            extra = self._engine.load(path)
+        except NothingSaved:
+            return
         except Exception as e:  # noqa: BLE001 - an unreadable file must not keep the camera off
+            try:
+                aside = move_aside(path)
+            except OSError as move_error:
+                self._save_blocked = f"{path} could not be restored nor moved aside ({move_error})"
+                aside = None
+            self._memory_problem = f"memory_file {path} not restored ({e}); " + (
+                f"moved aside to {aside}" if aside else self._save_blocked
+            )
+            frames = self._engine.stats().frames_seen
             self.get_logger().error(
-                f"cannot restore memory from {path}, starting empty: {type(e).__name__}: {e}"
+                f"{self._memory_problem}; going on with the memory in use ({frames} frames)"
             )
             return
-        self.get_logger().info(
-            f"memory restored from {path} ({self._engine.stats().frames_seen} frames seen)"
-        )
+        self._intake_state = dict(extra.get("intake") or {}) if isinstance(extra.get("intake"), dict) else {}
+        s = self._engine.stats()
+        self._saved_version = (s.memory_version, s.frames_in)
+        self.get_logger().info(f"memory restored from {path} ({s.frames_seen} frames seen)")
 
     # ------------------------------------------------------------------ outputs
 
     def _publish_summary(self, answer: Answer):
-        """Engine callback (LLM worker thread) with a finished periodic summary (so the node is
-        configured)."""
+        """Engine callback (LLM worker thread) with a finished periodic summary (the node is configured)."""
         msg = SceneSummary(
             summary=answer.text,
             frames_seen=answer.frames_seen,
@@ -349,56 +452,77 @@ class FvsNode(LifecycleNode):
             memory_lag_s=_lag(answer),
             generation_time_s=answer.total_s,
         )
-        msg.header.stamp, msg.header.frame_id = msg.last_frame_stamp, self._frame_id
+        frame_id = self._intake.frame_id if self._intake is not None else ""
+        msg.header.stamp, msg.header.frame_id = msg.last_frame_stamp, frame_id
         self._summary_pub.publish(msg)
 
+    @_guarded
     def _publish_diagnostics(self):
         engine = self._engine
         if engine is None:
             return
         s = engine.stats()
-        slots = len(engine.snapshot().csm_weights)
-        status = DiagnosticStatus(
-            name=f"{self.get_name()}: Flash-VStream memory", hardware_id=self._p["model"]
-        )
-        if not s.running:
-            status.level, status.message = DiagnosticStatus.ERROR, "engine stopped"
-        elif s.last_error or self._malformed or self._unsupported:
-            status.level = DiagnosticStatus.WARN
-            status.message = s.last_error or f"bad images received, latest: {self._image_problem}"
-        else:
-            status.level, status.message = DiagnosticStatus.OK, self._state
+        intake = self._intake
+        counters = intake.counters if intake is not None else IntakeCounters(**self._intake_state)
+        problems = [
+            x
+            for x in (s.last_error, self._memory_problem, self._callback_problem, intake and intake.problem)
+            if x
+        ]
+        level, message = self._health.level(counters, not s.running, problems)
+        slots, csm_slots = len(engine.snapshot().csm_weights), engine.memory_config.csm_slots
         device_mem = s.device_memory_bytes
         values = {
             "state": self._state,
-            "frames_received": self._received,
-            "frames_unsupported": self._unsupported,
-            "frames_malformed": self._malformed,
-            "last_image_problem": self._image_problem,
+            "frames_received": counters.received,
+            "frames_unsupported": counters.unsupported,
+            "frames_malformed": counters.malformed,
+            "frames_restamped": counters.restamped,
+            "frames_failed": counters.failed,
+            "last_image_problem": intake.problem if intake is not None else "",
             "frames_rejected": s.frames_rejected,
             "frames_skipped_by_sampling": s.frames_skipped,
             "frames_dropped": s.frames_dropped,
             "frames_into_memory": s.frames_into_memory,
             "frames_seen": s.frames_seen,
-            "frames_per_slot": self._engine.config.frames_per_slot,
+            "frames_per_slot": engine.config.frames_per_slot,
+            "frame_size": "n/a" if s.frame_size is None else f"{s.frame_size[1]}x{s.frame_size[0]}",
+            "frame_size_changes": s.frame_size_changes,
+            "stamp_jumps": s.stamp_jumps,
             "queue_depth": s.queue_depth,
-            "memory_slots_used": f"{slots}/{self._p['csm_slots']}",
-            "memory_fill": f"{slots / self._p['csm_slots']:.2f}",
-            "last_update_s": _fmt(s.last_update_s),
-            "last_answer_latency_s": _fmt(s.last_answer_s),
-            "last_time_to_first_token_s": _fmt(s.last_ttft_s),
+            "memory_slots_used": f"{slots}/{csm_slots}",
+            "memory_fill": f"{slots / csm_slots:.2f}",
+            "memory_file_problem": self._memory_problem,
+            "last_update_s": node_health.fmt(s.last_update_s),
+            "last_answer_latency_s": node_health.fmt(s.last_answer_s),
+            "last_time_to_first_token_s": node_health.fmt(s.last_ttft_s),
+            "questions_waiting": self._asking,
             "questions_answered": s.questions_answered,
             "questions_failed": s.questions_failed,
             "questions_timed_out": s.questions_timed_out,
+            "questions_refused_busy": self._busy_refusals,
             "summaries": s.summaries,
             "errors": s.errors,
+            "callback_errors": self._callback_errors,
             "device_memory_mib": "n/a" if device_mem is None else f"{device_mem / 2**20:.0f}",
             "process_rss_mib": f"{_rss_bytes() / 2**20:.0f}",
         }
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        status = node_health.status(
+            f"{self.get_name()}: Flash-VStream memory",
+            self._p["model"],
+            level,
+            message or self._state,
+            values,
+        )
         self._diag_pub.publish(
             DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status])
         )
+
+    def note_escaped(self, error: BaseException):
+        """Count and log an exception that escaped into the executor (main() keeps spinning)."""
+        self._callback_errors += 1
+        self._callback_problem = f"executor: {type(error).__name__}: {error}"
+        self.get_logger().error(self._callback_problem, throttle_duration_sec=5.0)
 
     def destroy_node(self):
         logging.getLogger("fvs_ros").removeHandler(self._log_handler)
@@ -443,10 +567,6 @@ def _lag(answer: Answer) -> float:
     return -1.0 if answer.memory_lag_s is None else answer.memory_lag_s
 
 
-def _seconds(stamp: Time) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
-
-
 def _time_msg(seconds: Optional[float]) -> Time:
     if not seconds:
         return Time()
@@ -460,10 +580,6 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
-
-
-def _fmt(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _preview(text: str, n: int = 60) -> str:
@@ -488,19 +604,32 @@ def main(args=None):
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     node = FvsNode()
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
     executor.add_node(node)
     try:
         if options.autostart and node.trigger_configure() == SUCCESS:
             node.trigger_activate()
-        while not stop.is_set() and rclpy.ok():
-            executor.spin_once(timeout_sec=0.2)
+        while not stop.is_set() and not node.finished.is_set() and rclpy.ok():
+            _spin_once(executor, node)
+        if node.finished.is_set():  # the shutdown transition: let its reply go out, then end
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline and rclpy.ok():
+                _spin_once(executor, node, 0.05)
         node.shutdown()
     finally:
         node.finalize()
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
+
+
+def _spin_once(executor, node: FvsNode, timeout: float = 0.2):
+    """One executor step; an exception a callback let escape is logged and the node goes on (e.g. a
+    reply to a service destroyed by cleanup while its callback ran raises InvalidHandle)."""
+    try:
+        executor.spin_once(timeout_sec=timeout)
+    except Exception as e:  # noqa: BLE001 - the process ends only on shutdown
+        node.note_escaped(e)
 
 
 if __name__ == "__main__":

@@ -82,11 +82,38 @@ SPECS = {
         choices=("best_effort", "reliable"),
     ),
     "qos_depth": Spec(int, ACTIVATE, "Images buffered per subscription (keep-last depth).", range=(1, 10)),
+    "raw_intake": Spec(
+        bool,
+        ACTIVATE,
+        "Take images serialized and read only their header first: frames the memory sampler skips "
+        "are never deserialized or decoded. false: rclpy deserializes every message (slower).",
+    ),
+    "max_image_pixels": Spec(
+        int,
+        ACTIVATE,
+        "Images larger than this (width x height, raw or as declared by a JPEG/PNG header) are "
+        "dropped as malformed, compressed ones before decoding.",
+        range=(1, 2**31 - 1),
+    ),
+    "max_stamp_ahead_s": Spec(
+        float,
+        ACTIVATE,
+        "A stamp further ahead of the node clock than this, or not positive, is replaced by the "
+        "clock's time when the image arrived (counted as restamped).",
+        range=(0.0, 1e9),
+    ),
     "memory_file": Spec(
         str,
         ACTIVATE,
         "Directory holding a saved memory: restored at activate if it exists, "
         "written at deactivate and shutdown and by ~/save_memory. Empty: off.",
+    ),
+    "save_period_s": Spec(
+        float,
+        ACTIVATE,
+        "While active, save memory_file this often (wall clock) if memory changed: a crash loses "
+        "at most this much. 0: only at deactivate, shutdown and ~/save_memory.",
+        range=(0.0, 86400.0),
     ),
     # model and memory
     "model": Spec(str, CONFIGURE, "Checkpoint: Hugging Face hub id or local directory."),
@@ -130,6 +157,12 @@ SPECS = {
     ),
     # questions and summaries
     "max_question_chars": Spec(int, CONFIGURE, "Longer questions are refused.", range=(1, 100000)),
+    "max_pending_questions": Spec(
+        int,
+        CONFIGURE,
+        "Questions waiting for an answer at once; more are refused at once with a 'busy' error.",
+        range=(1, 64),
+    ),
     "max_new_tokens": Spec(
         int, CONFIGURE, "Answer length limit; Ask requests asking for more are clamped.", range=(1, 4096)
     ),
@@ -199,6 +232,17 @@ def check_change(name: str, value, state: str) -> Optional[str]:
             f"{'unconfigured' if spec.applies == CONFIGURE else 'inactive'}"
         )
     return spec.check(value)
+
+
+def check_together(values: dict) -> None:
+    """ValueError when parameters that are each valid contradict each other."""
+    if values["dam_frames"] > values["csm_slots"]:
+        raise ValueError(
+            f"dam_frames ({values['dam_frames']}) must be at most csm_slots ({values['csm_slots']}): "
+            "detail frames are picked one per heaviest centroid"
+        )
+    if values["summary_period_s"] > 0 and not values["summary_prompt"].strip():
+        raise ValueError("summary_prompt is empty while summary_period_s > 0")
 
 
 def read(node) -> dict:

@@ -102,7 +102,12 @@ def compressed_to_rgb(msg, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     data = np.frombuffer(msg.data, np.uint8)
     if data.size == 0:
         raise MalformedImage(f"compressed image ('{msg.format}') has no data")
-    width, height = compressed_size(data)
+    try:
+        width, height = compressed_size(data)
+    except MalformedImage as e:
+        raise MalformedImage(
+            f"compressed image ('{msg.format}', {data.size} bytes) does not decode: {e}"
+        ) from None
     _check_size(width, height, max_pixels)
     try:
         image = cv2.imdecode(data, cv2.IMREAD_COLOR)

@@ -198,6 +198,15 @@ class VideoLM:
         embeds = torch.cat([self.project(snapshot.dam_features), self.project(snapshot.csm_features)])
         return embeds, positions.to(self.device), end
 
+    def context_budget(self, system_prompt: str, csm_slots: int, dam_frames: int) -> tuple[int, int]:
+        """(prompt tokens before the question with a full memory of the largest frames the pixel
+        budget allows, the LLM's context length): what a configuration can be checked against."""
+        vision = self.model.config.vision_config
+        full = self.max_pixels // (vision.patch_size * vision.spatial_merge_size) ** 2  # per DAM frame
+        head = len(self._tokenize(self.chat.head(system_prompt))) + 1  # + <|vision_end|>
+        text = getattr(self.model.config, "text_config", None) or self.model.config
+        return head + dam_frames * full + csm_slots * (full // 4), int(text.max_position_embeddings)
+
     @torch.inference_mode()
     def prompt_inputs(
         self, snapshot, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT, answer_prefix: str = ""

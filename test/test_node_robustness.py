@@ -1,0 +1,257 @@
+"""The node as a separate process over DDS, attacked as in issue 15: camera encodings that used to
+kill it, far-future stamps, 50 clients asking at once, lifecycle transitions with questions in
+flight, unreadable memory files, contradicting parameters, the shutdown transition, SIGKILL.
+
+Images go out RELIABLE to a RELIABLE subscription and the tests wait for the node's counters
+(/diagnostics) before the next step: they assert what the node guarantees, not timing.
+The tests in this module run in order and share one node process (except where they start their own).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import test_node
+from lifecycle_msgs.msg import Transition
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+from std_srvs.srv import Trigger
+
+from fvs_ros.srv import Ask
+
+NodeProcess, frame, wait_until, latest_diagnostics = (
+    test_node.NodeProcess,
+    test_node.frame,
+    test_node.wait_until,
+    test_node.latest_diagnostics,
+)
+tiny_model, client = test_node.tiny_model, test_node.client  # shared fixtures
+ROOT, FPS = test_node.ROOT, test_node.FPS
+RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+
+
+@pytest.fixture(scope="module")
+def publisher(client):
+    return client.node.create_publisher(Image, "/image_raw", RELIABLE)
+
+
+@pytest.fixture(scope="module")
+def memory_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("robust") / "memory"
+
+
+NODE_PARAMETERS = dict(
+    memory_fps=FPS,
+    reliability="reliable",
+    qos_depth=10,
+    summary_period_s=0.0,
+    diagnostics_period_s=0.2,
+    max_new_tokens=16,
+    max_prefix_lag_s=0.0,
+    max_pending_questions=20,
+    save_period_s=0.0,
+    csm_slots=8,
+    dam_frames=4,
+)
+
+
+@pytest.fixture(scope="module")
+def node(tiny_model, memory_dir, tmp_path_factory, client):
+    proc = NodeProcess(
+        tmp_path_factory.mktemp("logs") / "robust.log",
+        model=tiny_model,
+        memory_file=memory_dir,
+        **NODE_PARAMETERS,
+    )
+    assert client.wait_ready(), proc.text()
+    yield proc
+    proc.stop()
+
+
+def diag(client, key=None):
+    d = latest_diagnostics(client)
+    return d if key is None else d[key]
+
+
+def received_reaches(client, n, timeout=30.0):
+    return wait_until(lambda: int(diag(client, "frames_received")) >= n, timeout, period=0.05)
+
+
+def publish(client, publisher, pixels, encoding, bigendian=False, stamp=None):
+    """One image, stamped 1/FPS after the previous one unless `stamp` (sec, nanosec) is given."""
+    msg = Image(
+        encoding=encoding,
+        height=pixels.shape[0],
+        width=pixels.shape[1],
+        step=pixels.strides[0],
+        is_bigendian=bigendian,
+    )
+    msg.header.frame_id = "robust_camera"
+    msg.header.stamp.sec, msg.header.stamp.nanosec = stamp if stamp is not None else client.next_stamp()
+    msg.data = pixels.tobytes()
+    publisher.publish(msg)
+
+
+def saved_frames(memory: Path) -> int:
+    index = memory / "engine.json"
+    return json.loads(index.read_text())["counters"]["frames_into_memory"] if index.is_file() else 0
+
+
+def seen(client):
+    response = client.ask()
+    assert response.success, response.error
+    return response.frames_seen
+
+
+def test_encodings_that_killed_the_node_reach_memory(node, client, publisher):
+    """Issue 15 case 1 (big-endian 8/16-bit), 8UC3 and Bayer: converted, not fatal."""
+    before, received = seen(client), int(diag(client, "frames_received"))
+    rng = np.random.default_rng(1)
+    mono16 = rng.integers(0, 65535, (120, 160), dtype=np.uint16)
+    images = [
+        (frame(), "rgb8", True),
+        (frame(), "bgr8", True),
+        (frame()[..., 0].copy(), "mono8", True),
+        (mono16.astype(">u2"), "mono16", True),
+        (frame(), "8UC3", False),
+        (frame()[..., 0].copy(), "bayer_rggb8", False),
+        (mono16.astype(">u2"), "bayer_grbg16", True),
+    ]
+    for pixels, encoding, bigendian in images:
+        publish(client, publisher, pixels, encoding, bigendian)
+    assert received_reaches(client, received + len(images)), node.text()
+    assert wait_until(lambda: seen(client) >= before + len(images), 30), node.text()
+    d = diag(client)
+    assert (d["frames_malformed"], d["frames_unsupported"], d["frames_failed"]) == ("0", "0", "0"), d
+    assert node.proc.poll() is None
+
+
+def test_stamps_ahead_of_the_clock_or_negative_are_restamped_and_never_block_the_stream(
+    node, client, publisher
+):
+    """Issue 15 case 9: one frame stamped in 2036 made every later live frame rejected."""
+    before = seen(client)
+    received = int(diag(client, "frames_received"))
+    publish(client, publisher, frame(), "rgb8", stamp=(2_100_000_000, 0))  # 2036
+    publish(client, publisher, frame(), "rgb8", stamp=(-5, 0))
+    for _ in range(4):
+        publish(client, publisher, frame(), "rgb8")  # the live stream (stamps near 1000 s) goes on
+    assert received_reaches(client, received + 6), node.text()
+    assert wait_until(lambda: seen(client) >= before + 3, 30), node.text()
+    d = diag(client)
+    assert int(d["frames_restamped"]) == 2 and d["level"] == bytes([1]) and "restamped" in d["message"], d
+    assert int(d["stamp_jumps"]) >= 1  # restamped to the wall clock, then back to the camera's stamps
+    response = client.ask()
+    assert response.last_frame_stamp.sec < 2_000_000_000  # the 2036 stamp never entered the stream
+
+
+def test_a_huge_timeout_is_answered(node, client):
+    """Issue 15: timeout_s 3.4e38 raised an OverflowError inside the engine."""
+    response = client.ask(timeout_s=3.4e38)
+    assert response.success, response.error
+
+
+def test_deactivate_and_cleanup_with_questions_in_flight(node, client):
+    """Issue 15 case 3: deactivating while a question was answered killed the node (InvalidHandle).
+    Questions in flight are answered (deactivate) or fail cleanly (cleanup); new ones are refused."""
+    ask = client.clients["/fvs/ask"]
+    futures = [
+        ask.call_async(Ask.Request(question=f"Q{i}?", max_new_tokens=16, timeout_s=60.0)) for i in range(30)
+    ]
+    assert wait_until(lambda: any(f.done() for f in futures), 30)
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+    refused = client.ask()
+    assert not refused.success and "inactive" in refused.error
+    assert client.change_state(Transition.TRANSITION_CLEANUP)
+    assert wait_until(lambda: all(f.done() for f in futures), 30), "a question in flight got no reply"
+    outcomes = [f.result() for f in futures]
+    assert all(r.success or r.error for r in outcomes)
+    assert node.proc.poll() is None
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert client.wait_ready() and client.ask().success
+    assert "Traceback" not in node.text() and "InvalidHandle" not in node.text()
+
+
+def test_intake_counters_survive_deactivate_cleanup_and_restore(node, client, publisher):
+    publish(client, publisher, frame(), "rgb8")
+    received = int(diag(client, "frames_received"))
+    assert received > 0
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert int(diag(client, "frames_received")) == received  # kept across deactivate
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+    assert client.change_state(Transition.TRANSITION_CLEANUP)
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert diag(client, "frames_received") == "0"  # a new engine, nothing restored yet
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert int(diag(client, "frames_received")) == received  # restored from memory_file
+
+
+def test_unreadable_memory_is_moved_aside_and_never_overwritten(node, client, memory_dir):
+    """Issue 15 cases 4 and 6: a wrong field type restored 'OK' and crashed at the next frame; an
+    unreadable memory was overwritten by an empty one at shutdown."""
+    before = seen(client)
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+    index = json.loads((memory_dir / "engine.json").read_text())
+    index["last_stamp"] = "yesterday"
+    (memory_dir / "engine.json").write_text(json.dumps(index))
+    damaged = {p.name: p.read_bytes() for p in memory_dir.iterdir()}
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    asides = list(memory_dir.parent.glob("memory.unreadable-*"))
+    assert len(asides) == 1 and {p.name: p.read_bytes() for p in asides[0].iterdir()} == damaged
+    assert (
+        "last_stamp must be a finite number" in node.text() and f"moved aside to {asides[0]}" in node.text()
+    )
+    d = diag(client)
+    assert "moved aside" in d["memory_file_problem"] and d["level"] == bytes([1]), d
+    assert client.ask().frames_seen == before  # the memory in use goes on
+    assert client.call("/fvs/save_memory", Trigger.Request()).success
+    assert (memory_dir / "engine.json").is_file()  # a new save beside the kept one
+    assert {p.name: p.read_bytes() for p in asides[0].iterdir()} == damaged
+
+
+def test_contradicting_parameters_fail_configure_with_the_reason(node, client):
+    """Issue 15 case 10: a 100,000-character system prompt and dam_frames > csm_slots were accepted."""
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+    assert client.change_state(Transition.TRANSITION_CLEANUP)
+    assert client.set_parameter("dam_frames", 9).successful
+    assert not client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert "dam_frames (9) must be at most csm_slots (8)" in node.text()
+    assert client.set_parameter("dam_frames", 4).successful
+    assert client.set_parameter("system_prompt", "Watch closely. " * 20000).successful
+    assert not client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert "does not fit the model's context" in node.text()
+    assert client.set_parameter("system_prompt", "You are a helpful assistant.").successful
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert client.wait_ready() and client.ask().success
+
+
+def test_the_shutdown_transition_ends_the_process(node, client, memory_dir):
+    assert client.change_state(Transition.TRANSITION_ACTIVE_SHUTDOWN)
+    assert node.proc.wait(30) == 0, node.text()
+    assert f"memory saved to {memory_dir}" in node.text()
+
+
+def test_sigkill_loses_at_most_the_save_period(tiny_model, tmp_path, client, publisher):
+    """Issue 15 case 7: every frame since the last save was lost on SIGKILL (no periodic save)."""
+    memory = tmp_path / "periodic"
+    params = {**NODE_PARAMETERS, "save_period_s": 0.5}
+    proc = NodeProcess(tmp_path / "first.log", model=tiny_model, memory_file=memory, **params)
+    try:
+        assert client.wait_ready(), proc.text()
+        for _ in range(5):
+            publish(client, publisher, frame(), "rgb8")
+        assert wait_until(lambda: seen(client) >= 5, 30), proc.text()
+        assert wait_until(lambda: saved_frames(memory) >= 5, 30), proc.text()  # a periodic save
+    finally:
+        proc.proc.kill()
+        proc.proc.wait()
+    second = NodeProcess(tmp_path / "second.log", model=tiny_model, memory_file=memory, **params)
+    try:
+        assert client.wait_ready(), second.text()
+        assert seen(client) >= 5, second.text()
+    finally:
+        assert second.stop() == 0
