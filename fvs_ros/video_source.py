@@ -1,6 +1,7 @@
 """A camera stand-in: publishes a video file's frames (or a test pattern) at their recorded timing.
 
     python -m fvs_ros.video_source --ros-args -p video:=clip.mp4 [-p topic:=image_raw] [-p loop:=true]
+        [-p reliability:=reliable]
     ros2 run fvs_ros fvs_video_source --ros-args -p video:=clip.mp4
 
 Frames go out as sensor_msgs/Image rgb8 on `topic`, or as jpeg sensor_msgs/CompressedImage on
@@ -22,7 +23,7 @@ import cv2
 import numpy as np
 import rclpy
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 
@@ -35,16 +36,24 @@ class VideoSource(Node):
         self.video = self.declare_parameter("video", "").value
         topic = self.declare_parameter("topic", "image_raw").value
         self.compressed = self.declare_parameter("transport", "raw").value == "compressed"
+        # best_effort (sensor data) or reliable: what the subscriber asks for (a best-effort publisher
+        # never matches a reliable subscription)
+        reliable = self.declare_parameter("reliability", "best_effort").value == "reliable"
         self.rate = self.declare_parameter("rate", 1.0).value  # playback speed factor
         self.loop = self.declare_parameter("loop", True).value
         self.fps = self.declare_parameter("fps", 10.0).value  # synthetic pattern only
         size = self.declare_parameter("size", [360, 640]).value  # synthetic pattern only: height, width
         self.frame_id = self.declare_parameter("frame_id", "camera").value
         self.size = (int(size[0]), int(size[1]))
+        qos = (
+            QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+            if reliable
+            else qos_profile_sensor_data
+        )
         self.pub = (
-            self.create_publisher(CompressedImage, topic.rstrip("/") + "/compressed", qos_profile_sensor_data)
+            self.create_publisher(CompressedImage, topic.rstrip("/") + "/compressed", qos)
             if self.compressed
-            else self.create_publisher(Image, topic, qos_profile_sensor_data)
+            else self.create_publisher(Image, topic, qos)
         )
         self.published = 0
         self.stopped = threading.Event()

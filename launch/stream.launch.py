@@ -92,10 +92,10 @@ def _launch_setup(context):
 
     video = arg("video")
     if video:
-        topic = overrides.get("image_topic") or _file_parameter(params_file, "image_topic") or "image_raw"
-        transport = (
-            overrides.get("image_transport") or _file_parameter(params_file, "image_transport") or "raw"
-        )
+
+        def setting(name, default):  # the node's value: launch argument, else params file, else default
+            return overrides.get(name) or _file_parameter(params_file, name) or default
+
         actions.append(
             Node(
                 package=PACKAGE,
@@ -105,8 +105,9 @@ def _launch_setup(context):
                 parameters=[
                     {
                         "video": "" if video == "synthetic" else video,
-                        "topic": topic,
-                        "transport": transport,
+                        "topic": setting("image_topic", "image_raw"),
+                        "transport": setting("image_transport", "raw"),
+                        "reliability": setting("reliability", "best_effort"),
                         "use_sim_time": use_sim_time,
                     }
                 ],

@@ -146,7 +146,13 @@ def test_given_arguments_override_their_parameters_and_start_the_video_source(la
     }
     assert video.kwargs["executable"] == "fvs_video_source" and video.kwargs["namespace"] == "robot1"
     assert video.kwargs["parameters"] == [
-        {"video": "/videos/clip.mp4", "topic": "/cam/image", "transport": "raw", "use_sim_time": True}
+        {
+            "video": "/videos/clip.mp4",
+            "topic": "/cam/image",
+            "transport": "raw",
+            "reliability": "best_effort",
+            "use_sim_time": True,
+        }
     ]
 
 
@@ -154,11 +160,19 @@ def test_video_source_follows_the_params_file(launch_module, tmp_path):
     params_file = tmp_path / "my.yaml"
     params_file.write_text(
         "/**:\n  ros__parameters:\n    image_topic: front/image\n    image_transport: compressed\n"
+        "    reliability: reliable\n"
     )
     *_, video = launch_module._launch_setup(configurations(params_file=str(params_file), video="synthetic"))
     assert video.kwargs["parameters"][0] == {
         "video": "",
         "topic": "front/image",
         "transport": "compressed",
+        "reliability": "reliable",
         "use_sim_time": False,
     }
+
+
+def test_video_source_follows_the_reliability_argument(launch_module):
+    """Issue 15: with reliability:=reliable the video source still published best effort."""
+    *_, video = launch_module._launch_setup(configurations(reliability="reliable", video="synthetic"))
+    assert video.kwargs["parameters"][0]["reliability"] == "reliable"
