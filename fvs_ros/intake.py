@@ -100,6 +100,17 @@ class IntakeCounters:
     rejected: int = 0  # refused by the engine (FrameError: out of order, unusable size)
     failed: int = 0  # an unexpected error while handling the message (a bug: logged with its reason)
 
+    @classmethod
+    def from_saved(cls, saved) -> dict:
+        """The counters of a saved state() that are counters (a damaged or older file adds nothing)."""
+        if not isinstance(saved, dict):
+            return {}
+        return {
+            k: v
+            for k, v in saved.items()
+            if k in cls.__dataclass_fields__ and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        }
+
 
 class ImageIntake:
     """Turns image messages into engine frames; every failure is counted and never raised."""

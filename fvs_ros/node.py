@@ -25,7 +25,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Optional
 
 import rclpy
@@ -47,7 +46,7 @@ from fvs_ros.engine import Answer, EngineError, QuestionError, open_engine
 from fvs_ros.intake import ImageIntake, IntakeCounters
 from fvs_ros.model import ModelLoadError
 from fvs_ros.msg import SceneSummary
-from fvs_ros.persistence import NothingSaved, move_aside
+from fvs_ros.node_memory import MemoryFile
 from fvs_ros.srv import Ask
 
 SUCCESS, FAILURE, ERROR = (
@@ -129,9 +128,7 @@ class FvsNode(LifecycleNode):
         self._ask_cv = threading.Condition()
         self._busy_refusals = self._callback_errors = 0
         self._callback_problem = ""
-        self._memory_problem = ""  # why memory_file was not restored or cannot be saved
-        self._save_blocked = ""  # memory_file must not be written (it could not be moved aside)
-        self._saved_version: Optional[tuple] = None  # what the last save held (periodic saves skip repeats)
+        self._memory_file: Optional[MemoryFile] = None  # from memory_file at activate; None: off
         self._intake_state: dict = {}  # intake counters restored with memory_file, or kept across deactivate
         self._health = node_health.Health()
         self._log_handler = _RosLogHandler(self.get_logger())
@@ -199,7 +196,11 @@ class FvsNode(LifecycleNode):
     @_transition
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         p = self._p = params.read(self)  # configure-time values cannot have changed since
-        self._restore_memory(p["memory_file"])
+        self._memory_file = MemoryFile(p["memory_file"], self.get_logger()) if p["memory_file"] else None
+        if self._memory_file is not None:
+            extra = self._memory_file.restore(self._engine)
+            if "intake" in extra:
+                self._intake_state = IntakeCounters.from_saved(extra["intake"])
         qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST,
             depth=p["qos_depth"],
@@ -225,7 +226,7 @@ class FvsNode(LifecycleNode):
         self._image_sub = self.create_subscription(
             msg_type, topic, callback, qos, callback_group=self._image_group, raw=p["raw_intake"]
         )
-        if p["memory_file"] and p["save_period_s"] > 0:
+        if self._memory_file is not None and p["save_period_s"] > 0:
             self._save_timer = self.create_timer(
                 p["save_period_s"], self._periodic_save, callback_group=self._misc_group
             )
@@ -279,8 +280,8 @@ class FvsNode(LifecycleNode):
         self._state = "inactive"
         if self._intake is not None:
             self._intake_state = self._intake.state()
-        if self._p.get("memory_file"):
-            self._save_memory(self._p["memory_file"], flush=True)
+        if self._memory_file is not None:
+            self._memory_file.save(self._engine, self._saved_extra(), flush=True)
 
     def _release(self):
         if self._engine is not None:
@@ -298,7 +299,7 @@ class FvsNode(LifecycleNode):
             self._summary_pub = self._diag_pub = self._diag_timer = None
         self._intake, self._intake_state = None, {}
         self._busy_refusals = self._callback_errors = 0
-        self._callback_problem = self._memory_problem = self._save_blocked = ""
+        self._callback_problem, self._memory_file = "", None
         self._state = "unconfigured"
 
     def _on_set_parameters(self, changes) -> SetParametersResult:
@@ -373,71 +374,25 @@ class FvsNode(LifecycleNode):
 
     @_guarded
     def _on_save_memory(self, request, response: Trigger.Response) -> Trigger.Response:
-        path = self._p["memory_file"]
-        if not path:
-            response.success, response.message = False, "memory_file parameter is empty: nowhere to save"
+        if self._memory_file is None:
+            response.success = False
+            response.message = (
+                "no memory_file (empty, or the node was not activated with one): nowhere to save"
+            )
         else:
-            response.success, response.message = self._save_memory(path, flush=True)
+            response.success, response.message = self._memory_file.save(
+                self._engine, self._saved_extra(), flush=True
+            )
         return response
-
-    # ------------------------------------------------------------------ memory file
 
     @_guarded
     def _periodic_save(self):
-        """Every save_period_s while active, if memory or the stream state changed since the last save."""
-        s = self._engine.stats()
-        if (s.memory_version, s.frames_in) != self._saved_version:
-            self._save_memory(self._p["memory_file"], flush=False)
+        """Every save_period_s while active, if memory or the stream changed since the last save."""
+        self._memory_file.save_if_changed(self._engine, self._saved_extra())
 
-    def _save_memory(self, path: str, flush: bool) -> tuple[bool, str]:
-        """Save to memory_file (crash-safe: fvs_ros.persistence); (success, message), logged."""
-        if self._save_blocked:
-            message = f"not saving to {path}: {self._save_blocked}"
-            self.get_logger().error(message, throttle_duration_sec=60.0)
-            return False, message
-        try:
-            if flush:
-                self._engine.flush(timeout=5.0)
-            s = self._engine.stats()
-            extra = {"intake": self._intake.state() if self._intake is not None else self._intake_state}
-            self._engine.save(Path(path).expanduser(), extra=extra)
-        except Exception as e:  # noqa: BLE001 - a failed save is reported, intake goes on
-            message = f"saving memory to {path} failed: {type(e).__name__}: {e}"
-            self._memory_problem = message
-            self.get_logger().error(message, throttle_duration_sec=10.0)
-            return False, message
-        self._saved_version = (s.memory_version, s.frames_in)
-        message = f"memory saved to {path} ({s.frames_seen} frames seen)"
-        (self.get_logger().info if flush else self.get_logger().debug)(message)
-        return True, message
-
-    def _restore_memory(self, path: str):
-        """Restore memory_file; one that cannot be restored is moved aside (kept, never overwritten)."""
-        if not path:
-            return
-        path = Path(path).expanduser()
-        try:
-            extra = self._engine.load(path)
-        except NothingSaved:
-            return
-        except Exception as e:  # noqa: BLE001 - an unreadable file must not keep the camera off
-            try:
-                aside = move_aside(path)
-            except OSError as move_error:
-                self._save_blocked = f"{path} could not be restored nor moved aside ({move_error})"
-                aside = None
-            self._memory_problem = f"memory_file {path} not restored ({e}); " + (
-                f"moved aside to {aside}" if aside else self._save_blocked
-            )
-            frames = self._engine.stats().frames_seen
-            self.get_logger().error(
-                f"{self._memory_problem}; going on with the memory in use ({frames} frames)"
-            )
-            return
-        self._intake_state = dict(extra.get("intake") or {}) if isinstance(extra.get("intake"), dict) else {}
-        s = self._engine.stats()
-        self._saved_version = (s.memory_version, s.frames_in)
-        self.get_logger().info(f"memory restored from {path} ({s.frames_seen} frames seen)")
+    def _saved_extra(self) -> dict:
+        """What the node saves beside the engine's state: its intake counters."""
+        return {"intake": self._intake.state() if self._intake is not None else self._intake_state}
 
     # ------------------------------------------------------------------ outputs
 
@@ -464,10 +419,9 @@ class FvsNode(LifecycleNode):
         s = engine.stats()
         intake = self._intake
         counters = intake.counters if intake is not None else IntakeCounters(**self._intake_state)
+        memory_problem = self._memory_file.problem if self._memory_file is not None else ""
         problems = [
-            x
-            for x in (s.last_error, self._memory_problem, self._callback_problem, intake and intake.problem)
-            if x
+            x for x in (s.last_error, memory_problem, self._callback_problem, intake and intake.problem) if x
         ]
         level, message = self._health.level(counters, not s.running, problems)
         slots, csm_slots = len(engine.snapshot().csm_weights), engine.memory_config.csm_slots
@@ -492,7 +446,7 @@ class FvsNode(LifecycleNode):
             "queue_depth": s.queue_depth,
             "memory_slots_used": f"{slots}/{csm_slots}",
             "memory_fill": f"{slots / csm_slots:.2f}",
-            "memory_file_problem": self._memory_problem,
+            "memory_file_problem": memory_problem,
             "last_update_s": node_health.fmt(s.last_update_s),
             "last_answer_latency_s": node_health.fmt(s.last_answer_s),
             "last_time_to_first_token_s": node_health.fmt(s.last_ttft_s),
