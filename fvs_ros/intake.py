@@ -4,7 +4,10 @@ pay for decoding only those frames.
 With `raw_intake` the subscription hands over the serialized message (rclpy `raw=True`): the CDR
 header (stamp, sizes, encoding) is read in place with `struct`, the pixel data is never copied for
 a frame the sampler skips, and a kept frame's pixels are a zero-copy view of the received bytes.
-Otherwise rclpy deserializes every message first (the path before issue 15, kept to compare).
+That subscription lives on a bare node of its own (no parameter services, no rosout) spun by its
+own thread (SubscriptionThread): the lifecycle node's MultiThreadedExecutor rebuilds a wait set over
+all of its services and timers for every message. Otherwise the lifecycle node subscribes and rclpy
+deserializes every message first (the path before issue 15, kept to compare).
 
 Stamps: zero, negative, or more than `max_stamp_ahead_s` ahead of the node clock are not trusted:
 the frame is restamped with the node clock when it arrived (counted in `frames_restamped`), so a
@@ -15,8 +18,12 @@ stream clock. Everything else (out of order, jumps back) is the engine's (Stream
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
+
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
 
 from fvs_ros.engine import EngineError, FrameError
 from fvs_ros.ros_image import MalformedImage, UnsupportedEncoding, compressed_to_rgb, image_to_rgb
@@ -198,3 +205,29 @@ class ImageIntake:
         if self.compressed:
             return compressed_to_rgb(msg, self.max_pixels)
         return image_to_rgb(msg, self.max_pixels)
+
+
+class SubscriptionThread:
+    """One subscription on a bare node of its own, spun by its own thread and executor."""
+
+    def __init__(self, context, name: str, namespace: str, msg_type, topic: str, callback, qos, raw: bool):
+        self.node = rclpy.create_node(
+            name, namespace=namespace, context=context, start_parameter_services=False, enable_rosout=False
+        )
+        self.subscription = self.node.create_subscription(msg_type, topic, callback, qos, raw=raw)
+        self.topic_name = self.subscription.topic_name
+        self._executor = SingleThreadedExecutor(context=context)
+        self._executor.add_node(self.node)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, name="fvs-image-intake", daemon=True)
+        self._thread.start()
+
+    def _spin(self):
+        while not self._stop.is_set() and self.node.context.ok():
+            self._executor.spin_once(timeout_sec=0.1)  # the callback (ImageIntake) never raises
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self._executor.shutdown()
+        self.node.destroy_node()

@@ -43,7 +43,7 @@ from std_srvs.srv import Trigger
 from fvs_ros import node_health, params
 from fvs_ros.config import engine_config, memory_config
 from fvs_ros.engine import Answer, EngineError, QuestionError, open_engine
-from fvs_ros.intake import ImageIntake, IntakeCounters
+from fvs_ros.intake import ImageIntake, IntakeCounters, SubscriptionThread
 from fvs_ros.model import ModelLoadError
 from fvs_ros.msg import SceneSummary
 from fvs_ros.node_memory import MemoryFile
@@ -222,10 +222,21 @@ class FvsNode(LifecycleNode):
             max_pixels=p["max_image_pixels"],
             counters=self._intake_state,
         )
-        callback = self._intake.on_serialized if p["raw_intake"] else self._intake.on_message
-        self._image_sub = self.create_subscription(
-            msg_type, topic, callback, qos, callback_group=self._image_group, raw=p["raw_intake"]
-        )
+        if p["raw_intake"]:
+            self._image_sub = SubscriptionThread(
+                self.context,
+                "fvs_intake",
+                self.get_namespace(),
+                msg_type,
+                topic,
+                self._intake.on_serialized,
+                qos,
+                True,
+            )
+        else:
+            self._image_sub = self.create_subscription(
+                msg_type, topic, self._intake.on_message, qos, callback_group=self._image_group
+            )
         if self._memory_file is not None and p["save_period_s"] > 0:
             self._save_timer = self.create_timer(
                 p["save_period_s"], self._periodic_save, callback_group=self._misc_group
@@ -275,7 +286,10 @@ class FvsNode(LifecycleNode):
             self.destroy_timer(self._save_timer)
             self._save_timer = None
         if self._image_sub is not None:
-            self.destroy_subscription(self._image_sub)
+            if isinstance(self._image_sub, SubscriptionThread):
+                self._image_sub.close()
+            else:
+                self.destroy_subscription(self._image_sub)
             self._image_sub = None
         self._state = "inactive"
         if self._intake is not None:
