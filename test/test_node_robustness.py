@@ -53,6 +53,7 @@ NODE_PARAMETERS = dict(
     save_period_s=0.0,
     csm_slots=8,
     dam_frames=4,
+    frames_per_slot=1,  # every frame counts at once in frames_seen
 )
 
 
