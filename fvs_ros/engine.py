@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-import cv2
 import numpy as np
 import torch
 
 from fvs_ros.memory import FlashMemory, MemoryConfig, MemoryFileError, MemorySnapshot
+from fvs_ros.model.preprocess import resize_frames
 from fvs_ros.model.prompt import DEFAULT_SYSTEM_PROMPT
 from fvs_ros.persistence import SavedStateError, read_saved, write_saved
 from fvs_ros.prefix_cache import MemoryPrefix, PrefixCache, PrefixModel, Published
@@ -1069,12 +1069,11 @@ def open_engine(
 
 
 def _fit(frame: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Bring a frame to the stream's model input size (area filter when shrinking, cubic when enlarging)."""
-    h, w = hw
-    if frame.shape[:2] == (h, w):
+    """Bring a frame to the stream's model input size with the model's own resize (PIL bicubic, as
+    the checkpoint's processor): a frame gets exactly the pixels encode_frames would give it."""
+    if frame.shape[:2] == tuple(hw):
         return frame
-    shrink = h * w < frame.shape[0] * frame.shape[1]
-    return cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    return resize_frames(frame[None], tuple(hw))[0]
 
 
 def _check_stamp_value(stamp) -> float:
