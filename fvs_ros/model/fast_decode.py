@@ -103,6 +103,8 @@ class _AttnContext:
     cu_q_pre: torch.Tensor | None = None  # [splits + 1] int32: the query rows repeated once per chunk
     cu_k_pre: torch.Tensor | None = None  # [splits + 1] int32: chunk bounds over [0, P)
     max_k_pre: int = 0
+    # packed_logits: the new rows are independent tails of these lengths, each causal over its own keys
+    tails: tuple[int, ...] = ()
 
 
 def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, kwargs=None):
@@ -122,6 +124,25 @@ def _lse_rows(lse: torch.Tensor, n_seq: int, q_len: int, heads: int) -> torch.Te
     return lse[:, :, :q_len].permute(0, 2, 1)
 
 
+def block_mask(prefix_len: int, lengths: Sequence[int], device=None) -> torch.Tensor:
+    """bool [N, P + N] (True = attend) for tails of `lengths` packed after a P-token prefix: a row of
+    tail i sees every prefix key and tail i's keys up to itself."""
+    lengths = torch.tensor(list(lengths), device=device)
+    total = int(lengths.sum())
+    tail = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    first = (torch.cumsum(lengths, 0) - lengths)[tail]  # each row's tail start, in packed order
+    keys = torch.arange(total, device=device)
+    own = (keys[None, :] >= first[:, None]) & (keys[None, :] <= keys[:, None])
+    return torch.cat([torch.ones(total, prefix_len, dtype=torch.bool, device=device), own], dim=1)
+
+
+def _lse_packed(lse: torch.Tensor, tails: tuple[int, ...], heads: int) -> torch.Tensor:
+    """Log-sum-exp of packed sequences of lengths `tails` -> [1, sum(tails), H], rows in packed order."""
+    if lse.dim() == 2:
+        return lse.view(heads, 1, sum(tails)).permute(1, 2, 0)
+    return torch.cat([lse[i, :, :n] for i, n in enumerate(tails)], dim=1).T[None]
+
+
 def _split_flash(q, k, v, ctx: _AttnContext, scale):
     """q [q, H, D] over prefix chunks (non-causal) + new keys (causal), merged by log-sum-exp -> [q, H, D]."""
     q_len, heads, dim = q.shape
@@ -138,11 +159,19 @@ def _split_flash(q, k, v, ctx: _AttnContext, scale):
         scale,
         ctx.flash_kwargs,
     )
-    o_new, lse_new = flash_varlen(
-        q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scale, ctx.flash_kwargs
-    )
+    if ctx.tails:  # independent tails: each sequence causal over its own keys
+        max_new = max(ctx.tails)
+        o_new, lse_new = flash_varlen(
+            q, k, v, ctx.cu_q, ctx.cu_k, max_new, max_new, True, scale, ctx.flash_kwargs
+        )
+        lse_new = _lse_packed(lse_new, ctx.tails, heads)
+    else:
+        o_new, lse_new = flash_varlen(
+            q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scale, ctx.flash_kwargs
+        )
+        lse_new = _lse_rows(lse_new, 1, q_len, heads)
     o = torch.cat([o_pre.view(s, q_len, heads, dim), o_new.view(1, q_len, heads, dim)]).float()
-    lse = torch.cat([_lse_rows(lse_pre, s, q_len, heads), _lse_rows(lse_new, 1, q_len, heads)])
+    lse = torch.cat([_lse_rows(lse_pre, s, q_len, heads), lse_new])
     lse = lse.masked_fill(lse == float("inf"), float("-inf"))  # FlashAttention marks empty chunks with +inf
     w = torch.exp(lse - lse.max(0, keepdim=True).values)  # [s + 1, q, H]
     out = (o * w.unsqueeze(-1)).sum(0) / w.sum(0).unsqueeze(-1)
@@ -324,10 +353,10 @@ class FastDecoder:
         return worst
 
     def _split_context(
-        self, plen: torch.Tensor, kvlen: torch.Tensor, q_len: int, capacity: int
+        self, plen: torch.Tensor, kvlen: torch.Tensor, q_len: int, capacity: int, splits: int | None = None
     ) -> _AttnContext:
         """Flash context for q_len new rows after a P-token prefix (plen [1]); keys valid up to kvlen [1]."""
-        s = self.splits
+        s = splits or self.splits
         chunk = (plen + (s - 1)) // s
         bounds = torch.minimum(torch.arange(s + 1, device=self.device) * chunk, plen)
         return _AttnContext(
@@ -436,6 +465,19 @@ class FastDecoder:
             mask = keys[None, :] <= slots[:, None]  # [q, capacity]
             groups = self.heads // self.kv_heads
             ctx = _AttnContext(flash=False, mask=mask.repeat(groups, 1)[None, None])
+        logits = self._run_layers(embeds, positions, ctx, kv, last)
+        return None if logits is None else logits[0]
+
+    def _run_layers(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: _AttnContext,
+        kv: _StaticKV,
+        rows: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The decoder layers over [1, q, hidden] with attention context `ctx` (K/V written at
+        kv.slots) -> logits [len(rows), vocab] of the given rows (rows None: no logits, None)."""
         _local.ctx = ctx
         hidden = embeds
         position_embeddings = self.llm.rotary_emb(hidden, positions)
@@ -451,10 +493,10 @@ class FastDecoder:
             )
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
-        if last is None:
+        if rows is None:
             return None
-        hidden = self.llm.norm(hidden.index_select(1, last))
-        return self.lm_head(hidden)[0, 0]
+        hidden = self.llm.norm(hidden.index_select(1, rows))
+        return self.lm_head(hidden)[0]
 
     # ------------------------------------------------------------------ graphs
 
@@ -577,6 +619,60 @@ class FastDecoder:
             (k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0))
             for k, v in zip(kv.keys, kv.values, strict=True)
         )
+
+    # ------------------------------------------------------------------ packed tails
+
+    def packed_logits(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        lengths: Sequence[int],
+        *,
+        prefix_kv,
+        prefix_len: int,
+    ) -> torch.Tensor:
+        """Float32 logits [n, vocab] at the last token of each of n independent tails, in one forward.
+
+        embeds [1, N, hidden] / positions [3, 1, N] hold the tails one after another (lengths sum to
+        N); tail i attends the whole prefix and its own tokens (causal), never another tail, so its
+        logits are those of [prefix + tail i] alone. The tails are written into the answers' slots
+        after the prefix (the next answer overwrites them); the prefix is read, never written.
+        FlashAttention: the N rows over the prefix chunks as one non-causal sequence per chunk, plus
+        one causal varlen sequence per tail over its own keys, merged by log-sum-exp; SDPA: a block
+        mask. Eager (no graph): the tails' count and lengths change from call to call.
+        """
+        lengths = tuple(int(n) for n in lengths)
+        total = sum(lengths)
+        if not lengths or min(lengths) < 1 or total != embeds.shape[1]:
+            raise ValueError(f"tail lengths {lengths} do not split {embeds.shape[1]} packed tokens")
+        prefix_len = int(prefix_len)
+        with self._lock, torch.inference_mode():
+            if prefix_len + total > self.capacity:
+                self._ensure_capacity(prefix_len + max(total, self._tail_room()))
+            self._load_prefix(prefix_kv, prefix_len)
+            slots = torch.arange(prefix_len, prefix_len + total, device=self.device)
+            ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+            with self._static_attention():
+                self._kv.slots = slots
+                ctx = self._packed_context(prefix_len, lengths)
+                logits = self._run_layers(
+                    embeds.to(self.device, self.dtype), positions.to(self.device), ctx, self._kv, ends
+                )
+            return logits.float()
+
+    def _packed_context(self, prefix_len: int, lengths: tuple[int, ...]) -> _AttnContext:
+        total = sum(lengths)
+        offsets = torch.tensor((0, *lengths), device=self.device).cumsum(0)
+        if self.attention == "flash":
+            plen = torch.tensor([prefix_len], device=self.device)
+            ctx = self._split_context(plen, plen + total, total, self.capacity, splits=max(self.splits, 1))
+            ctx.cu_q = offsets.to(torch.int32)
+            ctx.cu_k = (offsets + prefix_len).to(torch.int32)
+            ctx.tails = lengths
+            return ctx
+        mask = F.pad(block_mask(prefix_len, lengths, self.device), (0, self.capacity - prefix_len - total))
+        groups = self.heads // self.kv_heads
+        return _AttnContext(flash=False, mask=mask.repeat(groups, 1)[None, None])
 
     # ------------------------------------------------------------------ generation
 

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generator
+from typing import Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, DynamicCache
 from transformers.vision_utils import get_vision_window_index
 
 from .checkpoint import QWEN2_5_VL, CheckpointConfig, ModelLoadError, build_model, read_config, resolve_source
+from .conditions import ConditionScorer
 from .fast_decode import FastDecoder
 from .fast_vision import FastVision
 from .positions import TRAINED_SLOTS, memory_positions, time_to_position
@@ -124,6 +125,7 @@ class VideoLM:
         self._llm_lock = self.fast.module_lock if self.fast is not None else contextlib.nullcontext()
         # Packed-attention / CUDA-graph ViT for streamed frames (Qwen2-VL); None = transformers' forward.
         self.fast_vision = FastVision(self.visual) if fast_vision and self.model_type != QWEN2_5_VL else None
+        self._conditions: ConditionScorer | None = None  # built on first use (yes/no token ids)
 
     @property
     def memory_defaults(self) -> dict:
@@ -373,6 +375,13 @@ class VideoLM:
             on_token(final[len(sent[0]) :])
         ttft = generate_start - start + out.ttft_s
         return Generation(final, out.tokens, ttft, time.perf_counter() - start, embeds.shape[1])
+
+    def condition_probabilities(self, prefix: MemoryPrefix, conditions: Sequence[str]) -> list[float]:
+        """P(yes) of each condition on the memory of `prefix`, all in one packed prefill
+        (conditions.py documents the prompt and the yes/no tokens)."""
+        if self._conditions is None:
+            self._conditions = ConditionScorer(self)
+        return self._conditions.probabilities(prefix, conditions)
 
     @torch.inference_mode()
     def answer_uncached(
