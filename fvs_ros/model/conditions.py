@@ -7,10 +7,10 @@ checkpoint's chat template (prompt.py), with the exact question text
 
 (the condition stripped of surrounding spaces and trailing '?'), so the whole prompt is
 
-    <|im_start|>system\\n{system prompt}<|im_end|>\\n<|im_start|>user\\n<|vision_start|>{memory}<|vision_end|>
-    {condition}? Answer yes or no.<|im_end|>\\n<|im_start|>assistant\\n
+    <|im_start|>system\\n{system prompt}<|im_end|>\\n<|im_start|>user\\n<|vision_start|>{memory}
+    <|vision_end|>{condition}? Answer yes or no.<|im_end|>\\n<|im_start|>assistant\\n
 
-(Qwen2-VL's template; the text around the condition is the checkpoint's own)
+(one string, wrapped here; Qwen2-VL's template: the text around the condition is the checkpoint's own)
 
 and no token is decoded: the logits of the last prompt token give the assistant's first token.
 P(yes) = sum of exp(logit) over the yes tokens / that sum over the yes and no tokens, i.e.
