@@ -83,7 +83,7 @@ class Watcher:
 
     def add(self, text: str, threshold: float, name: str = "") -> Condition:
         """Watch a condition; raises WatchError (nothing changed) on bad input or when full."""
-        condition = _checked(text, threshold, name)
+        condition = check_condition(text, threshold, name)
         with self._lock:
             if condition.name in self._states:
                 raise WatchError(f"a condition named {condition.name!r} is already watched; remove it first")
@@ -165,7 +165,7 @@ class Watcher:
                 raise ValueError(f"not a format-{_FORMAT} watch file")
             states = {}
             for entry in data["conditions"]:
-                c = _checked(entry["text"], entry["threshold"], entry["name"])
+                c = check_condition(entry["text"], entry["threshold"], entry["name"])
                 if c.name in states:
                     raise ValueError(f"condition {c.name!r} appears twice")
                 if not isinstance(entry.get("active"), bool):
@@ -199,7 +199,7 @@ class Watcher:
         _atomic_write_text(self.path, json.dumps(data, indent=1))
 
 
-def _checked(text, threshold, name) -> Condition:
+def check_condition(text, threshold, name) -> Condition:
     """A valid Condition or WatchError saying what is wrong."""
     if not isinstance(text, str) or not text.strip().rstrip("?").strip():
         raise WatchError("condition is empty: give a statement such as 'a person is at the door'")

@@ -21,6 +21,8 @@ Fields of one question (unknown fields are kept in the report as `meta`):
               text; otherwise a short answer (or a list of accepted answers). Alias: reference.
     type      optional: mc | short | open. Default: mc with choices; short when the reference has
               at most 6 words (or is a list); open otherwise or without a reference.
+
+Entries with `watch` (and no `question`) are conditions to watch, read by bag/watching.py.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any, Optional, Union
 import yaml
 
 TIME_KEYS = ("time", "t", "stream_time", "time_s")
+WATCH_KEYS = ("watch", "condition")  # entries with one of these (and no 'question'): bag/watching.py
 KINDS = {
     "mc": "mc",
     "multiple_choice": "mc",
@@ -379,6 +382,16 @@ def load_questions(
     Raises QuestionFileError when the file as a whole cannot be used. video_id / clips /
     time_offset apply to VStream-QA files (see load_vstream).
     """
+    entries, issues = read_entries(path)
+    if Path(path).suffix.lower() == ".json" and _is_vstream(entries):
+        return load_vstream(entries, str(path), video_id=video_id, clips=clips, time_offset=time_offset)
+    return _build([e for e in entries if not is_watch(e[1])], str(path), issues)
+
+
+def read_entries(path) -> tuple[list[tuple[Optional[int], Any]], list[QuestionIssue]]:
+    """The entries of a question file as (line, object), and issues for unreadable JSONL lines.
+
+    Raises QuestionFileError when the file as a whole cannot be used."""
     path = Path(path)
     source = str(path)
     try:
@@ -388,18 +401,17 @@ def load_questions(
     issues: list[QuestionIssue] = []
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        entries = _entries_jsonl(text, source, issues)
-    elif suffix in (".yaml", ".yml"):
-        entries = _entries_yaml(text, source)
-    elif suffix == ".json":
-        entries = _entries_json(text, source)
-        if _is_vstream(entries):
-            return load_vstream(entries, source, video_id=video_id, clips=clips, time_offset=time_offset)
-    else:
-        raise QuestionFileError(
-            f"{source}: unknown question file type {suffix!r} (.jsonl, .yaml, .yml, .json)"
-        )
-    return _build(entries, source, issues)
+        return _entries_jsonl(text, source, issues), issues
+    if suffix in (".yaml", ".yml"):
+        return _entries_yaml(text, source), issues
+    if suffix == ".json":
+        return _entries_json(text, source), issues
+    raise QuestionFileError(f"{source}: unknown question file type {suffix!r} (.jsonl, .yaml, .yml, .json)")
+
+
+def is_watch(item) -> bool:
+    """A condition to watch (fvs_ros/bag/watching.py), not a question."""
+    return isinstance(item, dict) and "question" not in item and any(k in item for k in WATCH_KEYS)
 
 
 def _build(entries, source, issues, id_fn=None) -> tuple[list[Question], list[QuestionIssue]]:

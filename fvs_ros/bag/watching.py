@@ -1,0 +1,178 @@
+"""Standing queries in bag evaluations: conditions with the stream times they hold, event scoring.
+
+A question file entry with `watch` instead of `question` is a condition to watch for the whole
+replay (fvs_ros/watch.py):
+
+    {"id": "door", "watch": "a person is at the door", "threshold": 0.6, "true_during": [[2, 5], [9, "end"]]}
+
+    watch      the condition text (required, as for ~/watch add). Alias: condition.
+    threshold  optional, default 0.5.
+    true_during stream-time intervals [from, until] in which the condition holds (times as for
+                questions; until may be "end"). Omitted or []: never true, every rise is false.
+    id         optional; default "W<line>".
+
+Scoring (per condition; an event's time is the stream time of the newest frame in the memory it
+was computed on, so delays count stream time, the wall latency is reported beside):
+
+- detection: the first rise in [from, until + tolerance] of an interval detects it; its delay is
+  event time - from. An interval without one is missed.
+- clearing: the first fall in [until, next interval's from or the stream end + tolerance] clears
+  an interval that ends before the stream does; its delay is event time - until.
+- false rises: every other rise (outside the windows, or a second rise within one);
+  false falls: every other fall (one inside an interval, before it ends).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from fvs_ros.bag.questions import WATCH_KEYS, QuestionIssue, is_watch, parse_time, read_entries
+from fvs_ros.watch import WatchError, check_condition
+
+DEFAULT_TOLERANCE_S = 4.0  # two 2-frame slots at 1 fps: the memory sees a change at most that late
+
+
+@dataclass
+class WatchSpec:
+    id: str
+    condition: str
+    threshold: float
+    intervals: list[tuple[float, Optional[float]]]  # (from, until); until None = to the end
+    line: Optional[int] = None
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "line": self.line,
+            "condition": self.condition,
+            "threshold": self.threshold,
+            "true_during": [[a, "end" if b is None else b] for a, b in self.intervals],
+            "meta": self.meta,
+        }
+
+
+def load_watches(path) -> tuple[list[WatchSpec], list[QuestionIssue]]:
+    """The watch entries of a question file (the questions are load_questions'), with issues for
+    skipped ones. Raises QuestionFileError when the file as a whole cannot be used."""
+    entries, _ = read_entries(path)  # malformed lines are load_questions' to report
+    specs, issues, seen = [], [], set()
+    for line, obj in entries:
+        if not is_watch(obj):
+            continue
+        try:
+            spec = watch_from_dict(obj, source=str(path), line=line, default_id=f"W{line or len(specs) + 1}")
+        except ValueError as e:
+            issues.append(QuestionIssue(str(path), line, f"{e}; condition skipped", obj.get("id")))
+            continue
+        if spec.id in seen:
+            issues.append(
+                QuestionIssue(str(path), line, f"duplicate id {spec.id!r}; condition skipped", spec.id)
+            )
+            continue
+        seen.add(spec.id)
+        specs.append(spec)
+    return specs, issues
+
+
+def watch_from_dict(item: dict, *, source: str, line: Optional[int], default_id: str) -> WatchSpec:
+    """Validate one watch entry; raises ValueError with a message meant for the user."""
+    item = dict(item)
+    key = next(k for k in WATCH_KEYS if k in item)
+    text, threshold = item.pop(key), item.pop("threshold", 0.5)
+    try:
+        condition = check_condition(text, threshold, "")
+    except WatchError as e:
+        raise ValueError(str(e)) from None
+    raw = item.pop("true_during", [])
+    if raw is None:
+        raw = []
+    if isinstance(raw, list) and len(raw) == 2 and not isinstance(raw[0], list):
+        raw = [raw]  # one interval given bare: [from, until]
+    if not isinstance(raw, list) or not all(isinstance(iv, list) and len(iv) == 2 for iv in raw):
+        raise ValueError("'true_during' must be a list of [from, until] stream-time intervals")
+    intervals = []
+    for start, end in raw:
+        a, a_end = parse_time(start)
+        if a_end:
+            raise ValueError("an interval of 'true_during' cannot start at 'end'")
+        b, b_end = parse_time(end)
+        if not b_end and b <= a:
+            raise ValueError(f"interval [{start}, {end}] of 'true_during' ends before it starts")
+        intervals.append((a, None if b_end else b))
+    intervals.sort(key=lambda iv: iv[0])
+    for (_, b0), (a1, _) in zip(intervals, intervals[1:], strict=False):
+        if b0 is None or b0 >= a1:
+            raise ValueError(f"intervals of 'true_during' overlap or touch at {a1} s; merge them")
+    wid = item.pop("id", None)
+    wid = default_id if wid is None or str(wid).strip() == "" else str(wid)
+    return WatchSpec(wid, condition.text, condition.threshold, intervals, line, source, item)
+
+
+def score_watch(
+    spec: WatchSpec,
+    events: Sequence[tuple[float, bool]],
+    stream_end: float,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+) -> dict:
+    """Score one condition's events [(stream time, rising)] against its true intervals (module doc)."""
+    rises = sorted(t for t, rising in events if rising)
+    falls = sorted(t for t, rising in events if not rising)
+    used_rises, used_falls = set(), set()
+    detection, clearing = [], []
+    for i, (a, b) in enumerate(spec.intervals):
+        until = stream_end if b is None else b
+        hit = next((t for t in rises if a <= t <= until + tolerance_s and t not in used_rises), None)
+        detection.append(None if hit is None else hit - a)
+        if hit is not None:
+            used_rises.add(hit)
+        if b is None or b >= stream_end:
+            continue
+        nxt = spec.intervals[i + 1][0] if i + 1 < len(spec.intervals) else stream_end + tolerance_s
+        hit = next((t for t in falls if b <= t <= nxt and t not in used_falls), None)
+        clearing.append(None if hit is None else hit - b)
+        if hit is not None:
+            used_falls.add(hit)
+    detected = [d for d in detection if d is not None]
+    cleared = [d for d in clearing if d is not None]
+    return {
+        "id": spec.id,
+        "condition": spec.condition,
+        "threshold": spec.threshold,
+        "intervals": len(spec.intervals),
+        "detected": len(detected),
+        "missed": len(detection) - len(detected),
+        "detection_delay_s": detection,
+        "mean_detection_delay_s": _mean(detected),
+        "max_detection_delay_s": max(detected) if detected else None,
+        "ends": len(clearing),
+        "cleared": len(cleared),
+        "clearing_delay_s": clearing,
+        "mean_clearing_delay_s": _mean(cleared),
+        "false_rises": len(rises) - len(used_rises),
+        "false_falls": len(falls) - len(used_falls),
+        "events": [{"time": t, "rising": r} for t, r in sorted(events)],
+    }
+
+
+def summarize_watch(scores: Sequence[dict]) -> dict:
+    """Totals over conditions."""
+    delays = [d for s in scores for d in s["detection_delay_s"] if d is not None]
+    return {
+        "conditions": len(scores),
+        "intervals": sum(s["intervals"] for s in scores),
+        "detected": sum(s["detected"] for s in scores),
+        "missed": sum(s["missed"] for s in scores),
+        "false_rises": sum(s["false_rises"] for s in scores),
+        "false_falls": sum(s["false_falls"] for s in scores),
+        "mean_detection_delay_s": _mean(delays),
+        "p50_detection_delay_s": statistics.median(delays) if delays else None,
+        "max_detection_delay_s": max(delays) if delays else None,
+    }
+
+
+def _mean(xs) -> Optional[float]:
+    return sum(xs) / len(xs) if xs else None

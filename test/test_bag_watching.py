@@ -1,0 +1,98 @@
+"""Conditions in question files and their event scoring (fvs_ros/bag/watching.py). No ROS, no model."""
+
+import json
+
+import pytest
+
+from fvs_ros.bag.questions import load_questions
+from fvs_ros.bag.watching import WatchSpec, load_watches, score_watch, summarize_watch
+
+
+def test_question_file_holds_questions_and_conditions(tmp_path):
+    path = tmp_path / "q.jsonl"
+    lines = [
+        {"id": "colour", "time": 1, "question": "What colour is the ball?"},
+        {
+            "id": "door",
+            "watch": "a person is at the door",
+            "threshold": 0.6,
+            "true_during": [[2, 5.5], ["0:09", "end"]],
+        },
+        {"watch": "smoke is visible"},
+        {"id": "bad1", "watch": "", "true_during": []},
+        {"id": "bad2", "watch": "x", "threshold": 1.5},
+        {"id": "bad3", "watch": "x", "true_during": [[5, 3]]},
+        {"id": "bad4", "watch": "x", "true_during": [[1, 5], [4, 8]]},
+        {"id": "bad5", "watch": "x", "true_during": [["end", 3]]},
+        {"id": "door", "watch": "again"},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    questions, q_issues = load_questions(path)
+    assert [q.id for q in questions] == ["colour"] and not q_issues  # conditions are not questions
+    specs, issues = load_watches(path)
+    assert [(s.id, s.condition, s.threshold, s.intervals) for s in specs] == [
+        ("door", "a person is at the door", 0.6, [(2.0, 5.5), (9.0, None)]),
+        ("W3", "smoke is visible", 0.5, []),
+    ]
+    messages = {i.id: i.message for i in issues}
+    assert "condition is empty" in messages["bad1"]
+    assert "threshold must be in [0, 1]" in messages["bad2"]
+    assert "ends before it starts" in messages["bad3"]
+    assert "overlap" in messages["bad4"]
+    assert "cannot start at 'end'" in messages["bad5"]
+    assert "duplicate id 'door'" in messages["door"]
+
+
+def test_yaml_conditions(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text("- id: cup\n  watch: a cup is on the table\n  true_during: [3, 7]\n")
+    (spec,), issues = load_watches(path)
+    assert spec.intervals == [(3.0, 7.0)] and spec.line == 1 and not issues
+
+
+def test_scoring():
+    spec = WatchSpec("door", "a person is at the door", 0.5, [(2.0, 5.0), (10.0, None)])
+    events = [
+        (1.0, True),  # before the first interval: false rise
+        (1.5, False),  # its fall, outside any interval end window... a false fall
+        (3.0, True),  # detects [2, 5] after 1 s
+        (4.0, False),  # falls inside the interval: false fall
+        (4.5, True),  # rises again inside: false rise
+        (6.0, False),  # clears [2, 5] 1 s after its end
+        (13.0, True),  # detects [10, end] after 3 s
+    ]
+    s = score_watch(spec, events, stream_end=20.0, tolerance_s=2.0)
+    assert s["detection_delay_s"] == [1.0, 3.0] and s["detected"] == 2 and s["missed"] == 0
+    assert s["clearing_delay_s"] == [1.0] and s["cleared"] == 1 and s["ends"] == 1
+    assert s["false_rises"] == 2 and s["false_falls"] == 2
+    assert s["mean_detection_delay_s"] == 2.0 and s["max_detection_delay_s"] == 3.0
+
+
+def test_scoring_misses_and_tolerance():
+    spec = WatchSpec("smoke", "smoke is visible", 0.5, [(2.0, 4.0), (8.0, 9.0)])
+    # the first interval is detected late, within tolerance; the second never; nothing clears
+    s = score_watch(spec, [(5.5, True)], stream_end=12.0, tolerance_s=2.0)
+    assert s["detection_delay_s"] == [3.5, None] and s["missed"] == 1
+    assert s["clearing_delay_s"] == [None, None] and s["cleared"] == 0
+    # beyond the tolerance the rise is a false one
+    s = score_watch(spec, [(6.5, True)], stream_end=12.0, tolerance_s=2.0)
+    assert s["detected"] == 0 and s["false_rises"] == 1
+    never = WatchSpec("never", "a unicorn", 0.5, [])
+    s = score_watch(never, [(1.0, True), (2.0, False)], stream_end=5.0)
+    assert s["false_rises"] == 1 and s["false_falls"] == 1 and s["intervals"] == 0
+
+
+def test_summary():
+    a = score_watch(WatchSpec("a", "a", 0.5, [(1.0, None)]), [(2.0, True)], 5.0)
+    b = score_watch(WatchSpec("b", "b", 0.5, [(1.0, 2.0)]), [(0.5, True)], 5.0)
+    total = summarize_watch([a, b])
+    assert total["conditions"] == 2 and total["detected"] == 1 and total["missed"] == 1
+    assert total["false_rises"] == 1 and total["p50_detection_delay_s"] == 1.0
+
+
+@pytest.mark.parametrize("true", ["3", [[1, 2, 3]], {"from": 1}])
+def test_bad_interval_shapes(tmp_path, true):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": "x", "watch": "x", "true_during": true}) + "\n")
+    specs, issues = load_watches(path)
+    assert not specs and "list of [from, until]" in issues[0].message
