@@ -28,7 +28,8 @@ from fvs_ros.memory import FlashMemory, MemoryConfig, MemoryFileError, MemorySna
 from fvs_ros.model.preprocess import resize_frames
 from fvs_ros.model.prompt import DEFAULT_SYSTEM_PROMPT
 from fvs_ros.persistence import SavedStateError, read_saved, write_saved
-from fvs_ros.prefix_cache import MemoryPrefix, PrefixCache, PrefixModel, Published
+from fvs_ros.prefix_cache import MemoryPrefix, Prefix, PrefixCache, PrefixModel, Published
+from fvs_ros.watch import Watcher, WatchError, WatchResult, WatchRunner
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ class EngineStats:
     questions_failed: int
     questions_timed_out: int
     summaries: int
+    watch_evaluations: int  # evaluations of the watched conditions (one per new memory prefix)
+    last_watch_s: Optional[float]  # time of the latest (all conditions in one batched prefill)
     errors: int  # caught in the workers (model errors, CUDA OOM, ...)
     last_error: Optional[str]
     device_memory_bytes: Optional[int]  # torch.cuda.memory_allocated on CUDA, else None
@@ -190,6 +193,8 @@ class _Counters:
     questions_failed: int = 0
     questions_timed_out: int = 0
     summaries: int = 0
+    watch_evaluations: int = 0
+    last_watch_s: Optional[float] = None
     errors: int = 0
     last_error: Optional[str] = None
 
@@ -296,12 +301,20 @@ class StreamEngine:
         memory_config: Optional[MemoryConfig] = None,
         config: Optional[EngineConfig] = None,
         on_summary: Optional[Callable[[Answer], None]] = None,
+        watcher: Optional[Watcher] = None,
+        on_watch: Optional[Callable[[WatchResult], None]] = None,
     ):
-        """memory_config defaults to the checkpoint's memory size (lm.memory_defaults)."""
+        """memory_config defaults to the checkpoint's memory size (lm.memory_defaults).
+
+        watcher: the conditions evaluated on every new memory prefix (fvs_ros/watch.py); each
+        evaluation goes to on_watch (LLM worker thread). Without on_watch nothing is evaluated."""
         self.lm = lm
         self.config = config or EngineConfig()
         self.device = torch.device(getattr(lm, "device", "cpu"))
         self.on_summary = on_summary
+        self.watcher = watcher if watcher is not None else Watcher()
+        self.watcher.on_added = self._wake_llm_worker
+        self._watch = WatchRunner(self.watcher, on_watch)
         self._memory_config = memory_config or MemoryConfig(**getattr(lm, "memory_defaults", {}))
         self._memory = FlashMemory(self._memory_config, device=self.device)
         self._save_lock = threading.Lock()  # one save at a time (they write the same directory)
@@ -328,6 +341,7 @@ class StreamEngine:
             stream=lambda: self._worker_stream(priority=0),
             sync=self._sync,
             on_error=self._record_error,
+            on_built=self._wake_llm_worker,  # a new prefix may be due a watch evaluation
         )
         self._summarized: Optional[Published] = None
         self._last_summary_t = time.monotonic()
@@ -727,18 +741,48 @@ class StreamEngine:
                 job()
 
     def _next_llm_job(self) -> Optional[Callable[[], None]]:
-        """Queued requests first (questions before summarize() calls), then the periodic summary."""
+        """Queued requests first (questions before summarize() calls), then the watched conditions on a
+        new prefix, then the periodic summary."""
         with self._llm_cv:
             while not self._stopping:
                 while self._requests:
                     _, _, req = heapq.heappop(self._requests)
                     if not req.cancelled:
                         return lambda: self._serve(req)
+                p = self._prefixes.current
+                if p is not None and p.source.epoch == self._published.epoch:
+                    if self._watch.due((p.source.epoch, p.source.snapshot.version)):
+                        return lambda: self._evaluate_watch(p)
                 wait_summary = self._summary_wait()
                 if wait_summary == 0:
                     return self._auto_summary
                 self._llm_cv.wait(wait_summary)
             return None
+
+    def _wake_llm_worker(self):
+        with self._llm_cv:
+            self._llm_cv.notify_all()
+
+    def _evaluate_watch(self, p: Prefix):
+        """Every watched condition on the prefix `p` in one batched prefill (WatchRunner)."""
+        src = p.source
+        try:
+            with self._prefixes.gpu_busy("answer"):  # the builder pauses between chunks meanwhile
+                result = self._watch.run(
+                    self.lm,
+                    p.prefix,
+                    (src.epoch, src.snapshot.version),
+                    stamp=_opt_float(src.snapshot.last_stamp),
+                    frames_seen=int(src.snapshot.frames_seen) * self.config.frames_per_slot,
+                    memory_updated_at=src.updated_at,
+                    sync=self._sync,
+                )
+        except Exception as e:  # noqa: BLE001 - a failed evaluation (or callback) must not kill the worker
+            self._record_error("watch", e)
+            return
+        with self._lock:
+            self._counters.watch_evaluations += 1
+            self._counters.last_watch_s = result.evaluation_s
 
     def _summary_wait(self) -> Optional[float]:
         pub = self._published
@@ -880,7 +924,7 @@ class StreamEngine:
 
     def reset(self):
         """Forget the stream: empty memory (of the configured sizes) and queue; sampling, stamps and
-        frame size start over."""
+        frame size start over; watched conditions stay, inactive again."""
         with self._mem_lock, self._lock:
             self._epoch += 1
             self._reset_stream_state()
@@ -891,6 +935,10 @@ class StreamEngine:
                 self._memory = FlashMemory(self._memory_config, device=self.device)
             self._published = Published(self._memory.snapshot(), self._epoch)
         self._prefixes.memory_changed()
+        try:
+            self.watcher.reset()
+        except WatchError as e:
+            self._record_error("watch reset", e)
         with self._llm_cv:
             self._llm_cv.notify_all()
 
@@ -1058,6 +1106,8 @@ def open_engine(
     device="auto",
     dtype="auto",
     on_summary: Optional[Callable[[Answer], None]] = None,
+    watcher: Optional[Watcher] = None,
+    on_watch: Optional[Callable[[WatchResult], None]] = None,
 ) -> StreamEngine:
     """Load a checkpoint (load_model; raises ModelLoadError) and return a started engine.
 
@@ -1065,7 +1115,10 @@ def open_engine(
     from fvs_ros.model import load_model
 
     lm = load_model(model_source, dtype=dtype, device=device)
-    return StreamEngine(lm, memory_config, config, on_summary=on_summary).start()
+    engine = StreamEngine(
+        lm, memory_config, config, on_summary=on_summary, watcher=watcher, on_watch=on_watch
+    )
+    return engine.start()
 
 
 def _fit(frame: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Generator, Optional, Protocol
 
 import torch
@@ -51,6 +51,7 @@ class Published:
     snapshot: MemorySnapshot
     epoch: int
     first_stamp: Optional[float] = None  # stamp of the first frame of the memory's first slot
+    updated_at: float = field(default_factory=time.perf_counter)  # when it was published
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,14 @@ class PrefixCache:
         stream: Callable[[], ContextManager],
         sync: Callable[[], None],
         on_error: Callable[[str, BaseException], None],
+        on_built: Callable[[], None] = lambda: None,
     ):
         self.lm, self._latest = lm, latest
         self.system_prompt = system_prompt
         self.refresh_s, self.max_lag_s, self.chunk_tokens = refresh_s, max_lag_s, chunk_tokens
         self.yield_budget_s = yield_budget_s
         self._stream, self._sync, self._on_error = stream, sync, on_error
+        self._on_built = on_built  # called (outside _cv) after a new prefix is swapped in
         self._cv = threading.Condition()
         self._prefix: Optional[Prefix] = None  # written by the builder thread, under _cv
         self._building: Optional[Published] = None  # the memory being prefilled (set with the decision)
@@ -258,6 +261,8 @@ class PrefixCache:
                 self._prefix = Prefix(pub, prefix, time.monotonic(), self.last_build_s)
                 self._error = None
             self._cv.notify_all()
+        if prefix is not None:
+            self._on_built()
 
     def _prefill(self, pub: Published) -> Optional[MemoryPrefix]:
         """The model's prefix of `pub`, one chunk at a time; None if stopped or obsolete meanwhile."""

@@ -21,12 +21,16 @@ not rise again unless it fell meanwhile.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+log = logging.getLogger(__name__)
 
 WATCH_FILE = "watch.json"
 MAX_CONDITION_CHARS = 300  # a condition is one short statement; its prompt joins 15 others in a prefill
@@ -78,6 +82,8 @@ class Watcher:
         self.path = Path(directory) / WATCH_FILE if directory else None
         self._lock = threading.Lock()
         self._states: dict[str, ConditionState] = {}  # by name, in the order added
+        self.revision = 0  # bumped when conditions are added or loaded: they are due an evaluation
+        self.on_added: Optional[Callable[[], None]] = None  # called after add() and load()
 
     # ------------------------------------------------------------------ conditions
 
@@ -93,6 +99,8 @@ class Watcher:
                     "remove one first"
                 )
             self._commit({**self._states, condition.name: ConditionState(condition, False, None, None)})
+            self.revision += 1
+        self._added()
         return condition
 
     def remove(self, name: str) -> Condition:
@@ -142,7 +150,10 @@ class Watcher:
                     events.append(WatchEvent(condition, float(p), active, stamp, int(memory_version)))
                 self._states[condition.name] = ConditionState(condition, active, float(p), stamp)
             if events and self.path is not None:
-                self._write(self._states)  # an OSError reaches the caller, which logs it; the states stand
+                try:
+                    self._write(self._states)
+                except OSError as e:  # the events still go out; the file keeps the state before them
+                    log.error("cannot save the watched conditions' states to %s: %s", self.path, e)
         return events
 
     def reset(self) -> None:
@@ -175,7 +186,13 @@ class Watcher:
             raise WatchError(f"cannot read {self.path}: {type(e).__name__}: {e}") from e
         with self._lock:
             self._states = states
+            self.revision += 1
+        self._added()
         return len(states)
+
+    def _added(self) -> None:
+        if self.on_added is not None:
+            self.on_added()
 
     def _commit(self, states: dict[str, ConditionState]) -> None:
         """Save `states`, then make them current (under _lock); WatchError and no change if the save fails."""
@@ -235,3 +252,57 @@ def _atomic_write_text(path: Path, text: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class WatchResult:
+    """One evaluation of every watched condition on one memory (published on the debug topic)."""
+
+    states: tuple[ConditionState, ...]  # after this evaluation, with its probabilities
+    events: tuple[WatchEvent, ...]
+    stamp: Optional[float]  # newest frame stamp of the memory evaluated
+    frames_seen: int  # frames in that memory
+    memory_version: int
+    evaluation_s: float  # the batched prefill of all conditions (GPU work waited for)
+    memory_updated_at: float  # time.perf_counter() when that memory was published (event latency)
+
+
+class WatchRunner:
+    """The engine's side of watching: whether an evaluation is due on the newest prefix, and running it.
+
+    Each built prefix (one per memory update the prefix cache kept up with) is evaluated once, and
+    again when conditions were added since (so a new condition gets its first probability, and
+    rises if already true, without waiting for the next memory update); the engine's LLM worker
+    runs it only when no question or summarize() call is queued.
+    """
+
+    def __init__(self, watcher: Watcher, on_result: Optional[Callable[[WatchResult], None]]):
+        self.watcher, self.on_result = watcher, on_result
+        self._done: Optional[object] = None  # key of the memory evaluated last
+
+    def due(self, key: tuple) -> bool:
+        """`key` identifies the memory of the newest prefix (epoch, version)."""
+        return (
+            self.on_result is not None
+            and (*key, self.watcher.revision) != self._done
+            and len(self.watcher) > 0
+        )
+
+    def run(self, lm, prefix, key, *, stamp, frames_seen: int, memory_updated_at: float, sync) -> WatchResult:
+        """Evaluate every condition on `prefix` (lm.condition_probabilities), update states, hand the
+        result to on_result. sync() waits for the GPU work, so evaluation_s is its real time."""
+        self._done = (*key, self.watcher.revision)
+        conditions = self.watcher.conditions()
+        t0 = time.perf_counter()
+        probabilities = lm.condition_probabilities(prefix, [c.text for c in conditions])
+        sync()
+        evaluation_s = time.perf_counter() - t0
+        version = int(key[1])
+        events = self.watcher.update(list(zip(conditions, probabilities, strict=True)), stamp, version)
+        names = {c.name for c in conditions}
+        states = tuple(s for s in self.watcher.states() if s.condition.name in names)
+        result = WatchResult(
+            states, tuple(events), stamp, int(frames_seen), version, evaluation_s, memory_updated_at
+        )
+        self.on_result(result)
+        return result
