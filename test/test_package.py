@@ -39,7 +39,13 @@ def test_one_package_name_everywhere():
 def test_interfaces_declared_and_present():
     declared = re.findall(r'"((?:msg|srv)/\w+\.(?:msg|srv))"', CMAKE)
     on_disk = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("msg/*.msg"), *ROOT.glob("srv/*.srv")])
-    assert sorted(declared) == on_disk == ["msg/SceneSummary.msg", "srv/Ask.srv"]
+    assert sorted(declared) == on_disk == [
+        "msg/SceneSummary.msg",
+        "msg/WatchEvaluation.msg",
+        "msg/WatchEvent.msg",
+        "srv/Ask.srv",
+        "srv/Watch.srv",
+    ]
     assert "rosidl_interface_packages" in {g.text for g in PACKAGE_XML.findall("member_of_group")}
 
 
