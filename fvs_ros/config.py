@@ -1,4 +1,4 @@
-"""Node parameters -> EngineConfig / MemoryConfig: the one mapping, used by the node, the offline
+"""Node parameters -> EngineConfig / MemoryConfig / Watcher: the one mapping, used by the node, the offline
 bag evaluation and the video CLI, so a setting means the same everywhere.
 
 No ROS here (the video CLI runs without it). Parameter names, types and ranges: fvs_ros/params.py;
@@ -15,6 +15,7 @@ import yaml
 
 from fvs_ros.engine import EngineConfig
 from fvs_ros.memory import MemoryConfig
+from fvs_ros.watch import Watcher
 
 PACKAGE = "fvs_ros"
 
@@ -55,6 +56,15 @@ def memory_config(params: Mapping, defaults: Mapping = ()) -> MemoryConfig:
     """MemoryConfig from parameter values over `defaults` (e.g. the checkpoint's lm.memory_defaults)."""
     values = {**dict(defaults), **{k: int(params[k]) for k in MEMORY_PARAMS if params.get(k) is not None}}
     return MemoryConfig(**values)
+
+
+def watch_config(params: Mapping) -> Watcher:
+    """An empty Watcher with the parameters' cap and hysteresis (Watcher's defaults where missing)."""
+    values = {
+        "max_conditions": params.get("watch_max_conditions"),
+        "hysteresis": params.get("watch_hysteresis"),
+    }
+    return Watcher(**{k: v for k, v in values.items() if v is not None})
 
 
 def defaults_file() -> Path:

@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Optional
 
 import rclpy
@@ -41,13 +42,14 @@ from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
 from fvs_ros import node_health, params
-from fvs_ros.config import engine_config, memory_config
+from fvs_ros.config import engine_config, memory_config, watch_config
 from fvs_ros.engine import Answer, EngineError, QuestionError, open_engine
 from fvs_ros.intake import ImageIntake, IntakeCounters, SubscriptionThread
 from fvs_ros.model import ModelLoadError
-from fvs_ros.msg import SceneSummary
+from fvs_ros.msg import SceneSummary, WatchEvaluation, WatchEvent
 from fvs_ros.node_memory import MemoryFile
-from fvs_ros.srv import Ask
+from fvs_ros.srv import Ask, Watch
+from fvs_ros.watch import Watcher, WatchError, WatchResult
 
 SUCCESS, FAILURE, ERROR = (
     TransitionCallbackReturn.SUCCESS,
@@ -121,6 +123,8 @@ class FvsNode(LifecycleNode):
         self._engine = None
         self._p: dict = {}
         self._summary_pub = self._diag_pub = self._diag_timer = self._save_timer = None
+        self._events_pub = self._scores_pub = None
+        self._watcher: Optional[Watcher] = None
         self._image_sub = None
         self._intake: Optional[ImageIntake] = None
         self._fvs_services: list = []
@@ -141,7 +145,7 @@ class FvsNode(LifecycleNode):
         try:
             p = params.read(self)
             params.check_together(p)
-            memory, config = memory_config(p), engine_config(p)
+            memory, config, watcher = memory_config(p), engine_config(p), watch_config(p)
         except ValueError as e:
             self.get_logger().error(f"configure failed: {e}")
             return FAILURE
@@ -155,6 +159,8 @@ class FvsNode(LifecycleNode):
                 device=p["device"],
                 dtype=p["dtype"],
                 on_summary=self._publish_summary,
+                watcher=watcher,
+                on_watch=self._publish_watch,
             )
         except ModelLoadError as e:
             self.get_logger().error(f"cannot load model '{p['model']}': {e} -- {TINY_MODEL_HINT}")
@@ -165,8 +171,13 @@ class FvsNode(LifecycleNode):
         except Exception as e:  # noqa: BLE001 - CUDA OOM, corrupt weights, ...: stay up and unconfigured
             self.get_logger().error(f"loading model '{p['model']}' failed: {type(e).__name__}: {e}")
             return FAILURE
-        self._p = p
+        self._p, self._watcher = p, watcher
         self._summary_pub = self.create_lifecycle_publisher(SceneSummary, "~/scene_summary", 10)
+        events_qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE
+        )
+        self._events_pub = self.create_lifecycle_publisher(WatchEvent, "~/events", events_qos)
+        self._scores_pub = self.create_lifecycle_publisher(WatchEvaluation, "~/watch_scores", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(
             p["diagnostics_period_s"], self._publish_diagnostics, callback_group=self._misc_group
@@ -185,6 +196,9 @@ class FvsNode(LifecycleNode):
                 qos_profile=SERVICE_QOS,
                 callback_group=self._misc_group,
             ),
+            self.create_service(
+                Watch, "~/watch", self._on_watch, qos_profile=SERVICE_QOS, callback_group=self._misc_group
+            ),
         ]
         self.get_logger().info(
             f"model loaded in {time.perf_counter() - t0:.1f} s; memory slots of {config.frames_per_slot} "
@@ -201,6 +215,7 @@ class FvsNode(LifecycleNode):
             extra = self._memory_file.restore(self._engine)
             if "intake" in extra:
                 self._intake_state = IntakeCounters.from_saved(extra["intake"])
+        self._restore_conditions(p["memory_file"])
         qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST,
             depth=p["qos_depth"],
@@ -310,10 +325,13 @@ class FvsNode(LifecycleNode):
             self.destroy_timer(self._diag_timer)
             self.destroy_publisher(self._diag_pub)
             self.destroy_lifecycle_publisher(self._summary_pub)
+            self.destroy_lifecycle_publisher(self._events_pub)
+            self.destroy_lifecycle_publisher(self._scores_pub)
             self._summary_pub = self._diag_pub = self._diag_timer = None
         self._intake, self._intake_state = None, {}
         self._busy_refusals = self._callback_errors = 0
         self._callback_problem, self._memory_file = "", None
+        self._events_pub = self._scores_pub = self._watcher = None
         self._state = "unconfigured"
 
     def _on_set_parameters(self, changes) -> SetParametersResult:
@@ -408,7 +426,76 @@ class FvsNode(LifecycleNode):
         """What the node saves beside the engine's state: its intake counters."""
         return {"intake": self._intake.state() if self._intake is not None else self._intake_state}
 
+    def _restore_conditions(self, path: str):
+        try:
+            n = self._watcher.open(Path(path).expanduser() if path else None)
+        except (WatchError, OSError) as e:  # a bad file must not keep the node down
+            self.get_logger().error(f"cannot restore watched conditions from {path}: {e}")
+            return
+        if n:
+            self.get_logger().info(f"{n} watched condition(s) restored from {path}")
+
+    def _on_watch(self, request: Watch.Request, response: Watch.Response) -> Watch.Response:
+        """add / remove / list; a refused request changes nothing and says why."""
+        command = request.command.strip().lower()
+        try:
+            if command == Watch.Request.ADD:
+                c = self._watcher.add(request.condition, float(request.threshold), request.name)
+                self.get_logger().info(
+                    f"watching {c.name!r}: {_preview(c.text)} (threshold {c.threshold:.3f})"
+                )
+            elif command == Watch.Request.REMOVE:
+                c = self._watcher.remove(request.name.strip())
+                self.get_logger().info(f"stopped watching {c.name!r}")
+            elif command != Watch.Request.LIST:
+                raise WatchError(f"unknown command {request.command!r}: use add, remove or list")
+        except WatchError as e:
+            response.success, response.error = False, str(e)
+            self.get_logger().warning(f"watch {command or '(no command)'} refused: {e}")
+        else:
+            response.success = True
+        for state in self._watcher.states():
+            response.names.append(state.condition.name)
+            response.conditions.append(state.condition.text)
+            response.thresholds.append(state.condition.threshold)
+            response.active.append(state.active)
+            response.probabilities.append(math.nan if state.probability is None else state.probability)
+        return response
+
     # ------------------------------------------------------------------ outputs
+
+    def _publish_watch(self, result: WatchResult):
+        """Engine callback (LLM worker thread): every evaluation to ~/watch_scores, each rise or fall
+        to ~/events."""
+        header = Header(stamp=_time_msg(result.stamp), frame_id=self._frame_id)
+        self._scores_pub.publish(
+            WatchEvaluation(
+                header=header,
+                names=[s.condition.name for s in result.states],
+                probabilities=[s.probability for s in result.states],
+                active=[s.active for s in result.states],
+                frames_seen=result.frames_seen,
+                evaluation_time_s=result.evaluation_s,
+            )
+        )
+        for event in result.events:
+            c = event.condition
+            self._events_pub.publish(
+                WatchEvent(
+                    header=header,
+                    name=c.name,
+                    condition=c.text,
+                    threshold=c.threshold,
+                    probability=event.probability,
+                    rising=event.rising,
+                    frames_seen=result.frames_seen,
+                    latency_s=time.perf_counter() - result.memory_updated_at,
+                )
+            )
+            self.get_logger().info(
+                f"event: {c.name!r} {'became true' if event.rising else 'is false again'} "
+                f"(P(yes) {event.probability:.3f}, threshold {c.threshold:.3f}, {result.frames_seen} frames)"
+            )
 
     def _publish_summary(self, answer: Answer):
         """Engine callback (LLM worker thread) with a finished periodic summary (the node is configured)."""
@@ -470,6 +557,9 @@ class FvsNode(LifecycleNode):
             "questions_timed_out": s.questions_timed_out,
             "questions_refused_busy": self._busy_refusals,
             "summaries": s.summaries,
+            "watched_conditions": len(self._watcher),
+            "watch_evaluations": s.watch_evaluations,
+            "last_watch_evaluation_s": node_health.fmt(s.last_watch_s),
             "errors": s.errors,
             "callback_errors": self._callback_errors,
             "device_memory_mib": "n/a" if device_mem is None else f"{device_mem / 2**20:.0f}",

@@ -195,6 +195,19 @@ SPECS = {
     ),
     "summary_prompt": Spec(str, CONFIGURE, "Question asked for each scene summary."),
     "summary_max_new_tokens": Spec(int, CONFIGURE, "Scene summary length limit.", range=(1, 4096)),
+    # standing queries (~/watch, ~/events)
+    "watch_max_conditions": Spec(
+        int,
+        CONFIGURE,
+        "Conditions ~/watch accepts at most; all are evaluated in one batched prefill per memory update.",
+        range=(1, 256),
+    ),
+    "watch_hysteresis": Spec(
+        float,
+        CONFIGURE,
+        "A risen condition falls when P(yes) < its threshold minus this margin (it rises at >= threshold).",
+        range=(0.0, 0.99),
+    ),
     "diagnostics_period_s": Spec(float, CONFIGURE, "Period of the /diagnostics status.", range=(0.1, 60.0)),
 }
 

@@ -163,6 +163,23 @@ class Watcher:
 
     # ------------------------------------------------------------------ persistence
 
+    def open(self, directory) -> int:
+        """Persist into `directory` from now on (None: nowhere), restoring the conditions saved there.
+
+        Returns how many were restored. A file that cannot be read is renamed aside (never written
+        over) and WatchError says so; the watcher then starts empty there."""
+        self.path = Path(directory) / WATCH_FILE if directory else None
+        try:
+            return self.load()
+        except WatchError as e:
+            aside = self.path.with_name(
+                f"{WATCH_FILE}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            )
+            os.replace(self.path, aside)
+            with self._lock:
+                self._states = {}
+            raise WatchError(f"{e}; moved aside to {aside.name}, watching nothing") from e
+
     def load(self) -> int:
         """Replace the conditions with those in `watch.json` (nothing there: none). Returns how many.
 

@@ -1,0 +1,270 @@
+"""Standing queries over DDS: ~/watch (add/remove/list, bad input), ~/watch_scores, ~/events and
+persistence across a restart, with the node as a separate process and a tiny random model.
+
+The events are planted honestly (test/support/watch_scene.py): this process runs the same
+stream through its own engine, computes each memory state's probability with a plain forward,
+puts the threshold across the jump at a scene change and derives the events the documented
+hysteresis rule gives. The node, fed the same frames one slot at a time over DDS, must publish
+those probabilities and exactly those events.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+from support import watch_scene as scene
+
+from fvs_ros.engine import EngineConfig, StreamEngine
+from fvs_ros.memory import MemoryConfig
+from fvs_ros.model import load_model
+from fvs_ros.model.tiny import write_tiny_checkpoint
+from fvs_ros.msg import WatchEvaluation, WatchEvent
+from fvs_ros.srv import Watch
+from fvs_ros.watch import Watcher
+
+ROOT = Path(__file__).resolve().parents[1]
+HYSTERESIS = 0.01
+MEMORY = {"csm_slots": 4, "dam_frames": 2}
+START = 1000.0  # header stamp of the first frame; frames 0.5 s apart
+shared_state: dict = {}  # what one test hands to the next (the module's tests run in order)
+RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "flash_vstream")
+
+
+@pytest.fixture(scope="module")
+def planted(checkpoint):
+    """(condition, threshold, expected events as (slot index, rising), reference probabilities)."""
+    lm = load_model(checkpoint)
+    engine = StreamEngine(lm, MemoryConfig(**MEMORY), EngineConfig(sample_fps=0)).start()
+    snaps, t = [], START
+    try:
+        for slot in scene.slots():
+            for f in slot:
+                engine.add_frame(f, t)
+                t += 0.5
+            assert engine.flush(30)
+            snaps.append(engine.snapshot())
+    finally:
+        engine.shutdown()
+    by_condition = {c: [scene.reference_probability(lm, s, c) for s in snaps] for c in scene.CANDIDATES}
+    condition, threshold, _ = scene.plant(by_condition, HYSTERESIS)
+    threshold = float(np.float32(threshold))  # as the float32 field of Watch.srv carries it
+    events = scene.expected_events(by_condition[condition], threshold, HYSTERESIS)
+    return condition, threshold, events, by_condition[condition]
+
+
+class Node:
+    """`python -m fvs_ros.node --autostart` with config/fvs.yaml and the given parameters."""
+
+    def __init__(self, log_path: Path, **parameters):
+        self.log_path = log_path
+        args = [sys.executable, "-m", "fvs_ros.node", "--autostart", "--ros-args"]
+        args += ["--params-file", str(ROOT / "config" / "fvs.yaml")]
+        for name, value in parameters.items():
+            args += ["-p", f"{name}:={value}"]
+        self.log = open(log_path, "w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+class Client:
+    def __init__(self):
+        self.node = rclpy.create_node("fvs_watch_test_client")
+        self.images = self.node.create_publisher(Image, "/image_raw", RELIABLE)
+        self.events, self.scores = [], []
+        self.node.create_subscription(WatchEvent, "/fvs/events", self.events.append, RELIABLE)
+        self.node.create_subscription(WatchEvaluation, "/fvs/watch_scores", self.scores.append, 100)
+        self.watch_client = self.node.create_client(Watch, "/fvs/watch")
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(self.node)
+        threading.Thread(target=self.executor.spin, daemon=True).start()
+
+    def watch(self, timeout=30.0, **fields) -> Watch.Response:
+        """One call; a reply lost while DDS matches the service is sent again (list is idempotent;
+        ready() makes sure the first add or remove finds the service matched)."""
+        assert self.watch_client.wait_for_service(timeout_sec=timeout), "/fvs/watch not available"
+        future = self.watch_client.call_async(Watch.Request(**fields))
+        assert wait_until(future.done, timeout), f"no reply to {fields}"
+        return future.result()
+
+    def ready(self, timeout=60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.watch_client.wait_for_service(timeout_sec=1.0):
+                future = self.watch_client.call_async(Watch.Request(command="list"))
+                if wait_until(future.done, 1.0):
+                    return True
+                self.watch_client.remove_pending_request(future)
+        return False
+
+    def publish(self, pixels, stamp: float):
+        msg = Image(encoding="rgb8", height=pixels.shape[0], width=pixels.shape[1], step=pixels.strides[0])
+        msg.header.frame_id = "test_camera"
+        msg.header.stamp.sec = math.floor(stamp)
+        msg.header.stamp.nanosec = int(round((stamp - math.floor(stamp)) * 1e9))
+        msg.data = pixels.tobytes()
+        self.images.publish(msg)
+
+    def close(self):
+        self.executor.shutdown()
+        self.node.destroy_node()
+
+
+def wait_until(predicate, timeout, period=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(period)
+    return bool(predicate())
+
+
+def seconds(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+@pytest.fixture(scope="module")
+def client():
+    rclpy.init()
+    c = Client()
+    yield c
+    c.close()
+    rclpy.shutdown()
+
+
+@pytest.fixture(scope="module")
+def memory_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("memory") / "saved"
+
+
+def start_node(checkpoint, memory_dir, log_path, client) -> Node:
+    node = Node(
+        log_path,
+        model=checkpoint,
+        memory_file=memory_dir,
+        memory_fps=0.0,
+        reliability="reliable",
+        qos_depth=10,
+        summary_period_s=0.0,
+        prefix_refresh_s=0.0,
+        max_prefix_lag_s=0.0,
+        watch_max_conditions=3,
+        watch_hysteresis=HYSTERESIS,
+        **MEMORY,
+    )
+    assert client.ready(), node.text()
+    return node
+
+
+@pytest.fixture(scope="module")
+def node(checkpoint, memory_dir, tmp_path_factory, client):
+    proc = start_node(checkpoint, memory_dir, tmp_path_factory.mktemp("logs") / "node1.log", client)
+    yield proc
+    proc.stop()
+
+
+def test_bad_requests_are_refused_and_change_nothing(node, client):
+    ok = client.watch(command="add", condition="a person is at the door", threshold=0.9, name="door")
+    assert ok.success and ok.names == ["door"] and list(ok.thresholds) == [pytest.approx(0.9)], ok.error
+    assert math.isnan(ok.probabilities[0]) and ok.active == [False]
+    cases = [
+        ({"command": "add", "condition": "   "}, "condition is empty"),
+        ({"command": "add", "condition": "x" * 301}, "the limit is 300"),
+        ({"command": "add", "condition": "smoke", "threshold": 1.5}, "threshold must be in [0, 1]"),
+        ({"command": "add", "condition": "smoke", "threshold": -0.1}, "threshold must be in [0, 1]"),
+        ({"command": "add", "condition": "smoke", "threshold": math.nan}, "threshold must be a number"),
+        ({"command": "add", "condition": "another door", "name": "door"}, "already watched"),
+        ({"command": "remove", "name": "window"}, "no condition named 'window' (watched: 'door')"),
+        ({"command": "forget"}, "unknown command 'forget'"),
+    ]
+    for fields, message in cases:
+        response = client.watch(**fields)
+        assert not response.success and message in response.error, (fields, response.error)
+        assert response.names == ["door"]
+    for text in ("smoke is visible", "the light is on"):
+        assert client.watch(command="add", condition=text).success  # default threshold 0.5
+    full = client.watch(command="add", condition="a cup is on the table")
+    assert not full.success and "already watching 3 conditions, the limit" in full.error
+    listed = client.watch(command="list")
+    assert listed.success and listed.names == ["door", "smoke is visible", "the light is on"]
+    assert list(listed.thresholds[1:]) == [0.5, 0.5]
+    for name in listed.names:
+        assert client.watch(command="remove", name=name).success
+    assert client.watch(command="list").names == []
+    assert node.proc.poll() is None
+
+
+def test_events_over_dds_at_the_planted_scene_change(node, client, planted):
+    condition, threshold, expected, reference = planted
+    added = client.watch(command="add", condition=condition, threshold=threshold, name="planted")
+    assert added.success, added.error
+    stamps, t = [], START
+    for i, slot in enumerate(scene.slots()):
+        for f in slot:
+            client.publish(f, t)
+            t += 0.5
+        stamps.append(t - 0.5)
+        evaluated = wait_until(lambda n=2 * (i + 1): any(s.frames_seen == n for s in client.scores), 60)
+        assert evaluated, node.text()[-3000:]
+    by_frames = {s.frames_seen: s for s in client.scores}
+    for i, p in enumerate(reference):  # every memory state was evaluated, as the plain forward says
+        score = by_frames[2 * (i + 1)]
+        assert score.names == ["planted"] and score.probabilities[0] == pytest.approx(p, abs=1e-4)
+        assert seconds(score.header.stamp) == pytest.approx(stamps[i])
+    assert wait_until(lambda: len(client.events) >= len(expected), 10)
+    time.sleep(0.5)  # nothing more arrives
+    got = [(e.frames_seen // 2 - 1, e.rising) for e in client.events]
+    assert got == expected, (got, expected, [round(p, 4) for p in reference], threshold)
+    for e in client.events:
+        i = e.frames_seen // 2 - 1
+        assert e.name == "planted" and e.condition == condition and e.threshold == pytest.approx(threshold)
+        assert e.probability == pytest.approx(reference[i], abs=1e-4)
+        assert seconds(e.header.stamp) == pytest.approx(stamps[i]) and e.header.frame_id == "test_camera"
+        assert 0 < e.latency_s < 60
+    shared_state["active"] = expected[-1][1]
+
+
+def test_conditions_persist_across_restart(node, client, checkpoint, memory_dir, tmp_path_factory):
+    assert node.stop() == 0
+    assert (memory_dir / "watch.json").is_file()
+    again = start_node(checkpoint, memory_dir, tmp_path_factory.mktemp("logs") / "node2.log", client)
+    try:
+        listed = client.watch(command="list")
+        assert listed.names == ["planted"], again.text()
+        assert listed.active == [shared_state["active"]]  # the state the events left
+        assert "1 watched condition(s) restored" in again.text()
+        assert client.watch(command="remove", name="planted").success
+    finally:
+        assert again.stop() == 0
+    assert Watcher(directory=memory_dir).load() == 0  # the removal was saved too
