@@ -10,6 +10,7 @@ those probabilities and exactly those events.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -253,6 +254,28 @@ def test_events_over_dds_at_the_planted_scene_change(node, client, planted):
         assert seconds(e.header.stamp) == pytest.approx(stamps[i]) and e.header.frame_id == "test_camera"
         assert 0 < e.latency_s < 60
     shared_state["active"] = expected[-1][1]
+
+
+def test_fvs_watch_command(node, client):
+    """python -m fvs_ros.watch_client (the fvs_watch command) against the running node."""
+
+    def fvs_watch(*args):
+        cmd = [sys.executable, "-m", "fvs_ros.watch_client", "--json", *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=os.environ.copy())
+        return done.returncode, done.stdout, done.stderr
+
+    code, out, err = fvs_watch("list")
+    assert code == 0, err
+    (planted,) = json.loads(out)["conditions"]
+    assert planted["name"] == "planted" and planted["active"] == shared_state["active"]
+    code, out, _ = fvs_watch("add", "smoke is visible", "--threshold", "2")
+    assert code == 1 and "threshold must be in [0, 1]" in json.loads(out)["error"]
+    code, out, _ = fvs_watch("add", "smoke is visible", "--name", "smoke")
+    assert code == 0 and [c["name"] for c in json.loads(out)["conditions"]] == ["planted", "smoke"]
+    code, out, _ = fvs_watch("remove", "smoke")
+    assert code == 0 and [c["name"] for c in json.loads(out)["conditions"]] == ["planted"]
+    code, _, err = fvs_watch("--node", "/nobody", "--wait", "1", "list")
+    assert code == 2 and "/nobody/watch is not available" in err
 
 
 def test_conditions_persist_across_restart(node, client, checkpoint, memory_dir, tmp_path_factory):

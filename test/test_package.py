@@ -39,13 +39,17 @@ def test_one_package_name_everywhere():
 def test_interfaces_declared_and_present():
     declared = re.findall(r'"((?:msg|srv)/\w+\.(?:msg|srv))"', CMAKE)
     on_disk = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("msg/*.msg"), *ROOT.glob("srv/*.srv")])
-    assert sorted(declared) == on_disk == [
-        "msg/SceneSummary.msg",
-        "msg/WatchEvaluation.msg",
-        "msg/WatchEvent.msg",
-        "srv/Ask.srv",
-        "srv/Watch.srv",
-    ]
+    assert (
+        sorted(declared)
+        == on_disk
+        == [
+            "msg/SceneSummary.msg",
+            "msg/WatchEvaluation.msg",
+            "msg/WatchEvent.msg",
+            "srv/Ask.srv",
+            "srv/Watch.srv",
+        ]
+    )
     assert "rosidl_interface_packages" in {g.text for g in PACKAGE_XML.findall("member_of_group")}
 
 
@@ -79,7 +83,7 @@ def test_rosdep_keys_declared():
 
 def test_install_rules_cover_launch_config_and_executables():
     assert re.search(r"install\(DIRECTORY launch config DESTINATION share/\$\{PROJECT_NAME\}\)", CMAKE)
-    assert {"scripts/fvs_node", "scripts/fvs_ask"} <= set(programs())
+    assert {"scripts/fvs_node", "scripts/fvs_ask", "scripts/fvs_watch"} <= set(programs())
     for script in programs():
         path = ROOT / script
         assert path.is_file() and os.access(path, os.X_OK), script
