@@ -96,3 +96,47 @@ def test_bad_interval_shapes(tmp_path, true):
     path.write_text(json.dumps({"id": "x", "watch": "x", "true_during": true}) + "\n")
     specs, issues = load_watches(path)
     assert not specs and "list of [from, until]" in issues[0].message
+
+
+def test_offline_evaluation_scores_watched_conditions(tmp_path):
+    """evaluate --mode offline with conditions: every memory update evaluated, its events scored."""
+    from support.watch_scene import expected_events
+
+    from fvs_ros.bag import evaluate
+    from fvs_ros.bag.synthetic import write_scene_bag
+    from fvs_ros.model.tiny import write_tiny_checkpoint
+
+    bag = tmp_path / "scenes.mcap"
+    write_scene_bag(bag, fps=5.0, scene_s=2.0)  # red 0-2 s, green 2-4 s, blue 4-6 s; 30 frames
+    questions = tmp_path / "q.jsonl"
+    entries = [
+        {"id": "colour", "time": 1.0, "question": "What colour is the background?"},
+        {"id": "square", "watch": "a white square is visible", "threshold": 0.0, "true_during": [[0, 2]]},
+        {"id": "green", "watch": "the background is green", "threshold": 1.0, "true_during": [[2, 4]]},
+    ]
+    questions.write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    model = write_tiny_checkpoint(tmp_path / "tiny", "flash_vstream")
+    out = tmp_path / "report"
+    args = [str(bag), str(questions), "--mode", "offline", "--model", str(model), "--out", str(out)]
+    rc = evaluate.main(args + ["--memory-fps", "0", "--max-new-tokens", "4", "--device", "cpu"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    watch = report["watch"]
+    assert watch["evaluations"] == 15  # 30 frames in two-frame slots, one memory update each
+    slot_ends = [pytest.approx(0.2 + 0.4 * i) for i in range(15)]  # stream time of each slot's last frame
+    square, green = watch["conditions"]
+    for c in (square, green):
+        assert [t for t, _ in c["timeline"]] == slot_ends
+        probabilities = [p for _, p in c["timeline"]]
+        assert all(0.0 < p < 1.0 for p in probabilities)
+        want = [
+            (c["timeline"][i][0], rising)
+            for i, rising in expected_events(probabilities, c["threshold"], watch["hysteresis"])
+        ]
+        assert [(e["time"], e["rising"]) for e in c["events"]] == want
+    # threshold 0: true from the first memory on, never false again; threshold 1: never true
+    assert square["detection_delay_s"] == [pytest.approx(0.2)] and square["clearing_delay_s"] == [None]
+    assert green["missed"] == 1 and green["events"] == []
+    assert watch["summary"]["detected"] == 1 and watch["summary"]["missed"] == 1
+    md = (out / "report.md").read_text()
+    assert "## Watched conditions" in md and "| square | 0.000 | 1 | 1 | 0 | 0.20 | 0/1 | - | 0 | 0 |" in md

@@ -27,6 +27,7 @@ from fvs_ros.bag.bagio import BagError, ImageBag
 from fvs_ros.bag.questions import MC_INSTRUCTION, Question, QuestionFileError, load_questions
 from fvs_ros.bag.report import build_report, write_report
 from fvs_ros.bag.scoring import score_answer
+from fvs_ros.bag.watching import DEFAULT_TOLERANCE_S, OfflineWatch, load_watches
 
 EPS = 1e-6
 
@@ -47,8 +48,9 @@ def _node_params(params_file: Optional[str]) -> dict:
     return values
 
 
-def make_engine(args) -> tuple[object, dict]:
-    """Load the model and start an engine set up like the node (offline mode)."""
+def make_engine(args, watch=None) -> tuple[object, dict]:
+    """Load the model and start an engine set up like the node (offline mode); `watch`: an
+    OfflineWatch whose conditions the engine evaluates."""
     from fvs_ros.config import engine_config, memory_config
     from fvs_ros.engine import StreamEngine
     from fvs_ros.model import load_model, resolve_device_dtype
@@ -84,7 +86,8 @@ def make_engine(args) -> tuple[object, dict]:
         raise SystemExit(f"evaluate: error: parameters: {e}") from None
     t0 = time.perf_counter()
     lm = load_model(p["model"], dtype=dtype, device=device)
-    engine = StreamEngine(lm, memory, config).start()
+    watcher, on_watch = (watch.watcher, watch.on_watch) if watch is not None else (None, None)
+    engine = StreamEngine(lm, memory, config, watcher=watcher, on_watch=on_watch).start()
     settings = {
         "model": str(p["model"]),
         "device": str(device),
@@ -227,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--stamps", choices=("header", "log"), default="header", help="frame stamps given to the engine"
     )
     g.add_argument("--no-prefix-cache", action="store_true", help="full prefill for every answer")
+    g.add_argument(
+        "--watch-tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE_S,
+        help="watched conditions: a rise up to this long after a true interval still detects it (s)",
+    )
     g = p.add_argument_group("live mode")
     g.add_argument("--rate", type=float, default=1.0, help="replay speed factor (2 = twice as fast)")
     g.add_argument(
@@ -285,9 +294,18 @@ def main(argv=None) -> int:
             questions, issues = load_questions(
                 args.questions, video_id=args.video_id, clips=args.vstream_clips, time_offset=args.time_offset
             )
+            watches, watch_issues = load_watches(args.questions)
         except QuestionFileError as e:
             print(f"evaluate: error: {e}", file=sys.stderr)
             return 2
+        issues += watch_issues
+        if watches and args.mode == "live":
+            print(
+                f"evaluate: {len(watches)} watched condition(s) are scored in offline mode only; "
+                "in live mode, watch ~/events with fvs_watch events",
+                file=sys.stderr,
+            )
+            watches = []
         for q in questions:  # the line after multiple-choice options, as chosen on the command line
             q.mc_instruction = args.mc_instruction
         skipped_rows = []
@@ -320,11 +338,15 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         done: dict[str, dict] = {}  # rows already built (and scored) while running
+        watch = None
         if args.mode == "offline":
             from fvs_ros.model import ModelLoadError
 
+            if watches:
+                hysteresis = float(_node_params(args.params).get("watch_hysteresis", 0.05))
+                watch = OfflineWatch(watches, hysteresis, args.watch_tolerance)
             try:
-                engine, config = make_engine(args)
+                engine, config = make_engine(args, watch)
             except ModelLoadError as e:
                 print(f"evaluate: error: cannot load model: {e}", file=sys.stderr)
                 return 2
@@ -345,6 +367,7 @@ def main(argv=None) -> int:
                     max_new_tokens=args.max_new_tokens,
                     timeout=args.ask_timeout,
                     on_answer=on_answer,
+                    after_update=None if watch is None else lambda: watch.wait(engine, args.ask_timeout),
                 )
             finally:
                 engine.shutdown()
@@ -405,6 +428,7 @@ def main(argv=None) -> int:
                 _print_row(r)
         bag_info = info.as_dict() | {"duration_s": last}
         config |= {"mc_instruction": args.mc_instruction, "score_cmd": args.score_cmd}
+        watch_report = None if watch is None else watch.report(info.first_stamp, last or 0.0)
         report = build_report(
             mode=args.mode,
             bag=bag_info,
@@ -416,6 +440,7 @@ def main(argv=None) -> int:
             timing=timing,
             started=started,
             wall_s=time.perf_counter() - t_wall,
+            watch=watch_report,
         )
         out = Path(args.out or f"eval_{Path(args.bag).stem}_{args.mode}")
         paths = write_report(report, out, args.name)

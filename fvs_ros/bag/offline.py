@@ -45,9 +45,13 @@ def run_offline(
     max_new_tokens: Optional[int] = None,
     timeout: float = 600.0,
     on_answer: Optional[Callable[[Question, dict], None]] = None,
+    after_update: Optional[Callable[[], None]] = None,
     log=sys.stderr,
 ) -> tuple[list[dict], dict]:
     """Replay `bag` into a started `engine`, asking each question at its stream time.
+
+    after_update() runs after each flush of the frame worker (watched conditions wait there for
+    the evaluation of the new memory).
 
     Returns (per-question result dicts, frame counters). Result dicts hold `status`
     (answered | failed), `error`, and the answer fields; the caller adds scoring.
@@ -95,10 +99,14 @@ def run_offline(
                 queued += 1
                 if queued % batch == 0:
                     engine.flush()
+                    if after_update is not None:
+                        after_update()
         except FrameError as e:
             rejected += 1
             first_error = first_error or f"frame {frame.index}: {e}"
     engine.flush()
+    if after_update is not None:
+        after_update()
     for q in pending:
         if q.at_end or (last_stream is not None and q.time <= last_stream + EPS):
             ask(q, last_stream)

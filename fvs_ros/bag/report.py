@@ -12,6 +12,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from fvs_ros.bag.watching import render_watch
+
 REPORT_VERSION = 1
 
 
@@ -89,8 +91,10 @@ def build_report(
     timing: Optional[dict] = None,
     started: str = "",
     wall_s: Optional[float] = None,
+    watch: Optional[dict] = None,
 ) -> dict:
-    return {
+    """watch: scores of watched conditions (fvs_ros/bag/watching.py), when the question file has any."""
+    report = {
         "fvs_ros_bag_report": REPORT_VERSION,
         "mode": mode,
         "started": started,
@@ -102,6 +106,9 @@ def build_report(
         "questions": rows,
         "input_errors": issues,
     }
+    if watch is not None:
+        report["watch"] = watch
+    return report
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -207,6 +214,8 @@ def render_markdown(report: dict, plot_name: Optional[str] = None) -> str:
             lines += ["", ", ".join(f"{k}: {_f(v)}" for k, v in extra.items())]
     if plot_name:
         lines += ["", f"![latency against stream time]({plot_name})"]
+    if report.get("watch"):
+        lines += render_watch(report["watch"])
     lines += [
         "",
         "## Questions",

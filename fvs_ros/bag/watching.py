@@ -25,6 +25,7 @@ was computed on, so delays count stream time, the wall latency is reported besid
 from __future__ import annotations
 
 import statistics
+import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -176,3 +177,95 @@ def summarize_watch(scores: Sequence[dict]) -> dict:
 
 def _mean(xs) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
+
+
+class OfflineWatch:
+    """Offline replays with conditions: the engine's watcher and on_watch, pacing, and the report.
+
+    The replay waits after each memory update until that memory has been evaluated (wait()), so
+    every memory state is scored, as the node does when it keeps up with the camera."""
+
+    def __init__(
+        self, specs: Sequence[WatchSpec], hysteresis: float, tolerance_s: float = DEFAULT_TOLERANCE_S
+    ):
+        from fvs_ros.watch import Watcher
+
+        self.specs, self.tolerance_s = list(specs), tolerance_s
+        self.watcher = Watcher(max(1, len(self.specs)), hysteresis)
+        for s in self.specs:
+            self.watcher.add(s.condition, s.threshold, name=s.id)
+        self.results: list = []
+        self._cv = threading.Condition()
+
+    def on_watch(self, result) -> None:
+        with self._cv:
+            self.results.append(result)
+            self._cv.notify_all()
+
+    def wait(self, engine, timeout: float = 600.0) -> None:
+        """Until the engine's newest memory has been evaluated (nothing to wait for without conditions)."""
+        if not self.specs or engine.snapshot().frames_seen == 0:
+            return
+        version = engine.snapshot().version
+        with self._cv:
+            self._cv.wait_for(lambda: any(r.memory_version >= version for r in self.results), timeout)
+
+    def report(self, first_stamp: float, stream_end: float) -> dict:
+        """Scores per condition (score_watch) with event times in stream seconds since `first_stamp`,
+        and each condition's timeline: [stream time, P(yes)] of every evaluation."""
+        scores = []
+        for spec in self.specs:
+            events = [
+                (e.stamp - first_stamp, e.rising)
+                for r in self.results
+                for e in r.events
+                if e.condition.name == spec.id and e.stamp is not None
+            ]
+            timeline = [
+                [r.stamp - first_stamp, s.probability]
+                for r in self.results
+                for s in r.states
+                if s.condition.name == spec.id and r.stamp is not None
+            ]
+            score = score_watch(spec, events, stream_end, self.tolerance_s)
+            scores.append(score | {"spec": spec.as_dict(), "timeline": timeline})
+        evaluation_s = [r.evaluation_s for r in self.results]
+        return {
+            "hysteresis": self.watcher.hysteresis,
+            "tolerance_s": self.tolerance_s,
+            "evaluations": len(self.results),
+            "evaluation_ms_p50": 1000 * statistics.median(evaluation_s) if evaluation_s else None,
+            "summary": summarize_watch(scores),
+            "conditions": scores,
+        }
+
+
+def render_watch(watch: dict) -> list[str]:
+    """Markdown lines of the report's watch section."""
+    s = watch["summary"]
+    lines = [
+        "",
+        "## Watched conditions",
+        "",
+        f"{watch['evaluations']} evaluations (one per memory update), hysteresis {watch['hysteresis']}, "
+        f"detection window: the true interval + {watch['tolerance_s']} s. Times are stream seconds of the "
+        "newest frame in the memory evaluated.",
+        "",
+        "| id | threshold | true intervals | detected | missed | detection delay (s) | cleared | "
+        "clearing delay (s) | false rises | false falls |",
+        "|---|---:|---:|---:|---:|---|---:|---|---:|---:|",
+    ]
+    for c in watch["conditions"]:
+        delays = ", ".join("-" if d is None else f"{d:.2f}" for d in c["detection_delay_s"]) or "-"
+        clears = ", ".join("-" if d is None else f"{d:.2f}" for d in c["clearing_delay_s"]) or "-"
+        lines.append(
+            f"| {c['id']} | {c['threshold']:.3f} | {c['intervals']} | {c['detected']} | {c['missed']} | "
+            f"{delays} | {c['cleared']}/{c['ends']} | {clears} | {c['false_rises']} | {c['false_falls']} |"
+        )
+    p50 = "-" if s["p50_detection_delay_s"] is None else f"{s['p50_detection_delay_s']:.2f} s"
+    lines += [
+        "",
+        f"All: {s['detected']}/{s['intervals']} intervals detected, detection delay p50 {p50}, "
+        f"{s['false_rises']} false rises, {s['false_falls']} false falls.",
+    ]
+    return lines
