@@ -26,6 +26,14 @@ Sections
           30 fps camera stamped in wall time; questions 1-3 s apart, back to back, right after the
           burst, and with max_prefix_lag_s 0: TTFT p50/p99, memory_lag_s p50/p95/max, full
           rebuild time (one pass and chunked), update p99, frames absorbed, catch-up after the burst.
+- watch:  standing queries (fvs_ros/model/conditions.py, fvs_ros/watch.py): GPU time of one
+          packed prefill of 1/4/16 conditions (~30 tokens each) on the 10.8k prefix
+          (FastDecoder.packed_logits) and its agreement with one eager forward per condition;
+          then the real engine at node defaults (memory 1 fps, two-frame slots) on a 30 fps
+          stream with 16 conditions evaluated on every memory update: update p50/p99, GPU time
+          per evaluation, event latency (memory update -> on_watch, what the node publishes
+          from) p50/p99, question TTFT with watching on. Run alone:
+          python benchmarks/bench_gpu.py --sections watch
 On the device machine (transformers 5.17 there): carry transformers 5.24 + huggingface_hub 1.33
 wheels in .whl/ and `pip install --target /tmp/site`; see benchmarks/gpu_notes.md.
 Results: a table at the end, JSON in $OUT/bench_gpu.json (or --out).
@@ -769,6 +777,9 @@ def run_engine(
     ask_reps,
     frames_per_slot,
     fast_feed=True,
+    watcher=None,
+    on_watch=None,
+    sample_fps=0.0,
 ):
     from fvs_ros.engine import EngineConfig, StreamEngine
     from fvs_ros.memory import MemoryConfig
@@ -777,7 +788,7 @@ def run_engine(
     frames = synthetic_frames(48, h, w)
     mem = MemoryConfig(csm_slots=4 if tiny else 60, dam_frames=2 if tiny else 30, bank_capacity=bank_capacity)
     cfg = EngineConfig(
-        sample_fps=0.0,
+        sample_fps=sample_fps,
         frames_per_slot=frames_per_slot,
         queue_size=64,
         max_batch=16,
@@ -793,7 +804,7 @@ def run_engine(
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    eng = StreamEngine(lm, mem, cfg).start()
+    eng = StreamEngine(lm, mem, cfg, watcher=watcher, on_watch=on_watch).start()
     updates = {}  # last_update_time -> (last_update_s, batch)
     stop = threading.Event()
     asking = threading.Event()  # questions are asked while a 30 fps camera keeps feeding frames
@@ -1184,6 +1195,135 @@ def section_freshness(model, device, tiny, args):
     lm.static_prefill = True
 
 
+# ---------------------------------------------------------------------- watch
+
+WATCH_CONDITIONS = (
+    "a person is at the door",
+    "the red toolbox is on the table",
+    "smoke is visible",
+    "a cup is on the table",
+    "the light is on",
+    "a robot arm is moving",
+    "someone is holding a phone",
+    "the door is open",
+    "a dog is in the room",
+    "there is a fire",
+    "a car is parked outside",
+    "the floor is wet",
+    "a box has fallen over",
+    "two people are talking",
+    "the screen shows an error",
+    "a ball is rolling",
+)
+
+
+@torch.inference_mode()
+def section_watch(model, device, tiny, args):
+    log("\n== watch: standing queries, one packed prefill per memory update ==")
+    from fvs_ros.model.conditions import condition_question
+
+    out = RESULTS.setdefault("watch", {})
+    lm = make_video_lm(model, tiny, fast=True)
+    llm, lm_head, fast = lm.llm, lm.lm_head, lm.fast
+    embeds, positions, next_pos = prompt(llm, tiny, device, lm.dtype)
+    P = embeds.shape[1]
+    prefix = eager_prefill(llm, embeds, positions)
+    fast.reserve(P)
+    tails = [lm._tail_inputs(condition_question(c), "", next_pos) for c in WATCH_CONDITIONS]
+    out["tokens_per_condition"] = [t[0].shape[1] for t in tails]
+    n_tok = out["tokens_per_condition"]
+    log(f"  prefix {P} tokens, conditions of {min(n_tok)}-{max(n_tok)} tokens")
+    for n in (1, 4, 16):
+        e = torch.cat([t[0] for t in tails[:n]], dim=1)
+        p = torch.cat([t[1] for t in tails[:n]], dim=2)
+        lengths = [t[0].shape[1] for t in tails[:n]]
+
+        def packed(e=e, p=p, lengths=lengths, prefix=prefix):
+            return fast.packed_logits(e, p, lengths, prefix_kv=prefix, prefix_len=P)
+
+        t = bench_cuda(packed, device, reps=20 if tiny else 50, warmup=3)
+        out[f"gpu_ms_{n}"] = 1e3 * t
+        row(
+            f"watch: {n:2d} condition(s), one packed prefill on the prefix",
+            f"{1e3 * t:.1f} ms",
+            "GPU time per update",
+        )
+    # agreement: packed logits vs one eager forward per condition (transformers' own attention)
+    got = fast.packed_logits(
+        torch.cat([t[0] for t in tails], dim=1),
+        torch.cat([t[1] for t in tails], dim=2),
+        out["tokens_per_condition"],
+        prefix_kv=prefix,
+        prefix_len=P,
+    )
+    worst = 0.0
+    for i, (e, p) in enumerate(tails):
+        want = []
+        eager_generate(llm, lm_head, e, p, next_pos + e.shape[1], 1, prefix_kv=prefix, on_logits=want.append)
+        scale = float(want[0].abs().max())
+        worst = max(worst, float((got[i] - want[0]).abs().max()) / max(scale, 1e-9))
+    out["packed_vs_eager_max_rel"] = worst
+    row(
+        "watch: packed vs one eager forward per condition (16 conditions)",
+        f"max |logit diff| / max |logit| {worst:.2e}",
+        "float32 ~1e-6; bf16 ~1e-2",
+    )
+    del prefix
+    gc.collect()
+
+    # the real engine at the node's defaults (memory at 1 fps: a two-frame slot every 2 s, prefix
+    # rebuilt at most every 1 s) on a 30 fps camera, 16 conditions on every memory update
+    from fvs_ros.watch import Watcher
+
+    watcher = Watcher(max_conditions=len(WATCH_CONDITIONS))
+    for c in WATCH_CONDITIONS:
+        watcher.add(c, 0.5)
+    results, latencies = [], []
+
+    def on_watch(result):
+        latencies.append(time.perf_counter() - result.memory_updated_at)
+        results.append(result)
+
+    res = run_engine(
+        lm,
+        device,
+        tiny,
+        label="watch16",
+        prefix_cache=True,
+        bank_capacity=120,
+        checkpoints=[args.watch_frames],
+        realtime_s=args.watch_s,
+        ask_reps=args.ask_reps,
+        frames_per_slot=args.frames_per_slot,
+        fast_feed=False,
+        watcher=watcher,
+        on_watch=on_watch,
+        sample_fps=1.0,
+    )
+    out["engine"] = res
+    evals = [r.evaluation_s for r in results]
+    out["evaluations"] = len(evals)
+    out["evaluation_ms_p50"], out["evaluation_ms_p99"] = 1e3 * pct(evals, 50), 1e3 * pct(evals, 99)
+    out["event_latency_ms_p50"], out["event_latency_ms_p99"] = (
+        1e3 * pct(latencies, 50),
+        1e3 * pct(latencies, 99),
+    )
+    out["events"] = sum(len(r.events) for r in results)
+    row(
+        f"watch: 16 conditions on every memory update ({len(evals)} evaluations, {out['events']} events)",
+        f"GPU time p50/p99 {out['evaluation_ms_p50']:.1f} / {out['evaluation_ms_p99']:.1f} ms; "
+        f"event latency (memory update -> on_watch) p50/p99 {out['event_latency_ms_p50']:.0f} / "
+        f"{out['event_latency_ms_p99']:.0f} ms",
+    )
+    if res.get("checkpoints"):
+        cp = next(iter(res["checkpoints"].values()))
+        row(
+            "watch: question TTFT p50 with 16 conditions watched",
+            f"{pct(cp['ttft_ms'], 50):.1f} ms (p99 {pct(cp['ttft_ms'], 99):.1f})",
+            "target <= 25 ms",
+        )
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -1191,7 +1331,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (dry run of the code paths; CPU ok)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--sections", default="attn,check,llm,vit,engine,freshness")
+    ap.add_argument("--sections", default="attn,check,llm,vit,engine,freshness,watch")
     ap.add_argument("--reps", type=int, default=40, help="questions timed per TTFT figure")
     ap.add_argument("--splits", default="8,0", help="prefix chunks of the fast path; first is the main one")
     ap.add_argument("--fast-variants", action="store_true", help="also time the other --splits values")
@@ -1202,6 +1342,10 @@ def main(argv=None):
         "--frames-per-slot", type=int, choices=(1, 2), default=2, help="engine slot layout (2: trained)"
     )
     ap.add_argument("--baseline-frames", default="100,1000")
+    ap.add_argument(
+        "--watch-frames", type=int, default=12, help="watch: frames in memory (1 fps) before the questions"
+    )
+    ap.add_argument("--watch-s", type=float, default=40.0, help="watch: seconds of 30 fps stream")
     ap.add_argument(
         "--realtime-s", type=float, default=20.0, help="seconds of 30 fps stream before saturating"
     )
@@ -1253,13 +1397,14 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             RESULTS.setdefault("check_fp32", {})["error"] = f"{type(e).__name__}: {e}"
-    if any(s in sections for s in ("llm", "vit", "engine", "freshness")):
+    if any(s in sections for s in ("llm", "vit", "engine", "freshness", "watch")):
         model = build_model(args.tiny, device, dtype)
     for name, fn in (
         ("llm", section_llm),
         ("vit", section_vit),
         ("engine", section_engine),
         ("freshness", section_freshness),
+        ("watch", section_watch),
     ):
         if name in sections and time_left() > 45:
             try:
