@@ -167,3 +167,24 @@ def test_file_format(tmp_path):
         "format": 1,
         "conditions": [{"name": "dog", "text": "a dog", "threshold": 0.25, "active": False}],
     }
+
+
+def test_open_moves_an_unreadable_file_aside(tmp_path):
+    (tmp_path / WATCH_FILE).write_text("{broken")
+    w = Watcher()
+    w.add("left over from before", 0.5)
+    with pytest.raises(WatchError, match=r"moved aside to watch\.json\.unreadable-"):
+        w.open(tmp_path)
+    assert w.conditions() == []
+    (aside,) = tmp_path.glob(f"{WATCH_FILE}.unreadable-*")
+    assert aside.read_text() == "{broken"  # kept as it was
+    w.add("a dog", 0.5)  # and a new file is written beside it
+    assert json.loads((tmp_path / WATCH_FILE).read_text())["conditions"][0]["text"] == "a dog"
+
+
+def test_open_another_directory(tmp_path):
+    first = Watcher(directory=tmp_path / "a")
+    first.add("a dog", 0.5)
+    w = Watcher()
+    assert w.open(tmp_path / "a") == 1 and [c.text for c in w.conditions()] == ["a dog"]
+    assert w.open(None) == 0 and len(w) == 1  # nowhere to persist: nothing restored, nothing lost
