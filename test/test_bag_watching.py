@@ -140,3 +140,65 @@ def test_offline_evaluation_scores_watched_conditions(tmp_path):
     assert watch["summary"]["detected"] == 1 and watch["summary"]["missed"] == 1
     md = (out / "report.md").read_text()
     assert "## Watched conditions" in md and "| square | 0.000 | 1 | 1 | 0 | 0.20 | 0/1 | - | 0 | 0 |" in md
+
+
+def test_live_evaluation_scores_watched_conditions(tmp_path):
+    """evaluate --mode live with conditions: added to the running node over ~/watch, its
+    ~/watch_scores and ~/events recorded during the replay, scored, removed afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from support.watch_scene import expected_events
+
+    from fvs_ros.bag.synthetic import write_scene_bag
+    from fvs_ros.model.tiny import write_tiny_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    bag = tmp_path / "scenes.mcap"
+    write_scene_bag(bag, fps=5.0, scene_s=2.0)
+    questions = tmp_path / "q.jsonl"
+    entries = [
+        {"id": "square", "watch": "a white square is visible", "threshold": 0.0, "true_during": [[0, 2]]},
+        {"id": "green", "watch": "the background is green", "threshold": 1.0, "true_during": [[2, 4]]},
+    ]
+    questions.write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    model = write_tiny_checkpoint(tmp_path / "tiny", "flash_vstream")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    params = ["model:=" + str(model), "memory_fps:=1.0", "summary_period_s:=0.0", "device:=cpu"]
+    params += [
+        "image_topic:=/camera/image_raw",
+        "reliability:=reliable",
+        "qos_depth:=10",
+        "watch_hysteresis:=0.02",
+    ]
+    cmd = [sys.executable, "-m", "fvs_ros.node", "--autostart", "--ros-args"]
+    cmd += ["--params-file", str(root / "config" / "fvs.yaml")] + [a for p in params for a in ("-p", p)]
+    log = open(tmp_path / "node.log", "w")
+    node = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        out = tmp_path / "live"
+        run = [sys.executable, "-m", "fvs_ros.bag.evaluate", str(bag), str(questions), "--mode", "live"]
+        done = subprocess.run(
+            run + ["--out", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=240
+        )
+        assert done.returncode == 0, done.stderr[-3000:] + (tmp_path / "node.log").read_text()[-3000:]
+        assert node.poll() is None
+    finally:
+        node.send_signal(signal.SIGINT)
+        node.wait(30)
+        log.close()
+    watch = json.loads((out / "report.json").read_text())["watch"]
+    # memory at 1 fps in two-frame slots: frames at 0, 1, ..., 5 s -> slots ending at 1, 3, 5 s
+    assert watch["evaluations"] == 3
+    square, green = watch["conditions"]
+    for c in (square, green):
+        assert [t for t, _ in c["timeline"]] == [pytest.approx(1.0), pytest.approx(3.0), pytest.approx(5.0)]
+        probabilities = [p for _, p in c["timeline"]]
+        want = [(c["timeline"][i][0], r) for i, r in expected_events(probabilities, c["threshold"], 0.02)]
+        assert [(e["time"], e["rising"]) for e in c["events"]] == want
+    assert square["detection_delay_s"] == [pytest.approx(1.0)] and green["missed"] == 1
+    assert "the node (watch_hysteresis)" in (out / "report.md").read_text()
+    assert "stopped watching 'square'" in (tmp_path / "node.log").read_text()  # removed afterwards

@@ -27,7 +27,7 @@ from fvs_ros.bag.bagio import BagError, ImageBag
 from fvs_ros.bag.questions import MC_INSTRUCTION, Question, QuestionFileError, load_questions
 from fvs_ros.bag.report import build_report, write_report
 from fvs_ros.bag.scoring import score_answer
-from fvs_ros.bag.watching import DEFAULT_TOLERANCE_S, OfflineWatch, load_watches
+from fvs_ros.bag.watching import DEFAULT_TOLERANCE_S, LiveWatch, OfflineWatch, load_watches
 
 EPS = 1e-6
 
@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--score-timeout", type=float, default=60.0)
     g.add_argument("--score-threshold", type=float, default=0.5, help="command score counted as correct (>=)")
+    g.add_argument(
+        "--watch-tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE_S,
+        help="watched conditions: a rise up to this long after a true interval still detects it (s)",
+    )
     g = p.add_argument_group("offline mode (engine settings default to the node's config/fvs.yaml)")
     g.add_argument("--model", help="checkpoint directory or hub id")
     g.add_argument("--params", help="node params file to take settings from (as given to the node)")
@@ -230,12 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--stamps", choices=("header", "log"), default="header", help="frame stamps given to the engine"
     )
     g.add_argument("--no-prefix-cache", action="store_true", help="full prefill for every answer")
-    g.add_argument(
-        "--watch-tolerance",
-        type=float,
-        default=DEFAULT_TOLERANCE_S,
-        help="watched conditions: a rise up to this long after a true interval still detects it (s)",
-    )
     g = p.add_argument_group("live mode")
     g.add_argument("--rate", type=float, default=1.0, help="replay speed factor (2 = twice as fast)")
     g.add_argument(
@@ -299,13 +299,6 @@ def main(argv=None) -> int:
             print(f"evaluate: error: {e}", file=sys.stderr)
             return 2
         issues += watch_issues
-        if watches and args.mode == "live":
-            print(
-                f"evaluate: {len(watches)} watched condition(s) are scored in offline mode only; "
-                "in live mode, watch ~/events with fvs_watch events",
-                file=sys.stderr,
-            )
-            watches = []
         for q in questions:  # the line after multiple-choice options, as chosen on the command line
             q.mc_instruction = args.mc_instruction
         skipped_rows = []
@@ -404,8 +397,9 @@ def main(argv=None) -> int:
                 "max_new_tokens": args.max_new_tokens or 0,
                 "reset": not args.no_reset,
             }
+            watch = LiveWatch(watches, args.watch_tolerance) if watches else None
             try:
-                results, frames, timing = run_live(bag, runnable, opts)
+                results, frames, timing = run_live(bag, runnable, opts, watch=watch)
             except LiveError as e:
                 print(f"evaluate: error: {e}", file=sys.stderr)
                 return 2

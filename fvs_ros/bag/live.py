@@ -386,9 +386,11 @@ class _Diagnostics:
 
 
 def run_live(
-    bag: ImageBag, questions: list[Question], opts: LiveOptions, log=sys.stderr
+    bag: ImageBag, questions: list[Question], opts: LiveOptions, log=sys.stderr, watch=None
 ) -> tuple[list[dict], dict, dict]:
-    """Run one live evaluation; returns (per-question results, frame counters, timing)."""
+    """Run one live evaluation; returns (per-question results, frame counters, timing).
+
+    watch: a bag.watching.LiveWatch whose conditions the node watches during the replay."""
     if opts.player not in ("internal", "external"):
         raise ValueError(f"player must be internal or external, got {opts.player!r}")
     with RosSession() as session:
@@ -401,9 +403,17 @@ def run_live(
                 "and active (python -m fvs_ros.node --autostart ...), in this ROS_DOMAIN_ID?"
             )
         _reset(session, opts, log)
-        if opts.player == "internal":
-            return _run_internal(session, bag, questions, opts, asker, diag, log)
-        return _run_external(session, bag, questions, opts, asker, diag, log)
+        if watch is not None:
+            try:
+                watch.start(session, opts.service.rsplit("/", 1)[0], opts.wait_s, _call)
+            except RuntimeError as e:
+                raise LiveError(str(e)) from None
+        run = _run_internal if opts.player == "internal" else _run_external
+        try:
+            return run(session, bag, questions, opts, asker, diag, log)
+        finally:
+            if watch is not None:
+                watch.finish()
 
 
 def _call(client, request, timeout: float):

@@ -179,8 +179,44 @@ def _mean(xs) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
-class OfflineWatch:
-    """Offline replays with conditions: the engine's watcher and on_watch, pacing, and the report.
+class _WatchLog:
+    """What a replay saw of the watched conditions, kept as plain values (stamps are header stamps):
+    evaluations [(stamp, {name: P(yes)}, evaluation_s)] and events [(name, stamp, rising)]."""
+
+    def __init__(self, specs: Sequence[WatchSpec], hysteresis: Optional[float], tolerance_s: float):
+        self.specs, self.hysteresis, self.tolerance_s = list(specs), hysteresis, tolerance_s
+        self.evaluations: list[tuple[float, dict, Optional[float]]] = []
+        self.events: list[tuple[str, float, bool]] = []
+        self._cv = threading.Condition()
+
+    def _record(self, stamp, probabilities: dict, evaluation_s, events) -> None:
+        with self._cv:
+            self.evaluations.append((stamp, probabilities, evaluation_s))
+            self.events += [(name, stamp, rising) for name, rising in events]
+            self._cv.notify_all()
+
+    def report(self, first_stamp: float, stream_end: float) -> dict:
+        """Scores per condition (score_watch) with event times in stream seconds since `first_stamp`,
+        and each condition's timeline: [stream time, P(yes)] of every evaluation."""
+        scores = []
+        for spec in self.specs:
+            events = [(t - first_stamp, rising) for name, t, rising in self.events if name == spec.id]
+            timeline = [[t - first_stamp, ps[spec.id]] for t, ps, _ in self.evaluations if spec.id in ps]
+            score = score_watch(spec, events, stream_end, self.tolerance_s)
+            scores.append(score | {"spec": spec.as_dict(), "timeline": timeline})
+        evaluation_s = [e for _, _, e in self.evaluations if e is not None]
+        return {
+            "hysteresis": self.hysteresis,
+            "tolerance_s": self.tolerance_s,
+            "evaluations": len(self.evaluations),
+            "evaluation_ms_p50": 1000 * statistics.median(evaluation_s) if evaluation_s else None,
+            "summary": summarize_watch(scores),
+            "conditions": scores,
+        }
+
+
+class OfflineWatch(_WatchLog):
+    """Offline replays with conditions: the engine's watcher and on_watch, and pacing.
 
     The replay waits after each memory update until that memory has been evaluated (wait()), so
     every memory state is scored, as the node does when it keeps up with the camera."""
@@ -190,17 +226,20 @@ class OfflineWatch:
     ):
         from fvs_ros.watch import Watcher
 
-        self.specs, self.tolerance_s = list(specs), tolerance_s
+        super().__init__(specs, hysteresis, tolerance_s)
         self.watcher = Watcher(max(1, len(self.specs)), hysteresis)
         for s in self.specs:
             self.watcher.add(s.condition, s.threshold, name=s.id)
-        self.results: list = []
-        self._cv = threading.Condition()
+        self._version = -1  # memory version of the newest evaluation
 
     def on_watch(self, result) -> None:
+        if result.stamp is None:
+            return
+        probabilities = {st.condition.name: st.probability for st in result.states}
+        events = [(e.condition.name, e.rising) for e in result.events]
+        self._record(result.stamp, probabilities, result.evaluation_s, events)
         with self._cv:
-            self.results.append(result)
-            self._cv.notify_all()
+            self._version = max(self._version, result.memory_version)
 
     def wait(self, engine, timeout: float = 600.0) -> None:
         """Until the engine's newest memory has been evaluated (nothing to wait for without conditions)."""
@@ -208,36 +247,74 @@ class OfflineWatch:
             return
         version = engine.snapshot().version
         with self._cv:
-            self._cv.wait_for(lambda: any(r.memory_version >= version for r in self.results), timeout)
+            self._cv.wait_for(lambda: self._version >= version, timeout)
 
-    def report(self, first_stamp: float, stream_end: float) -> dict:
-        """Scores per condition (score_watch) with event times in stream seconds since `first_stamp`,
-        and each condition's timeline: [stream time, P(yes)] of every evaluation."""
-        scores = []
+
+class LiveWatch(_WatchLog):
+    """Live replays with conditions: added to the running node through <node>/watch before the
+    replay (a condition of the same name is replaced), ~/events and ~/watch_scores recorded,
+    removed afterwards. Hysteresis is the node's (reported as None: not known here)."""
+
+    def __init__(self, specs: Sequence[WatchSpec], tolerance_s: float = DEFAULT_TOLERANCE_S):
+        super().__init__(specs, None, tolerance_s)
+        self._client = None
+
+    def start(self, session, node_name: str, timeout: float, call) -> None:
+        """Subscribe and add the conditions; `call(client, request, timeout)` is live._call.
+        Raises RuntimeError when the node refuses a condition."""
+        from fvs_ros.msg import WatchEvaluation, WatchEvent
+        from fvs_ros.srv import Watch
+
+        node = session.node
+        reliable = _reliable_qos()
+        node.create_subscription(WatchEvent, f"{node_name}/events", self._on_event, reliable)
+        node.create_subscription(WatchEvaluation, f"{node_name}/watch_scores", self._on_scores, reliable)
+        self._client, self._call = node.create_client(Watch, f"{node_name}/watch"), call
+        if not self._client.wait_for_service(timeout_sec=timeout):
+            raise RuntimeError(f"{node_name}/watch is not available: the node cannot watch conditions")
         for spec in self.specs:
-            events = [
-                (e.stamp - first_stamp, e.rising)
-                for r in self.results
-                for e in r.events
-                if e.condition.name == spec.id and e.stamp is not None
-            ]
-            timeline = [
-                [r.stamp - first_stamp, s.probability]
-                for r in self.results
-                for s in r.states
-                if s.condition.name == spec.id and r.stamp is not None
-            ]
-            score = score_watch(spec, events, stream_end, self.tolerance_s)
-            scores.append(score | {"spec": spec.as_dict(), "timeline": timeline})
-        evaluation_s = [r.evaluation_s for r in self.results]
-        return {
-            "hysteresis": self.watcher.hysteresis,
-            "tolerance_s": self.tolerance_s,
-            "evaluations": len(self.results),
-            "evaluation_ms_p50": 1000 * statistics.median(evaluation_s) if evaluation_s else None,
-            "summary": summarize_watch(scores),
-            "conditions": scores,
-        }
+            self._request(Watch.Request(command="remove", name=spec.id))  # a leftover of an earlier run
+            r = self._request(
+                Watch.Request(command="add", condition=spec.condition, threshold=spec.threshold, name=spec.id)
+            )
+            if not r.success:
+                raise RuntimeError(f"the node refused condition {spec.id!r}: {r.error}")
+
+    def finish(self, settle_s: float = 3.0) -> None:
+        """Wait until evaluations stop arriving (the last memory updates), then remove the conditions."""
+        from fvs_ros.srv import Watch
+
+        if self._client is None:
+            return
+        with self._cv:
+            while self._cv.wait(settle_s):
+                pass
+        for spec in self.specs:
+            self._request(Watch.Request(command="remove", name=spec.id))
+
+    def _request(self, request):
+        for _ in range(10):  # a reply lost while DDS matches: add/remove by name are safe to repeat
+            response = self._call(self._client, request, 3.0)
+            if response is not None:
+                return response
+        raise RuntimeError("no reply from the node's watch service")
+
+    def _on_scores(self, msg) -> None:
+        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        mine = {n: float(p) for n, p in zip(msg.names, msg.probabilities, strict=True)}
+        self._record(stamp, {s.id: mine[s.id] for s in self.specs if s.id in mine}, msg.evaluation_time_s, [])
+
+    def _on_event(self, msg) -> None:
+        if any(s.id == msg.name for s in self.specs):
+            stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+            with self._cv:
+                self.events.append((msg.name, stamp, msg.rising))
+
+
+def _reliable_qos():
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def render_watch(watch: dict) -> list[str]:
@@ -247,7 +324,8 @@ def render_watch(watch: dict) -> list[str]:
         "",
         "## Watched conditions",
         "",
-        f"{watch['evaluations']} evaluations (one per memory update), hysteresis {watch['hysteresis']}, "
+        f"{watch['evaluations']} evaluations (one per memory update), hysteresis "
+        f"{watch['hysteresis'] if watch['hysteresis'] is not None else 'of the node (watch_hysteresis)'}, "
         f"detection window: the true interval + {watch['tolerance_s']} s. Times are stream seconds of the "
         "newest frame in the memory evaluated.",
         "",
