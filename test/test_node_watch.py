@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from support import watch_scene as scene
+from test_node import NodeProcess  # the node as a separate process, output in a log file
 
 from fvs_ros.engine import EngineConfig, StreamEngine
 from fvs_ros.memory import MemoryConfig
@@ -69,34 +69,6 @@ def planted(checkpoint):
     threshold = float(np.float32(threshold))  # as the float32 field of Watch.srv carries it
     events = scene.expected_events(by_condition[condition], threshold, HYSTERESIS)
     return condition, threshold, events, by_condition[condition]
-
-
-class Node:
-    """`python -m fvs_ros.node --autostart` with config/fvs.yaml and the given parameters."""
-
-    def __init__(self, log_path: Path, **parameters):
-        self.log_path = log_path
-        args = [sys.executable, "-m", "fvs_ros.node", "--autostart", "--ros-args"]
-        args += ["--params-file", str(ROOT / "config" / "fvs.yaml")]
-        for name, value in parameters.items():
-            args += ["-p", f"{name}:={value}"]
-        self.log = open(log_path, "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def text(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 class Client:
@@ -169,8 +141,8 @@ def memory_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("memory") / "saved"
 
 
-def start_node(checkpoint, memory_dir, log_path, client) -> Node:
-    node = Node(
+def start_node(checkpoint, memory_dir, log_path, client) -> NodeProcess:
+    node = NodeProcess(
         log_path,
         model=checkpoint,
         memory_file=memory_dir,
