@@ -4,6 +4,7 @@ with the probabilities of an independent forward, and events come where they sho
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from support import watch_scene as scene
@@ -156,4 +157,59 @@ def test_nothing_is_evaluated_without_conditions_or_callback(lm):
         engine.ask("What is there?", max_new_tokens=2)  # the prefix exists now
         assert engine.stats().watch_evaluations == 0
     finally:
+        engine.shutdown()
+
+
+class Ordered:
+    """The real VideoLM, recording the order of its LLM calls; the first evaluation waits for `gate`."""
+
+    def __init__(self, lm):
+        self._lm, self.calls, self.gate, self.blocked = lm, [], threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._lm, name)
+
+    def condition_probabilities(self, prefix, conditions):
+        self.calls.append(("watch", prefix.snapshot_version))
+        if len(self.calls) == 1:
+            self.blocked.set()
+            assert self.gate.wait(60)
+        return self._lm.condition_probabilities(prefix, conditions)
+
+    def answer(self, prefix, *args, **kwargs):
+        self.calls.append(("answer", prefix.snapshot_version))
+        return self._lm.answer(prefix, *args, **kwargs)
+
+
+def test_questions_go_before_evaluations(lm):
+    """A question queued while an evaluation runs is answered before the next memory is evaluated."""
+    ordered = Ordered(lm)
+    watcher = Watcher()
+    watcher.add("the room is dark", 0.5)
+    engine, results = run(ordered, watcher)
+    try:
+        slots = scene.slots()
+        for f in slots[0]:
+            engine.add_frame(f, 0.0)
+        assert ordered.blocked.wait(60)  # evaluating memory 1, held
+        for f in slots[1]:
+            engine.add_frame(f, 1.0)
+        engine.flush(30)
+        second = engine.snapshot().version
+        answers = []
+        asker = threading.Thread(
+            target=lambda: answers.append(engine.ask("What is there?", max_new_tokens=2))
+        )
+        asker.start()
+        deadline = time.monotonic() + 60
+        # the question is queued and the prefix of memory 2 is built: both are due when the gate opens
+        while not (engine._requests and engine.stats().prefix_current) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ordered.gate.set()
+        asker.join(60)
+        results.wait_for(second)
+        assert [kind for kind, _ in ordered.calls] == ["watch", "answer", "watch"]
+        assert ordered.calls[2][1] == second and answers
+    finally:
+        ordered.gate.set()
         engine.shutdown()
