@@ -6,7 +6,14 @@ import dataclasses
 
 import pytest
 
-from fvs_ros.config import ENGINE_PARAMS, defaults_file, engine_config, memory_config, read_params_file
+from fvs_ros.config import (
+    ENGINE_PARAMS,
+    defaults_file,
+    engine_config,
+    memory_config,
+    read_params_file,
+    watch_config,
+)
 from fvs_ros.engine import EngineConfig
 from fvs_ros.model.prompt import DEFAULT_SYSTEM_PROMPT
 
@@ -19,6 +26,9 @@ def test_the_yaml_defaults_build_the_node_configs():
     assert (memory.csm_slots, memory.dam_frames) == (p["csm_slots"], p["dam_frames"])
     assert config.max_new_tokens_limit == max(p["max_new_tokens"], p["summary_max_new_tokens"])
     assert p["system_prompt"] == DEFAULT_SYSTEM_PROMPT == EngineConfig().system_prompt
+    watcher = watch_config(p)
+    assert (watcher.max_conditions, watcher.hysteresis) == (p["watch_max_conditions"], p["watch_hysteresis"])
+    assert len(watcher) == 0
 
 
 def test_every_mapped_field_exists_and_overrides_win():
