@@ -467,7 +467,8 @@ class FvsNode(LifecycleNode):
     def _publish_watch(self, result: WatchResult):
         """Engine callback (LLM worker thread): every evaluation to ~/watch_scores, each rise or fall
         to ~/events."""
-        header = Header(stamp=_time_msg(result.stamp), frame_id=self._frame_id)
+        frame_id = self._intake.frame_id if self._intake is not None else ""
+        header = Header(stamp=_time_msg(result.stamp), frame_id=frame_id)
         self._scores_pub.publish(
             WatchEvaluation(
                 header=header,

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from fvs_ros.persistence import atomic_write
+
 log = logging.getLogger(__name__)
 
 WATCH_FILE = "watch.json"
@@ -230,7 +232,7 @@ class Watcher:
             ],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.path, json.dumps(data, indent=1))
+        atomic_write(self.path, lambda f: f.write(json.dumps(data, indent=1)), "w")
 
 
 def check_condition(text, threshold, name) -> Condition:
@@ -250,25 +252,6 @@ def check_condition(text, threshold, name) -> Condition:
     if len(name) > MAX_CONDITION_CHARS:
         raise WatchError(f"name has {len(name)} characters; the limit is {MAX_CONDITION_CHARS}")
     return Condition(name, text, float(threshold))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename over `path`, fsync the directory."""
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
