@@ -18,15 +18,21 @@ from fvs_ros.model.video_lm import DEFAULT_SYSTEM_PROMPT
 QUESTION = "What is happening in the video?"
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["eager", "fast_decode"])
+@pytest.fixture(
+    scope="module",
+    params=[("flash_vstream", False), ("flash_vstream", True), ("qwen2_5_vl", True)],
+    ids=["eager", "fast_decode", "qwen2_5_vl"],
+)
 def lm(request, tmp_path_factory):
-    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "flash_vstream", seed=1)
-    return load_model(ckpt, fast_decode=request.param)
+    fmt, fast = request.param
+    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", fmt, seed=1)
+    return load_model(ckpt, fast_decode=fast)
 
 
 @pytest.fixture(scope="module")
 def snapshot(lm):
-    """A real memory of 10 frames of three scenes: 4 centroids, 2 DAM frames (the checkpoint's sizes)."""
+    """A real memory of 10 frames of three scenes, of the checkpoint's size (official: 4 centroids,
+    2 DAM frames; Qwen2.5-VL: room for all 10)."""
     rng = np.random.default_rng(0)
     scenes = rng.integers(0, 256, (3, 112, 224, 3))
     frames = np.stack([scenes[i * 3 // 10] for i in range(10)])
@@ -34,7 +40,8 @@ def snapshot(lm):
     memory = FlashMemory(MemoryConfig(**lm.memory_defaults))
     feats = lm.encode_frames(frames)
     snap = memory.update(feats.low, feats.full, 100.0 + np.arange(10) * 0.5, feats.full_hw)
-    assert len(snap.dam_slots) == 2 and len(snap.csm_weights) == 4
+    cfg = MemoryConfig(**lm.memory_defaults)
+    assert len(snap.dam_slots) == min(10, cfg.dam_frames) and len(snap.csm_weights) == min(10, cfg.csm_slots)
     return snap
 
 
