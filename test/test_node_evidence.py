@@ -230,6 +230,20 @@ def test_cancelled_goal_ends_early_and_frees_the_model(fed, client):
     )
 
 
+def test_goals_beyond_the_limit_are_rejected_and_cancelled_ones_end(fed, client):
+    from fvs_ros.node import MAX_STREAM_GOALS
+
+    running = [client.goal(LONG) for _ in range(MAX_STREAM_GOALS)]
+    sent = client.action.send_goal_async(AskAction.Goal(question="One more?", max_new_tokens=4))
+    assert wait_until(sent.done, 30) and not sent.result().accepted
+    for handle, _, _ in running:
+        handle.cancel_goal_async()
+    for _, _, result in running:  # queued ones never start, the generating one stops
+        assert wait_until(result.done, 30) and result.result().status == GoalStatus.STATUS_CANCELED
+    handle, _, result = client.goal(4)  # room again
+    assert wait_until(result.done, 60) and result.result().status == GoalStatus.STATUS_SUCCEEDED
+
+
 def test_fvs_ask_streams_and_writes_the_evidence_images(fed, client, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "fvs_ros.ask_client", "--stream", "--max-new-tokens", "8"]
