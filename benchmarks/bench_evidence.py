@@ -6,7 +6,8 @@ Streams synthetic 720p frames (1280x720 -> 336x560) into a StreamEngine (60 CSM 
 frames, bank 120) and prints: the thumbnails held (count, bytes) as the stream grows, the JPEG
 size of an evidence image, the memory view's size and render time, and per answer the evidence
 cost and TTFT with evidence on and off. The GPU figures (7B shapes) come from
-`benchmarks/bench_gpu.py --sections evidence`.
+`benchmarks/bench_gpu.py --sections evidence`. Last, cancelling: the TTFT of a question asked
+right after cancelling a long answer (ask(cancel=...)), against the time that answer takes in full.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fvs_ros.engine import EngineConfig, StreamEngine
+from fvs_ros.engine import AnswerCancelled, EngineConfig, StreamEngine
 from fvs_ros.memory import MemoryConfig
 from fvs_ros.model import load_model
 from fvs_ros.model.tiny import write_tiny_checkpoint
@@ -109,9 +111,39 @@ def main() -> None:
             cost = statistics.median(a.evidence_s for a in answers)
             tokens = statistics.median(a.num_tokens for a in answers)
             print(f"| {'on' if on else 'off'} | {1e3 * ttft:.1f} ms | {1e3 * cost:.2f} ms | {tokens:.0f} |")
+        cancel_figures(eng, questions[0])
     finally:
         for e in engines.values():
             e.shutdown()
+
+
+def cancel_figures(eng: StreamEngine, question: str, long_tokens: int = 512, reps: int = 5) -> None:
+    """TTFT right after cancelling a long answer vs that answer's full duration."""
+    full = eng.ask(question, max_new_tokens=long_tokens, timeout=600).total_s
+    after = []
+    for _ in range(reps):
+        cancel, started = threading.Event(), threading.Event()
+
+        def on_token(_piece, started=started):
+            started.set()
+
+        def long_answer(cancel=cancel, on_token=on_token):
+            try:
+                eng.ask(question, max_new_tokens=long_tokens, timeout=600, on_token=on_token, cancel=cancel)
+            except AnswerCancelled:
+                pass
+
+        worker = threading.Thread(target=long_answer)
+        worker.start()
+        started.wait(60)
+        cancel.set()
+        after.append(eng.ask("And now?", max_new_tokens=4, timeout=600).ttft_s)
+        worker.join()
+    print(
+        f"cancel: a {long_tokens}-token answer takes {1e3 * full:.0f} ms in full; a question asked right "
+        f"after cancelling one: TTFT median {1e3 * statistics.median(after):.1f} ms "
+        f"(max {1e3 * max(after):.1f})"
+    )
 
 
 if __name__ == "__main__":
