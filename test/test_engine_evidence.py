@@ -40,7 +40,8 @@ def engine(lm):
 
 
 def feed(eng, n, t0=1000.0, dt=0.25, seed=0):
-    """n frames of four flat scenes with noise; returns their stamps."""
+    """n frames of four flat scenes with noise; returns the stamps of the memory slots they fill
+    (a slot holds frames_per_slot consecutive frames and is stamped with its last)."""
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, (4, 3))
     stamps = [t0 + i * dt for i in range(n)]
@@ -48,11 +49,13 @@ def feed(eng, n, t0=1000.0, dt=0.25, seed=0):
         frame = np.clip(colours[i * 4 // n] + rng.integers(-20, 21, (H, W, 3)), 0, 255).astype(np.uint8)
         eng.add_frame(frame, stamp)
     assert eng.flush(30)
-    return stamps
+    fps = eng.config.frames_per_slot
+    return stamps[fps - 1 :: fps]
 
 
-def test_answers_carry_evidence_from_the_frames_fed(engine):
-    eng = engine()
+@pytest.mark.parametrize("frames_per_slot", [2, 1])
+def test_answers_carry_evidence_from_the_frames_fed(engine, frames_per_slot):
+    eng = engine(frames_per_slot=frames_per_slot)
     stamps = feed(eng, 12)
     answer = eng.ask(Q, max_new_tokens=6, timeout=60)
     assert 1 <= len(answer.evidence) <= 3
@@ -61,7 +64,7 @@ def test_answers_carry_evidence_from_the_frames_fed(engine):
     assert 0 < answer.memory_attention < 1 and answer.evidence_s > 0
     snap = eng.snapshot()
     for item in answer.evidence:
-        assert item.stamp in stamps and item.slot == stamps.index(item.stamp)  # a frame the engine got
+        assert item.stamp in stamps and item.slot == stamps.index(item.stamp)  # a slot the engine got
         assert item.kind in (DETAIL, CONTEXT)
         if item.kind == DETAIL:
             assert item.slot in snap.dam_slots.tolist() and item.weight == 1

@@ -28,11 +28,13 @@ from sensor_msgs.msg import Image
 
 from fvs_ros.action import Ask as AskAction
 from fvs_ros.msg import Evidence
+from fvs_ros.params import load_defaults
 from fvs_ros.srv import Ask
 
 ROOT = Path(__file__).resolve().parents[1]
 T0, STEP, N = 1000.0, 0.5, 10  # frame stamps T0, T0 + 0.5, ...
 LONG = 1000  # tokens of an answer long enough to cancel (the tiny random model does not stop early)
+PER_SLOT = load_defaults()["frames_per_slot"]  # a memory slot: this many frames, stamped with its last
 
 
 def seconds(t) -> float:
@@ -164,13 +166,14 @@ def test_answer_evidence_names_frames_the_node_received(fed, client):
     assert 0 < r.memory_attention < 1
     for e, image in zip(r.evidence, r.evidence_images, strict=True):
         stamp = round(seconds(e.stamp), 6)
-        assert stamp in fed and e.slot == fed.index(stamp)
+        frame = fed.index(stamp)  # a frame the node received: the last of its slot
+        assert e.slot == frame // PER_SLOT and frame % PER_SLOT == PER_SLOT - 1
         assert e.kind in (Evidence.DETAIL, Evidence.CONTEXT) and e.weight >= 1
         assert fed[0] <= seconds(e.span_start) <= stamp <= seconds(e.span_end) <= fed[-1]
         assert image.format == "jpeg" and seconds(image.header.stamp) == pytest.approx(stamp)
         rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(bytes(image.data), np.uint8), cv2.IMREAD_COLOR), 4)
         assert rgb.shape == (120, 160, 3)
-        assert np.abs(rgb.reshape(-1, 3).mean(0) - colour(e.slot)).max() < 6  # the frame of that stamp
+        assert np.abs(rgb.reshape(-1, 3).mean(0) - colour(frame)).max() < 6  # the frame of that stamp
     assert not client.ask(max_new_tokens=2).evidence_images  # images only when asked for
 
 
@@ -190,7 +193,8 @@ def test_memory_view_is_latched_and_decodable(fed, client):
     assert view.encoding == "rgb8" and view.step == view.width * 3 and view.header.frame_id == "test_camera"
     image = np.frombuffer(bytes(view.data), np.uint8).reshape(view.height, view.width, 3)
     shown = {i for i in range(N) if np.all(image == colour(i), axis=-1).sum() > 100}
-    detail = {e.slot for e in client.ask(max_new_tokens=2).evidence if e.kind == Evidence.DETAIL}
+    evidence = client.ask(max_new_tokens=2).evidence
+    detail = {fed.index(round(seconds(e.stamp), 6)) for e in evidence if e.kind == Evidence.DETAIL}
     assert len(shown) >= 2 and detail <= shown  # tiles show frames fed, the detail frames among them
 
 
