@@ -27,6 +27,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 
 from fvs_ros.action import Ask as AskAction
+from fvs_ros.ask_stream import MAX_GOALS
 from fvs_ros.msg import Evidence
 from fvs_ros.params import load_defaults
 from fvs_ros.srv import Ask
@@ -235,9 +236,7 @@ def test_cancelled_goal_ends_early_and_frees_the_model(fed, client):
 
 
 def test_goals_beyond_the_limit_are_rejected_and_cancelled_ones_end(fed, client):
-    from fvs_ros.node import MAX_STREAM_GOALS
-
-    running = [client.goal(LONG) for _ in range(MAX_STREAM_GOALS)]
+    running = [client.goal(LONG) for _ in range(MAX_GOALS)]
     sent = client.action.send_goal_async(AskAction.Goal(question="One more?", max_new_tokens=4))
     assert wait_until(sent.done, 30) and not sent.result().accepted
     for handle, _, _ in running:
