@@ -69,7 +69,7 @@ def main() -> None:
         print(
             f"CPU ({torch.get_num_threads()} threads), tiny random model, memory 60 CSM / 30 DAM / bank 120"
         )
-        print("| frames fed | thumbnails held | thumbnail bytes |")
+        print("| frames fed | thumbnails held (one per retained slot) | thumbnail bytes |")
         print("|---:|---:|---:|")
         eng = engines[True]
         for i, frame in enumerate(frames):
