@@ -401,7 +401,7 @@ class VideoLM:
             on_token(final[len(sent[0]) :])
         ttft = generate_start - start + out.ttft_s
         attention = None
-        if layout is not None:
+        if out.block_mass is not None:  # (none when nothing was generated)
             attention = BlockAttention(out.block_mass, layout, self.evidence_layers, out.rows, out.evidence_s)
         total = time.perf_counter() - start - out.evidence_s  # call -> answer done (evidence apart)
         return Generation(final, out.tokens, ttft, total, embeds.shape[1], attention)
