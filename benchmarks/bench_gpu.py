@@ -20,6 +20,10 @@ Sections
           bank + eager decoding. VideoLM is built around the in-memory random model with the
           tiny tokenizer; ours answers through FastDecoder (VideoLM(fast_decode=True)).
 - check:  float32 exactness (7B widths, 4 layers): fast path == eager greedy tokens.
+- evidence: answer evidence (fvs_ros/model/evidence.py) on the same prefix: TTFT with the query
+          recording in the graphs + evidence vs a decoder without it (p50/p99), the cost of the
+          evidence per answer (after the last token) for 1/32/128-token answers, the recording
+          buffers' bytes, and graphs vs eager forwards giving the same block masses.
 - freshness: issue 12's table, old path (eager SDPA prefix prefill, builder yielding without
           bound) and new (static cache + FlashAttention varlen prefill, yield budget 0.2 s) in one
           run, engine at node defaults (config/fvs.yaml): 150 frames filled at full speed, then a
@@ -57,6 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fvs_ros.model.evidence import MemoryLayout, evidence_layers  # noqa: E402
 from fvs_ros.model.fast_decode import FastDecoder, eager_generate, eager_prefill  # noqa: E402
 
 SEVEN_B_TEXT = dict(
@@ -599,6 +604,78 @@ def section_llm(model, device, tiny, args):
             "target <= 24 GB",
         )
     del prefix
+
+
+def section_evidence(model, device, tiny, args):
+    log("\n== evidence: attention per memory block, from the answer's own forward passes ==")
+    llm, lm_head = model.model.language_model, model.lm_head
+    out = RESULTS.setdefault("evidence", {})
+    embeds, positions, next_pos = prompt(llm, tiny, device, lm_head.weight.dtype)
+    P, q_len = embeds.shape[1], 30
+    prefix = eager_prefill(llm, embeds, positions)
+    dam, (hm, wm), csm = memory_layout(tiny)
+    layout = MemoryLayout(20, dam, hm * wm, csm, (hm // 2) * (wm // 2))  # prompt(): 20 head tokens
+    layers = evidence_layers(len(llm.layers))
+    out.update(layers=list(layers), blocks=layout.num_blocks)
+    plain = FastDecoder(llm, lm_head, splits=args.splits[0])
+    recording = FastDecoder(llm, lm_head, splits=args.splits[0], record_layers=layers)
+    for fast in (plain, recording):
+        fast.reserve(P, max_new_tokens=256)
+    out["record_buffers_mib"] = (recording.cache_bytes - plain.cache_bytes) / 2**20
+    row("evidence layers / query buffers", f"{layers[0]}-{layers[-1]} / {out['record_buffers_mib']:.1f} MiB")
+
+    def q(i):
+        return question(llm, q_len, next_pos, i, device)
+
+    ttft = {"off": [], "on": []}
+    for i in range(args.reps):  # interleaved: both see the same machine state
+        qe, qp = q(i)
+        for key, fast, ev in (("off", plain, None), ("on", recording, layout)):
+            sync(device)
+            g = fast.generate(qe, qp, next_pos + q_len, 1, prefix_kv=prefix, prefix_len=P, evidence=ev)
+            ttft[key].append(g.ttft_s)  # call -> first token (the evidence comes after it)
+    for key in ("off", "on"):
+        out[f"ttft_evidence_{key}_ms"] = [1e3 * t for t in ttft[key]]
+        row(
+            f"TTFT, cached prefix, evidence {key} p50/p99",
+            f"{1e3 * pct(ttft[key][1:], 50):.2f} / {1e3 * pct(ttft[key][1:], 99):.2f} ms",
+        )
+    qe, qp = q(0)
+    for n in (1, 32, 128) if not tiny else (1, 8):
+        costs = []
+        for _ in range(5):
+            g = recording.generate(
+                qe, qp, next_pos + q_len, n, prefix_kv=prefix, prefix_len=P, evidence=layout
+            )
+            costs.append(g.evidence_s)
+        out[f"evidence_ms_{n}_tokens"] = 1e3 * float(np.median(costs))
+        row(
+            f"evidence cost per answer, {g.rows} rows",
+            f"{out[f'evidence_ms_{n}_tokens']:.2f} ms",
+            "target: a few ms",
+        )
+    # in-graph recording == eager forwards (same kernels' queries, same keys)
+    n = 8 if tiny else 32
+    graphed = recording.generate(qe, qp, next_pos + q_len, n, prefix_kv=prefix, prefix_len=P, evidence=layout)
+    eager = FastDecoder(llm, lm_head, graphs=False, splits=args.splits[0], record_layers=layers)
+    ref = eager.generate(
+        qe,
+        qp,
+        next_pos + q_len,
+        n,
+        prefix_kv=prefix,
+        prefix_len=P,
+        evidence=layout,
+        force_tokens=graphed.tokens,
+    )
+    err = float((graphed.block_mass - ref.block_mass).abs().max())
+    out.update(graph_vs_eager_max_abs=err, memory_fraction=float(graphed.block_mass.sum()))
+    row(
+        "evidence: graphs vs eager forwards, max abs diff of block mass",
+        f"{err:.2e} (memory takes {out['memory_fraction']:.1%} of the attention)",
+    )
+    del plain, recording, eager, prefix
+    gc.collect()
 
 
 @torch.inference_mode()
@@ -1331,7 +1408,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (dry run of the code paths; CPU ok)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--sections", default="attn,check,llm,vit,engine,freshness,watch")
+    ap.add_argument("--sections", default="attn,check,llm,evidence,vit,engine,freshness,watch")
     ap.add_argument("--reps", type=int, default=40, help="questions timed per TTFT figure")
     ap.add_argument("--splits", default="8,0", help="prefix chunks of the fast path; first is the main one")
     ap.add_argument("--fast-variants", action="store_true", help="also time the other --splits values")
@@ -1397,10 +1474,11 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             RESULTS.setdefault("check_fp32", {})["error"] = f"{type(e).__name__}: {e}"
-    if any(s in sections for s in ("llm", "vit", "engine", "freshness", "watch")):
+    if any(s in sections for s in ("llm", "evidence", "vit", "engine", "freshness", "watch")):
         model = build_model(args.tiny, device, dtype)
     for name, fn in (
         ("llm", section_llm),
+        ("evidence", section_evidence),
         ("vit", section_vit),
         ("engine", section_engine),
         ("freshness", section_freshness),

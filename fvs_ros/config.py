@@ -32,6 +32,8 @@ ENGINE_PARAMS = {  # node parameter -> EngineConfig field
     "summary_period_s": "summary_period_s",
     "prefix_refresh_s": "prefix_refresh_s",
     "max_prefix_lag_s": "max_prefix_lag_s",
+    "evidence_frames": "evidence_frames",
+    "thumbnail_side": "thumbnail_side",
 }
 MEMORY_PARAMS = ("csm_slots", "dam_frames")  # same names in MemoryConfig
 

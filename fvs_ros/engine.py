@@ -24,11 +24,14 @@ from typing import Callable, Optional, Protocol
 import numpy as np
 import torch
 
+from fvs_ros.grounding import EvidenceItem, evidence_items
 from fvs_ros.memory import FlashMemory, MemoryConfig, MemoryFileError, MemorySnapshot
+from fvs_ros.memory_view import MemoryView, render_memory_view
 from fvs_ros.model.preprocess import resize_frames
 from fvs_ros.model.prompt import DEFAULT_SYSTEM_PROMPT
 from fvs_ros.persistence import SavedStateError, read_saved, write_saved
 from fvs_ros.prefix_cache import MemoryPrefix, Prefix, PrefixCache, PrefixModel, Published
+from fvs_ros.thumbnails import ThumbnailStore, thumbnail
 from fvs_ros.watch import Watcher, WatchError, WatchResult, WatchRunner
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,10 @@ class QuestionError(ValueError):
 
 class AnswerTimeout(EngineError, TimeoutError):
     """No answer within the timeout; the request was cancelled and the worker moved on."""
+
+
+class AnswerCancelled(EngineError):
+    """The asker cancelled the request (ask(cancel=...)); generation stopped at the next token."""
 
 
 class _Cancelled(Exception):
@@ -90,6 +97,8 @@ class EngineConfig:
     # all; then it shares the GPU, so it lands within its own time plus this (inf: pauses unbounded).
     prefix_yield_budget_s: float = 0.2
     no_video_answer: str = "No video frames have been received yet, so I cannot answer about the video."
+    evidence_frames: int = 3  # evidence items per answer (attention per memory block); 0: not computed
+    thumbnail_side: int = 160  # longest side (px) of the thumbnails kept for retained frames; 0: none
 
     def __post_init__(self):
         for name in (
@@ -105,6 +114,10 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.answer_timeout_s > 0:
             raise ValueError(f"EngineConfig.answer_timeout_s must be > 0, got {self.answer_timeout_s}")
+        if self.evidence_frames < 0:
+            raise ValueError(f"EngineConfig.evidence_frames must be >= 0, got {self.evidence_frames}")
+        if self.thumbnail_side != 0 and self.thumbnail_side < 8:
+            raise ValueError(f"EngineConfig.thumbnail_side must be 0 or >= 8, got {self.thumbnail_side}")
         for name in (
             "summary_period_s",
             "prefix_refresh_s",
@@ -139,6 +152,9 @@ class Answer:
     # newest stamp in the memory the answer used (>= 0; None: memory empty). How old the answer's
     # view of the stream is: sampling, encoding, prefix rebuild and waiting all count.
     memory_lag_s: Optional[float] = None
+    evidence: tuple[EvidenceItem, ...] = ()  # the memory blocks the answer attended to most (grounding.py)
+    memory_attention: float = 0.0  # fraction of the answer's attention on memory tokens (with evidence)
+    evidence_s: float = 0.0  # time spent measuring the evidence, after the last token
 
 
 @dataclass(frozen=True)
@@ -281,9 +297,15 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     answer: Optional[Answer] = None
     error: Optional[BaseException] = None
-    cancelled: bool = False
+    cancelled: bool = False  # the asker gave up (timeout or cancel): nobody reads the result
     preemptible: bool = False  # automatic summaries give way to any queued request
     received_stamp: Optional[float] = None  # newest frame stamp received when the request arrived
+    evidence: bool = False  # measure the answer's evidence (questions, not summaries)
+    cancel: Optional[threading.Event] = None  # the asker's ask(cancel=...): set = stop at the next token
+
+    def stopped(self) -> bool:
+        """Nobody wants the result any more: timed out, or cancelled by the asker."""
+        return self.cancelled or (self.cancel is not None and self.cancel.is_set())
 
 
 class StreamEngine:
@@ -317,6 +339,8 @@ class StreamEngine:
         self._watch = WatchRunner(self.watcher, on_watch)
         self._memory_config = memory_config or MemoryConfig(**getattr(lm, "memory_defaults", {}))
         self._memory = FlashMemory(self._memory_config, device=self.device)
+        # small copies of the frames the memory retains (evidence images, memory view)
+        self._thumbs = ThumbnailStore(self.config.thumbnail_side) if self.config.thumbnail_side else None
         self._save_lock = threading.Lock()  # one save at a time (they write the same directory)
         self._mem_lock = threading.Lock()  # memory object: update / reset / save / load
         self._lock = threading.Lock()  # frame queue, sampling state, counters
@@ -636,11 +660,15 @@ class StreamEngine:
             # a slot's stamp is its last frame's: an answer's last_stamp is the newest frame it saw
             stamps = torch.tensor([slot[-1][1] for slot in batch], dtype=torch.float64)
             feats = self.lm.encode_frames(frames, fps)
+            thumbs = []  # a slot's thumbnail: its last frame too (the one its stamp names)
+            if self._thumbs is not None:
+                thumbs = [thumbnail(f, self._thumbs.side) for f in frames[fps - 1 :: fps]]
             with self._mem_lock:
                 if epoch != self._epoch:  # reset() or load() while encoding: drop the old stream's frames
                     return
                 first = self._published.first_stamp if self._memory.frames_seen else batch[0][0][1]
                 snap = self._memory.update(feats.low, feats.full, stamps, feats.full_hw)
+                self._keep_thumbnails(snap, thumbs)
                 self._sync()
                 with self._lock:  # memory and counters change together: reset() cannot come between
                     c = self._counters
@@ -654,6 +682,27 @@ class StreamEngine:
         except Exception as e:  # noqa: BLE001 - a bad batch must not kill the worker
             self._record_error("frame worker", e)
 
+    def _keep_thumbnails(self, snap: MemorySnapshot, thumbs: list) -> None:
+        """Thumbnails of the batch just absorbed (its last len(thumbs) slots), then only those of the
+        frames the memory still retains."""
+        if self._thumbs is None:
+            return
+        first = snap.frames_seen - len(thumbs)
+        for i, image in enumerate(thumbs):
+            self._thumbs.add(first + i, image)
+        self._thumbs.retain(snap.bank_slots.tolist())
+
+    def memory_view(self, **layout) -> MemoryView:
+        """The newest memory drawn as a picture (memory_view.render_memory_view; layout: its options)."""
+        snap = self._published.snapshot
+        thumbs = self._thumbs.take(snap.dam_slots.tolist()) if self._thumbs is not None else {}
+        return render_memory_view(snap, thumbs, **layout)
+
+    @property
+    def thumbnail_bytes(self) -> int:
+        """Bytes held by the thumbnails of retained frames (bounded by the memory's bank capacity)."""
+        return self._thumbs.nbytes if self._thumbs is not None else 0
+
     # ----------------------------------------------------------------- questions
 
     def ask(
@@ -662,14 +711,19 @@ class StreamEngine:
         max_new_tokens: Optional[int] = None,
         timeout: Optional[float] = None,
         on_token: Optional[TokenCallback] = None,
+        cancel: Optional[threading.Event] = None,
     ) -> Answer:
         """Answer a question from the memory as it is now (blocking, thread-safe).
 
         on_token receives text pieces as they are generated (called on the LLM worker thread).
-        Raises QuestionError (bad input), AnswerTimeout (request cancelled), EngineError.
+        Setting `cancel` (from any thread) ends the request: ask() raises AnswerCancelled at once and
+        the generation stops at its next token, or never starts if still queued.
+        Raises QuestionError (bad input), AnswerTimeout (request cancelled), AnswerCancelled,
+        EngineError.
         """
         question = self._check_question(question)
-        return self._submit(_QUESTION, question, self._check_tokens(max_new_tokens), timeout, on_token)
+        n = self._check_tokens(max_new_tokens)
+        return self._submit(_QUESTION, question, n, timeout, on_token, cancel, evidence=True)
 
     def summarize(
         self,
@@ -707,28 +761,51 @@ class StreamEngine:
         max_new_tokens: int,
         timeout: Optional[float],
         on_token: Optional[TokenCallback],
+        cancel: Optional[threading.Event] = None,
+        evidence: bool = False,
     ) -> Answer:
         timeout = self.config.answer_timeout_s if timeout is None else timeout
         if not timeout > 0:
             raise QuestionError(f"timeout must be > 0 seconds, got {timeout}")
-        req = _Request(prompt, max_new_tokens, on_token, received_stamp=self._received_stamp())
+        req = _Request(
+            prompt,
+            max_new_tokens,
+            on_token,
+            received_stamp=self._received_stamp(),
+            evidence=evidence,
+            cancel=cancel,
+        )
         with self._llm_cv:
             if not self._started or self._stopping:
                 raise EngineError("engine is not running (call start(); engines stop at shutdown())")
             heapq.heappush(self._requests, (priority, next(self._seq), req))
             self._llm_cv.notify_all()
         self._prefixes.wake()  # a summary waiting for a prefix gives way to this request
-        if not req.done.wait(min(timeout, threading.TIMEOUT_MAX)):
+        if not self._wait(req, timeout, cancel):
+            asked = cancel is not None and cancel.is_set()
             with self._lock:  # against _finish: a request ends once, answered/failed or timed out
                 req.cancelled = req.answer is None and req.error is None
-                if req.cancelled:
+                if req.cancelled and not asked:
                     self._counters.questions_timed_out += 1
             if req.cancelled:
                 self._prefixes.wake()  # a wait for a prefix on its behalf ends
+                if asked:
+                    raise AnswerCancelled("cancelled")
                 raise AnswerTimeout(f"no answer within {timeout:.3g} s; the request was cancelled")
         if req.error is not None:
             raise req.error
         return req.answer
+
+    @staticmethod
+    def _wait(req: _Request, timeout: float, cancel: Optional[threading.Event]) -> bool:
+        """Wait for the request's end; False on timeout, or within 20 ms of `cancel` being set."""
+        if cancel is None:
+            return req.done.wait(min(timeout, threading.TIMEOUT_MAX))
+        deadline = time.monotonic() + timeout
+        while not req.done.wait(min(0.02, max(deadline - time.monotonic(), 0.0))):
+            if cancel.is_set() or time.monotonic() >= deadline:
+                return False
+        return True
 
     # ----------------------------------------------------------------- LLM worker
 
@@ -747,7 +824,7 @@ class StreamEngine:
             while not self._stopping:
                 while self._requests:
                     _, _, req = heapq.heappop(self._requests)
-                    if not req.cancelled:
+                    if not req.stopped():
                         return lambda: self._serve(req)
                 p = self._prefixes.current
                 if p is not None and p.source.epoch == self._published.epoch:
@@ -798,8 +875,14 @@ class StreamEngine:
     def _serve(self, req: _Request):
         try:
             answer = self._generate(req)
-        except _Cancelled:  # the asker timed out (nobody reads this) or the engine is stopping
-            self._finish(req, error=EngineError("engine shut down before answering"))
+        except _Cancelled:  # the asker timed out (nobody reads this), cancelled, or the engine is stopping
+            asked = req.cancel is not None and req.cancel.is_set()
+            self._finish(
+                req,
+                error=AnswerCancelled("cancelled")
+                if asked
+                else EngineError("engine shut down before answering"),
+            )
             return
         except Exception as e:  # noqa: BLE001
             self._record_error("answer", e)
@@ -860,14 +943,15 @@ class StreamEngine:
             return self._no_video_answer(req)
 
         def on_token(piece: str):  # runs inside lm.answer: raising here stops the generation
-            if req.cancelled or self._stopping or (req.preemptible and self._requests):
+            if req.stopped() or self._stopping or (req.preemptible and self._requests):
                 raise _Cancelled
             if req.on_token is not None:
                 req.on_token(piece)
 
+        kw = {"evidence": True} if req.evidence and self.config.evidence_frames else {}
         if self.config.prefix_cache:
             got = self._prefixes.get(
-                pub, lambda: req.cancelled or self._stopping or (req.preemptible and bool(self._requests))
+                pub, lambda: req.stopped() or self._stopping or (req.preemptible and bool(self._requests))
             )
             if got is None:
                 raise _Cancelled
@@ -876,15 +960,24 @@ class StreamEngine:
             snap = pub.snapshot
             t_gen = time.perf_counter()
             with self._prefixes.gpu_busy("answer"):
-                gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token)
+                gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token, **kw)
         else:
             hit = False
             t_gen = time.perf_counter()
             gen = self.lm.answer_uncached(
-                snap, req.prompt, req.max_new_tokens, self.config.system_prompt, on_token=on_token
+                snap, req.prompt, req.max_new_tokens, self.config.system_prompt, on_token=on_token, **kw
             )
-        if req.cancelled:
+        if req.stopped():
             raise _Cancelled
+        grounding = {}
+        if gen.attention is not None:
+            grounding = dict(
+                evidence=evidence_items(
+                    gen.attention.shares(), snap, self.config.evidence_frames, self._thumbs
+                ),
+                memory_attention=gen.attention.memory_fraction,
+                evidence_s=gen.attention.seconds,
+            )
         fps = self.config.frames_per_slot
         return Answer(
             text=gen.text,
@@ -898,6 +991,7 @@ class StreamEngine:
             from_cache=hit,
             frames_per_slot=fps,
             memory_lag_s=self._memory_lag(req, snap),
+            **grounding,
         )
 
     def _received_stamp(self) -> Optional[float]:
@@ -933,6 +1027,8 @@ class StreamEngine:
                 self._memory.reset()
             else:  # a restored memory of other sizes (see load) gives way to the configured ones
                 self._memory = FlashMemory(self._memory_config, device=self.device)
+            if self._thumbs is not None:
+                self._thumbs.clear()
             self._published = Published(self._memory.snapshot(), self._epoch)
         self._prefixes.memory_changed()
         try:
@@ -1004,6 +1100,8 @@ class StreamEngine:
             self._epoch += 1
             self._reset_stream_state()
             self._memory = memory
+            if self._thumbs is not None:  # the loaded memory's frames: no thumbnails (not saved)
+                self._thumbs.clear()
             self._source_hw, self._frame_hw = state["source_size"], state["frame_size"]
             self._last_stamp, self._next_due = state["last_stamp"], state["next_due"]
             self._stamp_offset = state["stamp_offset"]

@@ -1,7 +1,7 @@
 """The Flash-VStream perception node: a managed (lifecycle) rclpy node around StreamEngine.
 
-configure: load the model, start the engine, offer ~/ask, ~/reset, ~/save_memory, publish
-           ~/scene_summary and /diagnostics.
+configure: load the model, start the engine, offer ~/ask, ~/ask_stream (action), ~/reset,
+           ~/save_memory, publish ~/scene_summary, ~/memory_view and /diagnostics.
 activate:  restore memory_file, subscribe to the camera, save memory_file every save_period_s.
 deactivate: stop intake, save memory_file (questions are refused while inactive).
 cleanup: stop the engine (pending questions fail), withdraw the services.
@@ -35,20 +35,23 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
 from fvs_ros import node_health, params
+from fvs_ros.ask_stream import MAX_GOALS, AskStreamServer
 from fvs_ros.config import engine_config, memory_config, watch_config
-from fvs_ros.engine import Answer, EngineError, QuestionError, open_engine
+from fvs_ros.engine import Answer, AnswerCancelled, EngineError, QuestionError, open_engine
+from fvs_ros.grounding import DETAIL, EvidenceItem
 from fvs_ros.intake import ImageIntake, IntakeCounters, SubscriptionThread
 from fvs_ros.model import ModelLoadError
-from fvs_ros.msg import SceneSummary, WatchEvaluation, WatchEvent
+from fvs_ros.msg import Evidence, SceneSummary, WatchEvaluation, WatchEvent
 from fvs_ros.node_memory import MemoryFile
 from fvs_ros.srv import Ask, Watch
+from fvs_ros.thumbnails import encode_jpeg
 from fvs_ros.watch import Watcher, WatchError, WatchResult
 
 SUCCESS, FAILURE, ERROR = (
@@ -63,7 +66,7 @@ TINY_MODEL_HINT = (
 )
 # Executor threads: every admitted question blocks one while it waits for the engine; the rest
 # serve images, housekeeping, lifecycle and immediate refusals ("busy") of further questions.
-EXECUTOR_THREADS = params.SPECS["max_pending_questions"].range[1] + 4
+EXECUTOR_THREADS = params.SPECS["max_pending_questions"].range[1] + 4 + MAX_GOALS  # + ~/ask_stream goals
 # Requests a service keeps until a thread takes them (the default of 10 lost bursts of 20).
 SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=256, reliability=ReliabilityPolicy.RELIABLE)
 
@@ -125,6 +128,9 @@ class FvsNode(LifecycleNode):
         self._summary_pub = self._diag_pub = self._diag_timer = self._save_timer = None
         self._events_pub = self._scores_pub = None
         self._watcher: Optional[Watcher] = None
+        self._view_pub = self._view_timer = None
+        self._view_version = None  # (engine, memory version) of the last memory view published
+        self._ask_stream: AskStreamServer | None = None
         self._image_sub = None
         self._intake: Optional[ImageIntake] = None
         self._fvs_services: list = []
@@ -200,6 +206,20 @@ class FvsNode(LifecycleNode):
                 Watch, "~/watch", self._on_watch, qos_profile=SERVICE_QOS, callback_group=self._misc_group
             ),
         ]
+        self._ask_stream = AskStreamServer(self, "~/ask_stream", self._answer)
+        if p["memory_view_period_s"] > 0:  # latched: a viewer started later gets the latest view
+            view_qos = QoSProfile(
+                history=HistoryPolicy.KEEP_LAST,
+                depth=1,
+                reliability=ReliabilityPolicy.RELIABLE,
+                durability=DurabilityPolicy.TRANSIENT_LOCAL,
+            )
+            self._view_pub = self.create_lifecycle_publisher(Image, "~/memory_view", view_qos)
+            self._view_timer = self.create_timer(
+                max(1.0, p["memory_view_period_s"]),
+                self._publish_memory_view,
+                callback_group=self._misc_group,
+            )
         self.get_logger().info(
             f"model loaded in {time.perf_counter() - t0:.1f} s; memory slots of {config.frames_per_slot} "
             f"frame(s) ({'the trained layout' if config.frames_per_slot == 2 else 'one frame per slot'})"
@@ -328,6 +348,10 @@ class FvsNode(LifecycleNode):
             self.destroy_lifecycle_publisher(self._events_pub)
             self.destroy_lifecycle_publisher(self._scores_pub)
             self._summary_pub = self._diag_pub = self._diag_timer = None
+        if self._view_timer is not None:
+            self.destroy_timer(self._view_timer)
+            self.destroy_lifecycle_publisher(self._view_pub)
+            self._view_pub = self._view_timer = self._view_version = None
         self._intake, self._intake_state = None, {}
         self._busy_refusals = self._callback_errors = 0
         self._callback_problem, self._memory_file = "", None
@@ -345,8 +369,14 @@ class FvsNode(LifecycleNode):
 
     @_guarded
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
+        self._answer(request, response)
+        return response
+
+    def _answer(self, request, response, on_token=None, cancel=None) -> bool:
+        """Answer `request` (an Ask request or action goal) into `response` (an Ask response or
+        action result: the same fields); never raises. True if the request was cancelled."""
         t0 = time.perf_counter()
-        admitted = False
+        admitted = cancelled = False
         try:
             _check_request(request, self._p["max_question_chars"])
             if self._state != "active":
@@ -354,8 +384,15 @@ class FvsNode(LifecycleNode):
             admitted = self._admit_question()
             limit = self._p["max_new_tokens"]
             answer = self._engine.ask(
-                request.question, min(request.max_new_tokens or limit, limit), request.timeout_s or None
+                request.question,
+                min(request.max_new_tokens or limit, limit),
+                request.timeout_s or None,
+                on_token=on_token,
+                cancel=cancel,
             )
+        except AnswerCancelled as e:
+            response.success, response.error, cancelled = False, str(e), True
+            self.get_logger().info(f"ask {_preview(request.question)} cancelled")
         except QuestionError as e:  # the caller's mistake, returned to the caller
             response.success, response.error = False, str(e)
             self.get_logger().debug(f"ask {_preview(request.question)} refused: {e}")
@@ -365,7 +402,8 @@ class FvsNode(LifecycleNode):
                 f"ask {_preview(request.question)} failed: {e}", throttle_duration_sec=1.0
             )
         else:
-            _fill_answer(response, answer)
+            frame_id = self._intake.frame_id if self._intake is not None else ""
+            _fill_answer(response, answer, frame_id, request.want_images)
             self.get_logger().info(
                 f"ask {_preview(request.question)} -> {_preview(answer.text)} "
                 f"({answer.frames_seen} frames, ttft {answer.ttft_s:.3f} s, "
@@ -377,7 +415,7 @@ class FvsNode(LifecycleNode):
                     self._asking -= 1
                     self._ask_cv.notify_all()
         response.total_time_s = time.perf_counter() - t0
-        return response
+        return cancelled
 
     def _admit_question(self) -> bool:
         """Count one more waiting question, or refuse it as busy (EngineError) at the limit."""
@@ -513,6 +551,23 @@ class FvsNode(LifecycleNode):
         msg.header.stamp, msg.header.frame_id = msg.last_frame_stamp, frame_id
         self._summary_pub.publish(msg)
 
+    def _publish_memory_view(self):
+        """Timer: the memory as a picture on ~/memory_view when it changed since the last one."""
+        engine = self._engine
+        if engine is None or self._state != "active":
+            return
+        snap = engine.snapshot()
+        version = (id(engine), snap.version)
+        if version == self._view_version:
+            return
+        view = engine.memory_view()
+        self._view_version = version
+        msg = Image(height=view.image.shape[0], width=view.image.shape[1], encoding="rgb8")
+        msg.step, msg.data = view.image.shape[1] * 3, view.image.tobytes()
+        msg.header.stamp = _time_msg(snap.last_stamp) if snap.frames_seen else self.get_clock().now().to_msg()
+        msg.header.frame_id = self._intake.frame_id if self._intake is not None else ""
+        self._view_pub.publish(msg)
+
     @_guarded
     def _publish_diagnostics(self):
         engine = self._engine
@@ -611,7 +666,8 @@ def _check_request(request: Ask.Request, max_chars: int):
         raise QuestionError(f"timeout_s must be >= 0 seconds (0: default_timeout_s), got {request.timeout_s}")
 
 
-def _fill_answer(response: Ask.Response, answer: Answer):
+def _fill_answer(response, answer: Answer, frame_id: str, want_images: bool):
+    """An Ask response or action result (the same fields) from an engine Answer."""
     response.success, response.answer = True, answer.text
     response.frames_seen, response.frames_in_memory = answer.frames_seen, answer.frames_in_memory
     response.first_frame_stamp = _time_msg(answer.first_stamp)
@@ -619,6 +675,30 @@ def _fill_answer(response: Ask.Response, answer: Answer):
     response.memory_lag_s = _lag(answer)
     response.time_to_first_token_s = answer.ttft_s
     response.num_tokens = answer.num_tokens
+    response.evidence = [_evidence_msg(item) for item in answer.evidence]
+    response.memory_attention = answer.memory_attention
+    if want_images:
+        response.evidence_images = [_evidence_image(item, frame_id) for item in answer.evidence]
+
+
+def _evidence_msg(item: EvidenceItem) -> Evidence:
+    return Evidence(
+        kind=Evidence.DETAIL if item.kind == DETAIL else Evidence.CONTEXT,
+        stamp=_time_msg(item.stamp),
+        share=item.share,
+        span_start=_time_msg(item.span[0]),
+        span_end=_time_msg(item.span[1]),
+        weight=item.weight,
+        slot=item.slot,
+    )
+
+
+def _evidence_image(item: EvidenceItem, frame_id: str) -> CompressedImage:
+    msg = CompressedImage(format="jpeg")
+    msg.header.stamp, msg.header.frame_id = _time_msg(item.stamp), frame_id
+    if item.image is not None:
+        msg.data = encode_jpeg(item.image)
+    return msg
 
 
 def _lag(answer: Answer) -> float:

@@ -194,6 +194,27 @@ SPECS = {
         range=(0.0, 86400.0),
     ),
     "summary_prompt": Spec(str, CONFIGURE, "Question asked for each scene summary."),
+    "evidence_frames": Spec(
+        int,
+        CONFIGURE,
+        "Evidence items per answer: the memory frames / centroids the answer attended to most; "
+        "0 = no evidence (not measured).",
+        range=(0, 64),
+    ),
+    "thumbnail_side": Spec(
+        int,
+        CONFIGURE,
+        "Longest side (pixels) of the thumbnails kept for the frames the memory retains "
+        "(evidence images, ~/memory_view); 0 = none.",
+        range=(0, 1024),
+    ),
+    "memory_view_period_s": Spec(
+        float,
+        CONFIGURE,
+        "Publish ~/memory_view (a picture of the memory) at most this often, and never more than once "
+        "a second, while memory changes; 0 = off.",
+        range=(0.0, 3600.0),
+    ),
     "summary_max_new_tokens": Spec(int, CONFIGURE, "Scene summary length limit.", range=(1, 4096)),
     # standing queries (~/watch, ~/events)
     "watch_max_conditions": Spec(

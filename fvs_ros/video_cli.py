@@ -68,7 +68,21 @@ def format_answer(t: float, question: str, a: Answer) -> str:
         f"ttft={a.ttft_s * 1e3:.1f} ms total={a.total_s * 1e3:.1f} ms tokens={a.num_tokens} "
         f"prefix_cache={'hit' if a.from_cache else 'miss'} frames_per_slot={a.frames_per_slot}"
         + ("" if a.memory_lag_s is None else f" memory_lag={a.memory_lag_s:.2f} s")
+        + (f"\n              evidence: {format_evidence(a)}" if a.evidence else "")
     )
+
+
+def format_evidence(a: Answer) -> str:
+    """The answer's evidence on one line: share, kind and stream stamps of each item."""
+    items = []
+    for e in a.evidence:
+        where = (
+            f"{e.stamp:.2f} s"
+            if e.kind == "detail"
+            else f"{e.span[0]:.2f}-{e.span[1]:.2f} s ({e.weight} frames)"
+        )
+        items.append(f"{e.share:.0%} {e.kind} {where}")
+    return ", ".join(items)
 
 
 class _Printer:
@@ -79,9 +93,10 @@ class _Printer:
 
     def __call__(self, t: float, question: str, answer: Optional[Answer], error: Optional[str] = None):
         if self.as_json:
-            line = json.dumps(
-                {"t": t, "question": question, "error": error, **(asdict(answer) if answer else {})}
-            )
+            fields = asdict(answer) if answer else {}
+            for item in fields.get("evidence", []):
+                item.pop("image")  # pixels: not for a JSON line
+            line = json.dumps({"t": t, "question": question, "error": error, **fields})
         else:
             line = (
                 format_answer(t, question, answer)

@@ -108,7 +108,7 @@ class Proxy:
                 return done.value
             yield
 
-    def answer(self, prefix, question, max_new_tokens, on_token=None):
+    def answer(self, prefix, question, max_new_tokens, on_token=None, **kw):
         if self.fail_answer:
             raise RuntimeError("injected LLM failure")
         self.started.set()
@@ -120,7 +120,7 @@ class Proxy:
         except Exception:
             self.aborted += 1
             raise
-        return self._lm.answer(prefix, question, max_new_tokens, on_token=on_token)
+        return self._lm.answer(prefix, question, max_new_tokens, on_token=on_token, **kw)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

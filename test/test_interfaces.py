@@ -61,7 +61,12 @@ def test_generated_types_are_rosidl_types():
     assert SceneSummary._TYPE_SUPPORT is not None
     assert Ask.Request._TYPE_SUPPORT is not None
     request_fields = Ask.Request.get_fields_and_field_types()
-    assert request_fields == {"question": "string", "timeout_s": "float", "max_new_tokens": "uint32"}
+    assert request_fields == {
+        "question": "string",
+        "timeout_s": "float",
+        "max_new_tokens": "uint32",
+        "want_images": "boolean",
+    }
     response_fields = Ask.Response.get_fields_and_field_types()
     for name in (
         "success",
@@ -74,6 +79,9 @@ def test_generated_types_are_rosidl_types():
         "time_to_first_token_s",
         "total_time_s",
         "num_tokens",
+        "evidence",
+        "memory_attention",
+        "evidence_images",
     ):
         assert name in response_fields
     assert SceneSummary.get_fields_and_field_types()["header"] == "std_msgs/Header"
@@ -102,3 +110,13 @@ def test_ask_and_summary_across_processes(server_process, client_node):
     assert first.header.frame_id == "camera"
     assert first.frames_dropped == 3
     assert summaries[1].frames_seen > first.frames_seen
+
+
+def test_ask_action_mirrors_the_ask_service():
+    """fvs_ros/action/Ask is the streaming Ask: same request and response fields (one filler in the node)."""
+    from fvs_ros.action import Ask as AskAction
+
+    AskAction.Goal.__import_type_support__()
+    assert AskAction.Goal.get_fields_and_field_types() == Ask.Request.get_fields_and_field_types()
+    assert AskAction.Result.get_fields_and_field_types() == Ask.Response.get_fields_and_field_types()
+    assert AskAction.Feedback.get_fields_and_field_types() == {"text": "string", "num_tokens": "uint32"}

@@ -24,6 +24,10 @@ def programs():
     return found.group(1).split()
 
 
+def interface_files():
+    return [*ROOT.glob("msg/*.msg"), *ROOT.glob("srv/*.srv"), *ROOT.glob("action/*.action")]
+
+
 def dependencies(*tags):
     return {element.text for tag in tags for element in PACKAGE_XML.findall(tag)}
 
@@ -37,24 +41,23 @@ def test_one_package_name_everywhere():
 
 
 def test_interfaces_declared_and_present():
-    declared = re.findall(r'"((?:msg|srv)/\w+\.(?:msg|srv))"', CMAKE)
-    on_disk = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("msg/*.msg"), *ROOT.glob("srv/*.srv")])
-    assert (
-        sorted(declared)
-        == on_disk
-        == [
-            "msg/SceneSummary.msg",
-            "msg/WatchEvaluation.msg",
-            "msg/WatchEvent.msg",
-            "srv/Ask.srv",
-            "srv/Watch.srv",
-        ]
-    )
+    declared = re.findall(r'"((?:msg|srv|action)/\w+\.(?:msg|srv|action))"', CMAKE)
+    on_disk = sorted(str(p.relative_to(ROOT)) for p in interface_files())
+    assert sorted(declared) == on_disk
+    assert on_disk == [
+        "action/Ask.action",
+        "msg/Evidence.msg",
+        "msg/SceneSummary.msg",
+        "msg/WatchEvaluation.msg",
+        "msg/WatchEvent.msg",
+        "srv/Ask.srv",
+        "srv/Watch.srv",
+    ]
     assert "rosidl_interface_packages" in {g.text for g in PACKAGE_XML.findall("member_of_group")}
 
 
 def test_every_interface_field_is_commented():
-    for path in [*ROOT.glob("msg/*.msg"), *ROOT.glob("srv/*.srv")]:
+    for path in interface_files():
         previous = ""
         for line in path.read_text().splitlines():
             if line.strip() and not line.startswith("#") and line.strip() != "---":

@@ -121,6 +121,9 @@ def _row(q: Question, res: dict, bag_first_stamp: float, args, last_frame_s: Opt
     row.setdefault("error", None)
     if row.get("last_stamp") is not None:
         row["last_frame_stream_s"] = row["last_stamp"] - bag_first_stamp
+    for e in row.get("evidence", []):  # stream time of the evidence frames, as the questions use it
+        e["stream_s"] = e["stamp"] - bag_first_stamp
+        e["span_stream_s"] = [t - bag_first_stamp for t in e["span"]]
     if row["status"] == "answered":
         s = score_answer(
             q,
@@ -362,6 +365,7 @@ def main(argv=None) -> int:
                     on_answer=on_answer,
                     after_update=None if watch is None else lambda: watch.wait(engine, args.ask_timeout),
                 )
+                memory_view = engine.memory_view().image
             finally:
                 engine.shutdown()
             timing = None
@@ -407,6 +411,7 @@ def main(argv=None) -> int:
                 config["model"] = frames.pop("node_model")
             if frames.get("node_frames_per_slot"):
                 config["frames_per_slot"] = frames.pop("node_frames_per_slot")
+            memory_view = frames.pop("memory_view", None)  # the node's latest ~/memory_view
         by_id = {r["id"]: r for r in results}
         last = frames.get("last_frame_stream_s")
         rows = []
@@ -437,7 +442,7 @@ def main(argv=None) -> int:
             watch=watch_report,
         )
         out = Path(args.out or f"eval_{Path(args.bag).stem}_{args.mode}")
-        paths = write_report(report, out, args.name)
+        paths = write_report(report, out, args.name, memory_view)
     s = report["summary"]
     acc = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}%"
     lat = s["latency_s"]["total"]

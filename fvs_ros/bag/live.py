@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from fvs_ros.bag.bagio import BagFrame, ImageBag
 from fvs_ros.bag.images import COMPRESSED, stamp_from_cdr
 from fvs_ros.bag.questions import Question
@@ -279,6 +281,7 @@ class _Asker:
             question=q.prompt(),
             timeout_s=float(self.opts.ask_timeout_s),
             max_new_tokens=int(self.opts.max_new_tokens or 0),
+            want_images=True,
         )
         p = _Pending(q, due, time.monotonic(), stream_s, frames_sent)
         p.future = self.client.call_async(req)
@@ -337,8 +340,52 @@ class _Asker:
             ttft_s=float(r.time_to_first_token_s),
             total_s=float(r.total_time_s),
             num_tokens=int(r.num_tokens),
+            evidence=[
+                {
+                    "kind": "detail" if e.kind == e.DETAIL else "context",
+                    "stamp": _time_s(e.stamp),
+                    "share": float(e.share),
+                    "span": [_time_s(e.span_start), _time_s(e.span_end)],
+                    "weight": int(e.weight),
+                    "slot": int(e.slot),
+                }
+                for e in r.evidence
+            ],
+            evidence_jpeg=[bytes(image.data) or None for image in r.evidence_images],
         )
         return res
+
+
+class _MemoryView:
+    """The node's latest ~/memory_view (transient-local: the current one arrives on subscribing)."""
+
+    def __init__(self, session: RosSession, service: str):
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Image
+
+        qos = QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
+        topic = service.rsplit("/", 1)[0] + "/memory_view"  # beside the Ask service: /fvs/memory_view
+        self.latest = None
+        session.node.create_subscription(Image, topic, self._on, qos)
+
+    def _on(self, msg):
+        self.latest = msg
+
+    def image(self, newer_than: float, timeout: float):
+        """The latest view as RGB [H, W, 3] uint8 once one stamped at or after `newer_than` (stream
+        seconds) arrived, or the latest after `timeout` s (None if none)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self.latest
+            if msg is not None and _time_s(msg.header.stamp) >= newer_than - 1e-6:
+                break
+            time.sleep(0.05)
+        msg = self.latest
+        if msg is None or msg.encoding != "rgb8":
+            return None
+        return np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width, 3)
 
 
 class _Diagnostics:
@@ -402,6 +449,7 @@ def run_live(
                 f"service {opts.service} is not available after {opts.wait_s:g} s: is the node running "
                 "and active (python -m fvs_ros.node --autostart ...), in this ROS_DOMAIN_ID?"
             )
+        view = _MemoryView(session, opts.service)
         _reset(session, opts, log)
         if watch is not None:
             try:
@@ -410,10 +458,13 @@ def run_live(
                 raise LiveError(str(e)) from None
         run = _run_internal if opts.player == "internal" else _run_external
         try:
-            return run(session, bag, questions, opts, asker, diag, log)
+            results, frames, timing = run(session, bag, questions, opts, asker, diag, log)
         finally:
             if watch is not None:
                 watch.finish()
+        newest = max((r["last_stamp"] for r in results if r.get("last_stamp") is not None), default=0.0)
+        frames["memory_view"] = view.image(newer_than=newest, timeout=3.0)  # evaluate.py takes it out
+        return results, frames, timing
 
 
 def _call(client, request, timeout: float):

@@ -20,8 +20,24 @@ EPS = 1e-6
 
 
 def answer_fields(a) -> dict:
-    """Report fields from an engine Answer."""
+    """Report fields from an engine Answer (evidence_jpeg: the evidence frames, written by the report)."""
+    from fvs_ros.thumbnails import encode_jpeg
+
+    evidence = [
+        {
+            "kind": e.kind,
+            "stamp": e.stamp,
+            "share": e.share,
+            "span": list(e.span),
+            "weight": e.weight,
+            "slot": e.slot,
+        }
+        for e in getattr(a, "evidence", ())
+    ]
+    jpegs = [None if e.image is None else encode_jpeg(e.image) for e in getattr(a, "evidence", ())]
     return {
+        "evidence": evidence,
+        "evidence_jpeg": jpegs,
         "answer": a.text,
         "frames_seen": int(a.frames_seen),
         "frames_in_memory": int(a.frames_in_memory),

@@ -1,12 +1,15 @@
 """Evaluation report: one JSON file (everything), a Markdown summary and a latency plot (PNG).
 
-The Markdown and the plot are rendered from the JSON summary, so the three always agree.
+The Markdown and the plot are rendered from the JSON summary, so the three always agree. Each
+answer's evidence frames are written as JPEG files under evidence/ and shown in the Markdown,
+with the memory view at the end of the replay (<stem>_memory_view.png) when there is one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -235,12 +238,53 @@ def render_markdown(report: dict, plot_name: Optional[str] = None) -> str:
             f"{_f(r.get('score'), 2)} | "
             f"{_cell(r.get('answer'))} | {_cell(ref, 40)} |"
         )
+    lines += _evidence_lines(report)
+    if report.get("files", {}).get("memory_view"):
+        lines += [
+            "",
+            "## Memory at the end of the replay",
+            "",
+            f"![memory view]({report['files']['memory_view']})",
+        ]
     if report["input_errors"]:
         lines += ["", "## Input errors (questions not asked)", ""]
         for e in report["input_errors"]:
             where = f"{e['source']}:{e['line']}" if e.get("line") else e["source"]
             lines.append(f"- `{where}`: {e['message']}")
     return "\n".join(lines) + "\n"
+
+
+def _evidence_lines(report: dict) -> list[str]:
+    """Per answered question: the moments of the stream its answer attended to most."""
+    rows = [r for r in report["questions"] if r["status"] == "answered" and r.get("evidence")]
+    if not rows:
+        return []
+    lines = ["", "## Evidence (the moments each answer attended to most)", ""]
+    for r in rows:
+        lines += [f"**{_cell(r['id'], 30)}** (t {_f(r.get('time'), 2)} s): {_cell(r.get('answer'))}", ""]
+        for e in r["evidence"]:
+            at = _f(e["stream_s"], 2)
+            if e["kind"] == "detail":
+                what = f"detail frame at {at} s"
+            else:
+                first, last = (_f(t, 2) for t in e["span_stream_s"])
+                what = f"context of {e['weight']} frames, {first}-{last} s, nearest frame {at} s"
+            image = f" ![{e['kind']} {at} s]({e['image']})" if e.get("image") else ""
+            lines.append(f"- {_pct(e['share'])} {what}{image}")
+        lines.append("")
+    return lines
+
+
+def _write_evidence_images(rows: list[dict], out: Path) -> None:
+    """Move each row's evidence JPEG bytes (evidence_jpeg) into files under out/evidence/."""
+    for r in rows:
+        jpegs = r.pop("evidence_jpeg", None) or []
+        for rank, (e, data) in enumerate(zip(r.get("evidence", []), jpegs, strict=False)):
+            if data:
+                name = f"evidence/{re.sub(r'[^A-Za-z0-9_.-]', '_', str(r['id']))}_{rank}.jpg"
+                (out / "evidence").mkdir(exist_ok=True)
+                (out / name).write_bytes(data)
+                e["image"] = name
 
 
 def render_plot(report: dict, path: Path) -> int:
@@ -317,8 +361,9 @@ def render_plot(report: dict, path: Path) -> int:
     return len(ok) + len(failed)
 
 
-def write_report(report: dict, out_dir, stem: str = "report") -> dict:
-    """Write <stem>.json, <stem>.md and <stem>_latency.png into out_dir; returns their paths."""
+def write_report(report: dict, out_dir, stem: str = "report", memory_view=None) -> dict:
+    """Write <stem>.json, <stem>.md and <stem>_latency.png into out_dir, the evidence frames under
+    evidence/, and memory_view (an RGB image, or None) as <stem>_memory_view.png; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -326,6 +371,12 @@ def write_report(report: dict, out_dir, stem: str = "report") -> dict:
         "markdown": out / f"{stem}.md",
         "plot": out / f"{stem}_latency.png",
     }
+    if memory_view is not None:
+        import cv2
+
+        paths["memory_view"] = out / f"{stem}_memory_view.png"
+        cv2.imwrite(str(paths["memory_view"]), cv2.cvtColor(memory_view, cv2.COLOR_RGB2BGR))
+    _write_evidence_images(report["questions"], out)
     report["files"] = {k: p.name for k, p in paths.items()}
     report["plot_points"] = render_plot(report, paths["plot"])
     paths["markdown"].write_text(render_markdown(report, paths["plot"].name), encoding="utf-8")

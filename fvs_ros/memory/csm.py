@@ -48,6 +48,7 @@ class Clusters:
     mass: Tensor  # [K] float64, frames absorbed (exact integers); 0 = dead
     time: Tensor  # [K] float64, mass-weighted mean slot index of the members
     stamp: Tensor  # [K] float64, mass-weighted mean stamp (seconds, relative to the first frame)
+    span: Tensor  # [K, 2] float64, stamps of the earliest and the latest member (relative)
 
     @staticmethod
     def empty(k: int, dim: int, device: torch.device) -> Clusters:
@@ -56,7 +57,9 @@ class Clusters:
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=torch.float64, device=device)
 
-        return Clusters(torch.zeros(k, dim, device=device), zeros(k, k), zeros(k), zeros(k), zeros(k))
+        return Clusters(
+            torch.zeros(k, dim, device=device), zeros(k, k), zeros(k), zeros(k), zeros(k), zeros(k, 2)
+        )
 
     def copy_(self, other: Clusters) -> None:
         """Overwrite these buffers with other's values."""
@@ -189,14 +192,18 @@ def iterate(
 
 def finish(ab: Absorption, clusters: Clusters) -> Clusters:
     """Stage 3: the new clusters (fresh tensors, but mass is ab.mass): centroids A @ [old centroids;
-    frame], their Gram matrix, times and stamps."""
+    frame], their Gram matrix, times, stamps and spans (a cluster spans its members' spans)."""
     k = clusters.mass.shape[0]
     a32 = ab.a.float()
     slot, stamp = ab.slot_stamp
+    member = ab.a > 0  # [K, K+1]; dead points (weight 0) are members of nothing
+    first = torch.where(member, torch.cat([clusters.span[:, 0], stamp[None]]), float("inf")).amin(1)
+    last = torch.where(member, torch.cat([clusters.span[:, 1], stamp[None]]), float("-inf")).amax(1)
     return Clusters(  # addmm_ accumulates into its input: addmm's arithmetic without copying [K, D]
         centers=(a32[:, k:] * ab.frame[None, :]).addmm_(a32[:, :k], clusters.centers),
         gram=ab.a @ ab.gram @ ab.a.T,
         mass=ab.mass,
         time=ab.a @ torch.cat([clusters.time, slot[None]]),
         stamp=ab.a @ torch.cat([clusters.stamp, stamp[None]]),
+        span=torch.stack([first, last], 1),
     )

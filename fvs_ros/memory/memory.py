@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -82,6 +82,14 @@ class MemorySnapshot:
     last_stamp: float | None
     version: int  # increases with every update/reset of the FlashMemory that made it
     full_hw: tuple[int, int] | None  # ViT patch grid (h, w) of a full-res slot, as given to update()
+    # Where the memory came from (answer evidence, memory views); CPU tensors.
+    # [K', 2] float64: stamps of each centroid's earliest and latest member
+    csm_spans: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.float64))
+    # [K'] int64 / float64: slot index and stamp of the retained frame nearest to each centroid
+    csm_nearest_slots: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    csm_nearest_stamps: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    # [n] int64: slot indices of the frames the bank retains (DAM picks from these), ascending
+    bank_slots: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     @property
     def nbytes(self) -> int:
@@ -96,6 +104,10 @@ class MemorySnapshot:
                 self.dam_features,
                 self.dam_slots,
                 self.dam_stamps,
+                self.csm_spans,
+                self.csm_nearest_slots,
+                self.csm_nearest_stamps,
+                self.bank_slots,
             )
         )
 
@@ -409,6 +421,7 @@ class FlashMemory:
             clusters.mass,
             clusters.time,
             clusters.stamp,
+            clusters.span.reshape(-1),
             by_time.double(),
             clusters.gram.diagonal(),
             bank.sq[:n],
@@ -422,7 +435,7 @@ class FlashMemory:
         if landed is not None:
             landed.synchronize()
         ends = np.cumsum([t.numel() for t in meta]).tolist()
-        mass, time, stamp, by_time, c_sq, f_sq, slot, bank_stamp, cross = (
+        mass, time, stamp, span, by_time, c_sq, f_sq, slot, bank_stamp, cross = (
             host.numpy()[a:b] for a, b in zip([0, *ends], ends, strict=False)
         )
         live = int(np.count_nonzero(mass > 0))
@@ -432,6 +445,7 @@ class FlashMemory:
         rows = dam.pick_frames(np.maximum(scale - 2 * cross.reshape(-1, n)[choosers], 0), scale, slot)
         if self.config.dam_order == "time" or self._frames_seen <= self.config.dam_frames:
             rows = rows[np.argsort(slot[rows], kind="stable")]  # official: all slots, in time order
+        nearest = _nearest_frames(c_sq[order], f_sq, cross.reshape(-1, n)[order], slot)
         snap = MemorySnapshot(
             csm_features=centers[:live].view(live, shape["low_tokens"], shape["channels"]),
             csm_weights=torch.from_numpy(mass[order].astype(np.int64)),
@@ -445,6 +459,10 @@ class FlashMemory:
             last_stamp=self._last_stamp,
             version=self._version,
             full_hw=None if shape["full_hw"] is None else tuple(shape["full_hw"]),
+            csm_spans=torch.from_numpy(span.reshape(-1, 2)[order] + self._first_stamp),
+            csm_nearest_slots=torch.from_numpy(slot[nearest].astype(np.int64)),
+            csm_nearest_stamps=torch.from_numpy(bank_stamp[nearest] + self._first_stamp),
+            bank_slots=torch.from_numpy(np.sort(slot).astype(np.int64)),
         )
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -461,13 +479,17 @@ class FlashMemory:
         if not isinstance(getattr(torch, shape["full_dtype"], None), torch.dtype):
             raise ValueError(f"unknown dtype {shape['full_dtype']}")
         dim = shape["low_tokens"] * shape["channels"]
-        saved = Clusters(**state["clusters"])
+        clusters = dict(state["clusters"])
+        if "span" not in clusters:  # files written before spans were kept: a span collapses to the mean
+            clusters["span"] = clusters["stamp"][:, None].repeat(1, 2)
+        saved = Clusters(**clusters)
         reference, bank, k = state["reference"].to(self.device), state["bank"], self.config.csm_slots
         if (
             saved.centers.shape != (k, dim)
             or saved.gram.shape != (k, k)
             or reference.shape != (dim,)
             or any(getattr(saved, name).shape != (k,) for name in ("mass", "time", "stamp"))
+            or saved.span.shape != (k, 2)
             or int(saved.mass.sum()) != self._frames_seen
             or bank["low"].shape[1:] != (dim,)
             or bank["cross"].shape != (k, bank["low"].shape[0])
@@ -487,6 +509,15 @@ def _cpu_copy(x: Any) -> Any:
     if not isinstance(x, Tensor):
         return x
     return x.detach().to("cpu", copy=True)
+
+
+def _nearest_frames(c_sq: np.ndarray, f_sq: np.ndarray, cross: np.ndarray, slot: np.ndarray) -> np.ndarray:
+    """Row of the retained frame nearest to each centroid ([k]); near-ties go to the most recent
+    frame, as in DAM (a two-frame cluster's centroid is equidistant from both)."""
+    scale = c_sq[:, None] + f_sq[None, :]
+    d = np.maximum(scale - 2 * cross, 0)
+    near = d <= d.min(1, keepdims=True) * (1 + dam.TIE_RTOL) + dam.TIE_NOISE * scale
+    return np.argmax(np.where(near, slot[None, :], -1), axis=1)
 
 
 def _recorded_event(device: torch.device) -> torch.cuda.Event | None:

@@ -69,6 +69,8 @@ from transformers import AttentionInterface, DynamicCache
 
 from fvs_ros.cuda_graph import capture
 
+from .evidence import MemoryLayout, block_attention
+
 ATTN_NAME = "fvs_static_cache"
 DEFAULT_BUCKETS = (8, 16, 32, 64, 128, 256)
 CAPACITY_ALIGN = 512
@@ -84,6 +86,9 @@ class FastGeneration:
     prompt_tokens: int  # tokens prefilled by this call
     graphed: bool  # prefill ran as a captured graph
     logits: list[torch.Tensor] | None = None  # collect_logits=True: float32 [vocab] per returned token
+    block_mass: torch.Tensor | None = None  # evidence=layout: attention mass per memory block (evidence.py)
+    rows: int = 0  # forward passes whose output chose a token (the prefill's last row, then decode steps)
+    evidence_s: float = 0.0  # time spent computing block_mass, after the last token
 
 
 @dataclass
@@ -105,6 +110,9 @@ class _AttnContext:
     max_k_pre: int = 0
     # packed_logits: the new rows are independent tails of these lengths, each causal over its own keys
     tails: tuple[int, ...] = ()
+    record: dict | None = None  # layer index -> [rows, H, D] buffer of recorded queries (evidence)
+    record_src: torch.Tensor | None = None  # [1] long: the row of this forward whose query is kept
+    record_dst: torch.Tensor | None = None  # [1] long: where it goes in the buffer
 
 
 def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, kwargs=None):
@@ -185,6 +193,9 @@ def _static_attention(module, query, key, value, attention_mask=None, dropout=0.
     """
     ctx: _AttnContext = _local.ctx
     _, heads, q_len, dim = query.shape
+    if ctx.record is not None and module.layer_idx in ctx.record:
+        row = query[0].index_select(1, ctx.record_src).transpose(0, 1)  # [1, H, D]
+        ctx.record[module.layer_idx].index_copy_(0, ctx.record_dst, row)
     kv_heads = key.shape[1]
     if ctx.flash:
         q = query[0].transpose(0, 1).contiguous()  # [q, H, D]
@@ -259,6 +270,7 @@ class FastDecoder:
         max_new_tokens: int = 1024,
         splits: int = 8,
         flash_splits: int | None = None,
+        record_layers: Sequence[int] = (),
     ):
         self.llm, self.lm_head = llm, lm_head
         self.config = llm.config
@@ -297,6 +309,12 @@ class FastDecoder:
         )
         self.capacity = 0
         self._kv: _StaticKV | None = None
+        # Evidence: each forward keeps the query of its token-choosing row for these layers, in
+        # buffers of max_new_tokens + 1 rows (row 0: the prompt's last token; row i: answer token
+        # i - 1 fed back), written inside the captured graphs at row slot - _qbase.
+        self.record_layers = tuple(sorted({int(i) for i in record_layers}))
+        self._queries: dict[int, torch.Tensor] = {}
+        self._qbase: torch.Tensor | None = None  # [1] long: cache slot of the prompt's last token
         self._graphs: dict[int, _Graph] = {}  # bucket -> prefill graph; 1 -> decode graph under key 0
         self._pool = None
         self._prefix_ref = None  # the prefix KV now in slots [0, P) (strong ref: identity stays unique)
@@ -385,9 +403,13 @@ class FastDecoder:
         return max(self.buckets) + self.max_new_tokens + 1
 
     def _ensure_capacity(self, needed: int) -> None:
-        if needed <= self.capacity:
+        """Room for `needed` cache slots and max_new_tokens recorded rows (reallocating drops the graphs)."""
+        rows_ok = all(q.shape[0] >= self.max_new_tokens + 1 for q in self._queries.values())
+        if needed <= self.capacity and rows_ok:
             return
-        capacity = -(-int(needed * (1.25 if self.capacity else 1.0)) // CAPACITY_ALIGN) * CAPACITY_ALIGN
+        capacity = self.capacity
+        if needed > capacity:
+            capacity = -(-int(needed * (1.25 if capacity else 1.0)) // CAPACITY_ALIGN) * CAPACITY_ALIGN
         self._graphs.clear()
         self._pool = None
         self._kv = None
@@ -399,14 +421,19 @@ class FastDecoder:
         values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self._kv = _StaticKV(keys, values)
         self.capacity = capacity
+        rows = (self.max_new_tokens + 1, self.heads, self.head_dim)
+        self._queries = {
+            i: torch.zeros(rows, dtype=self.dtype, device=self.device) for i in self.record_layers
+        }
+        self._qbase = torch.zeros(1, dtype=torch.long, device=self.device)
 
     @property
     def cache_bytes(self) -> int:
-        return (
-            0
-            if self._kv is None
-            else sum(t.numel() * t.element_size() for t in self._kv.keys + self._kv.values)
-        )
+        """Bytes of the static KV cache and the evidence query buffers."""
+        if self._kv is None:
+            return 0
+        tensors = self._kv.keys + self._kv.values + list(self._queries.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ------------------------------------------------------------------ core forward
 
@@ -465,6 +492,10 @@ class FastDecoder:
             mask = keys[None, :] <= slots[:, None]  # [q, capacity]
             groups = self.heads // self.kv_heads
             ctx = _AttnContext(flash=False, mask=mask.repeat(groups, 1)[None, None])
+        if self._queries and last is not None:  # answers only, not prefix builds
+            rows = next(iter(self._queries.values())).shape[0]
+            ctx.record, ctx.record_src = self._queries, last
+            ctx.record_dst = (slots.index_select(0, last) - self._qbase).clamp_(0, rows - 1)
         logits = self._run_layers(embeds, positions, ctx, kv, last)
         return None if logits is None else logits[0]
 
@@ -689,6 +720,7 @@ class FastDecoder:
         on_token: Callable[[int], None] | None = None,
         force_tokens: Sequence[int] | None = None,
         collect_logits: bool = False,
+        evidence: MemoryLayout | None = None,
     ) -> FastGeneration:
         """Greedy tokens after [prefix + tail].
 
@@ -703,6 +735,10 @@ class FastDecoder:
         force_tokens[i] after step i whatever was predicted; returns the predictions (token i is the
         greedy choice after force_tokens[:i]); stop tokens do not end it. collect_logits keeps each
         step's float32 logits (checks only: one device copy of the vocabulary per token).
+
+        evidence: the layout of the memory blocks in the prefix; after the last token, the attention
+        mass of the token-choosing rows on each block (evidence.block_attention over record_layers)
+        is returned as block_mass. Needs record_layers.
         """
         start = time.perf_counter()
         tail_len = int(tail_embeds.shape[1])
@@ -719,11 +755,14 @@ class FastDecoder:
             bucket = next((b for b in self.buckets if b >= tail_len), None)
             needed = prefix_len + max(tail_len, bucket or 0) + self.max_new_tokens + 1
             if needed > self.capacity:
-                self._ensure_capacity(max(needed, prefix_len + self._tail_room()))
+                needed = max(needed, prefix_len + self._tail_room())
+            self._ensure_capacity(needed)
             if prefix_kv is not None:
                 self._load_prefix(prefix_kv, prefix_len)
             else:
                 self._prefix_ref, self._prefix_len = None, 0
+            if self._qbase is not None:
+                self._qbase.fill_(prefix_len + tail_len - 1)
             if self.graphs and bucket is not None:
                 self._capture_all()
                 token, logits = self._prefill_graph(bucket, tail_embeds, tail_positions, prefix_len, tail_len)
@@ -734,7 +773,7 @@ class FastDecoder:
             kept = [logits.float().clone()] if collect_logits else None
             first = int(token)
             ttft = time.perf_counter() - start
-            tokens = self._decode(
+            tokens, rows = self._decode(
                 first,
                 next_position,
                 prefix_len,
@@ -745,9 +784,23 @@ class FastDecoder:
                 force_tokens,
                 kept,
             )
+            total = time.perf_counter() - start
+            mass = None
+            if evidence is not None:
+                mass = self._block_mass(evidence, prefix_len + tail_len - 1, rows)
         if kept is not None:
             kept = kept[: len(tokens)]
-        return FastGeneration(tokens, ttft, time.perf_counter() - start, tail_len, graphed, kept)
+        evidence_s = time.perf_counter() - start - total
+        return FastGeneration(tokens, ttft, total, tail_len, graphed, kept, mass, rows, evidence_s)
+
+    def _block_mass(self, layout: MemoryLayout, first_row: int, rows: int) -> torch.Tensor:
+        """Attention mass per memory block of the recorded rows (float32, CPU)."""
+        if not self.record_layers:
+            raise ValueError("evidence needs a FastDecoder built with record_layers")
+        queries = [self._queries[i][:rows] for i in self.record_layers]
+        keys = [self._kv.keys[i] for i in self.record_layers]
+        scale = self.layers[self.record_layers[0]].self_attn.scaling
+        return block_attention(queries, keys, first_row, layout, scale).cpu()
 
     def _prefill_graph(self, bucket, embeds, positions, prefix_len, tail_len) -> torch.Tensor:
         g = self._graphs[bucket]
@@ -786,8 +839,11 @@ class FastDecoder:
         on_token,
         force: Sequence[int] | None = None,
         kept: list | None = None,
-    ) -> list[int]:
+    ) -> tuple[list[int], int]:
+        """Greedy tokens from the first one, and the number of forward passes that chose a token
+        (the prefill's, and one per decode step run)."""
         tokens: list[int] = []
+        rows = 1
         g = self._graphs.get(0) if self.graphs else None
         if g is not None:
             g.inputs["token"].fill_(token)
@@ -812,11 +868,12 @@ class FastDecoder:
             else:
                 logits = self._decode_eager(feed, position, prefix_len, slot)
                 token = int(logits.argmax())
+            rows += 1
             if kept is not None:
                 kept.append(logits.float().clone())
             position += 1
             slot += 1
-        return tokens
+        return tokens, rows
 
     def _decode_eager(self, token: int, position: int, prefix_len: int, slot: int) -> torch.Tensor:
         ids = torch.full((1, 1), token, dtype=torch.long, device=self.device)

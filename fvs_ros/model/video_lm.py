@@ -16,6 +16,7 @@ layers, rotary embeddings, attention); this class only decides what goes in:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import threading
@@ -29,8 +30,10 @@ import torch
 from transformers import AutoTokenizer, DynamicCache
 from transformers.vision_utils import get_vision_window_index
 
+from . import evidence
 from .checkpoint import QWEN2_5_VL, CheckpointConfig, ModelLoadError, build_model, read_config, resolve_source
 from .conditions import ConditionScorer
+from .evidence import BlockAttention, MemoryLayout, QueryRecorder, block_attention, memory_layout
 from .fast_decode import FastDecoder
 from .fast_vision import FastVision
 from .positions import TRAINED_SLOTS, memory_positions, time_to_position
@@ -61,6 +64,7 @@ class MemoryPrefix:
     next_position: int  # position id of the first token after <|vision_end|>
     snapshot_version: int
     frames_seen: int
+    layout: MemoryLayout | None = None  # where each memory block's tokens lie (evidence)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class PromptInputs:
     embeds: torch.Tensor  # [1, L, hidden]
     position_ids: torch.Tensor  # [3, 1, L] (t, h, w)
     next_position: int  # position id of the first generated token
+    layout: MemoryLayout | None = None  # where each memory block's tokens lie (evidence)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class Generation:
     ttft_s: float  # call -> first token known (includes the question prefill)
     total_s: float
     prompt_tokens: int  # tokens prefilled by this call
+    attention: BlockAttention | None = None  # evidence=True: the answer's attention per memory block
 
 
 class VideoLM:
@@ -113,8 +119,15 @@ class VideoLM:
         self.vision_end_id = model.config.vision_end_token_id
         self.stop_ids = stop_token_ids(model.config, tokenizer, ckpt_dir)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self.merge = model.config.vision_config.spatial_merge_size
+        # Evidence: the layers whose attention answers report (evidence.py); eager forwards record
+        # their queries through the recording SDPA function, the FastDecoder in its graphs.
+        self.evidence_layers = evidence.evidence_layers(len(self.llm.layers))
+        evidence.install(self.llm)
         # Static-cache / CUDA-graph decoding for answer(); None = the eager loop below.
-        self.fast = FastDecoder(self.llm, self.lm_head) if fast_decode else None
+        self.fast = (
+            FastDecoder(self.llm, self.lm_head, record_layers=self.evidence_layers) if fast_decode else None
+        )
         self.static_prefill = True  # prefix prefills through self.fast (False: eager, the reference)
         # transformers 5.17 names the LLM's cache argument past_key_values, later 5.x cache
         self._cache_kw = (
@@ -220,6 +233,7 @@ class VideoLM:
             torch.cat([head, tail], dim=1),
             torch.cat([head_pos, tail_pos], dim=2),
             next_position + tail.shape[1],
+            memory_layout(snapshot, head.shape[1] - 1, self.merge),
         )
 
     def _head_inputs(self, snapshot, system_prompt: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -304,9 +318,12 @@ class VideoLM:
         with torch.inference_mode():
             embeds, positions, next_position = self._head_inputs(snapshot, system_prompt)
         total = embeds.shape[1]
+        layout = memory_layout(snapshot, total - 1, self.merge)  # the memory ends before <|vision_end|>
         if self.fast is not None and self.static_prefill:
             kv = yield from self.fast.prefill_steps(embeds, positions, chunk_tokens)
-            return MemoryPrefix(kv, total, next_position, int(snapshot.version), int(snapshot.frames_seen))
+            return MemoryPrefix(
+                kv, total, next_position, int(snapshot.version), int(snapshot.frames_seen), layout
+            )
         cache, step = self._new_cache(), chunk_tokens or total
         for start in range(0, total, step):
             with torch.inference_mode(), self._llm_lock:
@@ -319,7 +336,9 @@ class VideoLM:
             if start + step < total:
                 yield
         kv = tuple((layer.keys, layer.values) for layer in cache.layers)
-        return MemoryPrefix(kv, total, next_position, int(snapshot.version), int(snapshot.frames_seen))
+        return MemoryPrefix(
+            kv, total, next_position, int(snapshot.version), int(snapshot.frames_seen), layout
+        )
 
     @torch.inference_mode()
     def answer(
@@ -329,18 +348,25 @@ class VideoLM:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         on_token: TokenCallback | None = None,
         answer_prefix: str = "",
+        evidence: bool = False,
     ) -> Generation:
-        """Greedy answer from a cached prefix: prefill only the question tail on a copy of the cache."""
+        """Greedy answer from a cached prefix: prefill only the question tail on a copy of the cache.
+
+        evidence: also measure the answer's attention to each memory block (Generation.attention;
+        evidence.py), computed after the last token."""
         start = time.perf_counter()
+        layout = prefix.layout if evidence else None
         if self.fast is not None:
-            return self._answer_fast(prefix, question, max_new_tokens, on_token, answer_prefix, start)
+            return self._answer_fast(prefix, question, max_new_tokens, on_token, answer_prefix, start, layout)
         cache = self._new_cache()
         for layer, (keys, values) in enumerate(prefix.kv):
             cache.update(keys, values, layer)  # concatenation copies: the prefix stays untouched
         embeds, positions = self._tail_inputs(question, answer_prefix, prefix.next_position)
-        logits = self._step(embeds, positions, cache)
-        next_position = prefix.next_position + embeds.shape[1]
-        return self._decode(cache, logits, next_position, max_new_tokens, on_token, start, embeds.shape[1])
+        with self._recording(layout) as recorder:
+            logits = self._step(embeds, positions, cache)
+            next_position = prefix.next_position + embeds.shape[1]
+            gen = self._decode(cache, logits, next_position, max_new_tokens, on_token, start, embeds.shape[1])
+        return self._with_attention(gen, recorder, cache, prefix.num_tokens + embeds.shape[1] - 1, layout)
 
     def _answer_fast(
         self,
@@ -350,6 +376,7 @@ class VideoLM:
         on_token: TokenCallback | None,
         answer_prefix: str,
         start: float,
+        layout: MemoryLayout | None,
     ) -> Generation:
         """answer() through the FastDecoder: the prefix KV is read into its static cache, never written."""
         embeds, positions = self._tail_inputs(question, answer_prefix, prefix.next_position)
@@ -369,12 +396,17 @@ class VideoLM:
             prefix_kv=prefix.kv,
             prefix_len=prefix.num_tokens,
             on_token=stream,
+            evidence=layout,
         )
         final = self._detokenize(out.tokens)
         if on_token is not None and len(final) > len(sent[0]):
             on_token(final[len(sent[0]) :])
         ttft = generate_start - start + out.ttft_s
-        return Generation(final, out.tokens, ttft, time.perf_counter() - start, embeds.shape[1])
+        attention = None
+        if out.block_mass is not None:  # (none when nothing was generated)
+            attention = BlockAttention(out.block_mass, layout, self.evidence_layers, out.rows, out.evidence_s)
+        total = time.perf_counter() - start - out.evidence_s  # call -> answer done (evidence apart)
+        return Generation(final, out.tokens, ttft, total, embeds.shape[1], attention)
 
     def condition_probabilities(self, prefix: MemoryPrefix, conditions: Sequence[str]) -> list[float]:
         """P(yes) of each condition on the memory of `prefix`, all in one packed prefill
@@ -392,16 +424,46 @@ class VideoLM:
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         on_token: TokenCallback | None = None,
         answer_prefix: str = "",
+        evidence: bool = False,
     ) -> Generation:
         """The same answer as prefill_memory + answer, from one full prefill (reference path)."""
         start = time.perf_counter()
         inputs = self.prompt_inputs(snapshot, question, system_prompt, answer_prefix)
+        layout = inputs.layout if evidence else None
         cache = self._new_cache()
-        logits = self._step(inputs.embeds, inputs.position_ids, cache)
         prompt_tokens = inputs.embeds.shape[1]
-        return self._decode(
-            cache, logits, inputs.next_position, max_new_tokens, on_token, start, prompt_tokens
-        )
+        with self._recording(layout) as recorder:
+            logits = self._step(inputs.embeds, inputs.position_ids, cache)
+            gen = self._decode(
+                cache, logits, inputs.next_position, max_new_tokens, on_token, start, prompt_tokens
+            )
+        return self._with_attention(gen, recorder, cache, prompt_tokens - 1, layout)
+
+    def _recording(self, layout: MemoryLayout | None):
+        """Records the eager forwards' queries on this thread while evidence is wanted."""
+        if layout is None:
+            return contextlib.nullcontext()
+        return QueryRecorder(self.evidence_layers).recording()
+
+    def _with_attention(
+        self,
+        gen: Generation,
+        recorder: QueryRecorder | None,
+        cache: DynamicCache,
+        first_row: int,
+        layout: MemoryLayout | None,
+    ) -> Generation:
+        """gen with its attention per memory block, from the recorded queries and the cached keys."""
+        if recorder is None:
+            return gen
+        t0 = time.perf_counter()
+        queries = recorder.queries()
+        keys = [cache.layers[i].keys[0].transpose(0, 1) for i in self.evidence_layers]
+        scale = self.llm.layers[self.evidence_layers[0]].self_attn.scaling
+        mass = block_attention(queries, keys, first_row, layout, scale).cpu()
+        rows = queries[0].shape[0]
+        attention = BlockAttention(mass, layout, self.evidence_layers, rows, time.perf_counter() - t0)
+        return dataclasses.replace(gen, attention=attention)
 
     @torch.inference_mode()
     def logits(self, inputs: PromptInputs) -> torch.Tensor:
