@@ -83,7 +83,7 @@ class NodeProcess:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS")
 
-    def stop(self, timeout=30) -> int:
+    def stop(self, timeout=120) -> int:  # a loaded 2-core machine has taken over 30 s to shut down
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
