@@ -486,7 +486,7 @@ def test_bad_questions_are_answered_with_an_error(node, client, question, fields
 
 
 def test_a_question_past_its_timeout_gets_an_error(node, client):
-    feed(client, raw_frames(client, 1))  # an empty memory is answered at once, without the model
+    feed(client, raw_frames(client, 2))  # an empty memory is answered at once, without the model
     response = client.ask("What is happening?", timeout_s=1e-6)
     assert not response.success and "no answer within" in response.error and response.answer == ""
 
