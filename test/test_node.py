@@ -107,7 +107,7 @@ class Client:
         self.node.create_subscription(SceneSummary, f"/{name}/scene_summary", self.summaries.append, 10)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
         self.clients = {
-            service: self.node.create_client(srv_type, f"/{name}/{service}")
+            f"/{name}/{service}": self.node.create_client(srv_type, f"/{name}/{service}")
             for service, srv_type in [
                 ("ask", Ask),
                 ("reset", Trigger),
@@ -138,7 +138,7 @@ class Client:
         """Call a service through its persistent client (created early, so DDS has matched it).
 
         Idempotent requests may be `resend` every so many seconds: see wait_ready."""
-        client = self.clients[name]
+        client = self.service(name)
         assert client.wait_for_service(timeout_sec=timeout), f"{name} not available"
         deadline = time.monotonic() + timeout
         while True:
@@ -148,11 +148,15 @@ class Client:
             client.remove_pending_request(future)
             assert time.monotonic() < deadline, f"{name}: no response within {timeout} s"
 
+    def service(self, name):
+        """The persistent client of service `name`: relative to the node ("ask") or absolute."""
+        return self.clients[name if name.startswith("/") else f"/{self.name}/{name}"]
+
     def wait_ready(self, timeout=60.0):
         """Until the node answers: a reply of a just-matched service can be lost (Fast DDS matches the
         server's reply writer after the client sees the service), so ping with a request the node
         refuses at once (an empty question) until one comes back."""
-        client = self.clients["ask"]
+        client = self.service("ask")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if client.wait_for_service(timeout_sec=1.0):
@@ -313,17 +317,12 @@ def memory_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ros_context():
+def client():
     rclpy.init()
-    yield
-    rclpy.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(ros_context):
     c = Client()
     yield c
     c.close()
+    rclpy.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -584,7 +583,7 @@ def test_compressed_frames_after_reactivation(node, client, memory_dir):
 
 
 def test_memory_is_saved_at_shutdown_and_restored_after_a_failed_configure(
-    ros_context, tiny_model, tmp_path_factory, node
+    client, tiny_model, tmp_path_factory, node
 ):
     """Processes of their own (node fvs_restart on its own image topic): the first saves its memory
     at shutdown; the second fails to load a bad model, is reconfigured, restores that memory and

@@ -68,6 +68,8 @@ def imports(*dirs):
                     found |= {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0:
                     found.add(node.module.split(".")[0])
+                elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip":
+                    found.add(node.args[0].value.split(".")[0])  # an optional (test) dependency
     return found - set(sys.stdlib_module_names) - {NAME} - local
 
 
