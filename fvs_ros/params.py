@@ -133,7 +133,7 @@ SPECS = {
     "dam_frames": Spec(
         int,
         CONFIGURE,
-        "Detailed augmentation memory size (full-resolution frames); at most csm_slots.",
+        "Detail Augmentation Memory size (full-resolution frames); at most csm_slots.",
         range=(0, 1024),
     ),
     "memory_fps": Spec(

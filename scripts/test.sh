@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup_venv.sh) and runs the fvs_ros test suite. Extra arguments go
 # to pytest (e.g. scripts/test.sh -k memory). Exits non-zero on any failure, and also
-# when no test ran.
+# when no test ran. FVS_ROS_DISTRO=jazzy runs it on ROS 2 Jazzy (.venv-jazzy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_venv.sh
@@ -10,7 +10,7 @@ scripts/setup_venv.sh
 export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$(( (RANDOM % 100) + 1 ))}
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export PYTHONUNBUFFERED=1
-echo "[test] ROS_DOMAIN_ID=$ROS_DOMAIN_ID"
+echo "[test] ROS 2 ${FVS_ROS_DISTRO:-kilted}, ROS_DOMAIN_ID=$ROS_DOMAIN_ID"
 set +e
 python -m pytest test -p no:cacheprovider -ra "$@"
 rc=$?

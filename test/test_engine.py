@@ -83,9 +83,13 @@ class Proxy:
         self._lm, self.encode_delay, self.answer_delay = lm, encode_delay, answer_delay
         self.chunk_delay = chunk_delay  # seconds per prefill chunk
         self.chunks = 0
+        self.gate = threading.Event()  # cleared: prefix builds stop before their next chunk
+        self.gate.set()
+        self.parked = threading.Event()  # set while a prefix build waits at the closed gate
         self.slow_prompt = slow_prompt  # None: every answer is slow
         self.fail_encode = self.fail_answer = False
         self.started = threading.Event()
+        self.answers = 0  # answer() calls (questions and summaries)
         self.aborted = 0
 
     def __getattr__(self, name):
@@ -101,6 +105,10 @@ class Proxy:
         steps = self._lm.prefill_steps(*args, **kw)
         while True:
             time.sleep(self.chunk_delay)
+            if not self.gate.is_set():
+                self.parked.set()
+                self.gate.wait()
+                self.parked.clear()
             self.chunks += 1
             try:
                 next(steps)
@@ -112,6 +120,7 @@ class Proxy:
         if self.fail_answer:
             raise RuntimeError("injected LLM failure")
         self.started.set()
+        self.answers += 1
         delay = self.answer_delay if self.slow_prompt in (None, question) else 0.0
         try:
             for _ in range(round(delay / 0.01)):  # a slow generation that streams tokens
@@ -191,22 +200,23 @@ def test_questions_while_frames_stream_see_growing_memory(lm, make_engine):
 
 
 def test_questions_are_answered_while_the_prefix_is_rebuilt(lm, make_engine):
-    """A question asked during a rebuild (the builder thread) is answered from the previous prefix at once."""
-    slow = Proxy(lm, chunk_delay=0.05)  # ~180-token prefix in 16-token chunks: a rebuild takes ~0.6 s
+    """A question asked during a rebuild (the builder thread) is answered from the previous prefix: the
+    rebuild is held at a closed gate, so a question that waited for it would time out."""
+    slow = Proxy(lm)
     eng = make_engine(
         slow, EngineConfig(sample_fps=0, prefix_refresh_s=0.0, max_prefix_lag_s=10.0, prefill_chunk_tokens=16)
     )
     feed(eng, 6)
     eng.flush()
     wait_for(lambda: eng.stats().prefix_current)
-    feed(eng, 2, t0=1.0)  # one more slot: a background rebuild starts
+    slow.gate.clear()
+    feed(eng, 2, t0=1.0)  # one more slot: a background rebuild starts and stops at the gate
     eng.flush()
-    wait_for(lambda: slow.chunks > 0 and not eng.stats().prefix_current)
-    start = slow.chunks
-    a = eng.ask(Q, max_new_tokens=2)
+    assert slow.parked.wait(30) and not eng.stats().prefix_current
+    a = eng.ask(Q, max_new_tokens=2, timeout=30)
     assert a.from_cache and a.frames_seen == 6  # the old prefix, during the rebuild
-    assert slow.chunks - start <= 2 and a.ttft_s < 0.3
-    wait_for(lambda: eng.stats().prefix_current)
+    slow.gate.set()
+    wait_for(lambda: eng.stats().prefix_current, 30)
     b = eng.ask(Q, max_new_tokens=2)
     assert b.from_cache and b.frames_seen == 8
 
@@ -216,7 +226,8 @@ def test_a_question_never_rests_on_a_prefix_far_behind_its_memory(lm, make_engin
     built at once (long before prefix_refresh_s), instead of answering from minutes-old memory."""
     slow = Proxy(lm, chunk_delay=0.05)
     eng = make_engine(
-        slow, EngineConfig(sample_fps=0, prefix_refresh_s=5.0, max_prefix_lag_s=0.05, prefill_chunk_tokens=16)
+        slow,
+        EngineConfig(sample_fps=0, prefix_refresh_s=60.0, max_prefix_lag_s=0.05, prefill_chunk_tokens=16),
     )
     feed(eng, 6)
     eng.flush()
@@ -257,7 +268,29 @@ def test_frame_flood_keeps_memory_bounded_and_counts_drops(lm, make_engine):
     snap = eng.snapshot()
     assert snap.frames_seen * 2 == s.frames_into_memory == s.frames_seen  # the memory counts slots
     assert len(snap.csm_weights) <= 4 and len(snap.dam_slots) <= 2
-    assert np.median(calls) < 1e-3 and max(calls) < 0.1  # add_frame never waits for the worker
+    print(f"add_frame: median {1e6 * np.median(calls):.0f} us, max {1e3 * max(calls):.1f} ms")
+
+
+def test_add_frame_never_waits_for_a_stuck_worker(lm, make_engine):
+    """The frame worker is stuck in the ViT: add_frame keeps returning, dropping the oldest."""
+    stuck, release = threading.Event(), threading.Event()
+
+    class StuckViT(Proxy):
+        def encode_frames(self, *args, **kw):
+            stuck.set()
+            release.wait()
+            return super().encode_frames(*args, **kw)
+
+    eng = make_engine(StuckViT(lm), EngineConfig(sample_fps=0, queue_size=4, max_batch=1, frames_per_slot=1))
+    eng.add_frame(frames(1)[0], 0.0)
+    assert stuck.wait(30)
+    adder = threading.Thread(target=feed, args=(eng, 20), kwargs={"t0": 1.0})
+    adder.start()
+    adder.join(30)
+    stuck_adder = adder.is_alive()
+    release.set()
+    assert not stuck_adder, "add_frame waited for the worker"
+    assert eng.flush(30) and eng.stats().frames_dropped == 20 - 4
 
 
 def test_sampling_rate_picks_frames_by_stamp(lm, make_engine):
@@ -350,14 +383,14 @@ def test_model_errors_are_counted_and_reported(lm, make_engine):
 
 
 def test_timeout_cancels_the_request_and_the_worker_keeps_serving(lm, make_engine):
-    slow = Proxy(lm, answer_delay=1.0)
+    slow = Proxy(lm, answer_delay=60.0)
     eng = make_engine(slow)
     feed(eng, 4)
     eng.flush()
     t = time.perf_counter()
     with pytest.raises(AnswerTimeout):
         eng.ask(Q, timeout=0.1)
-    assert time.perf_counter() - t < 0.5
+    assert time.perf_counter() - t < 30  # at its timeout, not after the 60 s generation
     slow.answer_delay = 0.0
     a = eng.ask(Q, max_new_tokens=2, timeout=10)
     assert a.frames_seen == 4 and slow.aborted == 1  # the abandoned generation stopped early
@@ -380,18 +413,20 @@ def test_summaries_on_demand_and_periodic(lm, make_engine):
 
 
 def test_questions_preempt_a_running_summary_and_shutdown_stops_it(lm, make_engine):
-    slow = Proxy(lm, answer_delay=5.0, slow_prompt=EngineConfig.summary_prompt)
+    slow = Proxy(lm, answer_delay=60.0, slow_prompt=EngineConfig.summary_prompt)
     eng = make_engine(slow, EngineConfig(sample_fps=0, summary_period_s=0.01), on_summary=print)
     feed(eng, 4)
     assert slow.started.wait(10)  # the automatic summary is generating (maybe on the first frames)
     assert eng.flush(10)  # all four frames in memory before the question
+    calls = slow.answers
     t = time.perf_counter()
     assert eng.ask(Q, max_new_tokens=2).frames_seen == 4
-    assert time.perf_counter() - t < 1.0 and slow.aborted == 1
-    time.sleep(0.1)  # the summary starts again ...
+    # preempted: the 60 s summary was stopped, not waited for
+    assert time.perf_counter() - t < 30 and slow.aborted == 1
+    wait_for(lambda: slow.answers >= calls + 2, 30)  # the question, then the summary again ...
     t = time.perf_counter()
     eng.shutdown()  # ... and shutdown stops it at its next token
-    assert time.perf_counter() - t < 1.0 and slow.aborted == 2 and eng.stats().errors == 0
+    assert time.perf_counter() - t < 30 and slow.aborted == 2 and eng.stats().errors == 0
 
 
 def test_reset_save_load_round_trip(lm, make_engine, tmp_path):

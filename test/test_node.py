@@ -1,9 +1,13 @@
 """The fvs node as a separate process over DDS, with a tiny random model (issue 5).
 
 One node process runs with config/fvs.yaml as its params file; this test process publishes
-raw and compressed frames, calls its services and listens to its topics. A second process
-checks model-load failure, reconfiguration and the memory saved by the first one.
-The tests in this module run in order and share those processes.
+raw and compressed frames, calls its services and listens to its topics. Test images go over
+reliable QoS (the node's subscription is switched to reliable, depth 10) in bursts no larger
+than that depth, and a test waits for them to be counted before it asserts: no test depends on
+a best-effort delivery or on how fast a loaded machine is. The flood test switches the node to
+best effort and asserts what holds under loss. The tests share the node process but not its
+state: each measures the change it causes, leaves the node as it found it (active, raw images,
+reliable) and passes in any order. The restart test runs processes of its own.
 """
 
 import json
@@ -27,7 +31,7 @@ from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.srv import SetParameters
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
@@ -39,13 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "config" / "fvs.yaml"
 FPS = 5.0  # memory_fps; test frames are stamped 1/FPS apart so every one is sampled
 RNG = np.random.default_rng(0)
-shared = {}  # results one test hands to a later one (the module's tests run in order)
+BURST = 8  # images sent before waiting for them to be counted (below the node's qos_depth 10)
+RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 
 class NodeProcess:
     """`python -m fvs_ros.node --autostart` with the YAML params file; output in a log file."""
 
-    def __init__(self, log_path: Path, **parameters):
+    def __init__(self, log_path: Path, name="fvs", **parameters):
         self.log_path = log_path
         args = [
             sys.executable,
@@ -53,6 +58,8 @@ class NodeProcess:
             "fvs_ros.node",
             "--autostart",
             "--ros-args",
+            "-r",
+            f"__node:={name}",
             "--params-file",
             str(PARAMS_FILE),
         ]
@@ -76,7 +83,7 @@ class NodeProcess:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS")
 
-    def stop(self, timeout=30) -> int:
+    def stop(self, timeout=120) -> int:  # a loaded 2-core machine has taken over 30 s to shut down
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -91,24 +98,23 @@ class NodeProcess:
 class Client:
     """This test's own ROS node: publishers, subscriptions and service calls, spun in a thread."""
 
-    def __init__(self):
-        self.node = rclpy.create_node("fvs_test_client")
-        self.raw = self.node.create_publisher(Image, "/image_raw", qos_profile_sensor_data)
-        self.compressed = self.node.create_publisher(
-            CompressedImage, "/image_raw/compressed", qos_profile_sensor_data
-        )
+    def __init__(self, name="fvs", image_topic="/image_raw"):
+        self.name = name
+        self.node = rclpy.create_node(f"{name}_test_client")
+        self.raw = self.node.create_publisher(Image, image_topic, RELIABLE)
+        self.compressed = self.node.create_publisher(CompressedImage, f"{image_topic}/compressed", RELIABLE)
         self.summaries, self.diagnostics = [], []
-        self.node.create_subscription(SceneSummary, "/fvs/scene_summary", self.summaries.append, 10)
+        self.node.create_subscription(SceneSummary, f"/{name}/scene_summary", self.summaries.append, 10)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
         self.clients = {
-            name: self.node.create_client(srv_type, name)
-            for name, srv_type in [
-                ("/fvs/ask", Ask),
-                ("/fvs/reset", Trigger),
-                ("/fvs/save_memory", Trigger),
-                ("/fvs/change_state", ChangeState),
-                ("/fvs/get_state", GetState),
-                ("/fvs/set_parameters", SetParameters),
+            f"/{name}/{service}": self.node.create_client(srv_type, f"/{name}/{service}")
+            for service, srv_type in [
+                ("ask", Ask),
+                ("reset", Trigger),
+                ("save_memory", Trigger),
+                ("change_state", ChangeState),
+                ("get_state", GetState),
+                ("set_parameters", SetParameters),
             ]
         }
         self.executor = SingleThreadedExecutor()
@@ -119,7 +125,7 @@ class Client:
 
     def _on_diagnostics(self, msg):
         for status in msg.status:
-            if status.name.startswith("fvs:"):
+            if status.name.startswith(f"{self.name}:"):
                 self.diagnostics.append(
                     {
                         "level": status.level,
@@ -128,11 +134,11 @@ class Client:
                     }
                 )
 
-    def call(self, name, request, timeout=30.0, resend=None):
+    def call(self, name, request, timeout=90.0, resend=None):
         """Call a service through its persistent client (created early, so DDS has matched it).
 
         Idempotent requests may be `resend` every so many seconds: see wait_ready."""
-        client = self.clients[name]
+        client = self.service(name)
         assert client.wait_for_service(timeout_sec=timeout), f"{name} not available"
         deadline = time.monotonic() + timeout
         while True:
@@ -142,11 +148,15 @@ class Client:
             client.remove_pending_request(future)
             assert time.monotonic() < deadline, f"{name}: no response within {timeout} s"
 
+    def service(self, name):
+        """The persistent client of service `name`: relative to the node ("ask") or absolute."""
+        return self.clients[name if name.startswith("/") else f"/{self.name}/{name}"]
+
     def wait_ready(self, timeout=60.0):
         """Until the node answers: a reply of a just-matched service can be lost (Fast DDS matches the
         server's reply writer after the client sees the service), so ping with a request the node
         refuses at once (an empty question) until one comes back."""
-        client = self.clients["/fvs/ask"]
+        client = self.service("ask")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if client.wait_for_service(timeout_sec=1.0):
@@ -156,8 +166,8 @@ class Client:
                 client.remove_pending_request(future)
         return False
 
-    def ask(self, question="What is happening?", timeout_s=20.0, **fields):
-        return self.call("/fvs/ask", Ask.Request(question=question, timeout_s=timeout_s, **fields))
+    def ask(self, question="What is happening?", timeout_s=60.0, **fields):
+        return self.call("ask", Ask.Request(question=question, timeout_s=timeout_s, **fields))
 
     def next_stamp(self, step=1.0 / FPS):
         self.stamp += step
@@ -199,16 +209,30 @@ class Client:
         self.compressed.publish(msg)
 
     def change_state(self, transition_id):
-        return self.call(
-            "/fvs/change_state", ChangeState.Request(transition=Transition(id=transition_id))
-        ).success
+        return self.call("change_state", ChangeState.Request(transition=Transition(id=transition_id))).success
 
     def state(self):
-        return self.call("/fvs/get_state", GetState.Request(), resend=2.0).current_state.label
+        return self.call("get_state", GetState.Request(), resend=2.0).current_state.label
 
     def set_parameter(self, name, value):
         request = SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()])
-        return self.call("/fvs/set_parameters", request, resend=2.0).results[0]
+        return self.call("set_parameters", request, resend=2.0).results[0]
+
+    def reactivate(self, **parameters):
+        """Deactivate, set ACTIVATE-time parameters, activate; the publishers then wait for the new
+        subscription (a message published before the match is lost even over reliable QoS)."""
+        assert self.change_state(Transition.TRANSITION_DEACTIVATE)
+        for name, value in parameters.items():
+            result = self.set_parameter(name, value)
+            assert result.successful, result.reason
+        assert self.change_state(Transition.TRANSITION_ACTIVATE)
+        self.wait_matched()
+
+    def wait_matched(self, timeout=30.0):
+        """Until the node's image subscription matches one of our publishers."""
+        assert wait_until(
+            lambda: self.raw.get_subscription_count() + self.compressed.get_subscription_count() >= 1, timeout
+        ), "the node's image subscription did not match"
 
     def close(self):
         self.executor.shutdown()
@@ -229,7 +253,7 @@ def wait_until(predicate, timeout, period=0.1):
     return predicate()
 
 
-def frames_seen_reaches(client, n, timeout=30.0):
+def frames_seen_reaches(client, n, timeout=60.0):
     """Ask until the answer has seen at least n frames; returns the last response."""
     response = None
 
@@ -242,9 +266,37 @@ def frames_seen_reaches(client, n, timeout=30.0):
     return response
 
 
-def latest_diagnostics(client, timeout=5.0):
+def feed(client, sends):
+    """Call each `send` (publishes one image the node takes into memory) in bursts of BURST, waiting
+    after each burst until the node has counted it; every image counts exactly once. Memory takes
+    frames in two-frame slots (frames_per_slot 2), so tests send even numbers of frames."""
+    assert len(sends) % 2 == 0, "a frame without its pair would wait in a half slot"
+    seen = client.ask().frames_seen
+    response = None
+    for k in range(0, len(sends), BURST):
+        burst = sends[k : k + BURST]
+        for send in burst:
+            send()
+        seen += len(burst)
+        response = frames_seen_reaches(client, seen)
+        assert response.success and response.frames_seen == seen, response
+    return response
+
+
+def raw_frames(client, n, encoding="rgb8"):
+    return [lambda: client.image(frame(), encoding) for _ in range(n)]
+
+
+def latest_diagnostics(client, timeout=10.0):
+    """The first diagnostics status published after this call."""
     count = len(client.diagnostics)
     assert wait_until(lambda: len(client.diagnostics) > count, timeout), "no diagnostics"
+    return client.diagnostics[-1]
+
+
+def counted(client, key, before, timeout=30.0):
+    """Until diagnostics show counter `key` at `before` + something; returns that diagnostics status."""
+    assert wait_until(lambda: int(client.diagnostics[-1][key]) > before, timeout), client.diagnostics[-1]
     return client.diagnostics[-1]
 
 
@@ -284,43 +336,41 @@ def node(tiny_model, memory_dir, tmp_path_factory, client):
         diagnostics_period_s=0.5,
         max_new_tokens=8,
         summary_max_new_tokens=8,
-        max_prefix_lag_s=0.0,
-    )  # exact: answers count every frame in memory
+        max_prefix_lag_s=0.0,  # exact: answers count every frame in memory
+        reliability="reliable",
+        qos_depth=10,
+    )
     assert client.wait_ready(), proc.text()
+    client.wait_matched()
     yield proc
     proc.stop()
 
 
-def test_node_starts_with_the_params_file_and_answers_before_any_frame(node, client):
+def test_node_starts_with_the_params_file_and_answers_with_an_empty_memory(node, client):
+    assert client.call("reset", Trigger.Request()).success
     response = client.ask(timeout_s=0.0)  # 0: the node's default_timeout_s
     assert response.success, (response.error, node.text())
     assert response.frames_seen == 0 and response.last_frame_stamp.sec == 0
     assert client.state() == "active"
-    assert (
-        "loading model" in node.text() and "watching /image_raw (Image, best_effort, depth 2)" in node.text()
-    )
+    log = node.text()
+    # image_topic comes from the params file, reliability and depth from the command line
+    assert "loading model" in log and "watching /image_raw (Image, reliable, depth 10)" in log
 
 
 def test_raw_frames_make_the_answers_see_more(node, client):
-    for _ in range(6):
-        client.image(frame(), "rgb8")
-        time.sleep(0.05)
-    first = frames_seen_reaches(client, 3)
-    assert first.success and first.frames_seen >= 3, node.text()
-    for pixels, encoding in [
-        (frame(), "bgr8"),
-        (frame()[..., 0].copy(), "mono8"),
-        (RNG.integers(0, 65535, (120, 160), dtype=np.uint16), "mono16"),
-    ] * 3:
-        client.image(pixels, encoding)
-        time.sleep(0.05)
-    second = frames_seen_reaches(client, first.frames_seen + 5)
-    assert second.frames_seen > first.frames_seen, node.text()
+    first = feed(client, raw_frames(client, 6))
+    sends = [
+        lambda: client.image(frame(), "bgr8"),
+        lambda: client.image(frame()[..., 0].copy(), "mono8"),
+        lambda: client.image(RNG.integers(0, 65535, (120, 160), dtype=np.uint16), "mono16"),
+    ] * 2
+    second = feed(client, sends)
+    assert second.frames_seen == first.frames_seen + 6, node.text()
     assert second.answer and second.num_tokens >= 1
     assert 0 < second.time_to_first_token_s <= second.total_time_s
     assert second.frames_in_memory >= 1
     last = second.last_frame_stamp.sec + second.last_frame_stamp.nanosec * 1e-9
-    assert 1000.0 < last <= client.stamp + 1e-6  # stamps come from the image headers
+    assert last == pytest.approx(client.stamp, abs=1e-6)  # stamps come from the image headers
 
 
 def test_ask_client_prints_answers_and_exits_non_zero_on_failure(node, client):
@@ -330,15 +380,16 @@ def test_ask_client_prints_answers_and_exits_non_zero_on_failure(node, client):
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=120,
         )
 
-    answered = ask_client("What is on the table?", "--timeout", "20", "--max-new-tokens", "4", "--json")
+    feed(client, raw_frames(client, 2))
+    answered = ask_client("What is on the table?", "--timeout", "60", "--max-new-tokens", "4", "--json")
     assert answered.returncode == 0, answered.stderr
     reply = json.loads(answered.stdout)
     assert reply["success"] and reply["frames_seen"] > 0 and 1 <= reply["num_tokens"] <= 4
     assert reply["last_frame_stamp"] > 1000.0
-    text = ask_client("What is on the table?")
+    text = ask_client("What is on the table?", "--timeout", "60")
     assert text.returncode == 0 and text.stdout.startswith("Q: What is on the table?\nA: ")
     assert "frames_seen=" in text.stdout and "time_to_first_token=" in text.stdout
     refused = ask_client("x" * 3000)
@@ -348,8 +399,11 @@ def test_ask_client_prints_answers_and_exits_non_zero_on_failure(node, client):
 
 
 def test_scene_summary_arrives(node, client):
-    client.image(frame(), "rgb8")
-    assert wait_until(lambda: client.summaries, 15), node.text()
+    feed(client, raw_frames(client, 2))
+    stamp = client.stamp
+    assert wait_until(
+        lambda: [s for s in client.summaries if s.last_frame_stamp.sec >= math.floor(stamp)], 60
+    )
     summary = client.summaries[-1]
     assert summary.frames_seen > 0 and summary.header.frame_id == "test_camera"
     assert summary.last_frame_stamp.sec >= 1000 and summary.header.stamp == summary.last_frame_stamp
@@ -357,6 +411,9 @@ def test_scene_summary_arrives(node, client):
 
 
 def test_diagnostics_arrive(node, client):
+    before = latest_diagnostics(client)
+    feed(client, raw_frames(client, 4))
+    client.ask()
     d = latest_diagnostics(client)
     for key in (
         "frames_received",
@@ -371,34 +428,42 @@ def test_diagnostics_arrive(node, client):
         "process_rss_mib",
     ):
         assert key in d, key
-    assert int(d["frames_received"]) >= 10 and int(d["frames_into_memory"]) >= 5
+    assert int(d["frames_received"]) - int(before["frames_received"]) == 4
+    assert int(d["frames_into_memory"]) - int(before["frames_into_memory"]) == 4
     assert d["frames_per_slot"] == "2"  # the trained layout, the default
     assert float(d["last_answer_latency_s"]) > 0
     assert d["state"] == "active"
 
 
 def test_bad_images_are_counted_reported_once_and_survived(node, client):
-    before = latest_diagnostics(client)
-    bad = [dict(pixels=np.zeros((4, 4), np.float32), encoding="32FC1")] * 3 + [
-        dict(pixels=np.zeros((0, 0, 3), np.uint8), encoding="rgb8", step=0),  # zero size
-        dict(pixels=frame(), encoding="rgb8", data=bytes(100)),  # data shorter than step*height
-        dict(pixels=frame(), encoding="rgb8", step=10),
-    ]  # step shorter than a row
-    for kwargs in bad:
-        client.image(**kwargs)
-        time.sleep(0.1)  # paced: the sensor-data subscription keeps only the last qos_depth images
-    assert wait_until(
-        lambda: (
-            int(client.diagnostics[-1]["frames_unsupported"]) - int(before["frames_unsupported"]) == 3
-            and int(client.diagnostics[-1]["frames_malformed"]) - int(before["frames_malformed"]) == 3
+    """Each bad image is waited for in the diagnostics before the next is sent: every one counts."""
+    log_before = len(node.text())
+    bad = [
+        (dict(pixels=np.zeros((4, 4), np.float32), encoding="32FC1"), "frames_unsupported", "32FC1"),
+        (dict(pixels=np.zeros((4, 4), np.float32), encoding="32FC1"), "frames_unsupported", "32FC1"),
+        (dict(pixels=np.zeros((4, 4), np.float32), encoding="32FC1"), "frames_unsupported", "32FC1"),
+        (dict(pixels=np.zeros((0, 0, 3), np.uint8), encoding="rgb8", step=0), "frames_malformed", "empty"),
+        (dict(pixels=frame(), encoding="rgb8", data=bytes(100)), "frames_malformed", "data has 100 bytes"),
+        (
+            dict(pixels=frame(), encoding="rgb8", step=10),
+            "frames_malformed",
+            "step 10 is smaller than one row",
         ),
-        10,
-    ), (client.diagnostics[-1], node.text())
+    ]
+    start = latest_diagnostics(client)
+    for kwargs, key, problem in bad:
+        before = int(latest_diagnostics(client)[key])
+        client.image(**kwargs)
+        d = counted(client, key, before)
+        assert int(d[key]) == before + 1 and problem in d["last_image_problem"], d
+        assert d["level"] == bytes([1])  # WARN
+    d = latest_diagnostics(client)
+    assert int(d["frames_unsupported"]) - int(start["frames_unsupported"]) == 3
+    assert int(d["frames_malformed"]) - int(start["frames_malformed"]) == 3
     log = node.text()
     assert log.count("encoding '32FC1' is not supported") == 1, log  # once per topic, not per frame
-    assert "malformed image dropped (1 so far): image is empty" in log  # then throttled
-    d = client.diagnostics[-1]
-    assert d["level"] == bytes([1]) and "step 10 is smaller than one row" in d["last_image_problem"]  # WARN
+    # malformed images are logged at most once per 5 s (throttled): 3 within seconds, one line
+    assert log[log_before:].count("malformed image dropped") <= 1, log[log_before:]
     assert client.ask().success  # still serving
 
 
@@ -410,9 +475,8 @@ def test_bad_images_are_counted_reported_once_and_survived(node, client):
         ("x" * 100_000, {}, "max_question_chars is 2000"),
         ("ok?", {"timeout_s": -1.0}, "timeout_s"),
         ("ok?", {"timeout_s": float("nan")}, "timeout_s"),
-        ("What is happening?", {"timeout_s": 1e-6}, "no answer within"),
     ],
-    ids=["empty", "blank", "100k-chars", "negative-timeout", "nan-timeout", "timed-out"],
+    ids=["empty", "blank", "100k-chars", "negative-timeout", "nan-timeout"],
 )
 def test_bad_questions_are_answered_with_an_error(node, client, question, fields, error):
     response = client.ask(question, **{"timeout_s": 20.0, **fields})
@@ -420,46 +484,69 @@ def test_bad_questions_are_answered_with_an_error(node, client, question, fields
     assert response.total_time_s >= 0
 
 
+def test_a_question_past_its_timeout_gets_an_error(node, client):
+    feed(client, raw_frames(client, 2))  # an empty memory is answered at once, without the model
+    response = client.ask("What is happening?", timeout_s=1e-6)
+    assert not response.success and "no answer within" in response.error and response.answer == ""
+
+
 def test_max_new_tokens_is_clamped_to_the_parameter(node, client):
-    response = client.ask(max_new_tokens=1000)
-    assert response.success and 1 <= response.num_tokens <= 8
+    feed(client, raw_frames(client, 2))
+    clamped = client.ask(max_new_tokens=1000)
+    default = client.ask(max_new_tokens=0)  # 0: the parameter, 8
+    assert clamped.success and default.success and clamped.num_tokens <= 8
+    assert (clamped.answer, clamped.num_tokens) == (default.answer, default.num_tokens)  # greedy, same memory
 
 
 def test_flood_keeps_memory_bounded_and_ask_responsive(node, client):
-    """200 frames/s of 320x240 rgb8 for 8 s (benchmarks/bench_flood.py runs the full 30 s). Exact-mode
-    answers under the flood take up to ~5 s on a busy 2-core machine: 8 s leaves room for two."""
+    """200 frames/s of 320x240 rgb8 for 8 s over best effort (sensor-data QoS, depth 2), the node
+    switched to best effort for it. Frames may be lost or dropped: the test asserts what holds under
+    loss (answers keep coming, nothing fails, memory and queue stay bounded, the counters add up).
+    Latency figures: benchmarks/bench_flood.py."""
     latencies, failures, stop = [], [], threading.Event()
+    client.reactivate(reliability="best_effort", qos_depth=2)
+    flood = client.node.create_publisher(Image, "/image_raw", qos_profile_sensor_data)
+    try:
+        assert wait_until(lambda: flood.get_subscription_count() >= 1, 30)
 
-    def asker():
-        while not stop.is_set():
-            r = client.ask("What is happening?", timeout_s=10.0)
-            (latencies if r.success else failures).append(r.total_time_s if r.success else r.error)
-            time.sleep(0.2)
+        def asker():
+            while not stop.is_set():
+                r = client.ask("What is happening?", timeout_s=120.0)
+                (latencies if r.success else failures).append(r.total_time_s if r.success else r.error)
+                time.sleep(0.2)
 
-    rss_before = node.rss_mib()
-    big = RNG.integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    thread = threading.Thread(target=asker)
-    thread.start()
-    start = time.monotonic()
-    for i in range(1600):
-        client.image(big, "rgb8", stamp_step=0.005)
-        delay = start + (i + 1) / 200 - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-    stop.set()
-    thread.join()
-    rss_after = node.rss_mib()
-    d = latest_diagnostics(client)
-    print(
-        f"flood: {1600 / (time.monotonic() - start):.0f} frames/s sent, rss {rss_before:.0f} -> "
-        f"{rss_after:.0f} MiB, {len(latencies)} answers, max latency {max(latencies):.3f} s, diagnostics {d}"
-    )
-    # Answers keep coming while the node takes 200 frames/s; on a shared 2-core machine that also
-    # runs this publisher their latency varies (typically 0.05-1 s), hence the loose bounds.
-    assert not failures and len(latencies) >= 2
-    assert max(latencies) < 10.0
-    assert rss_after - rss_before < 300
-    assert int(d["queue_depth"]) <= 32
+        rss_before = node.rss_mib()
+        before = latest_diagnostics(client)
+        big = RNG.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+        thread = threading.Thread(target=asker)
+        thread.start()
+        start = time.monotonic()
+        for i in range(1600):
+            msg = Image(encoding="rgb8", height=240, width=320, step=960, data=big.tobytes())
+            msg.header.stamp.sec, msg.header.stamp.nanosec = client.next_stamp(0.005)
+            flood.publish(msg)
+            delay = start + (i + 1) / 200 - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        sent_s = time.monotonic() - start
+        stop.set()
+        thread.join()
+        rss_after = node.rss_mib()
+        d = latest_diagnostics(client)
+        print(
+            f"flood: {1600 / sent_s:.0f} frames/s sent, rss {rss_before:.0f} -> {rss_after:.0f} MiB, "
+            f"{len(latencies)} answers, max latency {max(latencies, default=0):.3f} s, diagnostics {d}"
+        )
+        assert not failures and latencies
+        assert rss_after - rss_before < 300
+        assert int(d["queue_depth"]) <= 32
+        received = int(d["frames_received"]) - int(before["frames_received"])
+        assert 0 < received <= 1600
+    finally:
+        client.node.destroy_publisher(flood)
+        client.reactivate(reliability="reliable", qos_depth=10)
+        # a lost frame can leave half a two-frame slot waiting: later tests start from whole slots
+        assert client.call("reset", Trigger.Request()).success
 
 
 def test_parameters_refuse_changes_that_need_another_transition(node, client):
@@ -473,64 +560,90 @@ def test_parameters_refuse_changes_that_need_another_transition(node, client):
 
 def test_compressed_frames_after_reactivation(node, client, memory_dir):
     seen = client.ask().frames_seen
-    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
-    assert (memory_dir / "engine.json").is_file()  # saved at deactivate
-    assert client.set_parameter("image_transport", "compressed").successful
-    bad = client.set_parameter("image_transport", "h264")
-    assert not bad.successful and "raw, compressed" in bad.reason
-    assert client.change_state(Transition.TRANSITION_ACTIVATE)
-    assert "watching /image_raw/compressed (CompressedImage" in node.text()
-    assert client.ask().frames_seen == seen  # restored from memory_file at activate
-    for i in range(6):
-        client.jpeg(frame(), fmt="jpeg" if i % 2 else "png")
-        time.sleep(0.05)
-    before = int(latest_diagnostics(client)["frames_malformed"])
-    client.jpeg(data=b"\xff\xd8\xff\xe0" + bytes(200))  # corrupt JPEG
-    response = frames_seen_reaches(client, seen + 4)
-    assert response.frames_seen >= seen + 4, node.text()
-    assert wait_until(lambda: int(client.diagnostics[-1]["frames_malformed"]) == before + 1, 5)
-    assert "does not decode" in node.text()
+    try:
+        assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+        assert (memory_dir / "engine.json").is_file()  # saved at deactivate
+        assert client.set_parameter("image_transport", "compressed").successful
+        bad = client.set_parameter("image_transport", "h264")
+        assert not bad.successful and "raw, compressed" in bad.reason
+        assert client.change_state(Transition.TRANSITION_ACTIVATE)
+        client.wait_matched()
+        assert "watching /image_raw/compressed (CompressedImage" in node.text()
+        assert client.ask().frames_seen == seen  # restored from memory_file at activate
+        sends = [lambda fmt=fmt: client.jpeg(frame(), fmt=fmt) for fmt in ("png", "jpeg") * 3]
+        response = feed(client, sends)
+        assert response.frames_seen == seen + 6, node.text()
+        before = int(latest_diagnostics(client)["frames_malformed"])
+        client.jpeg(data=b"\xff\xd8\xff\xe0" + bytes(200))  # corrupt JPEG
+        assert int(counted(client, "frames_malformed", before)["frames_malformed"]) == before + 1
+        assert "does not decode" in client.diagnostics[-1]["last_image_problem"]
+        assert client.ask().frames_seen == seen + 6
+    finally:
+        client.reactivate(image_transport="raw")
 
 
-def test_memory_is_saved_at_shutdown(node, client, memory_dir):
-    seen = client.ask().frames_seen
-    assert node.stop() == 0, node.text()
-    assert f"memory saved to {memory_dir} ({seen} frames seen)" in node.text()
-    shared["frames_saved"] = seen
-
-
-def test_bad_model_fails_configure_then_reconfigure_restores_memory_and_sim_time_stamps(
-    tiny_model, memory_dir, tmp_path_factory, client
+def test_memory_is_saved_at_shutdown_and_restored_after_a_failed_configure(
+    client, tiny_model, tmp_path_factory, node
 ):
-    seen = shared["frames_saved"]
-    proc = NodeProcess(
-        tmp_path_factory.mktemp("logs") / "node2.log",
-        model="/nonexistent/checkpoint",
-        memory_file=memory_dir,
-        memory_fps=FPS,
-        use_sim_time="true",
-        max_prefix_lag_s=0.0,
+    """Processes of their own (node fvs_restart on its own image topic): the first saves its memory
+    at shutdown; the second fails to load a bad model, is reconfigured, restores that memory and
+    stamps unstamped images with its /clock time (use_sim_time). `node` runs beside them (its images
+    are on another topic) so the module's processes start and stop in one order."""
+    memory = tmp_path_factory.mktemp("restart") / "saved"
+    logs = tmp_path_factory.mktemp("logs")
+    me = Client("fvs_restart", "/restart/image_raw")
+    common = dict(
+        memory_file=memory, memory_fps=FPS, max_prefix_lag_s=0.0, reliability="reliable", qos_depth=10
     )
     try:
-        assert wait_until(lambda: "cannot load model" in proc.text(), 60), proc.text()
-        errors = [line for line in proc.text().splitlines() if "cannot load model" in line]
-        assert len(errors) == 1 and "fvs_ros.model.tiny" in errors[0] and "does not exist" in errors[0]
-        assert proc.proc.poll() is None and client.state() == "unconfigured"
-        assert client.set_parameter("model", str(tiny_model)).successful
-        assert client.change_state(Transition.TRANSITION_CONFIGURE)
-        assert client.change_state(Transition.TRANSITION_ACTIVATE)
-        restored = client.ask()
-        assert restored.success and restored.frames_seen == seen > 0, proc.text()
-        reset = client.call("/fvs/reset", Trigger.Request())
-        assert reset.success and f"{seen} frames forgotten" in reset.message
-        assert client.ask().frames_seen == 0
-        # use_sim_time: an unstamped image is stamped with the node's /clock time
-        clock = client.node.create_publisher(Clock, "/clock", 10)
-        for i in range(4):
-            clock.publish(Clock(clock=Time(sec=500, nanosec=i * 250_000_000)))
-            time.sleep(0.2)
-            client.image(frame(), "rgb8", stamped=False)
-        response = frames_seen_reaches(client, 2)
-        assert response.frames_seen >= 2 and response.last_frame_stamp.sec == 500, proc.text()
+        first = NodeProcess(
+            logs / "restart1.log", "fvs_restart", model=tiny_model, image_topic="/restart/image_raw", **common
+        )
+        try:
+            assert me.wait_ready(), first.text()
+            me.wait_matched()
+            seen = feed(me, raw_frames(me, 6)).frames_seen
+            assert seen == 6
+        finally:
+            assert first.stop() == 0, first.text()
+        assert f"memory saved to {memory} ({seen} frames seen)" in first.text()
+
+        second = NodeProcess(
+            logs / "restart2.log",
+            "fvs_restart",
+            model="/nonexistent/checkpoint",
+            image_topic="/restart/image_raw",
+            use_sim_time="true",
+            **{**common, "memory_fps": 0.0},  # every frame: both unstamped images, whatever /clock said
+        )
+        try:
+            assert wait_until(lambda: "cannot load model" in second.text(), 120), second.text()
+            errors = [line for line in second.text().splitlines() if "cannot load model" in line]
+            assert len(errors) == 1 and "fvs_ros.model.tiny" in errors[0] and "does not exist" in errors[0]
+            assert second.proc.poll() is None and me.state() == "unconfigured"
+            assert me.set_parameter("model", str(tiny_model)).successful
+            assert me.change_state(Transition.TRANSITION_CONFIGURE)
+            assert me.change_state(Transition.TRANSITION_ACTIVATE)
+            me.wait_matched()
+            restored = me.ask()
+            assert restored.success and restored.frames_seen == seen, second.text()
+            reset = me.call("reset", Trigger.Request())
+            assert reset.success and f"{seen} frames forgotten" in reset.message
+            assert me.ask().frames_seen == 0
+            # use_sim_time: an unstamped image is stamped with the node's /clock time; the clock is
+            # published until the node has taken the image (its first /clock message may be lost)
+            clock = me.node.create_publisher(Clock, "/clock", 10)
+
+            def send(i):
+                for _ in range(5):
+                    clock.publish(Clock(clock=Time(sec=500, nanosec=i * 250_000_000)))
+                    time.sleep(0.1)
+                me.image(frame(), "rgb8", stamped=False)
+
+            feed(me, [lambda i=i: send(i) for i in range(2)])  # one two-frame slot
+            response = me.ask()
+            assert response.frames_seen == 2 and response.last_frame_stamp.sec == 500, second.text()
+        finally:
+            assert second.stop() == 0, second.text()
     finally:
-        assert proc.stop() == 0, proc.text()
+        me.close()

@@ -1,10 +1,9 @@
 """Fast greedy decoding for the Qwen2-VL language model: static KV cache + CUDA graphs.
 
-Eager transformers decoding on a 7B model is launch / Python bound (DESIGN.md section 3:
-~50 ms to prefill a 64-token question on a cached 11.5k prefix, ~44 ms per decoded token,
-against a ~6 ms weight-read floor). This module runs the *same* transformers modules
-(embedding, rotary embedding, decoder layers, final norm, lm_head) over a preallocated KV
-cache, and on CUDA replays captured CUDA graphs for
+Eager transformers decoding on a 7B model is launch / Python bound (benchmarks/gpu_notes.md:
+80-120 ms per decoded token on an H100, against a ~5.5 ms weight-read floor). This module runs
+the *same* transformers modules (embedding, rotary embedding, decoder layers, final norm,
+lm_head) over a preallocated KV cache, and on CUDA replays captured CUDA graphs for
 
 - the question prefill, padded up to a few length buckets (8, 16, 32, 64, 128, 256 tokens),
 - one decode step (embed -> 28 layers -> norm -> lm_head -> argmax, which also advances the
