@@ -69,6 +69,7 @@ def node(model, tmp_path_factory):
         model=model,
         memory_fps=0.0,  # every frame enters memory
         reliability="reliable",
+        qos_depth=10,  # all N frames fit the reliable queue: none is dropped on a loaded machine
         max_new_tokens=LONG,
         summary_period_s=0.0,
         max_prefix_lag_s=0.0,
