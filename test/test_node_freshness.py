@@ -45,6 +45,7 @@ def node_and_client(tmp_path_factory):
         summary_max_new_tokens=4,
         max_prefix_lag_s=0.0,
         reliability="reliable",
+        qos_depth=10,  # the reliable queue rides out a loaded machine
     )
     args = [sys.executable, "-m", "fvs_ros.node", "--autostart", "--ros-args"]
     args += ["--params-file", str(ROOT / "config" / "fvs.yaml")]
