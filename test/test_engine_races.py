@@ -26,14 +26,6 @@ def lm(tmp_path_factory):
     return load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "flash_vstream"))
 
 
-@pytest.fixture
-def engines():
-    made = []
-    yield made
-    for eng in made:
-        eng.shutdown()
-
-
 def start(lm, engines, **config) -> StreamEngine:
     eng = StreamEngine(lm, config=EngineConfig(sample_fps=0, **config)).start()
     engines.append(eng)

@@ -28,14 +28,6 @@ def lm(ckpt):
     return load_model(ckpt)
 
 
-@pytest.fixture
-def engines():
-    made = []
-    yield made
-    for eng in made:
-        eng.shutdown()
-
-
 def start(lm, engines, **config) -> StreamEngine:
     eng = StreamEngine(lm, config=EngineConfig(**config)).start()
     engines.append(eng)
