@@ -1204,6 +1204,39 @@ def time_rebuilds(lm, snap, system_prompt, chunks, device, reps=3):
     return out
 
 
+KERNEL_KINDS = (  # kernel name fragments -> kind, first match wins (cuBLAS/CUTLASS GEMMs, FlashAttention)
+    (("flash",), "attention (FlashAttention)"),
+    (("gemm", "xmma", "cutlass", "nvjet", "sm90_", "sm80_"), "GEMM (linear layers)"),
+)
+
+
+def profile_rebuild(lm, snap, system_prompt, device):
+    """GPU kernel time of one single-pass rebuild by kind: where the rebuild's time goes, measured.
+
+    Returns {kind: seconds} plus "wall" (the rebuild's wall time under the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = lm.prefill_steps(snap, system_prompt, None)  # warm
+    for _ in steps:
+        pass
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in lm.prefill_steps(snap, system_prompt, None):
+            pass
+        sync(device)
+        wall = time.perf_counter() - t
+    kinds: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if not us or ev.device_type.name != "CUDA":
+            continue
+        name = ev.key.lower()
+        kind = next((k for frags, k in KERNEL_KINDS if any(f in name for f in frags)), "other kernels")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e6
+    return {"wall": wall, **kinds}
+
+
 def section_freshness(model, device, tiny, args):
     """The issue-12 table: how old the memory behind each answer is, old path vs new, in one run."""
     log("\n== freshness: memory_lag_s, TTFT, rebuilds (node defaults, 30 fps camera, memory 1 fps) ==")
@@ -1252,6 +1285,16 @@ def section_freshness(model, device, tiny, args):
                     " / ".join(f"{1e3 * t:.0f}" for t in res["rebuild_s"].values()) + " ms",
                     "target <= 270 ms",
                 )
+                if device.type == "cuda":
+                    prof = profile_rebuild(lm, r["snapshot"], r["system_prompt"], device)
+                    res["rebuild_kernels_s"] = prof
+                    wall = prof.pop("wall")
+                    row(
+                        f"[{variant}] one-pass rebuild, GPU kernel time by kind (wall {1e3 * wall:.0f} ms)",
+                        ", ".join(
+                            f"{k} {1e3 * v:.0f} ms" for k, v in sorted(prof.items(), key=lambda kv: -kv[1])
+                        ),
+                    )
             r.pop("snapshot")
             res[name] = r
             lag, ttft = r["memory_lag_s"], r["ttft_ms"]
