@@ -1210,23 +1210,20 @@ KERNEL_KINDS = (  # kernel name fragments -> kind, first match wins (cuBLAS/CUTL
 )
 
 
-def profile_rebuild(lm, snap, system_prompt, device):
-    """GPU kernel time of one single-pass rebuild by kind: where the rebuild's time goes, measured.
-
-    Returns {kind: seconds} plus "wall" (the rebuild's wall time under the profiler)."""
+def kernel_time_by_kind(fn, device):
+    """Run fn once warm, then once under the profiler: {kind: GPU kernel seconds} and "wall" (the
+    call's wall time, synchronized): where a call's time goes, measured."""
     from torch.profiler import ProfilerActivity, profile
 
-    steps = lm.prefill_steps(snap, system_prompt, None)  # warm
-    for _ in steps:
-        pass
+    fn()
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
-        for _ in lm.prefill_steps(snap, system_prompt, None):
-            pass
+        fn()
         sync(device)
         wall = time.perf_counter() - t
     kinds: dict[str, float] = {}
+    other = []
     for ev in prof.key_averages():
         us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
         if not us or ev.device_type.name != "CUDA":
@@ -1234,7 +1231,61 @@ def profile_rebuild(lm, snap, system_prompt, device):
         name = ev.key.lower()
         kind = next((k for frags, k in KERNEL_KINDS if any(f in name for f in frags)), "other kernels")
         kinds[kind] = kinds.get(kind, 0.0) + us / 1e6
+        if kind == "other kernels":
+            other.append((us / 1e3, ev.count, ev.key[:90]))
+    log(
+        "    largest other kernels (ms, count, name): "
+        + "; ".join(f"{ms:.1f} {n}x {k}" for ms, n, k in sorted(other)[::-1][:6])
+    )
     return {"wall": wall, **kinds}
+
+
+def profile_rebuild(lm, snap, system_prompt, device):
+    """kernel_time_by_kind of one single-pass rebuild of snap."""
+
+    def rebuild():
+        for _ in lm.prefill_steps(snap, system_prompt, None):
+            pass
+
+    return kernel_time_by_kind(rebuild, device)
+
+
+def kinds_text(prof: dict) -> str:
+    return ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in sorted(prof.items(), key=lambda kv: -kv[1]))
+
+
+def time_rebuild_variants(lm, r, res, variant, device):
+    """Rows for the full rebuild of scenario r's memory: one pass and chunked, then a kernel
+    profile; the new path once per prefix-build attention (FastDecoder.prefill_attention)."""
+    chunks = [None, 256, 1024, 2048]
+    fast = lm.fast
+    kernels = [None]
+    if variant == "new" and fast is not None:
+        kernels = ["sdpa", "flash"] if fast.attention == "flash" else ["sdpa"]
+    chosen = fast.prefill_attention if fast is not None else None
+    for attn in kernels:
+        label = f"[{variant}]" if attn is None else f"[{variant}, {attn}]"
+        if attn is not None:
+            fast.prefill_attention = attn
+        times = time_rebuilds(lm, r["snapshot"], r["system_prompt"], chunks, device)
+        key = "rebuild_s" if attn in (None, chosen) else f"rebuild_s_{attn}"
+        res[key] = dict(zip(map(str, chunks), times, strict=True))
+        row(
+            f"{label} full prefix rebuild, 150-frame memory, one pass / chunks of "
+            f"256, 1024, 2048 (engine: {r['chunk']})",
+            " / ".join(f"{1e3 * t:.0f}" for t in times) + " ms",
+            "target <= 270 ms",
+        )
+        if device.type == "cuda":
+            prof = profile_rebuild(lm, r["snapshot"], r["system_prompt"], device)
+            res[key.replace("rebuild_s", "rebuild_kernels_s")] = prof
+            wall = prof.pop("wall")
+            row(
+                f"{label} one-pass rebuild, GPU kernel time by kind (wall {1e3 * wall:.0f} ms)",
+                kinds_text(prof),
+            )
+    if fast is not None:
+        fast.prefill_attention = chosen
 
 
 def section_freshness(model, device, tiny, args):
@@ -1276,25 +1327,7 @@ def section_freshness(model, device, tiny, args):
                 res[name] = {"error": f"{type(e).__name__}: {e}"}
                 continue
             if "rebuild_s" not in res:
-                chunks = [None, 256, 1024, 2048]
-                times = time_rebuilds(lm, r["snapshot"], r["system_prompt"], chunks, device)
-                res["rebuild_s"] = dict(zip(map(str, chunks), times, strict=True))
-                row(
-                    f"[{variant}] full prefix rebuild, 150-frame memory, one pass / chunks of "
-                    f"256, 1024, 2048 (engine: {r['chunk']})",
-                    " / ".join(f"{1e3 * t:.0f}" for t in res["rebuild_s"].values()) + " ms",
-                    "target <= 270 ms",
-                )
-                if device.type == "cuda":
-                    prof = profile_rebuild(lm, r["snapshot"], r["system_prompt"], device)
-                    res["rebuild_kernels_s"] = prof
-                    wall = prof.pop("wall")
-                    row(
-                        f"[{variant}] one-pass rebuild, GPU kernel time by kind (wall {1e3 * wall:.0f} ms)",
-                        ", ".join(
-                            f"{k} {1e3 * v:.0f} ms" for k, v in sorted(prof.items(), key=lambda kv: -kv[1])
-                        ),
-                    )
+                time_rebuild_variants(lm, r, res, variant, device)
             r.pop("snapshot")
             res[name] = r
             lag, ttft = r["memory_lag_s"], r["ttft_ms"]
@@ -1368,6 +1401,14 @@ def section_watch(model, device, tiny, args):
             f"{1e3 * t:.1f} ms",
             "GPU time per update",
         )
+        if device.type == "cuda":
+            prof = kernel_time_by_kind(packed, device)
+            out[f"kernels_s_{n}"] = prof
+            wall = prof.pop("wall")
+            row(
+                f"watch: {n:2d} condition(s), kernel time by kind (wall {1e3 * wall:.1f} ms)",
+                kinds_text(prof),
+            )
     # agreement: packed logits vs one eager forward per condition (transformers' own attention)
     got = fast.packed_logits(
         torch.cat([t[0] for t in tails], dim=1),

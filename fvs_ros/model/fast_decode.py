@@ -28,6 +28,10 @@ next answer overwrites them. Attention sees only valid slots:
   with a boolean mask ``slot <= query's slot``; query heads are grouped by KV head so K/V are
   never repeated.
 
+Prefix builds (``prefill_steps``) run outside the graphs, with ``prefill_attention``: by default
+``scaled_dot_product_attention`` over the keys written so far (PyTorch picks the kernel), or
+``"flash"`` for the varlen kernel above.
+
 Positions are given by the caller as 3-row (t, h, w) multimodal position ids (the model never
 computes them); generated tokens take the next text position on all three axes.
 
@@ -97,6 +101,9 @@ class _AttnContext:
 
     flash: bool
     mask: torch.Tensor | None = None  # sdpa: [1, 1, groups * q, capacity] bool, True = attend
+    # prefix builds with SDPA: keys [0, key_len) only, query heads grouped by the kernel (enable_gqa);
+    # mask None: causal (q == key_len), else [1, 1, q, key_len] bool
+    key_len: int = 0
     cu_q: torch.Tensor | None = None  # flash: [0, q] int32
     cu_k: torch.Tensor | None = (
         None  # flash, unsplit: [0, valid key length]; split: [P, valid key length] (new keys)
@@ -129,6 +136,13 @@ def _lse_rows(lse: torch.Tensor, n_seq: int, q_len: int, heads: int) -> torch.Te
     if lse.dim() == 2:
         return lse.view(heads, n_seq, q_len).permute(1, 2, 0)
     return lse[:, :, :q_len].permute(0, 2, 1)
+
+
+def _chunk_mask(start: int, end: int, device=None) -> torch.Tensor:
+    """bool [1, 1, end - start, end] (True = attend): rows for tokens [start, end) of a causal
+    sequence, over keys [0, end) (causal aligned to the bottom right)."""
+    rows = torch.arange(start, end, device=device)
+    return (torch.arange(end, device=device)[None, :] <= rows[:, None])[None, None]
 
 
 def block_mask(prefix_len: int, lengths: Sequence[int], device=None) -> torch.Tensor:
@@ -206,6 +220,17 @@ def _static_attention(module, query, key, value, attention_mask=None, dropout=0.
             q, k, v, ctx.cu_q, ctx.cu_k, q_len, ctx.max_k, q_len > 1, scaling, ctx.flash_kwargs
         )
         return out.unsqueeze(0), None
+    if ctx.key_len:  # a prefix build: keys [0, key_len) of a buffer of its own
+        out = F.scaled_dot_product_attention(
+            query,
+            key[:, :, : ctx.key_len],
+            value[:, :, : ctx.key_len],
+            attn_mask=ctx.mask,
+            is_causal=ctx.mask is None,
+            scale=scaling,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2), None
     groups = heads // kv_heads
     # query heads kv*groups + j share KV head kv (transformers' repeat_kv order): fold j into the rows
     q = query.reshape(1, kv_heads, groups * q_len, dim)
@@ -270,6 +295,7 @@ class FastDecoder:
         splits: int = 8,
         flash_splits: int | None = None,
         record_layers: Sequence[int] = (),
+        prefill_attention: str = "auto",
     ):
         self.llm, self.lm_head = llm, lm_head
         self.config = llm.config
@@ -289,6 +315,16 @@ class FastDecoder:
                 "aten._flash_attention_forward"
             )
         self.attention = attention
+        if prefill_attention == "auto":
+            prefill_attention = "sdpa"
+        if prefill_attention not in ("flash", "sdpa") or (
+            prefill_attention == "flash" and attention != "flash"
+        ):
+            raise ValueError(
+                f"prefill_attention must be 'auto', 'sdpa' or (with attention 'flash') 'flash', "
+                f"got {prefill_attention!r}"
+            )
+        self.prefill_attention = prefill_attention
         self.graphs = (self.device.type == "cuda") if graphs is None else bool(graphs)
         if self.graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -620,8 +656,11 @@ class FastDecoder:
     ) -> Generator[None, None, tuple[tuple[torch.Tensor, torch.Tensor], ...]]:
         """A memory prefix [1, P, hidden] at positions [3, 1, P] through a static cache of its own.
 
-        Each chunk runs the decoder layers with this module's attention (FlashAttention-2 varlen,
-        causal over the chunk and all before it, on CUDA; SDPA with a mask on CPU) into fresh
+        Each chunk runs the decoder layers, attending causally over the chunk and all before it,
+        with `prefill_attention`: "sdpa" (the default: scaled_dot_product_attention over keys
+        [0, chunk end), causal without a mask for the first chunk, grouped-query heads by the
+        kernel; on an H100 it picks a kernel twice as fast as our FlashAttention-2 varlen call,
+        benchmarks/gpu_notes.md) or "flash" (this module's FlashAttention-2 varlen), into fresh
         zeroed [P, kv_heads, head_dim] buffers (masked slots must not hold NaN garbage): the
         answers' cache is never touched and a prefix in service stays valid. A generator like
         VideoLM.prefill_steps: each next() queues one chunk; the return value is the KV as
@@ -640,9 +679,17 @@ class FastDecoder:
             end = min(start + step, total)
             with torch.inference_mode(), self._static_attention():
                 slots = torch.arange(start, end, device=self.device)
-                self._forward(
-                    embeds[:, start:end].to(self.dtype), positions[:, :, start:end], slots, None, None, kv
-                )
+                if self.prefill_attention == "flash":
+                    self._forward(
+                        embeds[:, start:end].to(self.dtype), positions[:, :, start:end], slots, None, None, kv
+                    )
+                else:
+                    kv.slots = slots
+                    mask = None if start == 0 else _chunk_mask(start, end, self.device)
+                    ctx = _AttnContext(flash=False, mask=mask, key_len=end)
+                    self._run_layers(
+                        embeds[:, start:end].to(self.dtype), positions[:, :, start:end], ctx, kv, None
+                    )
             if end < total:
                 yield
         return tuple(
