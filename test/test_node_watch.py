@@ -275,6 +275,31 @@ def test_fvs_watch_command(node, client):
     assert code == 2 and "/nobody/watch is not available" in err
 
 
+def test_fvs_watch_events_prints_the_evidence(node, client):
+    """fvs_watch events --json prints an event with its evidence: a condition added at threshold 0
+    rises at its first evaluation (added again until the new subscriber has caught one)."""
+    cmd = [sys.executable, "-m", "fvs_ros.watch_client", "--json", "events", "--count", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: client.node.count_subscribers("/fvs/events") > 1, 60)  # the client and fvs_watch
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            assert client.watch(command="add", condition="the light is on", threshold=0.0, name="now").success
+            wait_until(lambda: proc.poll() is not None, 5)
+            assert client.watch(command="remove", name="now").success
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    event = json.loads(out.splitlines()[-1])
+    assert event["name"] == "now" and event["rising"] and 1 <= len(event["evidence"]) <= 3
+    sent = START + 0.5 * np.arange(2 * len(scene.slots()))
+    for item in event["evidence"]:
+        assert item["kind"] in ("detail", "context") and np.isclose(sent, item["stamp"], atol=1e-6).any()
+
+
 def test_conditions_persist_across_restart(node, client, checkpoint, memory_dir, tmp_path_factory):
     assert node.stop() == 0
     assert (memory_dir / "watch.json").is_file()
