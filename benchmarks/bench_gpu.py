@@ -32,7 +32,9 @@ Sections
           rebuild time (one pass and chunked), update p99, frames absorbed, catch-up after the burst.
 - watch:  standing queries (fvs_ros/model/conditions.py, fvs_ros/watch.py): GPU time of one
           packed prefill of 1/4/16 conditions (~30 tokens each) on the 10.8k prefix
-          (FastDecoder.packed_logits) and its agreement with one eager forward per condition;
+          (FastDecoder.packed_logits), without and with evidence (each condition's attention per
+          memory block, for watch events), its agreement with one eager forward per condition
+          and its evidence's with each condition alone (a one-token answer's evidence);
           then the real engine at node defaults (memory 1 fps, two-frame slots) on a 30 fps
           stream with 16 conditions evaluated on every memory update: update p50/p99, GPU time
           per evaluation, event latency (memory update -> on_watch, what the node publishes
@@ -177,6 +179,12 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
 def memory_layout(tiny: bool):
     """(DAM frames, merged full grid (h, w), CSM slots): 30 x 12x20 and 60 x 6x10 for 336x560."""
     return (2, (2, 4), 4) if tiny else (30, (12, 20), 60)
+
+
+def prompt_layout(tiny: bool) -> MemoryLayout:
+    """Where prompt()'s memory blocks lie (20 head tokens, then the DAM and CSM blocks)."""
+    dam, (hm, wm), csm = memory_layout(tiny)
+    return MemoryLayout(20, dam, hm * wm, csm, (hm // 2) * (wm // 2))
 
 
 def prompt(llm, tiny: bool, device, dtype, seed=0):
@@ -613,8 +621,7 @@ def section_evidence(model, device, tiny, args):
     embeds, positions, next_pos = prompt(llm, tiny, device, lm_head.weight.dtype)
     P, q_len = embeds.shape[1], 30
     prefix = eager_prefill(llm, embeds, positions)
-    dam, (hm, wm), csm = memory_layout(tiny)
-    layout = MemoryLayout(20, dam, hm * wm, csm, (hm // 2) * (wm // 2))  # prompt(): 20 head tokens
+    layout = prompt_layout(tiny)
     layers = evidence_layers(len(llm.layers))
     out.update(layers=list(layers), blocks=layout.num_blocks)
     plain = FastDecoder(llm, lm_head, splits=args.splits[0])
@@ -1386,31 +1393,35 @@ def section_watch(model, device, tiny, args):
     out["tokens_per_condition"] = [t[0].shape[1] for t in tails]
     n_tok = out["tokens_per_condition"]
     log(f"  prefix {P} tokens, conditions of {min(n_tok)}-{max(n_tok)} tokens")
+    layout = prompt_layout(tiny)
     for n in (1, 4, 16):
         e = torch.cat([t[0] for t in tails[:n]], dim=1)
         p = torch.cat([t[1] for t in tails[:n]], dim=2)
         lengths = [t[0].shape[1] for t in tails[:n]]
+        for evidence in (None, layout):  # with evidence: each condition's attention per memory block
 
-        def packed(e=e, p=p, lengths=lengths, prefix=prefix):
-            return fast.packed_logits(e, p, lengths, prefix_kv=prefix, prefix_len=P)
+            def packed(e=e, p=p, lengths=lengths, prefix=prefix, evidence=evidence):
+                return fast.packed_logits(e, p, lengths, prefix_kv=prefix, prefix_len=P, evidence=evidence)
 
-        t = bench_cuda(packed, device, reps=20 if tiny else 50, warmup=3)
-        out[f"gpu_ms_{n}"] = 1e3 * t
-        row(
-            f"watch: {n:2d} condition(s), one packed prefill on the prefix",
-            f"{1e3 * t:.1f} ms",
-            "GPU time per update",
-        )
-        if device.type == "cuda":
-            prof = kernel_time_by_kind(packed, device)
-            out[f"kernels_s_{n}"] = prof
-            wall = prof.pop("wall")
+            t = bench_cuda(packed, device, reps=20 if tiny else 50, warmup=3)
+            key = f"gpu_ms_{n}" + ("_evidence" if evidence is not None else "")
+            out[key] = 1e3 * t
             row(
-                f"watch: {n:2d} condition(s), kernel time by kind (wall {1e3 * wall:.1f} ms)",
-                kinds_text(prof),
+                f"watch: {n:2d} condition(s), one packed prefill on the prefix"
+                + (", evidence on" if evidence is not None else ""),
+                f"{1e3 * t:.1f} ms",
+                "GPU time per update" + (" (mass copied to the host)" if evidence is not None else ""),
             )
+            if device.type == "cuda" and evidence is None:
+                prof = kernel_time_by_kind(packed, device)
+                out[f"kernels_s_{n}"] = prof
+                wall = prof.pop("wall")
+                row(
+                    f"watch: {n:2d} condition(s), kernel time by kind (wall {1e3 * wall:.1f} ms)",
+                    kinds_text(prof),
+                )
     # agreement: packed logits vs one eager forward per condition (transformers' own attention)
-    got = fast.packed_logits(
+    got, _ = fast.packed_logits(
         torch.cat([t[0] for t in tails], dim=1),
         torch.cat([t[1] for t in tails], dim=2),
         out["tokens_per_condition"],
@@ -1427,6 +1438,25 @@ def section_watch(model, device, tiny, args):
     row(
         "watch: packed vs one eager forward per condition (16 conditions)",
         f"max |logit diff| / max |logit| {worst:.2e}",
+        "float32 ~1e-6; bf16 ~1e-2",
+    )
+    # evidence: packed (all 16 in one forward) vs each condition alone as a one-token answer's
+    _, mass = fast.packed_logits(
+        torch.cat([t[0] for t in tails], dim=1),
+        torch.cat([t[1] for t in tails], dim=2),
+        out["tokens_per_condition"],
+        prefix_kv=prefix,
+        prefix_len=P,
+        evidence=layout,
+    )
+    worst = 0.0
+    for i, (e, p) in enumerate(tails):
+        alone = fast.generate(e, p, next_pos + e.shape[1], 1, prefix_kv=prefix, prefix_len=P, evidence=layout)
+        worst = max(worst, float((mass[i] - alone.block_mass).abs().max() / alone.block_mass.max()))
+    out["evidence_packed_vs_alone_max_rel"] = worst
+    row(
+        "watch: evidence, packed vs each condition alone (one-token answer, 16 conditions)",
+        f"max |mass diff| / max mass {worst:.2e}",
         "float32 ~1e-6; bf16 ~1e-2",
     )
     del prefix

@@ -97,7 +97,7 @@ class EngineConfig:
     # all; then it shares the GPU, so it lands within its own time plus this (inf: pauses unbounded).
     prefix_yield_budget_s: float = 0.2
     no_video_answer: str = "No video frames have been received yet, so I cannot answer about the video."
-    evidence_frames: int = 3  # evidence items per answer (attention per memory block); 0: not computed
+    evidence_frames: int = 3  # evidence items per answer and per watch event (grounding.py); 0: none
     thumbnail_side: int = 160  # longest side (px) of the thumbnails kept for retained frames; 0: none
 
     def __post_init__(self):
@@ -842,7 +842,11 @@ class StreamEngine:
 
     def _evaluate_watch(self, p: Prefix):
         """Every watched condition on the prefix `p` in one batched prefill (WatchRunner)."""
-        src = p.source
+        src, count = p.source, self.config.evidence_frames
+
+        def ground(shares):  # an event's evidence: the blocks its condition attended to most
+            return evidence_items(shares, src.snapshot, count, self._thumbs)
+
         try:
             with self._prefixes.gpu_busy("answer"):  # the builder pauses between chunks meanwhile
                 result = self._watch.run(
@@ -853,6 +857,7 @@ class StreamEngine:
                     frames_seen=int(src.snapshot.frames_seen) * self.config.frames_per_slot,
                     memory_updated_at=src.updated_at,
                     sync=self._sync,
+                    ground=ground if count else None,
                 )
         except Exception as e:  # noqa: BLE001 - a failed evaluation (or callback) must not kill the worker
             self._record_error("watch", e)

@@ -504,7 +504,7 @@ class FvsNode(LifecycleNode):
 
     def _publish_watch(self, result: WatchResult):
         """Engine callback (LLM worker thread): every evaluation to ~/watch_scores, each rise or fall
-        to ~/events."""
+        to ~/events with its evidence (and thumbnails with watch_event_images)."""
         frame_id = self._intake.frame_id if self._intake is not None else ""
         header = Header(stamp=_time_msg(result.stamp), frame_id=frame_id)
         self._scores_pub.publish(
@@ -517,8 +517,10 @@ class FvsNode(LifecycleNode):
                 evaluation_time_s=result.evaluation_s,
             )
         )
+        with_images = self._p["watch_event_images"]
         for event in result.events:
             c = event.condition
+            images = [_evidence_image(item, frame_id) for item in event.evidence] if with_images else []
             self._events_pub.publish(
                 WatchEvent(
                     header=header,
@@ -529,6 +531,8 @@ class FvsNode(LifecycleNode):
                     rising=event.rising,
                     frames_seen=result.frames_seen,
                     latency_s=time.perf_counter() - result.memory_updated_at,
+                    evidence=[_evidence_msg(item) for item in event.evidence],
+                    evidence_images=images,
                 )
             )
             self.get_logger().info(

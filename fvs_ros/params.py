@@ -197,8 +197,8 @@ SPECS = {
     "evidence_frames": Spec(
         int,
         CONFIGURE,
-        "Evidence items per answer: the memory frames / centroids the answer attended to most; "
-        "0 = no evidence (not measured).",
+        "Evidence items per answer and per ~/events message: the memory frames / centroids the "
+        "answer (the condition's evaluation) attended to most; 0 = no evidence (not measured).",
         range=(0, 64),
     ),
     "thumbnail_side": Spec(
@@ -228,6 +228,12 @@ SPECS = {
         CONFIGURE,
         "A risen condition falls when P(yes) < its threshold minus this margin (it rises at >= threshold).",
         range=(0.0, 0.99),
+    ),
+    "watch_event_images": Spec(
+        bool,
+        CONFIGURE,
+        "Each ~/events message also carries a JPEG thumbnail of each evidence item (evidence_images); "
+        "needs evidence_frames > 0 and thumbnail_side > 0 to hold any image.",
     ),
     "diagnostics_period_s": Spec(float, CONFIGURE, "Period of the /diagnostics status.", range=(0.1, 60.0)),
 }

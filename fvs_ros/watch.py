@@ -1,8 +1,10 @@
 """Standing queries: conditions watched on every memory update, events when they become true or false.
 
 No ROS and no model here: the engine computes each condition's P(yes) on the newest memory
-(VideoLM.condition_probabilities) and hands them to Watcher.update, which applies hysteresis
-and returns the events; the node turns them into messages.
+(VideoLM.score_conditions) and hands them to Watcher.update, which applies hysteresis
+and returns the events; the node turns them into messages. With evidence on (the engine's
+evidence_frames), each event carries the memory blocks that condition's evaluation attended to
+most, measured in the same packed forward as its probability (fvs_ros/model/evidence.py).
 
 Hysteresis, per condition with threshold t and the watcher's margin h (parameter
 watch_hysteresis): a condition starts inactive; it *rises* (event, rising=True) at the first
@@ -26,10 +28,11 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from fvs_ros.grounding import EvidenceItem
 from fvs_ros.persistence import atomic_write
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,9 @@ class WatchEvent:
     rising: bool
     stamp: Optional[float]  # stream time of the newest frame in the memory evaluated
     memory_version: int
+    # the memory blocks this condition's evaluation attended to most (grounding.py), largest share
+    # first; () when evidence is off
+    evidence: tuple[EvidenceItem, ...] = ()
 
 
 class Watcher:
@@ -288,17 +294,35 @@ class WatchRunner:
             and len(self.watcher) > 0
         )
 
-    def run(self, lm, prefix, key, *, stamp, frames_seen: int, memory_updated_at: float, sync) -> WatchResult:
-        """Evaluate every condition on `prefix` (lm.condition_probabilities), update states, hand the
-        result to on_result. sync() waits for the GPU work, so evaluation_s is its real time."""
+    def run(
+        self,
+        lm,
+        prefix,
+        key,
+        *,
+        stamp,
+        frames_seen: int,
+        memory_updated_at: float,
+        sync,
+        ground: Optional[Callable[[Sequence[float]], tuple[EvidenceItem, ...]]] = None,
+    ) -> WatchResult:
+        """Evaluate every condition on `prefix` (lm.score_conditions), update states, hand the
+        result to on_result. sync() waits for the GPU work, so evaluation_s is its real time.
+
+        ground: turns a condition's attention shares per memory block into its evidence items
+        (the engine's grounding.evidence_items on the prefix's snapshot); None: no evidence is
+        measured. Each event carries the evidence of its own condition."""
         self._done = (*key, self.watcher.revision)
         conditions = self.watcher.conditions()
         t0 = time.perf_counter()
-        probabilities = lm.condition_probabilities(prefix, [c.text for c in conditions])
+        scores = lm.score_conditions(prefix, [c.text for c in conditions], evidence=ground is not None)
         sync()
         evaluation_s = time.perf_counter() - t0
         version = int(key[1])
-        events = self.watcher.update(list(zip(conditions, probabilities, strict=True)), stamp, version)
+        events = self.watcher.update(list(zip(conditions, scores.probabilities, strict=True)), stamp, version)
+        if scores.attention:
+            attention = dict(zip((c.name for c in conditions), scores.attention, strict=True))
+            events = [replace(e, evidence=ground(attention[e.condition.name].shares())) for e in events]
         names = {c.name for c in conditions}
         states = tuple(s for s in self.watcher.states() if s.condition.name in names)
         result = WatchResult(

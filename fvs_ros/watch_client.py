@@ -3,7 +3,7 @@
     python -m fvs_ros.watch_client add "a person is at the door" [--threshold 0.6] [--name door]
     python -m fvs_ros.watch_client remove door
     python -m fvs_ros.watch_client list
-    python -m fvs_ros.watch_client events [--count N] [--duration S]     # print ~/events as they come
+    python -m fvs_ros.watch_client events [--count N] [--duration S]  # ~/events with their evidence
     ros2 run fvs_ros fvs_watch list
 
 Common options: --node /fvs (the node's name), --wait S (for the service), --json.
@@ -58,12 +58,17 @@ def format_conditions(r: Watch.Response) -> str:
 
 
 def format_event(e: WatchEvent) -> str:
-    stamp = e.header.stamp.sec + e.header.stamp.nanosec * 1e-9
     what = "became TRUE " if e.rising else "is false again"
+    evidence = ", ".join(f"{_seconds(item.stamp):.3f} ({100 * item.share:.0f}%)" for item in e.evidence)
     return (
-        f"[{stamp:.3f}] {e.name!r} {what} P(yes)={e.probability:.3f} threshold={e.threshold:.3f} "
-        f"frames_seen={e.frames_seen} latency={e.latency_s:.3f} s"
+        f"[{_seconds(e.header.stamp):.3f}] {e.name!r} {what} P(yes)={e.probability:.3f} "
+        f"threshold={e.threshold:.3f} frames_seen={e.frames_seen} latency={e.latency_s:.3f} s"
+        + (f" evidence at {evidence}" if evidence else "")
     )
+
+
+def _seconds(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
 
 
 def _response_json(r: Watch.Response) -> str:
@@ -90,7 +95,7 @@ def _response_json(r: Watch.Response) -> str:
 def _event_json(e: WatchEvent) -> str:
     return json.dumps(
         {
-            "stamp": e.header.stamp.sec + e.header.stamp.nanosec * 1e-9,
+            "stamp": _seconds(e.header.stamp),
             "name": e.name,
             "condition": e.condition,
             "threshold": e.threshold,
@@ -98,6 +103,17 @@ def _event_json(e: WatchEvent) -> str:
             "rising": e.rising,
             "frames_seen": e.frames_seen,
             "latency_s": e.latency_s,
+            "evidence": [
+                {
+                    "kind": "detail" if item.kind == item.DETAIL else "context",
+                    "stamp": _seconds(item.stamp),
+                    "share": item.share,
+                    "span": [_seconds(item.span_start), _seconds(item.span_end)],
+                    "weight": item.weight,
+                    "slot": item.slot,
+                }
+                for item in e.evidence
+            ],
         }
     )
 

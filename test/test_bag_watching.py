@@ -138,8 +138,12 @@ def test_offline_evaluation_scores_watched_conditions(tmp_path):
     assert square["detection_delay_s"] == [pytest.approx(0.2)] and square["clearing_delay_s"] == [None]
     assert green["missed"] == 1 and green["events"] == []
     assert watch["summary"]["detected"] == 1 and watch["summary"]["missed"] == 1
+    # the rise's evidence: the one slot in that memory (evidence_frames 3, one block per kind)
+    (rise,) = square["events"]
+    assert rise["evidence_s"] and all(t == pytest.approx(0.2) for t in rise["evidence_s"])
     md = (out / "report.md").read_text()
     assert "## Watched conditions" in md and "| square | 0.000 | 1 | 1 | 0 | 0.20 | 0/1 | - | 0 | 0 |" in md
+    assert "- square: rise at 0.20 s, evidence frames at 0.20" in md
 
 
 def test_live_evaluation_scores_watched_conditions(tmp_path):
@@ -200,5 +204,7 @@ def test_live_evaluation_scores_watched_conditions(tmp_path):
         want = [(c["timeline"][i][0], r) for i, r in expected_events(probabilities, c["threshold"], 0.02)]
         assert [(e["time"], e["rising"]) for e in c["events"]] == want
     assert square["detection_delay_s"] == [pytest.approx(1.0)] and green["missed"] == 1
+    (rise,) = square["events"]  # its evidence: frames of the memory it was computed on
+    assert rise["evidence_s"] and all(t == pytest.approx(1.0) for t in rise["evidence_s"])
     assert "the node (watch_hysteresis)" in (out / "report.md").read_text()
     assert "stopped watching 'square'" in (tmp_path / "node.log").read_text()  # removed afterwards

@@ -2,8 +2,10 @@
 
 The batched path (all conditions packed into one prefill on the prefix) must give, for every
 condition, the probability of a plain transformers forward over [prefix tokens + that condition's
-prompt] alone. CPU, float32: the eager path (block mask through transformers) and FastDecoder
-(static cache, SDPA with the block mask); benchmarks/bench_gpu.py checks FlashAttention on CUDA.
+prompt] alone, and (evidence) the attention per memory block that transformers' eager attention
+weights give the last token of that prompt alone. CPU, float32: the eager path (block mask
+through transformers) and FastDecoder (static cache, SDPA with the block mask);
+benchmarks/bench_gpu.py checks FlashAttention on CUDA.
 """
 
 from types import SimpleNamespace
@@ -11,10 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_evidence import reference_mass
 
 from fvs_ros.model import load_model
 from fvs_ros.model.conditions import condition_question, yes_no_tokens, yes_probability
-from fvs_ros.model.fast_decode import block_mask
+from fvs_ros.model.fast_decode import FastDecoder, block_mask
 from fvs_ros.model.tiny import write_tiny_checkpoint
 
 CONDITIONS = [
@@ -103,24 +106,56 @@ def test_block_mask():
 def test_batched_equals_independent(lm, snapshot):
     prefix = lm.prefill_memory(snapshot)
     kv_before = [(k.clone(), v.clone()) for k, v in prefix.kv]
-    got = lm.condition_probabilities(prefix, CONDITIONS)
+    got = lm.score_conditions(prefix, CONDITIONS).probabilities
     want = [reference(lm, snapshot, c) for c in CONDITIONS]
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
     assert len({round(p, 4) for p in want}) == len(want)  # distinct conditions, distinct probabilities
     # a subset, another order, one alone: each condition's probability does not depend on the others
-    sub = lm.condition_probabilities(prefix, [CONDITIONS[3], CONDITIONS[0]])
+    sub = lm.score_conditions(prefix, [CONDITIONS[3], CONDITIONS[0]]).probabilities
     np.testing.assert_allclose(sub, [want[3], want[0]], rtol=0, atol=2e-6)
     np.testing.assert_allclose(
-        lm.condition_probabilities(prefix, [CONDITIONS[4]]), [want[4]], rtol=0, atol=2e-6
+        lm.score_conditions(prefix, [CONDITIONS[4]]).probabilities, [want[4]], rtol=0, atol=2e-6
     )
     for (k, v), (k0, v0) in zip(prefix.kv, kv_before, strict=True):  # the prefix is read, never written
         assert torch.equal(k, k0) and torch.equal(v, v0)
-    assert lm.condition_probabilities(prefix, []) == []
+    assert lm.score_conditions(prefix, []).probabilities == []
 
 
 def test_answers_still_match_after_scoring(lm, snapshot):
     """Scoring writes into the answers' cache area (FastDecoder): the next answer is unchanged."""
     prefix = lm.prefill_memory(snapshot)
-    before = lm.answer(prefix, "What is there?", max_new_tokens=8).token_ids
-    lm.condition_probabilities(prefix, CONDITIONS)
-    assert lm.answer(prefix, "What is there?", max_new_tokens=8).token_ids == before
+    before = lm.answer(prefix, "What is there?", max_new_tokens=8, evidence=True)
+    lm.score_conditions(prefix, CONDITIONS)
+    lm.score_conditions(prefix, CONDITIONS, evidence=True)
+    after = lm.answer(prefix, "What is there?", max_new_tokens=8, evidence=True)
+    assert after.token_ids == before.token_ids
+    assert torch.equal(after.attention.mass, before.attention.mass)
+
+
+@pytest.mark.parametrize("layers", [None, (0, 1)], ids=["evidence_layers", "two_layers"])
+def test_evidence_equals_eager_attention_of_each_condition_alone(lm, snapshot, layers, monkeypatch):
+    """Each condition's attention per memory block, from the packed forward that gives its
+    probability, equals transformers' eager attention weights (output_attentions) of the last
+    prompt token of that condition asked alone on the same memory (test_evidence.reference_mass
+    with no answer token)."""
+    if layers is not None:
+        monkeypatch.setattr(lm, "evidence_layers", layers)
+        if lm.fast is not None:
+            monkeypatch.setattr(lm, "fast", FastDecoder(lm.llm, lm.lm_head, record_layers=layers))
+    prefix = lm.prefill_memory(snapshot)
+    scores = lm.score_conditions(prefix, CONDITIONS, evidence=True)
+    plain = lm.score_conditions(prefix, CONDITIONS)
+    assert plain.attention == () and scores.probabilities == plain.probabilities
+    masses = []
+    for condition, att in zip(CONDITIONS, scores.attention, strict=True):
+        question = condition_question(condition)
+        ref, layout = reference_mass(lm, snapshot, [], 1, lm.evidence_layers, question=question)
+        assert att.layout == layout and att.rows == 1 and att.layers == lm.evidence_layers
+        torch.testing.assert_close(att.mass, ref, atol=1e-5, rtol=1e-4)
+        assert 0 < att.memory_fraction < 1 and float(att.shares().sum()) == pytest.approx(1.0)
+        assert att.mass.max() > 1.05 * att.mass.min()  # blocks differ: a constant would not pass
+        masses.append(att.mass)
+    # each condition its own: a row that saw the other prompts (or another row) would differ
+    assert min(float((a - b).abs().max()) for i, a in enumerate(masses) for b in masses[i + 1 :]) > 1e-4
+    one = lm.score_conditions(prefix, [CONDITIONS[2]], evidence=True).attention[0]
+    torch.testing.assert_close(one.mass, masses[2], atol=1e-6, rtol=1e-5)

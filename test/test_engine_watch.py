@@ -8,9 +8,12 @@ import time
 
 import pytest
 from support import watch_scene as scene
+from test_evidence import reference_mass
 
 from fvs_ros.engine import EngineConfig, StreamEngine
+from fvs_ros.grounding import evidence_items
 from fvs_ros.model import load_model
+from fvs_ros.model.conditions import condition_question
 from fvs_ros.model.tiny import write_tiny_checkpoint
 from fvs_ros.watch import Watcher
 
@@ -74,9 +77,28 @@ def recorded(lm):
         watcher.add(c, 1.0)
     engine, results = run(lm, watcher)
     try:
-        return stream(engine, results, scene.slots()), engine.stats()
+        seen = stream(engine, results, scene.slots())
     finally:
-        engine.shutdown()
+        engine.shutdown()  # the worker counts an evaluation after on_watch returns: stats once it stopped
+    return seen, engine.stats()
+
+
+def assert_evidence_of_the_condition_alone(lm, snapshot, condition, items):
+    """An event's evidence: the memory blocks to which transformers' eager attention weights of the
+    last token of the condition's prompt alone, on that memory, give the largest shares
+    (test_evidence.reference_mass), with those shares (ties may come in either order)."""
+    question = condition_question(condition)
+    mass, _ = reference_mass(lm, snapshot, [], 1, lm.evidence_layers, question=question)
+    want = evidence_items(mass / mass.sum(), snapshot, len(mass))  # every block, largest share first
+    assert len(items) == min(EngineConfig().evidence_frames, len(want)) > 0
+    assert [i.share for i in items] == pytest.approx([w.share for w in want[: len(items)]], abs=1e-5)
+    for item in items:
+        assert any(
+            (w.kind, w.slot, w.stamp, w.span, w.weight)
+            == (item.kind, item.slot, item.stamp, item.span, item.weight)
+            and w.share == pytest.approx(item.share, abs=1e-5)
+            for w in want
+        ), (item, want)
 
 
 def test_every_memory_is_evaluated_as_an_independent_forward_says(lm, recorded):
@@ -115,10 +137,11 @@ def test_events_at_the_planted_scene_change(lm, recorded):
             if e.memory_version in versions
         ]
         assert got == expected
-        for _, r in seen:
+        for snap, r in seen:
             for e in r.events:
                 assert e.condition.name == "planted" and e.stamp == r.stamp
                 assert (e.probability >= threshold) == e.rising
+                assert_evidence_of_the_condition_alone(lm, snap, condition, e.evidence)
 
         # reset: the condition stays watched, inactive; the same stream rises again where it first did
         engine.reset()
@@ -169,12 +192,12 @@ class Ordered:
     def __getattr__(self, name):
         return getattr(self._lm, name)
 
-    def condition_probabilities(self, prefix, conditions):
+    def score_conditions(self, prefix, conditions, **kwargs):
         self.calls.append(("watch", prefix.snapshot_version))
         if len(self.calls) == 1:
             self.blocked.set()
             assert self.gate.wait(60)
-        return self._lm.condition_probabilities(prefix, conditions)
+        return self._lm.score_conditions(prefix, conditions, **kwargs)
 
     def answer(self, prefix, *args, **kwargs):
         self.calls.append(("answer", prefix.snapshot_version))

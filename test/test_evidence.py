@@ -60,10 +60,10 @@ def eager_attention(llm):
 
 
 @torch.inference_mode()
-def reference_mass(lm, snapshot, tokens, rows, layers):
+def reference_mass(lm, snapshot, tokens, rows, layers, question=QUESTION):
     """Mean over layers, heads and the token-choosing rows of the eager attention weights summed
     over each memory block, from one forward of [prompt + the answer tokens fed back]."""
-    inputs = lm.prompt_inputs(snapshot, QUESTION)
+    inputs = lm.prompt_inputs(snapshot, question)
     fed = tokens[: rows - 1]
     embeds = torch.cat([inputs.embeds, lm.llm.embed_tokens(torch.tensor(fed, dtype=torch.long))[None]], 1)
     start = inputs.next_position

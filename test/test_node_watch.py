@@ -154,6 +154,7 @@ def start_node(checkpoint, memory_dir, log_path, client) -> NodeProcess:
         max_prefix_lag_s=0.0,
         watch_max_conditions=3,
         watch_hysteresis=HYSTERESIS,
+        watch_event_images=True,
         **MEMORY,
     )
     assert client.ready(), node.text()
@@ -225,7 +226,31 @@ def test_events_over_dds_at_the_planted_scene_change(node, client, planted):
         assert e.probability == pytest.approx(reference[i], abs=1e-4)
         assert seconds(e.header.stamp) == pytest.approx(stamps[i]) and e.header.frame_id == "test_camera"
         assert 0 < e.latency_s < 60
+        assert_evidence_of_received_frames(e, sent=START + 0.5 * np.arange(2 * len(stamps)))
     shared_state["active"] = expected[-1][1]
+
+
+def assert_evidence_of_received_frames(event, sent):
+    """The event's evidence (evidence_frames 3 of the node's 6 memory blocks): largest share first,
+    each stamped with an image this test sent, no later than the memory evaluated; one JPEG each."""
+    items, newest = event.evidence, seconds(event.header.stamp)
+    assert 1 <= len(items) <= 3, items
+    shares = [item.share for item in items]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-5
+    for item in items:
+        stamp = seconds(item.stamp)
+        assert np.isclose(sent, stamp, atol=1e-6).any() and stamp <= newest + 1e-6, (stamp, newest)
+        span = (seconds(item.span_start), seconds(item.span_end))
+        if item.kind == item.DETAIL:
+            assert span == pytest.approx((stamp, stamp)) and item.weight == 1
+        else:
+            assert item.kind == item.CONTEXT and span[0] <= stamp + 1e-6 and stamp <= span[1] + 1e-6
+            assert np.isclose(sent, span[0], atol=1e-6).any() and item.weight >= 1
+    assert [seconds(image.header.stamp) for image in event.evidence_images] == [
+        pytest.approx(seconds(item.stamp)) for item in items
+    ]
+    for image in event.evidence_images:
+        assert image.format == "jpeg" and bytes(image.data[:2]) == b"\xff\xd8", image.format
 
 
 def test_fvs_watch_command(node, client):
@@ -248,6 +273,31 @@ def test_fvs_watch_command(node, client):
     assert code == 0 and [c["name"] for c in json.loads(out)["conditions"]] == ["planted"]
     code, _, err = fvs_watch("--node", "/nobody", "--wait", "1", "list")
     assert code == 2 and "/nobody/watch is not available" in err
+
+
+def test_fvs_watch_events_prints_the_evidence(node, client):
+    """fvs_watch events --json prints an event with its evidence: a condition added at threshold 0
+    rises at its first evaluation (added again until the new subscriber has caught one)."""
+    cmd = [sys.executable, "-m", "fvs_ros.watch_client", "--json", "events", "--count", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: client.node.count_subscribers("/fvs/events") > 1, 60)  # the client and fvs_watch
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            assert client.watch(command="add", condition="the light is on", threshold=0.0, name="now").success
+            wait_until(lambda: proc.poll() is not None, 5)
+            assert client.watch(command="remove", name="now").success
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    event = json.loads(out.splitlines()[-1])
+    assert event["name"] == "now" and event["rising"] and 1 <= len(event["evidence"]) <= 3
+    sent = START + 0.5 * np.arange(2 * len(scene.slots()))
+    for item in event["evidence"]:
+        assert item["kind"] in ("detail", "context") and np.isclose(sent, item["stamp"], atol=1e-6).any()
 
 
 def test_conditions_persist_across_restart(node, client, checkpoint, memory_dir, tmp_path_factory):

@@ -20,6 +20,10 @@ was computed on, so delays count stream time, the wall latency is reported besid
   an interval that ends before the stream does; its delay is event time - until.
 - false rises: every other rise (outside the windows, or a second rise within one);
   false falls: every other fall (one inside an interval, before it ends).
+
+Each event in the report lists its evidence (`evidence_s`): the stream times of the frames that
+condition's evaluation attended to most, largest share first (the node's evidence_frames; empty
+when 0); the Markdown lists the first EVENTS_LISTED events of each condition with them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from fvs_ros.bag.questions import WATCH_KEYS, QuestionIssue, is_watch, parse_tim
 from fvs_ros.watch import WatchError, check_condition
 
 DEFAULT_TOLERANCE_S = 4.0  # two 2-frame slots at 1 fps: the memory sees a change at most that late
+EVENTS_LISTED = 10  # per condition in the Markdown report (the JSON has them all)
 
 
 @dataclass
@@ -115,13 +120,14 @@ def watch_from_dict(item: dict, *, source: str, line: Optional[int], default_id:
 
 def score_watch(
     spec: WatchSpec,
-    events: Sequence[tuple[float, bool]],
+    events: Sequence[tuple],
     stream_end: float,
     tolerance_s: float = DEFAULT_TOLERANCE_S,
 ) -> dict:
-    """Score one condition's events [(stream time, rising)] against its true intervals (module doc)."""
-    rises = sorted(t for t, rising in events if rising)
-    falls = sorted(t for t, rising in events if not rising)
+    """Score one condition's events [(stream time, rising[, evidence stream times])] against its
+    true intervals (module doc); the evidence times, where given, are listed with each event."""
+    rises = sorted(e[0] for e in events if e[1])
+    falls = sorted(e[0] for e in events if not e[1])
     used_rises, used_falls = set(), set()
     detection, clearing = [], []
     for i, (a, b) in enumerate(spec.intervals):
@@ -155,8 +161,15 @@ def score_watch(
         "mean_clearing_delay_s": _mean(cleared),
         "false_rises": len(rises) - len(used_rises),
         "false_falls": len(falls) - len(used_falls),
-        "events": [{"time": t, "rising": r} for t, r in sorted(events)],
+        "events": [_event(*e) for e in sorted(events, key=lambda e: e[0])],
     }
+
+
+def _event(time: float, rising: bool, evidence: Optional[Sequence[float]] = None) -> dict:
+    event = {"time": time, "rising": rising}
+    if evidence is not None:
+        event["evidence_s"] = list(evidence)  # stream times of the evidence frames, largest share first
+    return event
 
 
 def summarize_watch(scores: Sequence[dict]) -> dict:
@@ -181,26 +194,31 @@ def _mean(xs) -> Optional[float]:
 
 class _WatchLog:
     """What a replay saw of the watched conditions, kept as plain values (stamps are header stamps):
-    evaluations [(stamp, {name: P(yes)}, evaluation_s)] and events [(name, stamp, rising)]."""
+    evaluations [(stamp, {name: P(yes)}, evaluation_s)] and events [(name, stamp, rising, evidence
+    stamps)]."""
 
     def __init__(self, specs: Sequence[WatchSpec], hysteresis: Optional[float], tolerance_s: float):
         self.specs, self.hysteresis, self.tolerance_s = list(specs), hysteresis, tolerance_s
         self.evaluations: list[tuple[float, dict, Optional[float]]] = []
-        self.events: list[tuple[str, float, bool]] = []
+        self.events: list[tuple[str, float, bool, tuple[float, ...]]] = []
         self._cv = threading.Condition()
 
     def _record(self, stamp, probabilities: dict, evaluation_s, events) -> None:
         with self._cv:
             self.evaluations.append((stamp, probabilities, evaluation_s))
-            self.events += [(name, stamp, rising) for name, rising in events]
+            self.events += [(name, stamp, rising, evidence) for name, rising, evidence in events]
             self._cv.notify_all()
 
     def report(self, first_stamp: float, stream_end: float) -> dict:
-        """Scores per condition (score_watch) with event times in stream seconds since `first_stamp`,
-        and each condition's timeline: [stream time, P(yes)] of every evaluation."""
+        """Scores per condition (score_watch) with event and evidence times in stream seconds since
+        `first_stamp`, and each condition's timeline: [stream time, P(yes)] of every evaluation."""
         scores = []
         for spec in self.specs:
-            events = [(t - first_stamp, rising) for name, t, rising in self.events if name == spec.id]
+            events = [
+                (t - first_stamp, rising, [e - first_stamp for e in evidence])
+                for name, t, rising, evidence in self.events
+                if name == spec.id
+            ]
             timeline = [[t - first_stamp, ps[spec.id]] for t, ps, _ in self.evaluations if spec.id in ps]
             score = score_watch(spec, events, stream_end, self.tolerance_s)
             scores.append(score | {"spec": spec.as_dict(), "timeline": timeline})
@@ -236,7 +254,7 @@ class OfflineWatch(_WatchLog):
         if result.stamp is None:
             return
         probabilities = {st.condition.name: st.probability for st in result.states}
-        events = [(e.condition.name, e.rising) for e in result.events]
+        events = [(e.condition.name, e.rising, tuple(i.stamp for i in e.evidence)) for e in result.events]
         self._record(result.stamp, probabilities, result.evaluation_s, events)
         with self._cv:
             self._version = max(self._version, result.memory_version)
@@ -300,15 +318,19 @@ class LiveWatch(_WatchLog):
         raise RuntimeError("no reply from the node's watch service")
 
     def _on_scores(self, msg) -> None:
-        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        stamp = _seconds(msg.header.stamp)
         mine = {n: float(p) for n, p in zip(msg.names, msg.probabilities, strict=True)}
         self._record(stamp, {s.id: mine[s.id] for s in self.specs if s.id in mine}, msg.evaluation_time_s, [])
 
     def _on_event(self, msg) -> None:
         if any(s.id == msg.name for s in self.specs):
-            stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+            evidence = tuple(_seconds(e.stamp) for e in msg.evidence)
             with self._cv:
-                self.events.append((msg.name, stamp, msg.rising))
+                self.events.append((msg.name, _seconds(msg.header.stamp), msg.rising, evidence))
+
+
+def _seconds(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
 
 
 def _reliable_qos():
@@ -346,4 +368,25 @@ def render_watch(watch: dict) -> list[str]:
         f"All: {s['detected']}/{s['intervals']} intervals detected, detection delay p50 {p50}, "
         f"{s['false_rises']} false rises, {s['false_falls']} false falls.",
     ]
-    return lines
+    return lines + _event_lines(watch["conditions"])
+
+
+def _event_lines(conditions: Sequence[dict], most: int = EVENTS_LISTED) -> list[str]:
+    """Each condition's first events with their evidence (the frames that evaluation attended to most)."""
+    lines = []
+    for c in conditions:
+        for e in c["events"][:most]:
+            evidence = ", ".join(f"{t:.2f}" for t in e.get("evidence_s", [])) or "-"
+            lines.append(
+                f"- {c['id']}: {'rise' if e['rising'] else 'fall'} at {e['time']:.2f} s, evidence frames at "
+                f"{evidence} s"
+            )
+        if len(c["events"]) > most:
+            lines.append(f"- {c['id']}: {len(c['events']) - most} more events in the JSON report")
+    if not lines:
+        return []
+    return [
+        "",
+        "Events (stream s) and the frames each one's evaluation attended to most, largest share first:",
+        "",
+    ] + lines

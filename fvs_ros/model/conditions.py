@@ -28,16 +28,24 @@ Several conditions share one forward on top of the prefix: their prompts are pac
 sequence and each attends the prefix and its own tokens only (FastDecoder.packed_logits on CUDA:
 FlashAttention varlen over the shared static prefix cache; eager transformers with a block mask
 otherwise), so each probability equals that of the condition's prompt alone.
+
+Evidence (scores(evidence=True)): the same forward records the query of each prompt's last token
+in the evidence layers, and each condition gets its attention per memory block exactly as an
+answer's first token would (evidence.py; one row, over the keys that row saw: the prefix and its
+own prompt). Both paths record it: FastDecoder (SDPA or FlashAttention; on CUDA the packed forward
+runs eagerly, outside any graph) and the eager transformers forward (recording SDPA).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from transformers import DynamicCache
 
+from .evidence import BlockAttention, MemoryLayout, QueryRecorder, block_attention
 from .fast_decode import _layer_cache_kw, block_mask
 
 QUESTION_SUFFIX = "? Answer yes or no."
@@ -91,9 +99,22 @@ def yes_probability(logits: torch.Tensor, tokens: YesNoTokens) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def eager_packed_logits(llm, lm_head, prefix_kv, embeds, positions, lengths) -> torch.Tensor:
+def eager_packed_logits(
+    llm,
+    lm_head,
+    prefix_kv,
+    embeds,
+    positions,
+    lengths,
+    evidence: MemoryLayout | None = None,
+    layers: Sequence[int] = (),
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FastDecoder.packed_logits through the plain transformers forward: a DynamicCache copy of the
-    prefix and a 4-D additive block mask (block_mask). Float32 logits [n, vocab]."""
+    prefix and a 4-D additive block mask (block_mask). (Float32 logits [n, vocab], block mass
+    [n, num_blocks] on the CPU or None.)
+
+    evidence: as FastDecoder.packed_logits, with the queries of the tails' last tokens recorded in
+    `layers` by the recording SDPA attention (evidence.QueryRecorder) during this same forward."""
     cache = DynamicCache(config=llm.config)
     for layer, (keys, values) in enumerate(prefix_kv):
         cache.update(keys, values, layer)
@@ -101,39 +122,76 @@ def eager_packed_logits(llm, lm_head, prefix_kv, embeds, positions, lengths) -> 
     allowed = block_mask(prefix_len, lengths, embeds.device)
     mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
     mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[None, None]
-    hidden = llm(
-        inputs_embeds=embeds,
-        position_ids=positions,
-        attention_mask=mask,
-        use_cache=True,
-        **{_layer_cache_kw(llm): cache},
-    ).last_hidden_state
     ends = torch.tensor(list(lengths), device=embeds.device).cumsum(0) - 1
-    return lm_head(hidden[0, ends]).float()
+    recording = (
+        QueryRecorder(layers, rows=ends.tolist()).recording()
+        if evidence is not None
+        else contextlib.nullcontext()
+    )
+    with recording as recorder:
+        hidden = llm(
+            inputs_embeds=embeds,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            **{_layer_cache_kw(llm): cache},
+        ).last_hidden_state
+    logits = lm_head(hidden[0, ends]).float()
+    if evidence is None:
+        return logits, None
+    mass = block_attention(
+        recorder.queries(),
+        [cache.layers[i].keys[0].transpose(0, 1) for i in sorted(layers)],
+        evidence,
+        llm.layers[layers[0]].self_attn.scaling,
+        visible=allowed.index_select(0, ends),
+    )
+    return logits, mass.cpu()
+
+
+@dataclass(frozen=True)
+class ConditionScores:
+    """One packed evaluation of conditions on a prefix."""
+
+    probabilities: list[float]  # P(yes) per condition
+    # evidence=True: per condition, the attention of its prompt's last token (the one whose logits
+    # give P(yes)) per memory block, from the same forward (rows 1; seconds 0: the cost is part of
+    # the evaluation's, benchmarks/bench_gpu.py --sections watch measures it apart); () otherwise
+    attention: tuple[BlockAttention, ...] = ()
 
 
 class ConditionScorer:
-    """P(yes) of conditions on a VideoLM's MemoryPrefix (VideoLM.condition_probabilities)."""
+    """P(yes) of conditions on a VideoLM's MemoryPrefix (VideoLM.score_conditions)."""
 
     def __init__(self, lm):
         self.lm = lm
         self.tokens = yes_no_tokens(lm.tokenizer)
 
     @torch.inference_mode()
-    def probabilities(self, prefix, conditions: Sequence[str]) -> list[float]:
-        """One packed forward of every condition's prompt on `prefix` -> P(yes) per condition."""
+    def scores(self, prefix, conditions: Sequence[str], evidence: bool = False) -> ConditionScores:
+        """One packed forward of every condition's prompt on `prefix` -> P(yes) per condition, and
+        with evidence each one's attention per memory block (needs prefix.layout)."""
         if not conditions:
-            return []
+            return ConditionScores([])
         lm = self.lm
+        layout = prefix.layout if evidence else None
+        if evidence and layout is None:
+            raise ValueError("evidence needs a prefix with its memory layout")
         tails = [lm._tail_inputs(condition_question(c), "", prefix.next_position) for c in conditions]
         lengths = [t[0].shape[1] for t in tails]
         embeds = torch.cat([t[0] for t in tails], dim=1)
         positions = torch.cat([t[1] for t in tails], dim=2)
         if lm.fast is not None:
-            logits = lm.fast.packed_logits(
-                embeds, positions, lengths, prefix_kv=prefix.kv, prefix_len=prefix.num_tokens
+            logits, mass = lm.fast.packed_logits(
+                embeds, positions, lengths, prefix_kv=prefix.kv, prefix_len=prefix.num_tokens, evidence=layout
             )
         else:
             with lm._llm_lock:
-                logits = eager_packed_logits(lm.llm, lm.lm_head, prefix.kv, embeds, positions, lengths)
-        return [float(p) for p in yes_probability(logits, self.tokens)]
+                logits, mass = eager_packed_logits(
+                    lm.llm, lm.lm_head, prefix.kv, embeds, positions, lengths, layout, lm.evidence_layers
+                )
+        probabilities = [float(p) for p in yes_probability(logits, self.tokens)]
+        attention = (
+            () if mass is None else tuple(BlockAttention(m, layout, lm.evidence_layers, 1, 0.0) for m in mass)
+        )
+        return ConditionScores(probabilities, attention)

@@ -1,4 +1,4 @@
-"""Answer evidence: how much of an answer's attention went to each memory block.
+"""Evidence: how much of an answer's (or a watched condition's) attention went to each memory block.
 
 A memory block is one DAM frame (its full-resolution merged grid) or one CSM centroid (its
 low-resolution grid), laid out in the prompt as docs/model.md describes:
@@ -20,6 +20,12 @@ mass_b / sum(mass). The query vectors are captured during the answer's own forwa
 eager path through a recording SDPA attention function, FastDecoder inside its CUDA graphs);
 after the last token the scores against the cached keys are recomputed for the recorded rows
 only: a few small matmuls, off the time-to-first-token path.
+
+Watched conditions (conditions.py) get the same quantity with one row each: the last token of
+the condition's prompt, whose logits give P(yes), recorded in the same packed forward that gives
+the probability (eager: QueryRecorder with the rows of every prompt's end; FastDecoder: in
+packed_logits). In that forward a row sees the prefix and its own prompt only (the block mask),
+so its mass is that of the condition asked alone (block_attention with `visible`).
 """
 
 from __future__ import annotations
@@ -109,23 +115,28 @@ class BlockAttention:
 def block_attention(
     queries: Sequence[torch.Tensor],
     keys: Sequence[torch.Tensor],
-    first_row: int,
     layout: MemoryLayout,
     scale: float,
+    *,
+    first_row: int = 0,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean attention mass per memory block -> [num_blocks] float32 (on the keys' device).
+    """Attention mass per memory block of each query row -> [n, num_blocks] float32 (keys' device);
+    an answer's evidence is its mean over the rows.
 
-    queries: per layer [n, H, D], the (post-rotary) query of rows first_row .. first_row + n - 1;
-    keys: per layer [N, Hkv, D] (N >= first_row + n), the cached keys. Query head h uses key head
-    h // (H / Hkv), as transformers' repeat_kv. Scores in float32, causal, softmax over all keys a
-    row sees, then summed over each block's tokens; mean over layers, rows and heads.
+    queries: per layer [n, H, D] (post-rotary); keys: per layer [N, Hkv, D], the cached keys. Query
+    head h uses key head h // (H / Hkv), as transformers' repeat_kv. Which keys a row sees:
+    causal (row i is prompt position first_row + i and sees keys 0 .. first_row + i), or with
+    visible (bool [n, N'], N' <= N, True = attend) exactly those (the block mask of packed tails).
+    Scores in float32, softmax over the keys a row sees, summed over each block's tokens; mean
+    over layers and heads.
     """
     n, heads, dim = queries[0].shape
     kv_heads = keys[0].shape[1]
     groups = heads // kv_heads
-    length = first_row + n
+    length = first_row + n if visible is None else visible.shape[1]
     device = keys[0].device
-    total = torch.zeros(layout.num_blocks, dtype=torch.float32, device=device)
+    total = torch.zeros(n, layout.num_blocks, dtype=torch.float32, device=device)
     chunk = max(1, _SCORES_PER_CHUNK // (heads * length))
     for q_all, k_all in zip(queries, keys, strict=True):
         k = k_all[:length].float().permute(1, 2, 0)  # [Hkv, D, N]
@@ -133,12 +144,16 @@ def block_attention(
             q = q_all[lo : lo + chunk].float()  # [c, H, D]
             c = q.shape[0]
             q = q.view(c, kv_heads, groups, dim).permute(1, 0, 2, 3).reshape(kv_heads, c * groups, dim)
-            scores = torch.matmul(q, k).mul_(scale)  # [Hkv, c * groups, N]
-            row = first_row + lo + torch.arange(c, device=device).repeat_interleave(groups)
-            future = torch.arange(length, device=device)[None, :] > row[:, None]
-            probs = scores.masked_fill_(future[None], float("-inf")).softmax(-1)
-            total += _per_block(probs[..., layout.start : layout.end], layout).sum((0, 1))
-    return total / (len(queries) * n * heads)
+            scores = torch.matmul(q, k).mul_(scale)  # [Hkv, c * groups, N], row = row index * groups + g
+            if visible is None:
+                row = first_row + lo + torch.arange(c, device=device).repeat_interleave(groups)
+                hidden = torch.arange(length, device=device)[None, :] > row[:, None]
+            else:
+                hidden = ~visible[lo : lo + c].to(device).repeat_interleave(groups, 0)
+            probs = scores.masked_fill_(hidden[None], float("-inf")).softmax(-1)
+            blocks = _per_block(probs[..., layout.start : layout.end], layout)  # [Hkv, c * groups, B]
+            total[lo : lo + c] += blocks.view(kv_heads, c, groups, -1).sum((0, 2))
+    return total / (len(queries) * heads)
 
 
 def _per_block(probs: torch.Tensor, layout: MemoryLayout) -> torch.Tensor:
@@ -154,11 +169,15 @@ def _per_block(probs: torch.Tensor, layout: MemoryLayout) -> torch.Tensor:
 
 
 class QueryRecorder:
-    """Collects, on the thread that runs an answer, the query of the last row of every forward
-    pass through the recorded layers (attention implementation RECORDING_SDPA, see install())."""
+    """Collects, on the thread that runs an answer, the query of the token-choosing row(s) of every
+    forward pass through the recorded layers (attention implementation RECORDING_SDPA, see install()).
 
-    def __init__(self, layers: Sequence[int]):
+    rows: the rows of each forward to keep (the last token of each packed condition prompt);
+    None: its last row (an answer's prompt, then each token fed back)."""
+
+    def __init__(self, layers: Sequence[int], rows: Sequence[int] | None = None):
         self._rows: dict[int, list[torch.Tensor]] = {int(layer): [] for layer in layers}
+        self._keep = [-1] if rows is None else [int(r) for r in rows]
 
     @contextlib.contextmanager
     def recording(self):
@@ -172,11 +191,11 @@ class QueryRecorder:
     def add(self, layer: int, query: torch.Tensor) -> None:
         rows = self._rows.get(layer)
         if rows is not None:
-            rows.append(query[0, :, -1].clone())  # [H, D]
+            rows.append(query[0][:, self._keep].transpose(0, 1).clone())  # [rows kept, H, D]
 
     def queries(self) -> list[torch.Tensor]:
         """Per recorded layer (ascending) [n, H, D]."""
-        return [torch.stack(self._rows[layer]) for layer in sorted(self._rows)]
+        return [torch.cat(self._rows[layer]) for layer in sorted(self._rows)]
 
 
 def _recording_sdpa(module, query, key, value, attention_mask, **kwargs):

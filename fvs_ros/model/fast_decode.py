@@ -117,8 +117,8 @@ class _AttnContext:
     # packed_logits: the new rows are independent tails of these lengths, each causal over its own keys
     tails: tuple[int, ...] = ()
     record: dict | None = None  # layer index -> [rows, H, D] buffer of recorded queries (evidence)
-    record_src: torch.Tensor | None = None  # [1] long: the row of this forward whose query is kept
-    record_dst: torch.Tensor | None = None  # [1] long: where it goes in the buffer
+    record_src: torch.Tensor | None = None  # [r] long: the rows of this forward whose query is kept
+    record_dst: torch.Tensor | None = None  # [r] long: where they go in the buffer
 
 
 def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, kwargs=None):
@@ -207,7 +207,7 @@ def _static_attention(module, query, key, value, attention_mask=None, dropout=0.
     ctx: _AttnContext = _local.ctx
     _, heads, q_len, dim = query.shape
     if ctx.record is not None and module.layer_idx in ctx.record:
-        row = query[0].index_select(1, ctx.record_src).transpose(0, 1)  # [1, H, D]
+        row = query[0].index_select(1, ctx.record_src).transpose(0, 1)  # [r, H, D]
         ctx.record[module.layer_idx].index_copy_(0, ctx.record_dst, row)
     kv_heads = key.shape[1]
     if ctx.flash:
@@ -707,8 +707,10 @@ class FastDecoder:
         *,
         prefix_kv,
         prefix_len: int,
-    ) -> torch.Tensor:
-        """Float32 logits [n, vocab] at the last token of each of n independent tails, in one forward.
+        evidence: MemoryLayout | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float32 logits [n, vocab] at the last token of each of n independent tails, block mass),
+        in one forward.
 
         embeds [1, N, hidden] / positions [3, 1, N] hold the tails one after another (lengths sum to
         N); tail i attends the whole prefix and its own tokens (causal), never another tail, so its
@@ -717,11 +719,18 @@ class FastDecoder:
         FlashAttention: the N rows over the prefix chunks as one non-causal sequence per chunk, plus
         one causal varlen sequence per tail over its own keys, merged by log-sum-exp; SDPA: a block
         mask. Eager (no graph): the tails' count and lengths change from call to call.
+
+        evidence: the layout of the memory blocks in the prefix; the query of each tail's last token
+        is recorded in record_layers during this forward, and its attention mass per block (over the
+        keys it saw: the prefix and its own tail) comes back as block mass [n, num_blocks] (float32,
+        CPU; evidence.block_attention). None: not computed (block mass None).
         """
         lengths = tuple(int(n) for n in lengths)
         total = sum(lengths)
         if not lengths or min(lengths) < 1 or total != embeds.shape[1]:
             raise ValueError(f"tail lengths {lengths} do not split {embeds.shape[1]} packed tokens")
+        if evidence is not None and not self.record_layers:
+            raise ValueError("evidence needs a FastDecoder built with record_layers")
         prefix_len = int(prefix_len)
         with self._lock, torch.inference_mode():
             if prefix_len + total > self.capacity:
@@ -732,10 +741,26 @@ class FastDecoder:
             with self._static_attention():
                 self._kv.slots = slots
                 ctx = self._packed_context(prefix_len, lengths)
+                if evidence is not None:  # buffers of this call: the answers' stay untouched
+                    shape = (len(lengths), self.heads, self.head_dim)
+                    ctx.record = {
+                        i: torch.empty(shape, dtype=self.dtype, device=self.device)
+                        for i in self.record_layers
+                    }
+                    ctx.record_src, ctx.record_dst = ends, torch.arange(len(lengths), device=self.device)
                 logits = self._run_layers(
                     embeds.to(self.device, self.dtype), positions.to(self.device), ctx, self._kv, ends
                 )
-            return logits.float()
+            mass = None
+            if evidence is not None:
+                mass = block_attention(
+                    [ctx.record[i] for i in self.record_layers],
+                    [self._kv.keys[i] for i in self.record_layers],
+                    evidence,
+                    self.layers[self.record_layers[0]].self_attn.scaling,
+                    visible=block_mask(prefix_len, lengths, self.device).index_select(0, ends),
+                ).cpu()
+            return logits.float(), mass
 
     def _packed_context(self, prefix_len: int, lengths: tuple[int, ...]) -> _AttnContext:
         total = sum(lengths)
@@ -846,7 +871,7 @@ class FastDecoder:
         queries = [self._queries[i][:rows] for i in self.record_layers]
         keys = [self._kv.keys[i] for i in self.record_layers]
         scale = self.layers[self.record_layers[0]].self_attn.scaling
-        return block_attention(queries, keys, first_row, layout, scale).cpu()
+        return block_attention(queries, keys, layout, scale, first_row=first_row).mean(0).cpu()
 
     def _prefill_graph(self, bucket, embeds, positions, prefix_len, tail_len) -> torch.Tensor:
         g = self._graphs[bucket]

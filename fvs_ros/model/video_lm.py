@@ -32,7 +32,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from . import evidence
 from .checkpoint import QWEN2_5_VL, CheckpointConfig, ModelLoadError, build_model, read_config, resolve_source
-from .conditions import ConditionScorer
+from .conditions import ConditionScorer, ConditionScores
 from .evidence import BlockAttention, MemoryLayout, QueryRecorder, block_attention, memory_layout
 from .fast_decode import FastDecoder
 from .fast_vision import FastVision
@@ -408,12 +408,15 @@ class VideoLM:
         total = time.perf_counter() - start - out.evidence_s  # call -> answer done (evidence apart)
         return Generation(final, out.tokens, ttft, total, embeds.shape[1], attention)
 
-    def condition_probabilities(self, prefix: MemoryPrefix, conditions: Sequence[str]) -> list[float]:
+    def score_conditions(
+        self, prefix: MemoryPrefix, conditions: Sequence[str], evidence: bool = False
+    ) -> ConditionScores:
         """P(yes) of each condition on the memory of `prefix`, all in one packed prefill
-        (conditions.py documents the prompt and the yes/no tokens)."""
+        (conditions.py documents the prompt and the yes/no tokens); evidence: also each condition's
+        attention per memory block, from that same forward (ConditionScores.attention)."""
         if self._conditions is None:
             self._conditions = ConditionScorer(self)
-        return self._conditions.probabilities(prefix, conditions)
+        return self._conditions.scores(prefix, conditions, evidence)
 
     @torch.inference_mode()
     def answer_uncached(
@@ -460,7 +463,7 @@ class VideoLM:
         queries = recorder.queries()
         keys = [cache.layers[i].keys[0].transpose(0, 1) for i in self.evidence_layers]
         scale = self.llm.layers[self.evidence_layers[0]].self_attn.scaling
-        mass = block_attention(queries, keys, first_row, layout, scale).cpu()
+        mass = block_attention(queries, keys, layout, scale, first_row=first_row).mean(0).cpu()
         rows = queries[0].shape[0]
         attention = BlockAttention(mass, layout, self.evidence_layers, rows, time.perf_counter() - t0)
         return dataclasses.replace(gen, attention=attention)
