@@ -1268,7 +1268,7 @@ def time_rebuild_variants(lm, r, res, variant, device):
     fast = lm.fast
     kernels = [None]
     if variant == "new" and fast is not None:
-        kernels = ["sdpa", "flash"] if fast.attention == "flash" else ["sdpa"]
+        kernels = ["auto", "sdpa", "flash"] if fast.attention == "flash" else ["auto"]
     chosen = fast.prefill_attention if fast is not None else None
     for attn in kernels:
         label = f"[{variant}]" if attn is None else f"[{variant}, {attn}]"

@@ -28,9 +28,12 @@ next answer overwrites them. Attention sees only valid slots:
   with a boolean mask ``slot <= query's slot``; query heads are grouped by KV head so K/V are
   never repeated.
 
-Prefix builds (``prefill_steps``) run outside the graphs, with ``prefill_attention``: by default
-``scaled_dot_product_attention`` over the keys written so far (PyTorch picks the kernel), or
-``"flash"`` for the varlen kernel above.
+Prefix builds (``prefill_steps``) run outside the graphs, with ``prefill_attention``: "sdpa"
+(``scaled_dot_product_attention`` over the keys written so far; PyTorch picks the kernel),
+"flash" (the varlen kernel above), or "auto" (the default): SDPA for a chunk that starts the
+prefix (causal, no mask: on an H100 PyTorch's kernel takes half the time of our varlen call) and,
+where the flash op runs, the varlen kernel for later chunks (SDPA with a mask there was no
+faster and held the GPU longer; benchmarks/gpu_notes.md runs 13-14).
 
 Positions are given by the caller as 3-row (t, h, w) multimodal position ids (the model never
 computes them); generated tokens take the next text position on all three axes.
@@ -315,9 +318,7 @@ class FastDecoder:
                 "aten._flash_attention_forward"
             )
         self.attention = attention
-        if prefill_attention == "auto":
-            prefill_attention = "sdpa"
-        if prefill_attention not in ("flash", "sdpa") or (
+        if prefill_attention not in ("auto", "flash", "sdpa") or (
             prefill_attention == "flash" and attention != "flash"
         ):
             raise ValueError(
@@ -657,10 +658,7 @@ class FastDecoder:
         """A memory prefix [1, P, hidden] at positions [3, 1, P] through a static cache of its own.
 
         Each chunk runs the decoder layers, attending causally over the chunk and all before it,
-        with `prefill_attention`: "sdpa" (the default: scaled_dot_product_attention over keys
-        [0, chunk end), causal without a mask for the first chunk, grouped-query heads by the
-        kernel; on an H100 it picks a kernel twice as fast as our FlashAttention-2 varlen call,
-        benchmarks/gpu_notes.md) or "flash" (this module's FlashAttention-2 varlen), into fresh
+        with `prefill_attention` (see the module docstring: SDPA or FlashAttention-2 varlen), into fresh
         zeroed [P, kv_heads, head_dim] buffers (masked slots must not hold NaN garbage): the
         answers' cache is never touched and a prefix in service stays valid. A generator like
         VideoLM.prefill_steps: each next() queues one chunk; the return value is the KV as
@@ -679,7 +677,7 @@ class FastDecoder:
             end = min(start + step, total)
             with torch.inference_mode(), self._static_attention():
                 slots = torch.arange(start, end, device=self.device)
-                if self.prefill_attention == "flash":
+                if self._prefill_flash(start):
                     self._forward(
                         embeds[:, start:end].to(self.dtype), positions[:, :, start:end], slots, None, None, kv
                     )
@@ -696,6 +694,13 @@ class FastDecoder:
             (k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0))
             for k, v in zip(kv.keys, kv.values, strict=True)
         )
+
+    def _prefill_flash(self, start: int) -> bool:
+        """A prefix-build chunk starting at token `start` runs the FlashAttention varlen kernel
+        (else SDPA)."""
+        if self.prefill_attention == "auto":
+            return self.attention == "flash" and start > 0
+        return self.prefill_attention == "flash"
 
     # ------------------------------------------------------------------ packed tails
 
