@@ -26,7 +26,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from fvs_ros.memory import FlashMemory, MemoryConfig
 from fvs_ros.model import load_model
-from fvs_ros.model.tiny import TOKENIZER_DIR
+from fvs_ros.model.tiny import TOKEN_IDS, TOKENIZER_DIR
 
 SIZES = {  # (LLM hidden, layers, heads, kv heads, mlp, ViT width, ViT depth, ViT heads)
     "tiny": (64, 2, 2, 1, 128, 32, 2, 2),
@@ -52,14 +52,7 @@ def official_config(size: str, csm_slots: int, dam_frames: int) -> dict:
         "tie_word_embeddings": False,
         "initializer_range": 0.02,
         "rope_scaling": {"type": "mrope", "mrope_section": _mrope_section(hidden // heads)},
-        "bos_token_id": 320,
-        "eos_token_id": 322,
-        "pad_token_id": 320,
-        "vision_start_token_id": 329,
-        "vision_end_token_id": 330,
-        "vision_token_id": 331,
-        "image_token_id": 332,
-        "video_token_id": 333,
+        **TOKEN_IDS,
         "vision_config": {
             "model_type": "qwen2_vl",
             "embed_dim": width,

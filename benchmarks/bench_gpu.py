@@ -65,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fvs_ros.model.evidence import MemoryLayout, evidence_layers  # noqa: E402
 from fvs_ros.model.fast_decode import FastDecoder, eager_generate, eager_prefill  # noqa: E402
+from fvs_ros.model.tiny import TOKEN_IDS  # noqa: E402
 
 SEVEN_B_TEXT = dict(
     vocab_size=152064,
@@ -111,14 +112,7 @@ TINY_TEXT = dict(
     num_key_value_heads=2,
     rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
     initializer_range=0.1,
-    bos_token_id=320,
-    eos_token_id=322,
-    pad_token_id=320,
-    vision_start_token_id=329,
-    vision_end_token_id=330,
-    vision_token_id=331,
-    image_token_id=332,
-    video_token_id=333,
+    **TOKEN_IDS,
 )
 TINY_VISION = dict(SEVEN_B_VISION, depth=2, embed_dim=32, hidden_size=64, num_heads=2)
 

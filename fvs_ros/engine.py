@@ -464,12 +464,7 @@ class StreamEngine:
         input size, and every frame is resized straight to it, whatever its own size (memory holds
         one input size until reset); a size change is counted and logged.
         """
-        try:
-            frame_stamp = self._check_frame(frame, stamp)
-        except FrameError:
-            with self._lock:
-                self._counters.frames_rejected += 1
-            raise
+        frame_stamp = self._counting_rejects(self._check_frame, frame, stamp)
         with self._lock:
             t = self._admit(frame_stamp)
             self._follow_size(frame.shape[0], frame.shape[1])
@@ -494,12 +489,7 @@ class StreamEngine:
         caller pays for decoding it. A frame the sampling rate skips is counted here (received,
         skipped; its stamp advances the stream) and needs no add_frame(); for a frame it would take
         nothing changes until add_frame(). Raises FrameError for a bad or out-of-order stamp."""
-        try:
-            frame_stamp = _check_stamp_value(stamp)
-        except FrameError:
-            with self._lock:
-                self._counters.frames_rejected += 1
-            raise
+        frame_stamp = self._counting_rejects(_check_stamp_value, stamp)
         with self._lock:
             t = self._admit(frame_stamp)
             if self._due(t):
@@ -517,6 +507,15 @@ class StreamEngine:
             if not self._started:
                 raise EngineError("engine not started: flush() would wait forever")
             return self._idle_cv.wait_for(lambda: self._stopping or not (self._queue or self._busy), timeout)
+
+    def _counting_rejects(self, check, *args) -> float:
+        """check(*args), the frame's stamp; a FrameError it raises is counted in frames_rejected."""
+        try:
+            return check(*args)
+        except FrameError:
+            with self._lock:
+                self._counters.frames_rejected += 1
+            raise
 
     def _check_frame(self, frame, stamp) -> float:
         if not isinstance(frame, np.ndarray):

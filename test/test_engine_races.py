@@ -7,42 +7,21 @@ sleeps decide an outcome. Each test failed on the code before the fix (issue 12)
 from __future__ import annotations
 
 import threading
-import time
 
-import numpy as np
 import pytest
+from support.engines import LONG, feed, start, wait_for
 
 import fvs_ros.engine as engine_module
-from fvs_ros.engine import AnswerTimeout, EngineConfig, StreamEngine
+from fvs_ros.engine import AnswerTimeout
 from fvs_ros.model import load_model
 from fvs_ros.model.tiny import write_tiny_checkpoint
 
 Q = "What is on the table?"
-LONG = 30.0  # bound on waits that end at once when the code is right
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     return load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "flash_vstream"))
-
-
-def start(lm, engines, **config) -> StreamEngine:
-    eng = StreamEngine(lm, config=EngineConfig(sample_fps=0, **config)).start()
-    engines.append(eng)
-    return eng
-
-
-def feed(eng, n, t0=0.0, dt=0.1):
-    rng = np.random.default_rng(int(t0 * 10))
-    for i in range(n):
-        eng.add_frame(rng.integers(0, 256, (112, 224, 3), dtype=np.uint8), t0 + i * dt)
-
-
-def wait_for(cond):
-    end = time.monotonic() + LONG
-    while not cond():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def test_a_question_during_a_just_decided_rebuild_does_not_wait(lm, engines):
@@ -51,7 +30,7 @@ def test_a_question_during_a_just_decided_rebuild_does_not_wait(lm, engines):
     once. Before the fix the 'build running' mark was set outside the lock, after the decision,
     and such a question waited for the whole rebuild."""
     eng = start(lm, engines, max_prefix_lag_s=2.0, prefix_refresh_s=0.0)
-    feed(eng, 6)
+    feed(eng, [i * 0.1 for i in range(6)])
     assert eng.flush(LONG)
     wait_for(lambda: eng.stats().prefix_current)
     old = eng.ask(Q, max_new_tokens=2, timeout=LONG)  # waits for the first prefix
@@ -66,7 +45,8 @@ def test_a_question_during_a_just_decided_rebuild_does_not_wait(lm, engines):
         build(pub)
 
     eng._prefixes._build = paused_build
-    feed(eng, 4, t0=2.7)  # memory moves 2.5 s of stream ahead: past the 2 s bound, a rebuild is due
+    # memory moves 2.5 s of stream ahead: past the 2 s bound, a rebuild is due
+    feed(eng, [2.7 + i * 0.1 for i in range(4)], seed=27)
     assert eng.flush(LONG)
     assert decided.wait(LONG)
     got: list = []
@@ -129,7 +109,7 @@ def test_a_reset_between_memory_update_and_counters_leaves_them_consistent(lm, e
     eng._lock = _HookLock(eng._lock, before_counter_lock)
     eng._mem_lock = memory_lock = _HookLock(eng._mem_lock, before_memory_lock)
 
-    feed(eng, 2)  # one batch of two frames
+    feed(eng, [0.0, 0.1])  # one batch of two frames
     assert at_gap.wait(LONG)
     resetter = threading.Thread(target=lambda: (eng.reset(), reset_done.set()), name="resetter")
     resetter.start()
@@ -181,7 +161,7 @@ def test_an_answer_finishing_as_its_wait_times_out_counts_once(lm, engines, monk
             return self._inner.answer(*args, **kw)
 
     eng = start(Blocking(lm), engines)
-    feed(eng, 4)
+    feed(eng, [i * 0.1 for i in range(4)])
     assert eng.flush(LONG)
     monkeypatch.setattr(engine_module, "_Request", GapRequest)
     try:

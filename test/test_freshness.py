@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
+from support.engines import LONG, feed, start, wait_for
 
-from fvs_ros.engine import EngineConfig, StreamEngine
 from fvs_ros.memory import FlashMemory, MemoryConfig
 from fvs_ros.model import load_model
 from fvs_ros.model.tiny import write_tiny_checkpoint
 
 Q = "What is on the table?"
-LONG = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +24,6 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lm(ckpt):
     return load_model(ckpt)
-
-
-def start(lm, engines, **config) -> StreamEngine:
-    eng = StreamEngine(lm, config=EngineConfig(**config)).start()
-    engines.append(eng)
-    return eng
-
-
-def feed(eng, stamps, seed=0):
-    rng = np.random.default_rng(seed)
-    for t in stamps:
-        eng.add_frame(rng.integers(0, 256, (112, 224, 3), dtype=np.uint8), t)
 
 
 def test_memory_lag_is_newest_received_stamp_minus_the_memory_newest(lm, engines):
@@ -146,13 +132,6 @@ class Gated:
         self.answering.set()
         assert self.answer_gate.wait(LONG)
         return self._inner.answer(*args, **kw)
-
-
-def wait_for(cond):
-    end = time.monotonic() + LONG
-    while not cond():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def test_an_exact_question_drops_a_rebuild_of_older_memory(lm, engines):

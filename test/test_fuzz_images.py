@@ -13,19 +13,15 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-import test_node
 from lifecycle_msgs.msg import Transition
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
+from support.dds import wait_until
+from support.fvs_client import latest_diagnostics
+from support.node_process import NodeProcess
 
 from fvs_ros.ros_image import SUPPORTED_ENCODINGS
 
-NodeProcess, wait_until, latest_diagnostics = (
-    test_node.NodeProcess,
-    test_node.wait_until,
-    test_node.latest_diagnostics,
-)
-tiny_model, client = test_node.tiny_model, test_node.client  # shared fixtures
 SEED = int(os.environ.get("FUZZ_SEED", "15"))
 BATCH = 10  # = qos_depth: a RELIABLE keep-last subscription never drops a batch this size
 RAW_MESSAGES, COMPRESSED_MESSAGES = 300, 200

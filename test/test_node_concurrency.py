@@ -15,13 +15,11 @@ import sys
 
 import pytest
 import test_engine
-import test_node
+from support.dds import wait_until
+from support.node_process import ROOT, NodeProcess
 
 from fvs_ros.engine import EngineConfig, StreamEngine
 from fvs_ros.model import load_model
-
-NodeProcess, wait_until, ROOT = test_node.NodeProcess, test_node.wait_until, test_node.ROOT
-tiny_model = test_node.tiny_model  # shared fixture
 
 
 @pytest.fixture(scope="module")

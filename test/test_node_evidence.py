@@ -7,24 +7,19 @@ image or a memory-view tile shows which frame it is. The tests run in order and 
 
 from __future__ import annotations
 
-import math
-import os
-import signal
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import rclpy
 from action_msgs.msg import GoalStatus
 from rclpy.action import ActionClient
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
+from support.dds import ClientNode, image_msg, rclpy_session, seconds, to_stamp, wait_until
+from support.node_process import ROOT, NodeProcess
 
 from fvs_ros.action import Ask as AskAction
 from fvs_ros.ask_stream import MAX_GOALS
@@ -32,41 +27,20 @@ from fvs_ros.msg import Evidence
 from fvs_ros.params import load_defaults
 from fvs_ros.srv import Ask
 
-ROOT = Path(__file__).resolve().parents[1]
 T0, STEP, N = 1000.0, 0.5, 10  # frame stamps T0, T0 + 0.5, ...
 LONG = 1000  # tokens of an answer long enough to cancel (the tiny random model does not stop early)
 PER_SLOT = load_defaults()["frames_per_slot"]  # a memory slot: this many frames, stamped with its last
-
-
-def seconds(t) -> float:
-    return t.sec + t.nanosec * 1e-9
 
 
 def colour(i: int) -> np.ndarray:
     return np.array([(40 + 67 * i) % 256, (200 - 31 * i) % 256, (90 + 113 * i) % 256], np.uint8)
 
 
-def wait_until(predicate, timeout, period=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(period)
-    return bool(predicate())
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    subprocess.run([sys.executable, "-m", "fvs_ros.model.tiny", str(out)], check=True, capture_output=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def node(model, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("logs") / "node.log"
-    params = dict(
-        model=model,
+def node(tiny_model, tmp_path_factory):
+    proc = NodeProcess(
+        tmp_path_factory.mktemp("logs") / "node.log",
+        model=tiny_model,
         memory_fps=0.0,  # every frame enters memory
         reliability="reliable",
         qos_depth=10,  # all N frames fit the reliable queue: none is dropped on a loaded machine
@@ -76,34 +50,18 @@ def node(model, tmp_path_factory):
         evidence_frames=3,
         memory_view_period_s=1.0,
     )
-    args = [sys.executable, "-m", "fvs_ros.node", "--autostart", "--ros-args"]
-    args += ["--params-file", str(ROOT / "config" / "fvs.yaml")]
-    for name, value in params.items():
-        args += ["-p", f"{name}:={value}"]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    yield proc, log_path
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    yield proc
+    proc.stop(30)
 
 
-class Client:
+class Client(ClientNode):
     def __init__(self):
-        self.node = rclpy.create_node("fvs_evidence_client")
+        super().__init__("fvs_evidence_client")
         qos = QoSProfile(depth=N, reliability=ReliabilityPolicy.RELIABLE)
         self.images = self.node.create_publisher(Image, "/image_raw", qos)
         self.ask_client = self.node.create_client(Ask, "/fvs/ask")
         self.action = ActionClient(self.node, AskAction, "/fvs/ask_stream")
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
-        threading.Thread(target=self.executor.spin, daemon=True).start()
+        self.spin()
 
     def ask(self, question="What is happening?", timeout=60.0, **fields) -> Ask.Response:
         """One Ask call; a reply lost while DDS matches the service is asked again."""
@@ -117,13 +75,8 @@ class Client:
         raise AssertionError("no Ask response")
 
     def send(self, i: int):
-        msg = Image(encoding="rgb8", height=120, width=160, step=160 * 3)
-        msg.data = np.broadcast_to(colour(i), (120, 160, 3)).tobytes()
-        stamp = T0 + i * STEP
-        msg.header.stamp.sec = math.floor(stamp)
-        msg.header.stamp.nanosec = int(round((stamp - math.floor(stamp)) * 1e9))
-        msg.header.frame_id = "test_camera"
-        self.images.publish(msg)
+        pixels = np.ascontiguousarray(np.broadcast_to(colour(i), (120, 160, 3)))
+        self.images.publish(image_msg(pixels, "rgb8", to_stamp(T0 + i * STEP)))
 
     def goal(self, max_new_tokens: int, question="Describe the video."):
         """Send a goal; returns (goal handle, feedback list, result future)."""
@@ -140,22 +93,17 @@ class Client:
 
 @pytest.fixture(scope="module")
 def client(node):
-    rclpy.init()
-    c = Client()
-    yield c
-    c.executor.shutdown()
-    c.node.destroy_node()
-    rclpy.shutdown()
+    yield from rclpy_session(Client)
 
 
 @pytest.fixture(scope="module")
 def fed(node, client):
     """The N frames, once the node has them all in memory."""
-    assert wait_until(lambda: client.images.get_subscription_count() > 0, 60), node[1].read_text()
+    assert wait_until(lambda: client.images.get_subscription_count() > 0, 60), node.text()
     for i in range(N):
         client.send(i)
         time.sleep(0.05)
-    assert wait_until(lambda: client.ask(max_new_tokens=1).frames_seen == N, 60), node[1].read_text()
+    assert wait_until(lambda: client.ask(max_new_tokens=1).frames_seen == N, 60), node.text()
     return [T0 + i * STEP for i in range(N)]
 
 

@@ -7,38 +7,26 @@ newest frame and mostly newer.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
+from support.dds import ClientNode, image_msg, rclpy_session, seconds, to_stamp
+from support.node_process import NodeProcess
 
 from fvs_ros.msg import SceneSummary
 from fvs_ros.srv import Ask
 
-ROOT = Path(__file__).resolve().parents[1]
 T0, STEP, N = 2000.0, 0.25, 14  # image stamps T0, T0 + 0.25, ..., T0 + 3.25
 
 
-def _seconds(t) -> float:
-    return t.sec + t.nanosec * 1e-9
-
-
 @pytest.fixture(scope="module")
-def node_and_client(tmp_path_factory):
-    model = tmp_path_factory.mktemp("model") / "tiny"
-    subprocess.run([sys.executable, "-m", "fvs_ros.model.tiny", str(model)], check=True, capture_output=True)
-    log_path = tmp_path_factory.mktemp("logs") / "node.log"
-    params = dict(
-        model=model,
+def node(tiny_model, tmp_path_factory):
+    proc = NodeProcess(
+        tmp_path_factory.mktemp("logs") / "node.log",
+        model=tiny_model,
         memory_fps=1.0,
         summary_period_s=0.5,
         max_new_tokens=4,
@@ -47,29 +35,13 @@ def node_and_client(tmp_path_factory):
         reliability="reliable",
         qos_depth=10,  # the reliable queue rides out a loaded machine
     )
-    args = [sys.executable, "-m", "fvs_ros.node", "--autostart", "--ros-args"]
-    args += ["--params-file", str(ROOT / "config" / "fvs.yaml")]
-    for name, value in params.items():
-        args += ["-p", f"{name}:={value}"]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    rclpy.init()
-    client = rclpy.create_node("fvs_freshness_client")
-    executor = SingleThreadedExecutor()
-    executor.add_node(client)
-    threading.Thread(target=executor.spin, daemon=True).start()
-    try:
-        yield proc, client, log_path
-    finally:
-        executor.shutdown()
-        client.destroy_node()
-        rclpy.shutdown()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    yield proc
+    proc.stop(30)
+
+
+@pytest.fixture(scope="module")
+def client(node):
+    yield from rclpy_session(lambda: ClientNode("fvs_freshness_client").spin())
 
 
 def _ask(ask, timeout=30.0) -> Ask.Response:
@@ -87,15 +59,14 @@ def _ask(ask, timeout=30.0) -> Ask.Response:
     raise AssertionError("no Ask response")
 
 
-def test_answers_and_summaries_carry_memory_lag(node_and_client):
-    proc, client, log_path = node_and_client
+def test_answers_and_summaries_carry_memory_lag(node, client):
     summaries = []
-    client.create_subscription(SceneSummary, "/fvs/scene_summary", summaries.append, 10)
-    ask = client.create_client(Ask, "/fvs/ask")
+    client.node.create_subscription(SceneSummary, "/fvs/scene_summary", summaries.append, 10)
+    ask = client.node.create_client(Ask, "/fvs/ask")
     empty = _ask(ask)
-    assert empty.success and empty.frames_seen == 0 and empty.memory_lag_s == -1.0, log_path.read_text()
+    assert empty.success and empty.frames_seen == 0 and empty.memory_lag_s == -1.0, node.text()
 
-    pub = client.create_publisher(
+    pub = client.node.create_publisher(
         Image, "/image_raw", QoSProfile(depth=N, reliability=ReliabilityPolicy.RELIABLE)
     )
     deadline = time.monotonic() + 30
@@ -105,27 +76,24 @@ def test_answers_and_summaries_carry_memory_lag(node_and_client):
     rng = np.random.default_rng(0)
     stamps = [T0 + i * STEP for i in range(N)]
     for t in stamps:
-        msg = Image(encoding="rgb8", height=112, width=224, step=224 * 3)
-        msg.header.stamp.sec, msg.header.stamp.nanosec = int(t), int(round((t - int(t)) * 1e9))
-        msg.data = rng.integers(0, 256, (112, 224, 3), dtype=np.uint8).tobytes()
-        pub.publish(msg)
+        pub.publish(image_msg(rng.integers(0, 256, (112, 224, 3), dtype=np.uint8), "rgb8", to_stamp(t)))
         time.sleep(0.02)
 
     deadline = time.monotonic() + 60
     while True:  # until the frame at T0 + 3 is in memory
         r = _ask(ask)
-        assert r.success, (r.error, log_path.read_text())
-        if _seconds(r.last_frame_stamp) >= T0 + 3.0 - 1e-6 or time.monotonic() > deadline:
+        assert r.success, (r.error, node.text())
+        if seconds(r.last_frame_stamp) >= T0 + 3.0 - 1e-6 or time.monotonic() > deadline:
             break
-    assert _seconds(r.last_frame_stamp) == pytest.approx(T0 + 3.0), log_path.read_text()
+    assert seconds(r.last_frame_stamp) == pytest.approx(T0 + 3.0), node.text()
     r = _ask(ask)  # every image has arrived by now (reliable, in order): the newest is T0 + 3.25
-    assert _seconds(r.last_frame_stamp) == pytest.approx(T0 + 3.0)
+    assert seconds(r.last_frame_stamp) == pytest.approx(T0 + 3.0)
     assert r.memory_lag_s == pytest.approx(0.25, abs=1e-4)
 
     deadline = time.monotonic() + 30
-    while not any(_seconds(s.last_frame_stamp) >= T0 + 3.0 - 1e-6 for s in summaries):
+    while not any(seconds(s.last_frame_stamp) >= T0 + 3.0 - 1e-6 for s in summaries):
         assert time.monotonic() < deadline, "no scene summary of the newest memory"
         time.sleep(0.05)
-    s = next(s for s in summaries if _seconds(s.last_frame_stamp) >= T0 + 3.0 - 1e-6)
+    s = next(s for s in summaries if seconds(s.last_frame_stamp) >= T0 + 3.0 - 1e-6)
     # a summary may start before the last image arrived: its lag counts from the newest received then
     assert min(abs(s.memory_lag_s - lag) for lag in (0.0, 0.25)) < 1e-4, s.memory_lag_s

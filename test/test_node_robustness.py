@@ -12,22 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_node
 from lifecycle_msgs.msg import Transition
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
+from support.dds import image_msg, wait_until
+from support.fvs_client import FPS, frame, latest_diagnostics
+from support.node_process import NodeProcess
 
 from fvs_ros.srv import Ask
 
-NodeProcess, frame, wait_until, latest_diagnostics = (
-    test_node.NodeProcess,
-    test_node.frame,
-    test_node.wait_until,
-    test_node.latest_diagnostics,
-)
-tiny_model, client = test_node.tiny_model, test_node.client  # shared fixtures
-ROOT, FPS = test_node.ROOT, test_node.FPS
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
 
 
@@ -81,17 +75,8 @@ def received_reaches(client, n, timeout=30.0):
 
 def publish(client, publisher, pixels, encoding, bigendian=False, stamp=None):
     """One image, stamped 1/FPS after the previous one unless `stamp` (sec, nanosec) is given."""
-    msg = Image(
-        encoding=encoding,
-        height=pixels.shape[0],
-        width=pixels.shape[1],
-        step=pixels.strides[0],
-        is_bigendian=bigendian,
-    )
-    msg.header.frame_id = "robust_camera"
-    msg.header.stamp.sec, msg.header.stamp.nanosec = stamp if stamp is not None else client.next_stamp()
-    msg.data = pixels.tobytes()
-    publisher.publish(msg)
+    stamp = stamp if stamp is not None else client.next_stamp()
+    publisher.publish(image_msg(pixels, encoding, stamp, "robust_camera", is_bigendian=bigendian))
 
 
 def saved_frames(memory: Path) -> int:

@@ -15,18 +15,16 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from support import watch_scene as scene
-from test_node import NodeProcess  # the node as a separate process, output in a log file
+from support.dds import ClientNode, image_msg, rclpy_session, seconds, to_stamp, wait_until
+from support.node_process import NodeProcess
 
 from fvs_ros.engine import EngineConfig, StreamEngine
 from fvs_ros.memory import MemoryConfig
@@ -71,17 +69,15 @@ def planted(checkpoint):
     return condition, threshold, events, by_condition[condition]
 
 
-class Client:
+class Client(ClientNode):
     def __init__(self):
-        self.node = rclpy.create_node("fvs_watch_test_client")
+        super().__init__("fvs_watch_test_client")
         self.images = self.node.create_publisher(Image, "/image_raw", RELIABLE)
         self.events, self.scores = [], []
         self.node.create_subscription(WatchEvent, "/fvs/events", self.events.append, RELIABLE)
         self.node.create_subscription(WatchEvaluation, "/fvs/watch_scores", self.scores.append, 100)
         self.watch_client = self.node.create_client(Watch, "/fvs/watch")
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
-        threading.Thread(target=self.executor.spin, daemon=True).start()
+        self.spin()
 
     def watch(self, timeout=30.0, **fields) -> Watch.Response:
         """One call; a reply lost while DDS matches the service is sent again (list is idempotent;
@@ -102,38 +98,12 @@ class Client:
         return False
 
     def publish(self, pixels, stamp: float):
-        msg = Image(encoding="rgb8", height=pixels.shape[0], width=pixels.shape[1], step=pixels.strides[0])
-        msg.header.frame_id = "test_camera"
-        msg.header.stamp.sec = math.floor(stamp)
-        msg.header.stamp.nanosec = int(round((stamp - math.floor(stamp)) * 1e9))
-        msg.data = pixels.tobytes()
-        self.images.publish(msg)
-
-    def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
-
-
-def wait_until(predicate, timeout, period=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(period)
-    return bool(predicate())
-
-
-def seconds(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
+        self.images.publish(image_msg(pixels, "rgb8", to_stamp(stamp)))
 
 
 @pytest.fixture(scope="module")
 def client():
-    rclpy.init()
-    c = Client()
-    yield c
-    c.close()
-    rclpy.shutdown()
+    yield from rclpy_session(Client)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,17 @@ from transformers import (
 
 TOKENIZER_DIR = Path(__file__).with_name("tiny_tokenizer")
 FORMATS = ("flash_vstream", "qwen2_vl", "qwen2_5_vl")
+# The tiny tokenizer's special tokens, as a Qwen2-VL config names them (also for larger random models)
+TOKEN_IDS = {
+    "bos_token_id": 320,
+    "eos_token_id": 322,
+    "pad_token_id": 320,
+    "vision_start_token_id": 329,
+    "vision_end_token_id": 330,
+    "vision_token_id": 331,
+    "image_token_id": 332,
+    "video_token_id": 333,
+}
 
 _TEXT = {
     "vocab_size": 384,
@@ -48,14 +59,7 @@ _TEXT = {
     "tie_word_embeddings": False,
     "torch_dtype": "float32",
     "use_cache": True,
-    "bos_token_id": 320,
-    "eos_token_id": 322,
-    "pad_token_id": 320,
-    "vision_start_token_id": 329,
-    "vision_end_token_id": 330,
-    "vision_token_id": 331,
-    "image_token_id": 332,
-    "video_token_id": 333,
+    **TOKEN_IDS,
 }
 _QWEN2_VL_VISION = {"model_type": "qwen2_vl", "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}
 _QWEN2_5_VL_VISION = {
