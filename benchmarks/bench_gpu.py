@@ -1414,13 +1414,15 @@ def section_watch(model, device, tiny, args):
                     f"watch: {n:2d} condition(s), kernel time by kind (wall {1e3 * wall:.1f} ms)",
                     kinds_text(prof),
                 )
-    # agreement: packed logits vs one eager forward per condition (transformers' own attention)
-    got, _ = fast.packed_logits(
+    # agreement: packed logits vs one eager forward per condition (transformers' own attention),
+    # and the packed evidence vs each condition alone as a one-token answer's
+    got, mass = fast.packed_logits(
         torch.cat([t[0] for t in tails], dim=1),
         torch.cat([t[1] for t in tails], dim=2),
         out["tokens_per_condition"],
         prefix_kv=prefix,
         prefix_len=P,
+        evidence=layout,
     )
     worst = 0.0
     for i, (e, p) in enumerate(tails):
@@ -1433,15 +1435,6 @@ def section_watch(model, device, tiny, args):
         "watch: packed vs one eager forward per condition (16 conditions)",
         f"max |logit diff| / max |logit| {worst:.2e}",
         "float32 ~1e-6; bf16 ~1e-2",
-    )
-    # evidence: packed (all 16 in one forward) vs each condition alone as a one-token answer's
-    _, mass = fast.packed_logits(
-        torch.cat([t[0] for t in tails], dim=1),
-        torch.cat([t[1] for t in tails], dim=2),
-        out["tokens_per_condition"],
-        prefix_kv=prefix,
-        prefix_len=P,
-        evidence=layout,
     )
     worst = 0.0
     for i, (e, p) in enumerate(tails):
