@@ -1095,18 +1095,25 @@ FRESH_VARIANTS = {  # name -> (VideoLM.static_prefill, EngineConfig.prefix_yield
 }
 
 
-def fresh_scenario(lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds, seed):
+def fresh_scenario(lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds, seed, chunk=None):
     """Fill memory with 150 frames (1 s of stream time apart) as fast as it absorbs them, then a 30 fps
     camera stamped in wall time while questions come `gaps` (lo, hi) seconds apart. settle: wait for the
-    prefix of the filled memory (plus 2 s of camera) before the first question; else ask right away."""
+    prefix of the filled memory (plus 2 s of camera) before the first question; else ask right away.
+    chunk: prefill_chunk_tokens (None: the node's default)."""
     from fvs_ros.config import defaults_file, engine_config, memory_config, read_params_file
     from fvs_ros.engine import EngineError, StreamEngine
 
     h, w = (112, 224) if tiny else (336, 560)
     frames = synthetic_frames(48, h, w, seed)
     p = read_params_file(defaults_file())
+    overrides = {"prefill_chunk_tokens": chunk} if chunk is not None else {}
     cfg = engine_config(
-        p, max_new_tokens=16, answer_timeout_s=120.0, max_prefix_lag_s=max_lag, prefix_yield_budget_s=budget_s
+        p,
+        max_new_tokens=16,
+        answer_timeout_s=120.0,
+        max_prefix_lag_s=max_lag,
+        prefix_yield_budget_s=budget_s,
+        **overrides,
     )
     mem = memory_config(p, {"csm_slots": 4, "dam_frames": 2} if tiny else {})
     slot_s = cfg.frames_per_slot / cfg.sample_fps  # stream seconds per memory slot
@@ -1308,6 +1315,8 @@ def section_freshness(model, device, tiny, args):
         lm.static_prefill = static
         res = out.setdefault(variant, {})
         for k, (name, max_lag, gaps, settle) in enumerate(scenarios):
+            if args.fresh_scenarios and k not in args.fresh_scenarios:
+                continue
             if time_left() < 60:
                 log(f"  [{variant}] {name}: skipped (time budget)")
                 continue
@@ -1322,12 +1331,13 @@ def section_freshness(model, device, tiny, args):
                     settle=settle,
                     seconds=args.fresh_s,
                     seed=k,
+                    chunk=args.prefill_chunk,
                 )
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 res[name] = {"error": f"{type(e).__name__}: {e}"}
                 continue
-            if "rebuild_s" not in res:
+            if "rebuild_s" not in res and not args.skip_rebuild_timing:
                 time_rebuild_variants(lm, r, res, variant, device)
             r.pop("snapshot")
             res[name] = r
@@ -1536,6 +1546,16 @@ def main(argv=None):
         help="freshness: seconds of questions per scenario (30; --tiny: 3)",
     )
     ap.add_argument("--fresh-variants", default="old,new", help="freshness: old (eager prefill) and/or new")
+    ap.add_argument(
+        "--fresh-scenarios", default="", help="freshness: scenario numbers to run, e.g. 0,1 (default: all)"
+    )
+    ap.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="freshness: prefill_chunk_tokens (default: the node's)",
+    )
+    ap.add_argument("--skip-rebuild-timing", action="store_true", help="freshness: no rebuild timing rows")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -1546,6 +1566,7 @@ def main(argv=None):
     )
     args.splits = ints(args.splits)
     args.fresh_variants = [v for v in args.fresh_variants.split(",") if v]
+    args.fresh_scenarios = {int(v) for v in args.fresh_scenarios.split(",") if v}
     args.fresh_s = args.fresh_s if args.fresh_s is not None else (3.0 if args.tiny else 30.0)
     DEADLINE[0] = time.monotonic() + args.budget_s
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
