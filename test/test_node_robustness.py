@@ -4,7 +4,8 @@ flight, unreadable memory files, contradicting parameters, the shutdown transiti
 
 Images go out RELIABLE to a RELIABLE subscription and the tests wait for the node's counters
 (/diagnostics) before the next step: they assert what the node guarantees, not timing.
-The tests in this module run in order and share one node process (except where they start their own).
+The tests in this module run in order and share one node process (except where they start their own):
+pytest-random-order keeps that order (the stress script shuffles the other modules).
 """
 
 import json
@@ -17,12 +18,13 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
 from support.dds import image_msg, wait_until
-from support.fvs_client import FPS, frame, latest_diagnostics
+from support.fvs_client import FPS, Client, frame, latest_diagnostics
 from support.node_process import NodeProcess
 
 from fvs_ros.srv import Ask
 
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+pytestmark = pytest.mark.random_order(disabled=True)
 
 
 @pytest.fixture(scope="module")
@@ -221,23 +223,32 @@ def test_the_shutdown_transition_ends_the_process(node, client, memory_dir):
     assert f"memory saved to {memory_dir}" in node.text()
 
 
-def test_sigkill_loses_at_most_the_save_period(tiny_model, tmp_path, client, publisher):
-    """Issue 15 case 7: every frame since the last save was lost on SIGKILL (no periodic save)."""
+def test_sigkill_loses_at_most_the_save_period(tiny_model, tmp_path):
+    """Issue 15 case 7: every frame since the last save was lost on SIGKILL (no periodic save).
+    Its nodes have a name and image topic of their own, so the module's node cannot answer for them."""
     memory = tmp_path / "periodic"
-    params = {**NODE_PARAMETERS, "save_period_s": 0.5}
-    proc = NodeProcess(tmp_path / "first.log", model=tiny_model, memory_file=memory, **params)
+    name, topic = "fvs_periodic", "/periodic/image_raw"
+    params = {**NODE_PARAMETERS, "save_period_s": 0.5, "image_topic": topic}
+    own = Client(name=name, image_topic=topic)
     try:
-        assert client.wait_ready(), proc.text()
-        for _ in range(5):
-            publish(client, publisher, frame(), "rgb8")
-        assert wait_until(lambda: seen(client) >= 5, 30), proc.text()
-        assert wait_until(lambda: saved_frames(memory) >= 5, 30), proc.text()  # a periodic save
+        proc = NodeProcess(tmp_path / "first.log", name=name, model=tiny_model, memory_file=memory, **params)
+        try:
+            assert own.wait_ready(), proc.text()
+            assert wait_until(lambda: own.raw.get_subscription_count() > 0, 30), proc.text()
+            for _ in range(5):
+                publish(own, own.raw, frame(), "rgb8")
+            assert wait_until(lambda: seen(own) >= 5, 30), proc.text()
+            assert wait_until(lambda: saved_frames(memory) >= 5, 30), proc.text()  # a periodic save
+        finally:
+            proc.proc.kill()
+            proc.proc.wait()
+        second = NodeProcess(
+            tmp_path / "second.log", name=name, model=tiny_model, memory_file=memory, **params
+        )
+        try:
+            assert own.wait_ready(), second.text()
+            assert seen(own) >= 5, second.text()
+        finally:
+            assert second.stop() == 0
     finally:
-        proc.proc.kill()
-        proc.proc.wait()
-    second = NodeProcess(tmp_path / "second.log", model=tiny_model, memory_file=memory, **params)
-    try:
-        assert client.wait_ready(), second.text()
-        assert seen(client) >= 5, second.text()
-    finally:
-        assert second.stop() == 0
+        own.close()
