@@ -1,6 +1,11 @@
 """Standing queries over DDS: ~/watch (add/remove/list, bad input), ~/watch_scores, ~/events and
 persistence across a restart, with the node as a separate process and a tiny random model.
 
+The module is one scenario of a node's life, in steps that build on each other (bad requests on
+an empty list, the planted events, the CLI on the node those events left, a restart that must
+restore that state), so its tests keep their order under pytest-random-order (the stress
+script shuffles every other module).
+
 The events are planted honestly (test/support/watch_scene.py): this process runs the same
 stream through its own engine, computes each memory state's probability with a plain forward,
 puts the threshold across the jump at a scene change and derives the events the documented
@@ -39,6 +44,7 @@ HYSTERESIS = 0.01
 MEMORY = {"csm_slots": 4, "dam_frames": 2}
 START = 1000.0  # header stamp of the first frame; frames 0.5 s apart
 shared_state: dict = {}  # what one test hands to the next (the module's tests run in order)
+pytestmark = pytest.mark.random_order(disabled=True)
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 
