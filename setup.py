@@ -18,13 +18,13 @@ PACKAGE = "fvs_ros"
 ROOT = Path(__file__).resolve().parent
 # One per line, "name = module:function": CMakeLists.txt reads these lines.
 CONSOLE_SCRIPTS = [
-    "fvs_node = fvs_ros.node:main",
-    "fvs_ask = fvs_ros.ask_client:main",
-    "fvs_video_source = fvs_ros.video_source:main",
+    "fvs_node = fvs_ros.ros.node:main",
+    "fvs_ask = fvs_ros.cli.ask:main",
+    "fvs_video_source = fvs_ros.cli.video_source:main",
     "fvs_evaluate = fvs_ros.bag.evaluate:main",
     "fvs_bag_convert = fvs_ros.bag.convert:main",
     "fvs_bag_play = fvs_ros.bag.play:main",
-    "fvs_watch = fvs_ros.watch_client:main",
+    "fvs_watch = fvs_ros.cli.watch:main",
 ]
 
 

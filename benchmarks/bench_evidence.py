@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from fvs_ros.engine import AnswerCancelled, EngineConfig, StreamEngine
+from fvs_ros.engine.thumbnails import encode_jpeg
 from fvs_ros.memory import MemoryConfig
 from fvs_ros.model import load_model
 from fvs_ros.model.tiny import write_tiny_checkpoint
-from fvs_ros.thumbnails import encode_jpeg
 
 
 def scenes(n: int, seed: int = 0) -> np.ndarray:

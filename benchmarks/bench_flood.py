@@ -26,7 +26,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
-from fvs_ros.ask_client import wait_for_answers
+from fvs_ros.cli.ask import wait_for_answers
 from fvs_ros.srv import Ask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def main():
         [
             sys.executable,
             "-m",
-            "fvs_ros.node",
+            "fvs_ros.ros.node",
             "--autostart",
             "--ros-args",
             "--params-file",

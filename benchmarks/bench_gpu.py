@@ -13,7 +13,7 @@ Sections
           prefix cache, the paper's way), decode tokens/s, greedy-token equality, peak memory.
 - vit:    ViT frames/s at 336x560, full + low resolution (960 + 240 ViT tokens a slot), batched;
           FastVision in both slot layouts (a frame per slot; two frames per slot, the trained one).
-- engine: the real StreamEngine (fvs_ros.engine + fvs_ros.model.VideoLM + fvs_ros.memory) on a
+- engine: the real StreamEngine (fvs_ros.engine.stream_engine + fvs_ros.model.VideoLM + fvs_ros.memory) on a
           synthetic 336x560 stream, slots of --frames-per-slot frames (default 2, the engine's):
           frames/s into memory, update p50/p99, TTFT at 100/1000/10000
           frames while frames keep arriving, peak memory; baseline = no prefix cache + unbounded
@@ -30,7 +30,7 @@ Sections
           30 fps camera stamped in wall time; questions 1-3 s apart, back to back, right after the
           burst, and with max_prefix_lag_s 0: TTFT p50/p99, memory_lag_s p50/p95/max, full
           rebuild time (one pass and chunked), update p99, frames absorbed, catch-up after the burst.
-- watch:  standing queries (fvs_ros/model/conditions.py, fvs_ros/watch.py): GPU time of one
+- watch:  standing queries (fvs_ros/model/conditions.py, fvs_ros/engine/watch.py): GPU time of one
           packed prefill of 1/4/16 conditions (~30 tokens each) on the 10.8k prefix
           (FastDecoder.packed_logits), without and with evidence (each condition's attention per
           memory block, for watch events), its agreement with one eager forward per condition
@@ -1028,7 +1028,7 @@ def run_engine(
 def section_engine(model, device, tiny, args):
     log("\n== engine: real StreamEngine on a synthetic stream ==")
     try:
-        import fvs_ros.engine  # noqa: F401
+        import fvs_ros.engine.stream_engine  # noqa: F401
         import fvs_ros.memory  # noqa: F401
 
         lm = make_video_lm(model, tiny, fast=False)
@@ -1100,8 +1100,8 @@ def fresh_scenario(lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds
     camera stamped in wall time while questions come `gaps` (lo, hi) seconds apart. settle: wait for the
     prefix of the filled memory (plus 2 s of camera) before the first question; else ask right away.
     chunk: prefill_chunk_tokens (None: the node's default)."""
-    from fvs_ros.config import defaults_file, engine_config, memory_config, read_params_file
     from fvs_ros.engine import EngineError, StreamEngine
+    from fvs_ros.engine.settings import defaults_file, engine_config, memory_config, read_params_file
 
     h, w = (112, 224) if tiny else (336, 560)
     frames = synthetic_frames(48, h, w, seed)
@@ -1307,7 +1307,7 @@ def section_freshness(model, device, tiny, args):
         ("1-3 s right after the burst", None, (1.0, 3.0), False),
         ("max_prefix_lag_s 0, 1-3 s", 0.0, (1.0, 3.0), True),
     )
-    from fvs_ros.config import defaults_file, read_params_file
+    from fvs_ros.engine.settings import defaults_file, read_params_file
 
     node_lag = float(read_params_file(defaults_file())["max_prefix_lag_s"])
     for variant in args.fresh_variants:
@@ -1461,7 +1461,7 @@ def section_watch(model, device, tiny, args):
 
     # the real engine at the node's defaults (memory at 1 fps: a two-frame slot every 2 s, prefix
     # rebuilt at most every 1 s) on a 30 fps camera, 16 conditions on every memory update
-    from fvs_ros.watch import Watcher
+    from fvs_ros.engine.watch import Watcher
 
     watcher = Watcher(max_conditions=len(WATCH_CONDITIONS))
     for c in WATCH_CONDITIONS:

@@ -118,7 +118,7 @@ def templates_for(height: int, width: int, n: int = 4) -> list:
 
 
 def start_node(model: str, log: Path, raw: bool, reliability: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "fvs_ros.node", "--autostart", "--ros-args", "--params-file"]
+    args = [sys.executable, "-m", "fvs_ros.ros.node", "--autostart", "--ros-args", "--params-file"]
     args += [str(ROOT / "config" / "fvs.yaml")]
     for name, value in {
         "model": model,

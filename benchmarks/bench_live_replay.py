@@ -40,7 +40,7 @@ def main() -> None:
         questions.write_text("".join(json.dumps(q) + "\n" for q in scene_questions(args.scene_s)))
         params = ["memory_fps:=1.0", "summary_period_s:=0.0", "max_new_tokens:=8", "device:=cpu"]
         params += ["image_topic:=/camera/image_raw", "reliability:=reliable", "qos_depth:=10"]
-        cmd = [sys.executable, "-m", "fvs_ros.node", "--autostart", "--ros-args"]
+        cmd = [sys.executable, "-m", "fvs_ros.ros.node", "--autostart", "--ros-args"]
         cmd += ["--params-file", str(ROOT / "config" / "fvs.yaml"), "-p", f"model:={model}"]
         for p in params:
             cmd += ["-p", p]

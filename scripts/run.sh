@@ -36,7 +36,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-default_model=$(python -c 'from fvs_ros.params import load_defaults; print(load_defaults()["model"])')
+default_model=$(python -c 'from fvs_ros.ros.params import load_defaults; print(load_defaults()["model"])')
 if [ -z "${MODEL:-}" ]; then
   if python -c 'import sys; from huggingface_hub import try_to_load_from_cache as c
 sys.exit(0 if isinstance(c(sys.argv[1], "config.json"), str) else 1)' "$default_model"; then
@@ -55,19 +55,19 @@ echo "[run] model: $MODEL"
 echo "[run] video: ${VIDEO:-synthetic test pattern}"
 echo "[run] ROS_DOMAIN_ID=$ROS_DOMAIN_ID, logs in $work"
 
-python -m fvs_ros.node --autostart --ros-args --params-file config/fvs.yaml -p "model:=$MODEL" \
+python -m fvs_ros.ros.node --autostart --ros-args --params-file config/fvs.yaml -p "model:=$MODEL" \
   > "$work/node.log" 2>&1 &
 pids+=($!)
 video_args=()
 if [ -n "${VIDEO:-}" ]; then video_args=(--ros-args -p "video:=$VIDEO"); fi
-python -m fvs_ros.video_source "${video_args[@]}" > "$work/video_source.log" 2>&1 &
+python -m fvs_ros.cli.video_source "${video_args[@]}" > "$work/video_source.log" 2>&1 &
 pids+=($!)
 
 echo "[run] waiting for /fvs/ask (model loading) ..."
-ask() { python -m fvs_ros.ask_client "$1" --wait "$WAIT_S" --timeout 60; }
+ask() { python -m fvs_ros.cli.ask "$1" --wait "$WAIT_S" --timeout 60; }
 set +e
 # Readiness probe: the node refuses an empty question at once (exit 1); exit 2 = not up.
-python -m fvs_ros.ask_client "" --wait "$WAIT_S" > /dev/null 2>&1
+python -m fvs_ros.cli.ask "" --wait "$WAIT_S" > /dev/null 2>&1
 if [ "$?" -eq 2 ]; then
   echo "[run] the node did not come up within ${WAIT_S} s; its log:"
   cat "$work/node.log"

@@ -80,6 +80,6 @@ if [ "$(cat "$pkg_stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/fvs_nod
     -e "$root"
   echo "$want" > "$pkg_stamp"
 fi
-(cd / && "$py" -c 'import rclpy, fvs_ros.node, fvs_ros.srv, fvs_ros.msg') \
+(cd / && "$py" -c 'import rclpy, fvs_ros.ros.node, fvs_ros.srv, fvs_ros.msg') \
   || { echo "[setup] fvs_ros or its generated interfaces do not import"; exit 1; }
 echo "[setup] ready: $venv (ROS 2 $distro)"

@@ -37,7 +37,7 @@ EPS = 1e-6
 
 def _node_params(params_file: Optional[str]) -> dict:
     """The node's parameters (config/fvs.yaml, then --params FILE) so offline runs match the node."""
-    from fvs_ros.config import defaults_file, read_params_file
+    from fvs_ros.engine.settings import defaults_file, read_params_file
 
     try:
         values = read_params_file(defaults_file())
@@ -51,8 +51,8 @@ def _node_params(params_file: Optional[str]) -> dict:
 def make_engine(args, watch=None) -> tuple[object, dict]:
     """Load the model and start an engine set up like the node (offline mode); `watch`: an
     OfflineWatch whose conditions the engine evaluates."""
-    from fvs_ros.config import engine_config, memory_config
     from fvs_ros.engine import StreamEngine
+    from fvs_ros.engine.settings import engine_config, memory_config
     from fvs_ros.model import load_model, resolve_device_dtype
 
     p = _node_params(args.params)

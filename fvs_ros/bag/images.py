@@ -1,6 +1,6 @@
 """Image messages in bags: RGB -> CompressedImage encoding, decoding, header stamps from raw CDR.
 
-Decoding is the node's (fvs_ros.ros_image); it works on messages deserialized by `rosbags`
+Decoding is the node's (fvs_ros.ros.image); it works on messages deserialized by `rosbags`
 as well as on rclpy messages (same field names).
 """
 
@@ -21,10 +21,10 @@ class ImageDecodeError(ValueError):
 def msg_to_rgb(msg, msgtype: str) -> np.ndarray:
     """Image or CompressedImage message object -> RGB uint8 HxWx3.
 
-    Uses the node's own conversion (fvs_ros.ros_image), so offline replay decodes exactly what
+    Uses the node's own conversion (fvs_ros.ros.image), so offline replay decodes exactly what
     the node would see live.
     """
-    from fvs_ros import ros_image
+    from fvs_ros.ros import image as ros_image
 
     try:
         if msgtype == IMAGE:

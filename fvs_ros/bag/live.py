@@ -447,7 +447,7 @@ def run_live(
         if not asker.wait(opts.wait_s):
             raise LiveError(
                 f"service {opts.service} is not available after {opts.wait_s:g} s: is the node running "
-                "and active (python -m fvs_ros.node --autostart ...), in this ROS_DOMAIN_ID?"
+                "and active (python -m fvs_ros.ros.node --autostart ...), in this ROS_DOMAIN_ID?"
             )
         view = _MemoryView(session, opts.service)
         _reset(session, opts, log)

@@ -21,7 +21,7 @@ EPS = 1e-6
 
 def answer_fields(a) -> dict:
     """Report fields from an engine Answer (evidence_jpeg: the evidence frames, written by the report)."""
-    from fvs_ros.thumbnails import encode_jpeg
+    from fvs_ros.engine.thumbnails import encode_jpeg
 
     evidence = [
         {

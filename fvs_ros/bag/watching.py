@@ -1,7 +1,7 @@
 """Standing queries in bag evaluations: conditions with the stream times they hold, event scoring.
 
 A question file entry with `watch` instead of `question` is a condition to watch for the whole
-replay (fvs_ros/watch.py):
+replay (fvs_ros/engine/watch.py):
 
     {"id": "door", "watch": "a person is at the door", "threshold": 0.6, "true_during": [[2, 5], [9, "end"]]}
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from fvs_ros.bag.questions import WATCH_KEYS, QuestionIssue, is_watch, parse_time, read_entries
-from fvs_ros.watch import WatchError, check_condition
+from fvs_ros.engine.watch import WatchError, check_condition
 
 DEFAULT_TOLERANCE_S = 4.0  # two 2-frame slots at 1 fps: the memory sees a change at most that late
 EVENTS_LISTED = 10  # per condition in the Markdown report (the JSON has them all)
@@ -242,7 +242,7 @@ class OfflineWatch(_WatchLog):
     def __init__(
         self, specs: Sequence[WatchSpec], hysteresis: float, tolerance_s: float = DEFAULT_TOLERANCE_S
     ):
-        from fvs_ros.watch import Watcher
+        from fvs_ros.engine.watch import Watcher
 
         super().__init__(specs, hysteresis, tolerance_s)
         self.watcher = Watcher(max(1, len(self.specs)), hysteresis)

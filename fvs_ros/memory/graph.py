@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from fvs_ros.cuda_graph import CaptureError, capture
+from fvs_ros.common.cuda_graph import CaptureError, capture
 
 
 class StepGraph:

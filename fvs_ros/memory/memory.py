@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fvs_ros.cuda_graph import CaptureError
-from fvs_ros.persistence import atomic_write
+from fvs_ros.common.cuda_graph import CaptureError
+from fvs_ros.common.files import atomic_write
 
 from . import csm, dam
 from .bank import FeatureBank

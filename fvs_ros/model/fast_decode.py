@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 
-from fvs_ros.cuda_graph import capture
+from fvs_ros.common.cuda_graph import capture
 
 from .evidence import MemoryLayout, block_attention
 

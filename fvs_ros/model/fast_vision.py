@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
-from fvs_ros.cuda_graph import capture
+from fvs_ros.common.cuda_graph import capture
 
 from .fast_decode import flash_available, flash_varlen
 from .preprocess import slot_patches

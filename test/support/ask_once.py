@@ -4,7 +4,7 @@ signal (a file), ask one question, print the reply as one JSON line.
     python test/support/ask_once.py READY_DIR START_FILE QUESTION [--timeout S]
 
 Writes READY_DIR/<pid> once the service answered a ping (an empty question, refused at once:
-see fvs_ros.ask_client.wait_for_answers), so the test can start every client's question at the
+see fvs_ros.cli.ask.wait_for_answers), so the test can start every client's question at the
 same moment by creating START_FILE.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import rclpy
 
-from fvs_ros.ask_client import wait_for_answers
+from fvs_ros.cli.ask import wait_for_answers
 from fvs_ros.srv import Ask
 
 

@@ -11,14 +11,14 @@ PARAMS_FILE = ROOT / "config" / "fvs.yaml"
 
 
 class NodeProcess:
-    """`python -m fvs_ros.node --autostart` with the YAML params file; output in a log file."""
+    """`python -m fvs_ros.ros.node --autostart` with the YAML params file; output in a log file."""
 
     def __init__(self, log_path: Path, name="fvs", **parameters):
         self.log_path = log_path
         args = [
             sys.executable,
             "-m",
-            "fvs_ros.node",
+            "fvs_ros.ros.node",
             "--autostart",
             "--ros-args",
             "-r",

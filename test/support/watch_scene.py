@@ -6,7 +6,7 @@ one. For each memory state (one per slot) the probability of a condition is comp
 plain transformers forward over the whole prompt (reference_probability); the threshold is put
 halfway between the values right before and right after the change, for the condition that
 jumps most there; the expected events follow from the documented hysteresis rule applied to
-those probabilities (expected_events, written here again, not imported from fvs_ros.watch).
+those probabilities (expected_events, written here again, not imported from fvs_ros.engine.watch).
 """
 
 from __future__ import annotations

@@ -1,0 +1,32 @@
+"""The streaming engine (no ROS): frames in, Flash Memory updated, questions answered from it.
+
+`StreamEngine` is one camera's pipeline (intake, sampler, frame worker, prefix builder, answers,
+watch, persistence); `open_engine` loads a model and starts one. Parameters -> configs:
+`settings`. The API: docs/engine.md; the threads and contracts: docs/architecture.md.
+"""
+
+from .stream_engine import (
+    Answer,
+    AnswerCancelled,
+    AnswerTimeout,
+    EngineConfig,
+    EngineError,
+    EngineStats,
+    FrameError,
+    QuestionError,
+    StreamEngine,
+    open_engine,
+)
+
+__all__ = [
+    "Answer",
+    "AnswerCancelled",
+    "AnswerTimeout",
+    "EngineConfig",
+    "EngineError",
+    "EngineStats",
+    "FrameError",
+    "QuestionError",
+    "StreamEngine",
+    "open_engine",
+]

@@ -1,0 +1,779 @@
+"""The Flash-VStream perception node: a managed (lifecycle) rclpy node around StreamEngine.
+
+configure: load the model, start the engine, offer ~/ask, ~/ask_stream (action), ~/reset,
+           ~/save_memory, publish ~/scene_summary, ~/memory_view and /diagnostics.
+activate:  restore memory_file, subscribe to the camera, save memory_file every save_period_s.
+deactivate: stop intake, save memory_file (questions are refused while inactive).
+cleanup: stop the engine (pending questions fail), withdraw the services.
+shutdown: all of the above from any state; then the process ends.
+
+Callback groups keep the parts apart on a MultiThreadedExecutor: image intake, questions (many at
+once, up to max_pending_questions) and housekeeping each have their own, so an answer being
+generated never stalls image intake. Every callback handles its own failure: it is counted in
+/diagnostics and logged, and services answer success: false with the reason. The node converts
+between ROS and the engine; it holds no model code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import rclpy
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+from std_srvs.srv import Trigger
+
+from fvs_ros.engine import Answer, AnswerCancelled, EngineError, QuestionError, open_engine
+from fvs_ros.engine.grounding import DETAIL, EvidenceItem
+from fvs_ros.engine.settings import engine_config, memory_config, watch_config
+from fvs_ros.engine.thumbnails import encode_jpeg
+from fvs_ros.engine.watch import Watcher, WatchError, WatchResult
+from fvs_ros.model import ModelLoadError
+from fvs_ros.msg import Evidence, SceneSummary, WatchEvaluation, WatchEvent
+from fvs_ros.ros import diagnostics, params
+from fvs_ros.ros.ask_action import MAX_GOALS, AskStreamServer
+from fvs_ros.ros.intake import ImageIntake, IntakeCounters, SubscriptionThread
+from fvs_ros.ros.memory_file import MemoryFile
+from fvs_ros.srv import Ask, Watch
+
+SUCCESS, FAILURE, ERROR = (
+    TransitionCallbackReturn.SUCCESS,
+    TransitionCallbackReturn.FAILURE,
+    TransitionCallbackReturn.ERROR,
+)
+TINY_MODEL_HINT = (
+    "set the model parameter to a local checkpoint directory, or write a tiny random "
+    "test model with `python -m fvs_ros.model.tiny /tmp/fvs_tiny` and use model:=/tmp/fvs_tiny; "
+    "then configure again"
+)
+# Executor threads: every admitted question blocks one while it waits for the engine; the rest
+# serve images, housekeeping, lifecycle and immediate refusals ("busy") of further questions.
+EXECUTOR_THREADS = params.SPECS["max_pending_questions"].range[1] + 4 + MAX_GOALS  # + ~/ask_stream goals
+# Requests a service keeps until a thread takes them (the default of 10 lost bursts of 20).
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=256, reliability=ReliabilityPolicy.RELIABLE)
+
+
+def _transition(func):
+    """Log unexpected exceptions of a transition callback (rclpy would turn them into a silent ERROR)."""
+
+    @functools.wraps(func)
+    def wrapper(self, state):
+        try:
+            return func(self, state)
+        except Exception as e:  # noqa: BLE001
+            self.get_logger().error(f"{func.__name__} failed: {type(e).__name__}: {e}")
+            return ERROR
+
+    return wrapper
+
+
+def _guarded(func):
+    """A timer or service callback that counts and logs its own failure instead of raising it into
+    the executor (which would end the process). A service gets success: false and the reason."""
+
+    @functools.wraps(func)
+    def wrapper(self, *args):
+        try:
+            return func(self, *args)
+        except Exception as e:  # noqa: BLE001
+            self._callback_errors += 1
+            reason = f"internal error in {func.__name__}: {type(e).__name__}: {e}"
+            self._callback_problem = reason
+            self.get_logger().error(reason, throttle_duration_sec=5.0)
+            if len(args) == 2:  # a service: (request, response)
+                response = args[1]
+                response.success = False
+                if hasattr(response, "error"):
+                    response.error = reason
+                else:
+                    response.message = reason
+                return response
+            return None
+
+    return wrapper
+
+
+class FvsNode(LifecycleNode):
+    """Answers questions about everything its camera has seen, from a fixed-size Flash Memory."""
+
+    def __init__(self, **kwargs):
+        super().__init__("fvs", **kwargs)
+        params.declare(self)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._state = "unconfigured"
+        self.finished = threading.Event()  # set by the shutdown transition: main() then ends the process
+        self._image_group = MutuallyExclusiveCallbackGroup()
+        self._ask_group = ReentrantCallbackGroup()
+        self._misc_group = MutuallyExclusiveCallbackGroup()
+        self._engine = None
+        self._p: dict = {}
+        self._summary_pub = self._diag_pub = self._diag_timer = self._save_timer = None
+        self._events_pub = self._scores_pub = None
+        self._watcher: Optional[Watcher] = None
+        self._view_pub = self._view_timer = None
+        self._view_version = None  # (engine, memory version) of the last memory view published
+        self._ask_stream: AskStreamServer | None = None
+        self._image_sub = None
+        self._intake: Optional[ImageIntake] = None
+        self._fvs_services: list = []
+        self._asking = 0  # questions admitted and not answered yet
+        self._ask_cv = threading.Condition()
+        self._busy_refusals = self._callback_errors = 0
+        self._callback_problem = ""
+        self._memory_file: Optional[MemoryFile] = None  # from memory_file at activate; None: off
+        self._intake_state: dict = {}  # intake counters restored with memory_file, or kept across deactivate
+        self._health = diagnostics.Health()
+        self._log_handler = _RosLogHandler(self.get_logger())
+        logging.getLogger("fvs_ros").addHandler(self._log_handler)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @_transition
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            p = params.read(self)
+            params.check_together(p)
+            memory, config, watcher = memory_config(p), engine_config(p), watch_config(p)
+        except ValueError as e:
+            self.get_logger().error(f"configure failed: {e}")
+            return FAILURE
+        self.get_logger().info(f"loading model '{p['model']}' (device {p['device']}, dtype {p['dtype']})")
+        t0 = time.perf_counter()
+        try:
+            self._engine = open_engine(
+                p["model"],
+                memory,
+                config,
+                device=p["device"],
+                dtype=p["dtype"],
+                on_summary=self._publish_summary,
+                watcher=watcher,
+                on_watch=self._publish_watch,
+            )
+        except ModelLoadError as e:
+            self.get_logger().error(f"cannot load model '{p['model']}': {e} -- {TINY_MODEL_HINT}")
+            return FAILURE
+        except ValueError as e:  # the parameters do not fit the model (e.g. the prompt its context)
+            self.get_logger().error(f"configure failed: {e}")
+            return FAILURE
+        except Exception as e:  # noqa: BLE001 - CUDA OOM, corrupt weights, ...: stay up and unconfigured
+            self.get_logger().error(f"loading model '{p['model']}' failed: {type(e).__name__}: {e}")
+            return FAILURE
+        self._p, self._watcher = p, watcher
+        self._summary_pub = self.create_lifecycle_publisher(SceneSummary, "~/scene_summary", 10)
+        events_qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE
+        )
+        self._events_pub = self.create_lifecycle_publisher(WatchEvent, "~/events", events_qos)
+        self._scores_pub = self.create_lifecycle_publisher(WatchEvaluation, "~/watch_scores", 10)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(
+            p["diagnostics_period_s"], self._publish_diagnostics, callback_group=self._misc_group
+        )
+        self._fvs_services = [
+            self.create_service(
+                Ask, "~/ask", self._on_ask, qos_profile=SERVICE_QOS, callback_group=self._ask_group
+            ),
+            self.create_service(
+                Trigger, "~/reset", self._on_reset, qos_profile=SERVICE_QOS, callback_group=self._misc_group
+            ),
+            self.create_service(
+                Trigger,
+                "~/save_memory",
+                self._on_save_memory,
+                qos_profile=SERVICE_QOS,
+                callback_group=self._misc_group,
+            ),
+            self.create_service(
+                Watch, "~/watch", self._on_watch, qos_profile=SERVICE_QOS, callback_group=self._misc_group
+            ),
+        ]
+        self._ask_stream = AskStreamServer(self, "~/ask_stream", self._answer)
+        if p["memory_view_period_s"] > 0:  # latched: a viewer started later gets the latest view
+            view_qos = QoSProfile(
+                history=HistoryPolicy.KEEP_LAST,
+                depth=1,
+                reliability=ReliabilityPolicy.RELIABLE,
+                durability=DurabilityPolicy.TRANSIENT_LOCAL,
+            )
+            self._view_pub = self.create_lifecycle_publisher(Image, "~/memory_view", view_qos)
+            self._view_timer = self.create_timer(
+                max(1.0, p["memory_view_period_s"]),
+                self._publish_memory_view,
+                callback_group=self._misc_group,
+            )
+        self.get_logger().info(
+            f"model loaded in {time.perf_counter() - t0:.1f} s; memory slots of {config.frames_per_slot} "
+            f"frame(s) ({'the trained layout' if config.frames_per_slot == 2 else 'one frame per slot'})"
+        )
+        self._state = "inactive"
+        return SUCCESS
+
+    @_transition
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        p = self._p = params.read(self)  # configure-time values cannot have changed since
+        self._memory_file = MemoryFile(p["memory_file"], self.get_logger()) if p["memory_file"] else None
+        if self._memory_file is not None:
+            extra = self._memory_file.restore(self._engine)
+            if "intake" in extra:
+                self._intake_state = IntakeCounters.from_saved(extra["intake"])
+        self._restore_conditions(p["memory_file"])
+        qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=p["qos_depth"],
+            reliability=(
+                ReliabilityPolicy.RELIABLE
+                if p["reliability"] == "reliable"
+                else ReliabilityPolicy.BEST_EFFORT
+            ),
+        )
+        compressed = p["image_transport"] == "compressed"
+        msg_type = CompressedImage if compressed else Image
+        topic = p["image_topic"].rstrip("/") + "/compressed" if compressed else p["image_topic"]
+        self._intake = ImageIntake(
+            self._engine,
+            compressed,
+            now=lambda: self.get_clock().now().nanoseconds * 1e-9,
+            logger=self.get_logger(),
+            max_stamp_ahead_s=p["max_stamp_ahead_s"],
+            max_pixels=p["max_image_pixels"],
+            counters=self._intake_state,
+        )
+        if p["raw_intake"]:
+            self._image_sub = SubscriptionThread(
+                self.context,
+                "fvs_intake",
+                self.get_namespace(),
+                msg_type,
+                topic,
+                self._intake.on_serialized,
+                qos,
+                True,
+            )
+        else:
+            self._image_sub = self.create_subscription(
+                msg_type, topic, self._intake.on_message, qos, callback_group=self._image_group
+            )
+        if self._memory_file is not None and p["save_period_s"] > 0:
+            self._save_timer = self.create_timer(
+                p["save_period_s"], self._periodic_save, callback_group=self._misc_group
+            )
+        self.get_logger().info(
+            f"watching {self._image_sub.topic_name} ({msg_type.__name__}, {p['reliability']}, "
+            f"depth {p['qos_depth']})"
+        )
+        self._state = "active"
+        return super().on_activate(state)
+
+    @_transition
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_intake()
+        return super().on_deactivate(state)
+
+    @_transition
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return SUCCESS
+
+    @_transition
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.finalize()
+        self._state = "finalized"
+        self.finished.set()
+        return SUCCESS
+
+    @_transition
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.finalize()
+        return SUCCESS
+
+    def shutdown(self):
+        """The lifecycle shutdown transition from whatever primary state the node is in."""
+        if self._state != "finalized":
+            self.trigger_shutdown()
+
+    def finalize(self):
+        """Stop intake (saving memory_file) and the engine, whatever state the node is in."""
+        if self._state == "active":
+            self._stop_intake()
+        self._release()
+
+    def _stop_intake(self):
+        if self._save_timer is not None:
+            self.destroy_timer(self._save_timer)
+            self._save_timer = None
+        if self._image_sub is not None:
+            if isinstance(self._image_sub, SubscriptionThread):
+                self._image_sub.close()
+            else:
+                self.destroy_subscription(self._image_sub)
+            self._image_sub = None
+        self._state = "inactive"
+        if self._intake is not None:
+            self._intake_state = self._intake.state()
+        if self._memory_file is not None:
+            self._memory_file.save(self._engine, self._saved_extra(), flush=True)
+
+    def _release(self):
+        if self._engine is not None:
+            self._engine.shutdown()  # questions still waiting fail now ...
+            with self._ask_cv:  # ... and their callbacks return before the service goes
+                self._ask_cv.wait_for(lambda: self._asking == 0, timeout=10.0)
+            self._engine = None
+        for service in self._fvs_services:
+            self.destroy_service(service)
+        self._fvs_services = []
+        if self._diag_timer is not None:
+            self.destroy_timer(self._diag_timer)
+            self.destroy_publisher(self._diag_pub)
+            self.destroy_lifecycle_publisher(self._summary_pub)
+            self.destroy_lifecycle_publisher(self._events_pub)
+            self.destroy_lifecycle_publisher(self._scores_pub)
+            self._summary_pub = self._diag_pub = self._diag_timer = None
+        if self._view_timer is not None:
+            self.destroy_timer(self._view_timer)
+            self.destroy_lifecycle_publisher(self._view_pub)
+            self._view_pub = self._view_timer = self._view_version = None
+        self._intake, self._intake_state = None, {}
+        self._busy_refusals = self._callback_errors = 0
+        self._callback_problem, self._memory_file = "", None
+        self._events_pub = self._scores_pub = self._watcher = None
+        self._state = "unconfigured"
+
+    def _on_set_parameters(self, changes) -> SetParametersResult:
+        for change in changes:
+            reason = params.check_change(change.name, change.value, self._state)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        return SetParametersResult(successful=True)
+
+    # ------------------------------------------------------------------ services
+
+    @_guarded
+    def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
+        self._answer(request, response)
+        return response
+
+    def _answer(self, request, response, on_token=None, cancel=None) -> bool:
+        """Answer `request` (an Ask request or action goal) into `response` (an Ask response or
+        action result: the same fields); never raises. True if the request was cancelled."""
+        t0 = time.perf_counter()
+        admitted = cancelled = False
+        try:
+            _check_request(request, self._p["max_question_chars"])
+            if self._state != "active":
+                raise EngineError(f"the node is {self._state}: questions are answered while it is active")
+            admitted = self._admit_question()
+            limit = self._p["max_new_tokens"]
+            answer = self._engine.ask(
+                request.question,
+                min(request.max_new_tokens or limit, limit),
+                request.timeout_s or None,
+                on_token=on_token,
+                cancel=cancel,
+            )
+        except AnswerCancelled as e:
+            response.success, response.error, cancelled = False, str(e), True
+            self.get_logger().info(f"ask {_preview(request.question)} cancelled")
+        except QuestionError as e:  # the caller's mistake, returned to the caller
+            response.success, response.error = False, str(e)
+            self.get_logger().debug(f"ask {_preview(request.question)} refused: {e}")
+        except EngineError as e:
+            response.success, response.error = False, str(e)
+            self.get_logger().warning(
+                f"ask {_preview(request.question)} failed: {e}", throttle_duration_sec=1.0
+            )
+        else:
+            frame_id = self._intake.frame_id if self._intake is not None else ""
+            _fill_answer(response, answer, frame_id, request.want_images)
+            self.get_logger().info(
+                f"ask {_preview(request.question)} -> {_preview(answer.text)} "
+                f"({answer.frames_seen} frames, ttft {answer.ttft_s:.3f} s, "
+                f"total {answer.total_s:.3f} s)"
+            )
+        finally:
+            if admitted:
+                with self._ask_cv:
+                    self._asking -= 1
+                    self._ask_cv.notify_all()
+        response.total_time_s = time.perf_counter() - t0
+        return cancelled
+
+    def _admit_question(self) -> bool:
+        """Count one more waiting question, or refuse it as busy (EngineError) at the limit."""
+        limit = self._p["max_pending_questions"]
+        with self._ask_cv:
+            if self._asking >= limit:
+                self._busy_refusals += 1
+                raise EngineError(
+                    f"busy: {self._asking} questions are already waiting (max_pending_questions "
+                    f"is {limit}); ask again later"
+                )
+            self._asking += 1
+        return True
+
+    @_guarded
+    def _on_reset(self, request, response: Trigger.Response) -> Trigger.Response:
+        forgotten = self._engine.stats().frames_seen
+        self._engine.reset()
+        if self._intake is not None:
+            self._intake.counters = type(self._intake.counters)()
+            self._intake.problem = ""
+        self._intake_state = {}
+        response.success, response.message = True, f"memory cleared ({forgotten} frames forgotten)"
+        self.get_logger().info(response.message)
+        return response
+
+    @_guarded
+    def _on_save_memory(self, request, response: Trigger.Response) -> Trigger.Response:
+        if self._memory_file is None:
+            response.success = False
+            response.message = (
+                "no memory_file (empty, or the node was not activated with one): nowhere to save"
+            )
+        else:
+            response.success, response.message = self._memory_file.save(
+                self._engine, self._saved_extra(), flush=True
+            )
+        return response
+
+    @_guarded
+    def _periodic_save(self):
+        """Every save_period_s while active, if memory or the stream changed since the last save."""
+        self._memory_file.save_if_changed(self._engine, self._saved_extra())
+
+    def _saved_extra(self) -> dict:
+        """What the node saves beside the engine's state: its intake counters."""
+        return {"intake": self._intake.state() if self._intake is not None else self._intake_state}
+
+    def _restore_conditions(self, path: str):
+        try:
+            n = self._watcher.open(Path(path).expanduser() if path else None)
+        except (WatchError, OSError) as e:  # a bad file must not keep the node down
+            self.get_logger().error(f"cannot restore watched conditions from {path}: {e}")
+            return
+        if n:
+            self.get_logger().info(f"{n} watched condition(s) restored from {path}")
+
+    def _on_watch(self, request: Watch.Request, response: Watch.Response) -> Watch.Response:
+        """add / remove / list; a refused request changes nothing and says why."""
+        command = request.command.strip().lower()
+        try:
+            if command == Watch.Request.ADD:
+                c = self._watcher.add(request.condition, float(request.threshold), request.name)
+                self.get_logger().info(
+                    f"watching {c.name!r}: {_preview(c.text)} (threshold {c.threshold:.3f})"
+                )
+            elif command == Watch.Request.REMOVE:
+                c = self._watcher.remove(request.name.strip())
+                self.get_logger().info(f"stopped watching {c.name!r}")
+            elif command != Watch.Request.LIST:
+                raise WatchError(f"unknown command {request.command!r}: use add, remove or list")
+        except WatchError as e:
+            response.success, response.error = False, str(e)
+            self.get_logger().warning(f"watch {command or '(no command)'} refused: {e}")
+        else:
+            response.success = True
+        for state in self._watcher.states():
+            response.names.append(state.condition.name)
+            response.conditions.append(state.condition.text)
+            response.thresholds.append(state.condition.threshold)
+            response.active.append(state.active)
+            response.probabilities.append(math.nan if state.probability is None else state.probability)
+        return response
+
+    # ------------------------------------------------------------------ outputs
+
+    def _publish_watch(self, result: WatchResult):
+        """Engine callback (LLM worker thread): every evaluation to ~/watch_scores, each rise or fall
+        to ~/events with its evidence (and thumbnails with watch_event_images)."""
+        frame_id = self._intake.frame_id if self._intake is not None else ""
+        header = Header(stamp=_time_msg(result.stamp), frame_id=frame_id)
+        self._scores_pub.publish(
+            WatchEvaluation(
+                header=header,
+                names=[s.condition.name for s in result.states],
+                probabilities=[s.probability for s in result.states],
+                active=[s.active for s in result.states],
+                frames_seen=result.frames_seen,
+                evaluation_time_s=result.evaluation_s,
+            )
+        )
+        with_images = self._p["watch_event_images"]
+        for event in result.events:
+            c = event.condition
+            images = [_evidence_image(item, frame_id) for item in event.evidence] if with_images else []
+            self._events_pub.publish(
+                WatchEvent(
+                    header=header,
+                    name=c.name,
+                    condition=c.text,
+                    threshold=c.threshold,
+                    probability=event.probability,
+                    rising=event.rising,
+                    frames_seen=result.frames_seen,
+                    latency_s=time.perf_counter() - result.memory_updated_at,
+                    evidence=[_evidence_msg(item) for item in event.evidence],
+                    evidence_images=images,
+                )
+            )
+            self.get_logger().info(
+                f"event: {c.name!r} {'became true' if event.rising else 'is false again'} "
+                f"(P(yes) {event.probability:.3f}, threshold {c.threshold:.3f}, {result.frames_seen} frames)"
+            )
+
+    def _publish_summary(self, answer: Answer):
+        """Engine callback (LLM worker thread) with a finished periodic summary (the node is configured)."""
+        msg = SceneSummary(
+            summary=answer.text,
+            frames_seen=answer.frames_seen,
+            frames_dropped=self._engine.stats().frames_dropped,
+            first_frame_stamp=_time_msg(answer.first_stamp),
+            last_frame_stamp=_time_msg(answer.last_stamp),
+            memory_lag_s=_lag(answer),
+            generation_time_s=answer.total_s,
+        )
+        frame_id = self._intake.frame_id if self._intake is not None else ""
+        msg.header.stamp, msg.header.frame_id = msg.last_frame_stamp, frame_id
+        self._summary_pub.publish(msg)
+
+    def _publish_memory_view(self):
+        """Timer: the memory as a picture on ~/memory_view when it changed since the last one."""
+        engine = self._engine
+        if engine is None or self._state != "active":
+            return
+        snap = engine.snapshot()
+        version = (id(engine), snap.version)
+        if version == self._view_version:
+            return
+        view = engine.memory_view()
+        self._view_version = version
+        msg = Image(height=view.image.shape[0], width=view.image.shape[1], encoding="rgb8")
+        msg.step, msg.data = view.image.shape[1] * 3, view.image.tobytes()
+        msg.header.stamp = _time_msg(snap.last_stamp) if snap.frames_seen else self.get_clock().now().to_msg()
+        msg.header.frame_id = self._intake.frame_id if self._intake is not None else ""
+        self._view_pub.publish(msg)
+
+    @_guarded
+    def _publish_diagnostics(self):
+        engine = self._engine
+        if engine is None:
+            return
+        s = engine.stats()
+        intake = self._intake
+        counters = intake.counters if intake is not None else IntakeCounters(**self._intake_state)
+        memory_problem = self._memory_file.problem if self._memory_file is not None else ""
+        problems = [
+            x for x in (s.last_error, memory_problem, self._callback_problem, intake and intake.problem) if x
+        ]
+        level, message = self._health.level(counters, not s.running, problems)
+        slots, csm_slots = len(engine.snapshot().csm_weights), engine.memory_config.csm_slots
+        device_mem = s.device_memory_bytes
+        values = {
+            "state": self._state,
+            "frames_received": counters.received,
+            "frames_unsupported": counters.unsupported,
+            "frames_malformed": counters.malformed,
+            "frames_restamped": counters.restamped,
+            "frames_failed": counters.failed,
+            "last_image_problem": intake.problem if intake is not None else "",
+            "frames_rejected": s.frames_rejected,
+            "frames_skipped_by_sampling": s.frames_skipped,
+            "frames_dropped": s.frames_dropped,
+            "frames_into_memory": s.frames_into_memory,
+            "frames_seen": s.frames_seen,
+            "frames_per_slot": engine.config.frames_per_slot,
+            "frame_size": "n/a" if s.frame_size is None else f"{s.frame_size[1]}x{s.frame_size[0]}",
+            "frame_size_changes": s.frame_size_changes,
+            "stamp_jumps": s.stamp_jumps,
+            "queue_depth": s.queue_depth,
+            "memory_slots_used": f"{slots}/{csm_slots}",
+            "memory_fill": f"{slots / csm_slots:.2f}",
+            "memory_file_problem": memory_problem,
+            "last_update_s": diagnostics.fmt(s.last_update_s),
+            "last_answer_latency_s": diagnostics.fmt(s.last_answer_s),
+            "last_time_to_first_token_s": diagnostics.fmt(s.last_ttft_s),
+            "questions_waiting": self._asking,
+            "questions_answered": s.questions_answered,
+            "questions_failed": s.questions_failed,
+            "questions_timed_out": s.questions_timed_out,
+            "questions_refused_busy": self._busy_refusals,
+            "summaries": s.summaries,
+            "watched_conditions": len(self._watcher),
+            "watch_evaluations": s.watch_evaluations,
+            "last_watch_evaluation_s": diagnostics.fmt(s.last_watch_s),
+            "errors": s.errors,
+            "callback_errors": self._callback_errors,
+            "device_memory_mib": "n/a" if device_mem is None else f"{device_mem / 2**20:.0f}",
+            "process_rss_mib": f"{_rss_bytes() / 2**20:.0f}",
+        }
+        status = diagnostics.status(
+            f"{self.get_name()}: Flash-VStream memory",
+            self._p["model"],
+            level,
+            message or self._state,
+            values,
+        )
+        self._diag_pub.publish(
+            DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status])
+        )
+
+    def note_escaped(self, error: BaseException):
+        """Count and log an exception that escaped into the executor (main() keeps spinning)."""
+        self._callback_errors += 1
+        self._callback_problem = f"executor: {type(error).__name__}: {error}"
+        self.get_logger().error(self._callback_problem, throttle_duration_sec=5.0)
+
+    def destroy_node(self):
+        logging.getLogger("fvs_ros").removeHandler(self._log_handler)
+        super().destroy_node()
+
+
+class _RosLogHandler(logging.Handler):
+    """Forwards the engine's Python logging (warnings and errors) to the node's ROS logger."""
+
+    def __init__(self, logger):
+        super().__init__(logging.WARNING)
+        self.ros_logger = logger
+
+    def emit(self, record):
+        level = self.ros_logger.error if record.levelno >= logging.ERROR else self.ros_logger.warning
+        level(f"{record.name}: {record.getMessage()}")
+
+
+def _check_request(request: Ask.Request, max_chars: int):
+    if not request.question.strip():
+        raise QuestionError("question is empty")
+    if len(request.question) > max_chars:
+        raise QuestionError(
+            f"question has {len(request.question)} characters; max_question_chars is {max_chars}"
+        )
+    if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
+        raise QuestionError(f"timeout_s must be >= 0 seconds (0: default_timeout_s), got {request.timeout_s}")
+
+
+def _fill_answer(response, answer: Answer, frame_id: str, want_images: bool):
+    """An Ask response or action result (the same fields) from an engine Answer."""
+    response.success, response.answer = True, answer.text
+    response.frames_seen, response.frames_in_memory = answer.frames_seen, answer.frames_in_memory
+    response.first_frame_stamp = _time_msg(answer.first_stamp)
+    response.last_frame_stamp = _time_msg(answer.last_stamp)
+    response.memory_lag_s = _lag(answer)
+    response.time_to_first_token_s = answer.ttft_s
+    response.num_tokens = answer.num_tokens
+    response.evidence = [_evidence_msg(item) for item in answer.evidence]
+    response.memory_attention = answer.memory_attention
+    if want_images:
+        response.evidence_images = [_evidence_image(item, frame_id) for item in answer.evidence]
+
+
+def _evidence_msg(item: EvidenceItem) -> Evidence:
+    return Evidence(
+        kind=Evidence.DETAIL if item.kind == DETAIL else Evidence.CONTEXT,
+        stamp=_time_msg(item.stamp),
+        share=item.share,
+        span_start=_time_msg(item.span[0]),
+        span_end=_time_msg(item.span[1]),
+        weight=item.weight,
+        slot=item.slot,
+    )
+
+
+def _evidence_image(item: EvidenceItem, frame_id: str) -> CompressedImage:
+    msg = CompressedImage(format="jpeg")
+    msg.header.stamp, msg.header.frame_id = _time_msg(item.stamp), frame_id
+    if item.image is not None:
+        msg.data = encode_jpeg(item.image)
+    return msg
+
+
+def _lag(answer: Answer) -> float:
+    """Answer.memory_lag_s for the interface: -1 when the memory was empty."""
+    return -1.0 if answer.memory_lag_s is None else answer.memory_lag_s
+
+
+def _time_msg(seconds: Optional[float]) -> Time:
+    if not seconds:
+        return Time()
+    sec = math.floor(seconds)
+    return Time(sec=sec, nanosec=min(int(round((seconds - sec) * 1e9)), 999_999_999))
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _preview(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + f"... ({len(text)} chars)")
+
+
+def main(args=None):
+    """Entry point of `fvs_node` / `python -m fvs_ros.ros.node [--autostart] [--ros-args ...]`."""
+    argv = sys.argv if args is None else args
+    parser = argparse.ArgumentParser(prog="fvs_node", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--autostart",
+        action="store_true",
+        help="configure and activate at start (without launch; launch activates it itself)",
+    )
+    options = parser.parse_args(rclpy.utilities.remove_ros_args(argv)[1:])
+    # Our own SIGINT/SIGTERM handling: rclpy's handler sometimes fails to wake a waiting executor
+    # (seen with the Kilted wheels), and the node must save its memory and stop the engine while
+    # the context is still valid.
+    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    node = FvsNode()
+    executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
+    executor.add_node(node)
+    try:
+        if options.autostart and node.trigger_configure() == SUCCESS:
+            node.trigger_activate()
+        while not stop.is_set() and not node.finished.is_set() and rclpy.ok():
+            _spin_once(executor, node)
+        if node.finished.is_set():  # the shutdown transition: let its reply go out, then end
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline and rclpy.ok():
+                _spin_once(executor, node, 0.05)
+        node.shutdown()
+    finally:
+        node.finalize()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def _spin_once(executor, node: FvsNode, timeout: float = 0.2):
+    """One executor step; an exception a callback let escape is logged and the node goes on (e.g. a
+    reply to a service destroyed by cleanup while its callback ran raises InvalidHandle)."""
+    try:
+        executor.spin_once(timeout_sec=timeout)
+    except Exception as e:  # noqa: BLE001 - the process ends only on shutdown
+        node.note_escaped(e)
+
+
+if __name__ == "__main__":
+    main()
