@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import pytest
-import test_engine
 from support.dds import wait_until
+from support.engines import feed
 from support.node_process import ROOT, NodeProcess
 
 from fvs_ros.engine import EngineConfig, StreamEngine
@@ -26,7 +26,7 @@ from fvs_ros.model import load_model
 def memory(tiny_model, tmp_path_factory):
     """A saved memory of 8 frames, so every answer runs the model (questions queue up)."""
     with StreamEngine(load_model(tiny_model), config=EngineConfig(sample_fps=0)) as eng:
-        test_engine.feed(eng, 8)
+        feed(eng, [i * 0.1 for i in range(8)])
         eng.flush()
         return eng.save(tmp_path_factory.mktemp("concurrency") / "memory")
 
