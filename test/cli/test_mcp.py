@@ -411,6 +411,7 @@ def test_a_node_that_does_not_reply_is_a_timeout_not_a_hang(node, logs, client):
     session = stdio_session(logs / "stdio_timeout.log", "--timeout", "1")
     try:
         assert structured(session.call("ask", question="Anything?", max_new_tokens=TOKENS))["success"]
+        assert structured(session.call("watch_list"))["success"]
         os.kill(node.proc.pid, signal.SIGSTOP)  # the node is there but stuck
         try:
             t0 = time.monotonic()

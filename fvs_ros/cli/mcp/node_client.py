@@ -193,7 +193,11 @@ class NodeClient:
                     return
                 except CallTimeout:
                     if time.monotonic() >= grace:
-                        raise
+                        raise CallTimeout(
+                            f"{self._names[client]} is there but did not answer (a request it answers "
+                            "at once got no reply within 1 s): the node is stuck or overloaded; try "
+                            "again later"
+                        ) from None
             else:
                 self._answering.discard(client)
                 if time.monotonic() >= grace:
