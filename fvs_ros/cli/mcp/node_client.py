@@ -150,7 +150,11 @@ class NodeClient:
         """The node's reply to `request`, or NodeUnavailable / CallTimeout; never waits past
         the discovery grace plus `timeout` seconds."""
         await self._ready(client)
-        return await self._send(client, request, timeout)
+        try:
+            return await self._send(client, request, timeout)
+        except CallTimeout:
+            self._answering.discard(client)  # a restarted node: ping again before the next request
+            raise
 
     async def _send(self, client, request, timeout: float):
         loop = asyncio.get_running_loop()
