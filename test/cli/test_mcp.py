@@ -472,17 +472,17 @@ def test_http_needs_the_token_when_one_is_set(node, logs):
         server.stop()
 
 
-def test_http_refuses_a_non_local_address_without_a_token():
+def test_refuses_to_start_on_a_non_local_address_without_a_token_or_with_bad_options():
     env = {k: v for k, v in os.environ.items() if k != "FVS_MCP_TOKEN"}
-    done = subprocess.run(
-        [sys.executable, "-m", "fvs_ros.cli.mcp", "--transport", "http", "--host", "0.0.0.0"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def start(*args):
+        command = [sys.executable, "-m", "fvs_ros.cli.mcp", *args]
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    done = start("--transport", "http", "--host", "0.0.0.0")
     assert done.returncode == 2 and "without a token" in done.stderr and "FVS_MCP_TOKEN" in done.stderr
+    done = start("--events", "0")
+    assert done.returncode == 2 and "--events must be at least 1" in done.stderr
 
 
 def test_the_server_holds_no_model_and_never_imports_the_engine():

@@ -341,7 +341,10 @@ async def serve_http(server: MCPServer, options, token: str | None):
 
 def run(args=None) -> int:
     argv = sys.argv if args is None else args
-    options = build_parser().parse_args(remove_ros_args(argv)[1:])
+    parser = build_parser()
+    options = parser.parse_args(remove_ros_args(argv)[1:])
+    if options.events < 1 or options.timeout <= 0 or options.wait < 0:
+        parser.error("--events must be at least 1, --timeout above 0 and --wait not negative")
     token = os.environ.get(TOKEN_ENV) or None
     if options.transport == "http" and not is_loopback(options.host) and not token:
         print(
