@@ -25,6 +25,7 @@ CONSOLE_SCRIPTS = [
     "fvs_bag_convert = fvs_ros.bag.convert:main",
     "fvs_bag_play = fvs_ros.bag.play:main",
     "fvs_watch = fvs_ros.cli.watch:main",
+    "fvs_mcp = fvs_ros.cli.mcp.server:main",
 ]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -98,9 +99,10 @@ def save_images(r: Ask.Response, directory: Path) -> list[Path]:
     return paths
 
 
-def response_json(response) -> str:
-    """The response's fields as one JSON object (stamps in seconds; evidence as objects; image data
-    left out)."""
+def message_dict(msg) -> dict:
+    """A message's fields as plain JSON values, recursively: stamps in seconds, evidence as objects,
+    images as their stamp, format and size (data left out), non-finite floats as None (JSON has no
+    NaN). Fields added to an interface later come along unchanged."""
 
     def value(x, kind):
         if kind == "builtin_interfaces/Time":
@@ -112,10 +114,16 @@ def response_json(response) -> str:
             return {"stamp": _stamp(x.header.stamp), "format": x.format, "bytes": len(x.data)}
         if hasattr(x, "get_fields_and_field_types"):
             return {n: value(getattr(x, n), k) for n, k in x.get_fields_and_field_types().items()}
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
         return x
 
-    fields = response.get_fields_and_field_types()
-    return json.dumps({name: value(getattr(response, name), kind) for name, kind in fields.items()})
+    return {name: value(getattr(msg, name), kind) for name, kind in msg.get_fields_and_field_types().items()}
+
+
+def response_json(response) -> str:
+    """The response's fields as one JSON object (message_dict)."""
+    return json.dumps(message_dict(response))
 
 
 def run(args=None) -> int:

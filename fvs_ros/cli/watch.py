@@ -71,25 +71,24 @@ def _seconds(stamp) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
 
 
-def _response_json(r: Watch.Response) -> str:
-    return json.dumps(
-        {
-            "success": r.success,
-            "error": r.error,
-            "conditions": [
-                {
-                    "name": n,
-                    "condition": c,
-                    "threshold": t,
-                    "active": a,
-                    "probability": None if math.isnan(p) else p,
-                }
-                for n, c, t, a, p in zip(
-                    r.names, r.conditions, r.thresholds, r.active, r.probabilities, strict=True
-                )
-            ],
-        }
-    )
+def response_dict(r: Watch.Response) -> dict:
+    """A Watch response as one object per condition (probability None before its first evaluation)."""
+    return {
+        "success": r.success,
+        "error": r.error,
+        "conditions": [
+            {
+                "name": n,
+                "condition": c,
+                "threshold": t,
+                "active": a,
+                "probability": None if math.isnan(p) else p,
+            }
+            for n, c, t, a, p in zip(
+                r.names, r.conditions, r.thresholds, r.active, r.probabilities, strict=True
+            )
+        ],
+    }
 
 
 def _event_json(e: WatchEvent) -> str:
@@ -167,7 +166,7 @@ def run(args=None) -> int:
             return EXIT_UNREACHABLE
         response = future.result()
         if options.json:
-            print(_response_json(response))
+            print(json.dumps(response_dict(response)))
         else:
             if not response.success:
                 print(f"refused: {response.error}", file=sys.stderr)
