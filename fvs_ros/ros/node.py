@@ -338,6 +338,9 @@ class FvsNode(LifecycleNode):
             with self._ask_cv:  # ... and their callbacks return before the service goes
                 self._ask_cv.wait_for(lambda: self._asking == 0, timeout=10.0)
             self._engine = None
+        if self._ask_stream is not None:  # configure creates it again: one server per configured node
+            self._ask_stream.destroy()
+            self._ask_stream = None
         for service in self._fvs_services:
             self.destroy_service(service)
         self._fvs_services = []
