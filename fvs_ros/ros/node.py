@@ -260,10 +260,10 @@ class FvsNode(LifecycleNode):
         if p["raw_intake"]:
             self._image_sub = SubscriptionThread(
                 self.context,
-                "fvs_intake",
+                f"{self.get_name()}_intake",
                 self.get_namespace(),
                 msg_type,
-                topic,
+                self.resolve_topic_name(topic),  # this node's remaps apply; the intake node has none
                 self._intake.on_serialized,
                 qos,
                 True,
