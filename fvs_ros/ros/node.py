@@ -2,7 +2,8 @@
 
 configure: load the model, start the engine, offer ~/ask, ~/ask_stream (action), ~/reset,
            ~/save_memory, publish ~/scene_summary, ~/memory_view and /diagnostics.
-activate:  restore memory_file, subscribe to the camera, save memory_file every save_period_s.
+activate:  restore memory_file (the watched conditions already at configure, merged with those
+           added since), subscribe to the camera, save memory_file every save_period_s.
 deactivate: stop intake, save memory_file (questions are refused while inactive).
 cleanup: stop the engine (pending questions fail), withdraw the services.
 shutdown: all of the above from any state; then the process ends.
@@ -178,6 +179,7 @@ class FvsNode(LifecycleNode):
             self.get_logger().error(f"loading model '{p['model']}' failed: {type(e).__name__}: {e}")
             return FAILURE
         self._p, self._watcher = p, watcher
+        self._restore_conditions(p["memory_file"])  # ~/watch lists and keeps them before activate
         self._summary_pub = self.create_lifecycle_publisher(SceneSummary, "~/scene_summary", 10)
         events_qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE
