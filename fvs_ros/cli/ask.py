@@ -56,6 +56,8 @@ def format_response(question: str, r: Ask.Response, answer: bool = True) -> str:
     answer line (already printed while streaming)."""
     if not r.success:
         head = f"Q: {question}\n" if answer else ""
+        if r.partial and answer:
+            head += f"A (cut short, {r.num_tokens} tokens): {r.answer}\n"
         return f"{head}error: {r.error}\n(total {r.total_time_s:.3f} s)"
     first, last = _stamp(r.first_frame_stamp), _stamp(r.last_frame_stamp)
     span = (

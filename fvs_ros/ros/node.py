@@ -42,7 +42,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
-from fvs_ros.engine import Answer, AnswerCancelled, EngineError, QuestionError, open_engine
+from fvs_ros.engine import Answer, AnswerCancelled, AnswerTimeout, EngineError, QuestionError, open_engine
 from fvs_ros.engine.grounding import DETAIL, EvidenceItem
 from fvs_ros.engine.settings import engine_config, memory_config, watch_config
 from fvs_ros.engine.thumbnails import encode_jpeg
@@ -398,6 +398,12 @@ class FvsNode(LifecycleNode):
         except AnswerCancelled as e:
             response.success, response.error, cancelled = False, str(e), True
             self.get_logger().info(f"ask {_preview(request.question)} cancelled")
+        except AnswerTimeout as e:  # what was generated goes back, marked as cut short
+            response.success, response.error = False, str(e)
+            response.answer, response.num_tokens, response.partial = e.partial, e.pieces, bool(e.partial)
+            self.get_logger().warning(
+                f"ask {_preview(request.question)} timed out: {e}", throttle_duration_sec=1.0
+            )
         except QuestionError as e:  # the caller's mistake, returned to the caller
             response.success, response.error = False, str(e)
             self.get_logger().debug(f"ask {_preview(request.question)} refused: {e}")
