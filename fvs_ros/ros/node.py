@@ -47,7 +47,7 @@ from fvs_ros.engine.grounding import DETAIL, EvidenceItem
 from fvs_ros.engine.settings import engine_config, memory_config, watch_config
 from fvs_ros.engine.thumbnails import encode_jpeg
 from fvs_ros.engine.watch import Watcher, WatchError, WatchResult
-from fvs_ros.model import ModelLoadError
+from fvs_ros.model import ModelLoadError, resolve_device_dtype
 from fvs_ros.msg import Evidence, SceneSummary, WatchEvaluation, WatchEvent
 from fvs_ros.ros import diagnostics, params
 from fvs_ros.ros.ask_action import MAX_GOALS, AskStreamServer
@@ -155,6 +155,14 @@ class FvsNode(LifecycleNode):
             memory, config, watcher = memory_config(p), engine_config(p), watch_config(p)
         except ValueError as e:
             self.get_logger().error(f"configure failed: {e}")
+            return FAILURE
+        try:
+            resolve_device_dtype(p["device"])
+        except ModelLoadError as e:  # before loading, and not a model problem: say which parameter
+            self.get_logger().error(
+                f"configure failed: parameter device: {e}; set device to auto or one of those, "
+                "then configure again"
+            )
             return FAILURE
         self.get_logger().info(f"loading model '{p['model']}' (device {p['device']}, dtype {p['dtype']})")
         t0 = time.perf_counter()
@@ -677,7 +685,12 @@ def _check_request(request: Ask.Request, max_chars: int):
         raise QuestionError(
             f"question has {len(request.question)} characters; max_question_chars is {max_chars}"
         )
-    if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
+    if not math.isfinite(request.timeout_s):
+        raise QuestionError(
+            f"timeout_s must be a finite number of seconds, got {request.timeout_s}: give the longest "
+            "wait you accept, or 0 for default_timeout_s"
+        )
+    if request.timeout_s < 0:
         raise QuestionError(f"timeout_s must be >= 0 seconds (0: default_timeout_s), got {request.timeout_s}")
 
 
