@@ -3,10 +3,11 @@
 Both routes use this file. The pip route installs it (`pip install -e .`, scripts/setup_venv.sh),
 console scripts into the environment's bin/ (an editable install skips data_files: CMake
 installs launch and config there). The colcon route (CMakeLists.txt, ament_cmake: the package
-also generates its interfaces, which only ament_cmake can) installs the modules and generates
-the `ros2 run fvs_ros NAME` executables from CONSOLE_SCRIPTS below, so the list of commands is
-written once. Python dependencies: requirements*.txt (ROS 2 parts come from a ROS
-install or the ros-* wheels, which pin one distribution, so none are named here).
+also generates its interfaces, which only ament_cmake can) installs the modules. On both,
+CMakeLists.txt generates the `ros2 run fvs_ros NAME` executables (lib/fvs_ros/NAME) from
+CONSOLE_SCRIPTS below, so the list of commands is written once. Python dependencies:
+requirements*.txt (ROS 2 parts come from a ROS install or the ros-* wheels, which pin one
+distribution, so none are named here).
 """
 
 import re

@@ -45,7 +45,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# 2. Interfaces: the CMakeLists.txt colcon uses, installing only the generated interfaces
+# 2. Interfaces: the CMakeLists.txt colcon uses, installing the generated interfaces, launch and
+#    config, and the `ros2 run` executables (lib/fvs_ros/<command>) but not the modules
 #    (FVS_ROS_INSTALL_PYTHON=OFF), into the venv. One build directory per venv.
 . "$root/scripts/env.sh"
 build=$root/build/venv-$(printf %s "$venv" | sha256sum | cut -c1-8)

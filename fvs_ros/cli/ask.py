@@ -1,15 +1,17 @@
 """Ask the fvs node a question from a shell (a stand-in for `ros2 service call`).
 
     python -m fvs_ros.cli.ask "What is on the table?" [--timeout S] [--max-new-tokens N]
-                                 [--service /fvs/ask] [--wait S] [--json] [--images DIR]
-                                 [--stream [--action /fvs/ask_stream]]
-    ros2 run fvs_ros fvs_ask "What is on the table?"
+                                 [--service fvs/ask] [--wait S] [--json] [--images DIR]
+                                 [--stream [--action fvs/ask_stream]]
+    ros2 run fvs_ros fvs_ask "What is on the table?" --ros-args -r __ns:=/robot1   # /robot1/fvs/ask
 
 Prints the answer, its evidence (the moments of the stream it attended to most) and its timings.
 --images DIR writes the evidence frames there as JPEG. --stream asks through the ~/ask_stream
 action and prints the answer as it is generated; Ctrl-C cancels the goal. Exit status: 0
 answered, 1 the node refused, failed or the goal was cancelled (its error is printed), 2 no
-service / action server or no response.
+service / action server or no response. Names resolve like any ROS name, against this command's
+node (`fvs_ask`): a relative one (the defaults) follows `--ros-args -r __ns:=/robot1` and remaps
+(`-r fvs/ask:=/cam1/fvs/ask`); an absolute one (`/fvs/ask`) is taken as it is.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from rclpy.action import ActionClient
 from rclpy.utilities import remove_ros_args
 
 from fvs_ros.action import Ask as AskAction
+from fvs_ros.cli import signals
+from fvs_ros.cli.signals import spin_until
 from fvs_ros.msg import Evidence
 from fvs_ros.srv import Ask
 
@@ -45,7 +49,7 @@ def wait_for_answers(node, client, timeout: float) -> bool:
         if not client.wait_for_service(timeout_sec=min(1.0, max(deadline - time.monotonic(), 0.0))):
             continue
         future = client.call_async(Ask.Request(question=""))
-        rclpy.spin_until_future_complete(node, future, timeout_sec=1.0)
+        spin_until(node, future, 1.0)
         if future.done():
             return True
         client.remove_pending_request(future)
@@ -57,6 +61,8 @@ def format_response(question: str, r: Ask.Response, answer: bool = True) -> str:
     answer line (already printed while streaming)."""
     if not r.success:
         head = f"Q: {question}\n" if answer else ""
+        if r.partial and answer:
+            head += f"A (cut short, {r.num_tokens} tokens): {r.answer}\n"
         return f"{head}error: {r.error}\n(total {r.total_time_s:.3f} s)"
     first, last = _stamp(r.first_frame_stamp), _stamp(r.last_frame_stamp)
     span = (
@@ -138,24 +144,29 @@ def run(args=None) -> int:
         help="seconds the node may take to answer (0: the node's default_timeout_s)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the node's max_new_tokens")
-    parser.add_argument("--service", default="/fvs/ask", help="Ask service name (default: /fvs/ask)")
+    parser.add_argument(
+        "--service", default="fvs/ask", help="Ask service name, relative to the namespace (default: fvs/ask)"
+    )
     parser.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the service to appear")
     parser.add_argument("--json", action="store_true", help="print the response as one JSON object")
     parser.add_argument("--images", type=Path, help="write the evidence frames to this directory (JPEG)")
     parser.add_argument(
         "--stream", action="store_true", help="ask through the action and print the answer as it comes"
     )
-    parser.add_argument("--action", default="/fvs/ask_stream", help="Ask action name (with --stream)")
+    parser.add_argument(
+        "--action", default="fvs/ask_stream", help="Ask action name (with --stream; default: fvs/ask_stream)"
+    )
     options = parser.parse_args(remove_ros_args(argv)[1:])
 
-    rclpy.init(args=argv)
+    signals.init(argv)
     node = rclpy.create_node("fvs_ask")
     try:
         if options.stream:
             return _ask_stream(node, options)
         client = node.create_client(Ask, options.service)
+        service = node.resolve_service_name(options.service)  # as the client resolved it, for messages
         if not wait_for_answers(node, client, options.wait):
-            print(f"service {options.service} is not available (waited {options.wait:g} s)", file=sys.stderr)
+            print(f"service {service} is not available (waited {options.wait:g} s)", file=sys.stderr)
             return EXIT_UNREACHABLE
         future = client.call_async(
             Ask.Request(
@@ -166,11 +177,9 @@ def run(args=None) -> int:
             )
         )
         # The node always answers (at the latest when its timeout expires); allow for transport.
-        rclpy.spin_until_future_complete(
-            node, future, timeout_sec=options.timeout + 30 if options.timeout else None
-        )
+        spin_until(node, future, options.timeout + 30 if options.timeout else None)
         if not future.done():
-            print(f"no response from {options.service}", file=sys.stderr)
+            print(f"no response from {service}", file=sys.stderr)
             return EXIT_UNREACHABLE
         response = future.result()
         _print_response(options, response)
@@ -195,8 +204,9 @@ def _print_response(options, response, streamed: bool = False) -> None:
 def _ask_stream(node, options) -> int:
     """Ask through the action: print each new piece of text as feedback arrives; Ctrl-C cancels."""
     client = ActionClient(node, AskAction, options.action)
+    action = node.resolve_topic_name(options.action)  # as the client resolved it, for messages
     if not client.wait_for_server(timeout_sec=options.wait):
-        print(f"action {options.action} is not available (waited {options.wait:g} s)", file=sys.stderr)
+        print(f"action {action} is not available (waited {options.wait:g} s)", file=sys.stderr)
         return EXIT_UNREACHABLE
     shown = [0]
 
@@ -215,22 +225,20 @@ def _ask_stream(node, options) -> int:
     if not options.json:
         print(f"Q: {options.question}\nA: ", end="", flush=True)
     sent = client.send_goal_async(goal, feedback_callback=on_feedback)
-    rclpy.spin_until_future_complete(node, sent, timeout_sec=30)
+    spin_until(node, sent, 30)
     if not sent.done() or not sent.result().accepted:
-        print(f"\nthe goal was not accepted by {options.action}", file=sys.stderr)
+        print(f"\nthe goal was not accepted by {action}", file=sys.stderr)
         return EXIT_UNREACHABLE
     handle = sent.result()
     done = handle.get_result_async()
     try:
-        rclpy.spin_until_future_complete(
-            node, done, timeout_sec=options.timeout + 30 if options.timeout else None
-        )
+        spin_until(node, done, options.timeout + 30 if options.timeout else None)
     except KeyboardInterrupt:
         cancelling = handle.cancel_goal_async()
-        rclpy.spin_until_future_complete(node, cancelling, timeout_sec=5)
-        rclpy.spin_until_future_complete(node, done, timeout_sec=10)
+        spin_until(node, cancelling, 5)
+        spin_until(node, done, 10)
     if not done.done():
-        print(f"\nno result from {options.action}", file=sys.stderr)
+        print(f"\nno result from {action}", file=sys.stderr)
         return EXIT_UNREACHABLE
     result = done.result().result
     if not options.json:

@@ -7,12 +7,14 @@
 Frames go out as sensor_msgs/Image rgb8 on `topic`, or as jpeg sensor_msgs/CompressedImage on
 `<topic>/compressed` with transport:=compressed, stamped with the node clock when sent (like a
 camera driver). An empty `video` publishes a synthetic pattern (a moving square and the frame
-number) at `fps`, so demos and tests need no video file.
+number) at `fps`, so demos and tests need no video file. A video that cannot be read ends the
+process with exit status 1 and an error saying so (a node without its camera must not look fine).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import sys
 import threading
@@ -26,6 +28,8 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
+
+VIDEO_HINT = "set video:= to a readable video file, or leave it empty for the synthetic test pattern"
 
 
 class VideoSource(Node):
@@ -56,6 +60,7 @@ class VideoSource(Node):
             else self.create_publisher(Image, topic, qos)
         )
         self.published = 0
+        self.error = ""  # why playing failed ('' while it has not)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._play, name="video-source", daemon=True)
         self.get_logger().info(f"publishing {self.video or 'a synthetic pattern'} on {self.pub.topic_name}")
@@ -66,9 +71,11 @@ class VideoSource(Node):
             for i in range(int(self.fps * 60)):  # one minute, then loop
                 yield synthetic_frame(i, *self.size), i / self.fps
             return
+        if not os.path.isfile(self.video):
+            raise RuntimeError(f"no video file {self.video!r}: {VIDEO_HINT}")
         cap = cv2.VideoCapture(self.video)
         if not cap.isOpened():
-            raise RuntimeError(f"cannot open video {self.video!r}")
+            raise RuntimeError(f"cannot decode video {self.video!r} (not a video OpenCV reads): {VIDEO_HINT}")
         fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
         try:
             for index in itertools.count():
@@ -91,8 +98,9 @@ class VideoSource(Node):
                     self.published += 1
                 if not self.loop:
                     break
-        except Exception as e:  # noqa: BLE001 - reported, then the process ends
-            self.get_logger().error(str(e))
+        except Exception as e:  # noqa: BLE001 - reported, then the process ends with status 1
+            self.error = str(e)
+            self.get_logger().error(self.error)
         finally:
             self.get_logger().info(f"video source done after {self.published} frames")
 
@@ -136,6 +144,7 @@ def main(args=None):
         node.thread.join()
         node.destroy_node()
         rclpy.try_shutdown()
+    sys.exit(1 if node.error else 0)
 
 
 if __name__ == "__main__":

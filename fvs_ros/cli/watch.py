@@ -6,7 +6,8 @@
     python -m fvs_ros.cli.watch events [--count N] [--duration S]  # ~/events with their evidence
     ros2 run fvs_ros fvs_watch list
 
-Common options: --node /fvs (the node's name), --wait S (for the service), --json.
+Common options: --node fvs (the node's name; relative, so it follows `--ros-args -r __ns:=/robot1`
+to /robot1/fvs, and remaps apply to <node>/watch and <node>/events), --wait S (for the service), --json.
 Exit status: 0 done, 1 the node refused (its error is printed), 2 no service or no response.
 """
 
@@ -22,6 +23,8 @@ import rclpy
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.utilities import remove_ros_args
 
+from fvs_ros.cli import signals
+from fvs_ros.cli.signals import spin_until
 from fvs_ros.msg import WatchEvent
 from fvs_ros.srv import Watch
 
@@ -36,7 +39,7 @@ def wait_for_service(node, client, timeout: float) -> bool:
         if not client.wait_for_service(timeout_sec=min(1.0, max(deadline - time.monotonic(), 0.0))):
             continue
         future = client.call_async(Watch.Request(command=Watch.Request.LIST))
-        rclpy.spin_until_future_complete(node, future, timeout_sec=1.0)
+        spin_until(node, future, 1.0)
         if future.done():
             return True
         client.remove_pending_request(future)
@@ -119,7 +122,11 @@ def _event_json(e: WatchEvent) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fvs_watch", description="Standing queries on the fvs node.")
-    parser.add_argument("--node", default="/fvs", help="the node's full name (default: /fvs)")
+    parser.add_argument(
+        "--node",
+        default="fvs",
+        help="the node's name, relative to the namespace unless it starts with / (default: fvs)",
+    )
     parser.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the node")
     parser.add_argument("--json", action="store_true", help="print JSON (one object per line)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,14 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args=None) -> int:
     argv = sys.argv if args is None else args
     options = build_parser().parse_args(remove_ros_args(argv)[1:])
-    rclpy.init(args=argv)
+    signals.init(argv)
     node = rclpy.create_node("fvs_watch")
     try:
         if options.command == "events":
             return _echo_events(node, options)
         client = node.create_client(Watch, f"{options.node.rstrip('/')}/watch")
+        service = node.resolve_service_name(client.srv_name)  # as the client resolved it, for messages
         if not wait_for_service(node, client, options.wait):
-            print(f"service {client.srv_name} is not available (waited {options.wait:g} s)", file=sys.stderr)
+            print(f"service {service} is not available (waited {options.wait:g} s)", file=sys.stderr)
             return EXIT_UNREACHABLE
         request = Watch.Request(command=options.command)
         if options.command == "add":
@@ -160,9 +168,9 @@ def run(args=None) -> int:
         elif options.command == "remove":
             request.name = options.name
         future = client.call_async(request)
-        rclpy.spin_until_future_complete(node, future, timeout_sec=30.0)
+        spin_until(node, future, 30.0)
         if not future.done():
-            print(f"no response from {client.srv_name}", file=sys.stderr)
+            print(f"no response from {service}", file=sys.stderr)
             return EXIT_UNREACHABLE
         response = future.result()
         if options.json:

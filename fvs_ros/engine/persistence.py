@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 from fvs_ros.common.files import TMP_PREFIX, atomic_write, fsync_dir
+from fvs_ros.engine.watch import WATCH_FILE
 
 INDEX = "engine.json"
+COMPANIONS = {WATCH_FILE}  # files saved beside a memory, on their own schedule: not part of a save
 _MEMORY_NAME = re.compile(r"memory(-\d+)?\.pt")  # memory.pt: the layout before format 2
 
 
@@ -53,7 +55,8 @@ def read_saved(path: Path) -> tuple[dict, Path]:
     Raises NothingSaved when there is nothing at `path` (or an empty directory), SavedStateError
     when something is there but is not a complete save."""
     path = Path(path)
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+    # The watched conditions (watch.json) may be saved there before the memory ever is.
+    if not path.exists() or (path.is_dir() and all(p.name in COMPANIONS for p in path.iterdir())):
         raise NothingSaved(f"no saved engine state in {path} (expected {INDEX} and a memory file)")
     if not (path / INDEX).is_file():
         raise SavedStateError(f"{path} holds no {INDEX}")

@@ -58,7 +58,15 @@ class QuestionError(ValueError):
 
 
 class AnswerTimeout(EngineError, TimeoutError):
-    """No answer within the timeout; the request was cancelled and the worker moved on."""
+    """No answer within the timeout; the request was cancelled and the worker moved on.
+
+    `partial` is the text generated until then ('' if generation had not started) and
+    `pieces` the number of text pieces it came in (one per token, except that a character split
+    across tokens arrives with its last token)."""
+
+    def __init__(self, message: str, partial: str = "", pieces: int = 0):
+        super().__init__(message)
+        self.partial, self.pieces = partial, pieces
 
 
 class AnswerCancelled(EngineError):
@@ -302,6 +310,7 @@ class _Request:
     received_stamp: Optional[float] = None  # newest frame stamp received when the request arrived
     evidence: bool = False  # measure the answer's evidence (questions, not summaries)
     cancel: Optional[threading.Event] = None  # the asker's ask(cancel=...): set = stop at the next token
+    pieces: list = field(default_factory=list)  # text generated so far: what a timeout returns
 
     def stopped(self) -> bool:
         """Nobody wants the result any more: timed out, or cancelled by the asker."""
@@ -717,8 +726,8 @@ class StreamEngine:
         on_token receives text pieces as they are generated (called on the LLM worker thread).
         Setting `cancel` (from any thread) ends the request: ask() raises AnswerCancelled at once and
         the generation stops at its next token, or never starts if still queued.
-        Raises QuestionError (bad input), AnswerTimeout (request cancelled), AnswerCancelled,
-        EngineError.
+        Raises QuestionError (bad input), AnswerTimeout (request cancelled; the text generated until
+        then in .partial), AnswerCancelled, EngineError.
         """
         question = self._check_question(question)
         n = self._check_tokens(max_new_tokens)
@@ -790,7 +799,13 @@ class StreamEngine:
                 self._prefixes.wake()  # a wait for a prefix on its behalf ends
                 if asked:
                     raise AnswerCancelled("cancelled")
-                raise AnswerTimeout(f"no answer within {timeout:.3g} s; the request was cancelled")
+                pieces = list(req.pieces)
+                raise AnswerTimeout(
+                    f"no answer within {timeout:.3g} s; the request was cancelled"
+                    + (f" after {len(pieces)} text piece(s)" if pieces else " before its first token"),
+                    "".join(pieces),
+                    len(pieces),
+                )
         if req.error is not None:
             raise req.error
         return req.answer
@@ -949,6 +964,7 @@ class StreamEngine:
         def on_token(piece: str):  # runs inside lm.answer: raising here stops the generation
             if req.stopped() or self._stopping or (req.preemptible and self._requests):
                 raise _Cancelled
+            req.pieces.append(piece)
             if req.on_token is not None:
                 req.on_token(piece)
 

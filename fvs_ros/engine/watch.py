@@ -172,29 +172,54 @@ class Watcher:
     # ------------------------------------------------------------------ persistence
 
     def open(self, directory) -> int:
-        """Persist into `directory` from now on (None: nowhere), restoring the conditions saved there.
+        """Persist into `directory` from now on (None: nowhere), restoring the conditions saved there
+        beside those held now. Returns how many were restored.
 
-        Returns how many were restored. A file that cannot be read is renamed aside (never written
-        over) and WatchError says so; the watcher then starts empty there."""
+        Nothing held is dropped: a condition added before the directory was opened (the node's
+        conditions added between configure and activate) is kept, replaces a saved one of its name
+        (it is the newer request) and is written there with the rest. A file that cannot be read is
+        renamed aside (never written over) and WatchError says so; the held conditions stay."""
         self.path = Path(directory) / WATCH_FILE if directory else None
+        problem = ""
         try:
-            return self.load()
+            saved = self._read()
         except WatchError as e:
             aside = self.path.with_name(
                 f"{WATCH_FILE}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
             )
             os.replace(self.path, aside)
-            with self._lock:
-                self._states = {}
-            raise WatchError(f"{e}; moved aside to {aside.name}, watching nothing") from e
+            saved, problem = {}, f"{e}; moved aside to {aside.name}"
+        with self._lock:
+            held = len(self._states)
+            self._states = {**saved, **self._states}
+            if held and self.path is not None:
+                try:
+                    self._write(self._states)
+                except OSError as e:
+                    problem = f"{problem}; " if problem else ""
+                    problem += f"cannot save the conditions to {self.path}: {e}"
+            self.revision += 1
+        self._added()
+        if problem:
+            raise WatchError(f"{problem}; watching the {len(self)} condition(s) held")
+        return len(saved)
 
     def load(self) -> int:
         """Replace the conditions with those in `watch.json` (nothing there: none). Returns how many.
 
         Raises WatchError, with nothing changed, for a file that is not a valid watch file. More
         conditions than max_conditions are all kept (adding waits until some are removed)."""
+        states = self._read()
+        with self._lock:
+            self._states = states
+            self.revision += 1
+        self._added()
+        return len(states)
+
+    def _read(self) -> dict[str, ConditionState]:
+        """The conditions saved in `watch.json` ({} when there is none); WatchError for a bad file."""
         if self.path is None or not self.path.exists():
-            return 0
+            return {}
         try:
             data = json.loads(self.path.read_text())
             if not isinstance(data, dict) or data.get("format") != _FORMAT:
@@ -209,11 +234,7 @@ class Watcher:
                 states[c.name] = ConditionState(c, entry["active"], None, None)
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             raise WatchError(f"cannot read {self.path}: {type(e).__name__}: {e}") from e
-        with self._lock:
-            self._states = states
-            self.revision += 1
-        self._added()
-        return len(states)
+        return states
 
     def _added(self) -> None:
         if self.on_added is not None:

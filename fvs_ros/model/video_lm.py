@@ -552,7 +552,8 @@ def resolve_device_dtype(
 ) -> tuple[torch.device, torch.dtype]:
     """'auto' device: CUDA when available, else CPU; 'auto' dtype: bfloat16 on CUDA, float32 on CPU.
 
-    Also takes devices and dtypes by name ('cuda:1', 'float16'); raises ModelLoadError for others.
+    Also takes devices and dtypes by name ('cuda:1', 'float16'); raises ModelLoadError for others
+    and for a CUDA device this machine does not have (naming the devices it has).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -560,6 +561,12 @@ def resolve_device_dtype(
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ModelLoadError(f"unknown device {device!r}: {err}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "no such CUDA device"
+        available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        raise ModelLoadError(
+            f"device {str(device)!r} is not available ({why}); available: {', '.join(available)}"
+        )
     if dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):

@@ -78,7 +78,8 @@ class AskStreamServer:
             with self._lock:
                 self._goals -= 1
         if cancelled:
-            result.answer = "".join(text)
+            result.answer, result.num_tokens = "".join(text), len(text)
+            result.partial = bool(result.answer)
         try:
             if cancelled and goal.is_cancel_requested:
                 goal.canceled()

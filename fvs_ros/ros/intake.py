@@ -208,11 +208,20 @@ class ImageIntake:
 
 
 class SubscriptionThread:
-    """One subscription on a bare node of its own, spun by its own thread and executor."""
+    """One subscription on a bare node of its own, spun by its own thread and executor.
+
+    The node ignores the process's command-line arguments: a `__node:=` remap there (what launch
+    passes) would give it the lifecycle node's name, two nodes of one name in the graph. So it is
+    named `name` in `namespace` exactly, and `topic` comes resolved (the caller's remaps applied)."""
 
     def __init__(self, context, name: str, namespace: str, msg_type, topic: str, callback, qos, raw: bool):
         self.node = rclpy.create_node(
-            name, namespace=namespace, context=context, start_parameter_services=False, enable_rosout=False
+            name,
+            namespace=namespace,
+            context=context,
+            use_global_arguments=False,
+            start_parameter_services=False,
+            enable_rosout=False,
         )
         self.subscription = self.node.create_subscription(msg_type, topic, callback, qos, raw=raw)
         self.topic_name = self.subscription.topic_name

@@ -2,7 +2,8 @@
 
 configure: load the model, start the engine, offer ~/ask, ~/ask_stream (action), ~/reset,
            ~/save_memory, publish ~/scene_summary, ~/memory_view and /diagnostics.
-activate:  restore memory_file, subscribe to the camera, save memory_file every save_period_s.
+activate:  restore memory_file (the watched conditions already at configure, merged with those
+           added since), subscribe to the camera, save memory_file every save_period_s.
 deactivate: stop intake, save memory_file (questions are refused while inactive).
 cleanup: stop the engine (pending questions fail), withdraw the services.
 shutdown: all of the above from any state; then the process ends.
@@ -41,12 +42,12 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
-from fvs_ros.engine import Answer, AnswerCancelled, EngineError, QuestionError, open_engine
+from fvs_ros.engine import Answer, AnswerCancelled, AnswerTimeout, EngineError, QuestionError, open_engine
 from fvs_ros.engine.grounding import DETAIL, EvidenceItem
 from fvs_ros.engine.settings import engine_config, memory_config, watch_config
 from fvs_ros.engine.thumbnails import encode_jpeg
 from fvs_ros.engine.watch import Watcher, WatchError, WatchResult
-from fvs_ros.model import ModelLoadError
+from fvs_ros.model import ModelLoadError, resolve_device_dtype
 from fvs_ros.msg import Evidence, SceneSummary, WatchEvaluation, WatchEvent
 from fvs_ros.ros import diagnostics, params
 from fvs_ros.ros.ask_action import MAX_GOALS, AskStreamServer
@@ -155,6 +156,14 @@ class FvsNode(LifecycleNode):
         except ValueError as e:
             self.get_logger().error(f"configure failed: {e}")
             return FAILURE
+        try:
+            resolve_device_dtype(p["device"])
+        except ModelLoadError as e:  # before loading, and not a model problem: say which parameter
+            self.get_logger().error(
+                f"configure failed: parameter device: {e}; set device to auto or one of those, "
+                "then configure again"
+            )
+            return FAILURE
         self.get_logger().info(f"loading model '{p['model']}' (device {p['device']}, dtype {p['dtype']})")
         t0 = time.perf_counter()
         try:
@@ -178,6 +187,7 @@ class FvsNode(LifecycleNode):
             self.get_logger().error(f"loading model '{p['model']}' failed: {type(e).__name__}: {e}")
             return FAILURE
         self._p, self._watcher = p, watcher
+        self._restore_conditions(p["memory_file"])  # ~/watch lists and keeps them before activate
         self._summary_pub = self.create_lifecycle_publisher(SceneSummary, "~/scene_summary", 10)
         events_qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE
@@ -260,10 +270,10 @@ class FvsNode(LifecycleNode):
         if p["raw_intake"]:
             self._image_sub = SubscriptionThread(
                 self.context,
-                "fvs_intake",
+                f"{self.get_name()}_intake",
                 self.get_namespace(),
                 msg_type,
-                topic,
+                self.resolve_topic_name(topic),  # this node's remaps apply; the intake node has none
                 self._intake.on_serialized,
                 qos,
                 True,
@@ -338,6 +348,9 @@ class FvsNode(LifecycleNode):
             with self._ask_cv:  # ... and their callbacks return before the service goes
                 self._ask_cv.wait_for(lambda: self._asking == 0, timeout=10.0)
             self._engine = None
+        if self._ask_stream is not None:  # configure creates it again: one server per configured node
+            self._ask_stream.destroy()
+            self._ask_stream = None
         for service in self._fvs_services:
             self.destroy_service(service)
         self._fvs_services = []
@@ -393,6 +406,12 @@ class FvsNode(LifecycleNode):
         except AnswerCancelled as e:
             response.success, response.error, cancelled = False, str(e), True
             self.get_logger().info(f"ask {_preview(request.question)} cancelled")
+        except AnswerTimeout as e:  # what was generated goes back, marked as cut short
+            response.success, response.error = False, str(e)
+            response.answer, response.num_tokens, response.partial = e.partial, e.pieces, bool(e.partial)
+            self.get_logger().warning(
+                f"ask {_preview(request.question)} timed out: {e}", throttle_duration_sec=1.0
+            )
         except QuestionError as e:  # the caller's mistake, returned to the caller
             response.success, response.error = False, str(e)
             self.get_logger().debug(f"ask {_preview(request.question)} refused: {e}")
@@ -666,7 +685,12 @@ def _check_request(request: Ask.Request, max_chars: int):
         raise QuestionError(
             f"question has {len(request.question)} characters; max_question_chars is {max_chars}"
         )
-    if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
+    if not math.isfinite(request.timeout_s):
+        raise QuestionError(
+            f"timeout_s must be a finite number of seconds, got {request.timeout_s}: give the longest "
+            "wait you accept, or 0 for default_timeout_s"
+        )
+    if request.timeout_s < 0:
         raise QuestionError(f"timeout_s must be >= 0 seconds (0: default_timeout_s), got {request.timeout_s}")
 
 

@@ -382,6 +382,34 @@ def test_model_errors_are_counted_and_reported(lm, make_engine):
     assert s.questions_failed == 1 and s.questions_answered == 1 and s.running
 
 
+def test_a_timed_out_answer_carries_the_text_generated_until_then(lm, make_engine):
+    """A timeout during generation returns what was generated (issue 24): the caller's token
+    callback holds the generation after two pieces until the ask has timed out."""
+    eng = make_engine(lm)
+    feed(eng, 4)
+    eng.flush()
+    streamed = []  # the tiny tokenizer's tokens often end mid-character: fewer pieces than tokens
+    full = eng.ask(Q, max_new_tokens=32, timeout=30, on_token=streamed.append)  # greedy: same text again
+    assert len(streamed) >= 3, streamed
+    pieces, timed_out = [], threading.Event()
+
+    def hold(piece):
+        pieces.append(piece)
+        if len(pieces) == 2:
+            timed_out.wait(60)
+
+    try:
+        with pytest.raises(AnswerTimeout, match="after 2 text piece") as raised:
+            eng.ask(Q, max_new_tokens=32, timeout=2.0, on_token=hold)
+    finally:
+        timed_out.set()
+    assert raised.value.partial == "".join(pieces[:2]) and raised.value.pieces == 2
+    assert full.text.startswith(raised.value.partial) and raised.value.partial
+    with pytest.raises(AnswerTimeout, match="before its first token") as raised:
+        eng.ask(Q, timeout=1e-6)
+    assert raised.value.partial == "" and raised.value.pieces == 0
+
+
 def test_timeout_cancels_the_request_and_the_worker_keeps_serving(lm, make_engine):
     slow = Proxy(lm, answer_delay=60.0)
     eng = make_engine(slow)

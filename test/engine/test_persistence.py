@@ -17,6 +17,7 @@ import test_engine
 from fvs_ros.common.files import move_aside
 from fvs_ros.engine import EngineConfig
 from fvs_ros.engine.persistence import NothingSaved, SavedStateError, read_saved
+from fvs_ros.engine.watch import Watcher
 from fvs_ros.memory import MemoryConfig
 
 ckpts, lm, make_engine = test_engine.ckpts, test_engine.lm, test_engine.make_engine  # shared fixtures
@@ -167,6 +168,9 @@ def test_nothing_saved_is_not_an_error_and_move_aside_keeps_the_files(lm, make_e
     (tmp_path / "empty").mkdir()
     with pytest.raises(NothingSaved):
         eng.load(tmp_path / "empty")
+    Watcher(directory=tmp_path / "conditions_only").add("a dog", 0.5)  # watch.json before any save
+    with pytest.raises(NothingSaved):
+        eng.load(tmp_path / "conditions_only")
     files = sorted(p.name for p in saved.iterdir())
     aside = move_aside(saved)
     assert not saved.exists() and aside.name.startswith("saved.unreadable-")

@@ -170,17 +170,35 @@ def test_file_format(tmp_path):
     }
 
 
-def test_open_moves_an_unreadable_file_aside(tmp_path):
+def test_open_moves_an_unreadable_file_aside_and_keeps_what_it_holds(tmp_path):
     (tmp_path / WATCH_FILE).write_text("{broken")
     w = Watcher()
-    w.add("left over from before", 0.5)
-    with pytest.raises(WatchError, match=r"moved aside to watch\.json\.unreadable-"):
+    held = w.add("added before", 0.5)
+    with pytest.raises(WatchError, match=r"moved aside to watch\.json\.unreadable-.*watching the 1"):
         w.open(tmp_path)
-    assert w.conditions() == []
+    assert w.conditions() == [held]
     (aside,) = tmp_path.glob(f"{WATCH_FILE}.unreadable-*")
     assert aside.read_text() == "{broken"  # kept as it was
     w.add("a dog", 0.5)  # and a new file is written beside it
-    assert json.loads((tmp_path / WATCH_FILE).read_text())["conditions"][0]["text"] == "a dog"
+    saved = json.loads((tmp_path / WATCH_FILE).read_text())["conditions"]
+    assert [c["text"] for c in saved] == ["added before", "a dog"]
+
+
+def test_open_merges_the_saved_conditions_with_those_held(tmp_path):
+    """The node's watcher opens memory_file at configure and again at activate; a condition added
+    in between (or before a directory was opened at all) is kept and saved with the stored ones,
+    replacing a stored one of its name (issue 24)."""
+    stored = Watcher(directory=tmp_path)
+    stored.add("a box is on the table", 0.5, name="box")
+    stored.add("old text", 0.5, name="door")
+    w = Watcher()
+    door = w.add("a door is open", 0.7, name="door")
+    early = w.add("a person waves", 0.5, name="wave")
+    assert w.open(tmp_path) == 2
+    assert [c.name for c in w.conditions()] == ["box", "door", "wave"]
+    assert w.conditions()[1:] == [door, early]
+    assert w.open(tmp_path) == 3 and len(w) == 3  # reopened (activate): nothing doubles
+    assert Watcher(directory=tmp_path).load() == 3  # and the merged set is what was saved
 
 
 def test_open_another_directory(tmp_path):

@@ -1,6 +1,8 @@
-"""stream.launch.py under launch_testing on a ROS 2 install: the node activates itself, watches the
-synthetic video source and answers over ~/ask. Skipped where launch_testing is not installed
-(the ROS 2 wheels from PyPI): test_launch_file.py and test_node.py cover the same path there.
+"""stream.launch.py under launch_testing: the node activates itself, watches the synthetic video
+source and answers over ~/ask. Runs wherever launch_testing is importable and fvs_ros is installed
+for launch (a colcon install, or the pip route's .venv: lib/fvs_ros/<command> and share/fvs_ros);
+skipped, saying which, where either is missing (the ROS 2 wheels from PyPI have no launch):
+test_launch_file.py and test_node.py cover the same path there.
 """
 
 import os
@@ -11,17 +13,34 @@ import time
 import unittest
 
 import pytest
+from ament_index_python.packages import PackageNotFoundError, get_package_prefix, get_package_share_directory
+
+EXECUTABLES = ("fvs_node", "fvs_video_source")  # what stream.launch.py starts (with video:=synthetic)
+
+
+def missing_install() -> str:
+    """Why launch cannot start this package's nodes here, or '' when it can."""
+    try:
+        prefix, share = get_package_prefix("fvs_ros"), get_package_share_directory("fvs_ros")
+    except (PackageNotFoundError, ValueError) as e:
+        return f"fvs_ros is not in the ament index ({e}): build it with colcon or scripts/setup_venv.sh"
+    wanted = [(os.path.join(share, "launch", "stream.launch.py"), os.R_OK)]
+    wanted += [(os.path.join(prefix, "lib", "fvs_ros", name), os.X_OK) for name in EXECUTABLES]
+    missing = [path for path, mode in wanted if not os.access(path, mode)]
+    return f"fvs_ros is installed without {', '.join(missing)}: re-run its build" if missing else ""
+
 
 pytest.importorskip(
     "launch_testing",
     reason="launch_testing is not installed (no ROS 2 launch here); "
     "test_launch_file.py checks the launch file and test_node.py the node instead",
 )
+if missing_install():
+    pytest.skip(missing_install(), allow_module_level=True)
 
 import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
 import rclpy  # noqa: E402
-from ament_index_python.packages import get_package_share_directory  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
 
 import launch  # noqa: E402

@@ -226,9 +226,10 @@ def test_bad_images_are_counted_reported_once_and_survived(node, client):
         ("   ", {}, "question is empty"),
         ("x" * 100_000, {}, "max_question_chars is 2000"),
         ("ok?", {"timeout_s": -1.0}, "timeout_s"),
-        ("ok?", {"timeout_s": float("nan")}, "timeout_s"),
+        ("ok?", {"timeout_s": float("nan")}, "timeout_s must be a finite number"),
+        ("ok?", {"timeout_s": float("inf")}, "timeout_s must be a finite number of seconds, got inf"),
     ],
-    ids=["empty", "blank", "100k-chars", "negative-timeout", "nan-timeout"],
+    ids=["empty", "blank", "100k-chars", "negative-timeout", "nan-timeout", "inf-timeout"],
 )
 def test_bad_questions_are_answered_with_an_error(node, client, question, fields, error):
     response = client.ask(question, **{"timeout_s": 20.0, **fields})

@@ -4,6 +4,7 @@ import ast
 import importlib
 import os
 import re
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -179,3 +180,13 @@ def test_installed_tree_matches_the_source():
     for name in console_scripts():
         in_bin, in_lib = prefix / "bin" / name, prefix / "lib" / NAME / name
         assert os.access(in_bin, os.X_OK) or os.access(in_lib, os.X_OK), name
+
+
+def test_ros2_run_executables_are_installed_and_run():
+    """`ros2 run` and `ros2 launch` look for an executable in <prefix>/lib/<package>/ (the colcon
+    route and the pip route alike, issue 24): every console script is there and starts."""
+    lib = Path(get_package_prefix(NAME)) / "lib" / NAME
+    for name in console_scripts():
+        assert os.access(lib / name, os.X_OK), f"{lib / name} is missing or not executable"
+    run = subprocess.run([str(lib / "fvs_ask"), "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "usage: fvs_ask" in run.stdout, run.stdout + run.stderr

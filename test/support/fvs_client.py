@@ -31,16 +31,17 @@ def frame(h=120, w=160):
 class Client(ClientNode):
     """This test's own ROS node: publishers, subscriptions and service calls, spun in a thread."""
 
-    def __init__(self, name="fvs", image_topic="/image_raw"):
+    def __init__(self, name="fvs", image_topic="/image_raw", namespace=""):
         super().__init__(f"{name}_test_client")
         self.name = name
+        self.prefix = f"{namespace.rstrip('/')}/{name}"  # the node's full name
         self.raw = self.node.create_publisher(Image, image_topic, RELIABLE)
         self.compressed = self.node.create_publisher(CompressedImage, f"{image_topic}/compressed", RELIABLE)
         self.summaries, self.diagnostics = [], []
-        self.node.create_subscription(SceneSummary, f"/{name}/scene_summary", self.summaries.append, 10)
+        self.node.create_subscription(SceneSummary, f"{self.prefix}/scene_summary", self.summaries.append, 10)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
         self.clients = {
-            f"/{name}/{service}": self.node.create_client(srv_type, f"/{name}/{service}")
+            f"{self.prefix}/{service}": self.node.create_client(srv_type, f"{self.prefix}/{service}")
             for service, srv_type in [
                 ("ask", Ask),
                 ("reset", Trigger),
@@ -80,7 +81,7 @@ class Client(ClientNode):
 
     def service(self, name):
         """The persistent client of service `name`: relative to the node ("ask") or absolute."""
-        return self.clients[name if name.startswith("/") else f"/{self.name}/{name}"]
+        return self.clients[name if name.startswith("/") else f"{self.prefix}/{name}"]
 
     def wait_ready(self, timeout=60.0):
         """Until the node answers: a reply of a just-matched service can be lost (Fast DDS matches the

@@ -13,7 +13,7 @@ PARAMS_FILE = ROOT / "config" / "fvs.yaml"
 class NodeProcess:
     """`python -m fvs_ros.ros.node --autostart` with the YAML params file; output in a log file."""
 
-    def __init__(self, log_path: Path, name="fvs", **parameters):
+    def __init__(self, log_path: Path, name="fvs", namespace="", **parameters):
         self.log_path = log_path
         args = [
             sys.executable,
@@ -23,6 +23,7 @@ class NodeProcess:
             "--ros-args",
             "-r",
             f"__node:={name}",
+            *(["-r", f"__ns:={namespace}"] if namespace else []),
             "--params-file",
             str(PARAMS_FILE),
         ]
