@@ -37,6 +37,13 @@ PIP_ONLY = {
     "rosbags": "rosbags",
     "mcap": "mcap",
     "mcap_ros2": "mcap-ros2-support",
+    "mcp": "mcp",
+    # fvs_mcp imports these parts of the MCP SDK's own stack; pip installs them with mcp
+    "mcp_types": "mcp",
+    "anyio": "mcp",
+    "pydantic": "mcp",
+    "uvicorn": "mcp",
+    "httpx2": "mcp",  # the tests' HTTP client, the one the SDK's client uses
 }
 
 
