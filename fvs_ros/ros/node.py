@@ -164,7 +164,9 @@ class FvsNode(LifecycleNode):
                 "then configure again"
             )
             return FAILURE
-        self.get_logger().info(f"loading model '{p['model']}' (device {p['device']}, dtype {p['dtype']})")
+        self.get_logger().info(
+            f"loading model '{p['model']}' (device {p['device']}, dtype {p['dtype']}, weights {p['weights']})"
+        )
         t0 = time.perf_counter()
         try:
             self._engine = open_engine(
@@ -173,6 +175,9 @@ class FvsNode(LifecycleNode):
                 config,
                 device=p["device"],
                 dtype=p["dtype"],
+                weights=p["weights"],
+                max_gpu_memory=p["max_gpu_memory"],
+                log=self.get_logger().info,
                 on_summary=self._publish_summary,
                 watcher=watcher,
                 on_watch=self._publish_watch,
