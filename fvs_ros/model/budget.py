@@ -84,7 +84,7 @@ class MemoryBudget:
 
 
 def estimate(
-    ckpt_dir: Path,
+    shapes: dict[str, list[int]],
     checkpoint: CheckpointConfig,
     dtype: torch.dtype,
     weights: str,
@@ -97,8 +97,8 @@ def estimate(
     vit_batch: int = 16,
     fast_decode: bool = True,
 ) -> MemoryBudget:
-    """The budget of `checkpoint` in `dtype` / `weights` with `memory`, for frames up to max_pixels."""
-    shapes = tensor_shapes(checkpoint_tensor_names(weight_files(ckpt_dir)))
+    """The budget of `checkpoint` (its tensors' `shapes` by parameter name: checkpoint_shapes) in
+    `dtype` / `weights` with `memory`, for frames up to max_pixels."""
     quantized = {n for n, s in shapes.items() if quant.is_target(n, s, weights)}
     text = checkpoint.hf_config.get_text_config()
     vision = checkpoint.hf_config.vision_config
@@ -142,6 +142,11 @@ def estimate(
         dtype,
         prompt,
     )
+
+
+def checkpoint_shapes(ckpt_dir: Path) -> dict[str, list[int]]:
+    """Parameter name -> shape of every tensor of a checkpoint, from its safetensors headers."""
+    return tensor_shapes(checkpoint_tensor_names(weight_files(ckpt_dir)))
 
 
 def check(budget: MemoryBudget, device: torch.device, max_gib: float) -> str:

@@ -661,7 +661,7 @@ def check_budget(
         memory = MemoryConfig(**{**checkpoint.memory_defaults, **dict(memory or {})})
     try:
         estimate = budget.estimate(
-            ckpt_dir,
+            budget.checkpoint_shapes(ckpt_dir),
             checkpoint,
             dtype,
             weights,

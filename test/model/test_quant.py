@@ -17,7 +17,7 @@ from test_model_fidelity import ANSWER_PREFIX, REF_DIR, reference_snapshot
 from fvs_ros.engine.stream_engine import EngineConfig, budget_check
 from fvs_ros.memory import FlashMemory, MemoryConfig
 from fvs_ros.model import ModelLoadError, PromptInputs, load_model, quant
-from fvs_ros.model.budget import estimate
+from fvs_ros.model.budget import checkpoint_shapes, estimate
 
 CKPT = REF_DIR / "tiny_ckpt"
 REF_PIXELS = 112 * 224  # the reference frames' size: a frame that fills this pixel budget exactly
@@ -146,7 +146,7 @@ def test_budget_matches_the_loaded_model_and_a_full_memory(mode, ref, question):
     memory = MemoryConfig(csm_slots=4, dam_frames=2, bank_capacity=6)
     lm = load_model(CKPT, weights=mode, max_pixels=REF_PIXELS)
     b = estimate(
-        CKPT,
+        checkpoint_shapes(CKPT),
         lm_checkpoint(),
         torch.float32,
         mode,
