@@ -75,6 +75,13 @@ def llm_figures(model, device, tiny, mode, reps):
     fast.reserve(P + 64, DECODE_TOKENS)
     one, kv = timed(device, lambda: consume(fast.prefill_steps(embeds, positions, None)))
     chunked, _ = timed(device, lambda: consume(fast.prefill_steps(embeds, positions, 1024)))
+    if mode != "bf16" and quant._triton is not None:  # the same rebuild with PyTorch ops only
+        kernels, quant._triton = quant._triton, None
+        try:
+            plain, _ = timed(device, lambda: consume(fast.prefill_steps(embeds, positions, None)))
+        finally:
+            quant._triton = kernels
+        bg.row(f"[{mode}] rebuild one pass without the Triton kernels", f"{1e3 * plain:.1f} ms")
     qe, qp = bg.question(llm, QUESTION_TOKENS, next_pos, 0, device)
     ttft, rates = [], []
     for _ in range(reps):
@@ -263,6 +270,28 @@ def guarded(label, fn, *args):
         return None
 
 
+@torch.inference_mode()
+def kernel_checks(device):
+    """The Triton kernels against the PyTorch ops they replace, on random data (CUDA only)."""
+    if device.type != "cuda" or quant._triton is None:
+        return None
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(37, 3584, device=device, generator=g).to(torch.bfloat16) * 3
+    q, s = quant._triton.fp8_rows(x, quant.FP8_MAX)
+    q_ref, s_ref = quant.fp8_rows(x)
+    w = torch.randn(18944, 3584, device=device, generator=g) * 0.02
+    wq, ws = quant.quantize_weight(w, "int8")
+    ref = x[:5].double() @ quant.dequantize(wq, ws, torch.float64).T
+    got = quant._triton.int8_weight_only_mm(x[:5], wq, ws).double()
+    res = {
+        "fp8_rows_scale_equal": bool(torch.equal(s, s_ref)),
+        "fp8_rows_values_equal_fraction": float((q.float() == q_ref.float()).float().mean()),
+        "int8_kernel_rel_err": float((got - ref).norm() / ref.norm()),
+    }
+    bg.row("Triton kernels vs PyTorch ops", json.dumps(res))
+    return res
+
+
 def free(device):
     gc.collect()
     if device.type == "cuda":
@@ -300,6 +329,7 @@ def main(argv=None):
     for m in modes:
         quant.check_mode(m, device, dtype)
 
+    RESULTS["kernel_checks"] = guarded("kernel checks", kernel_checks, device)
     model = bg.build_model(args.tiny, device, dtype)
     shapes = {n: list(t.shape) for n, t in model.state_dict().items()}  # the "checkpoint" of the budget
     bf16, inputs = llm_figures(model, device, args.tiny, "bf16", args.reps)
