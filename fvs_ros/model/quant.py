@@ -6,7 +6,7 @@
           capability >= 8.9, Ada/Hopper; PyTorch's CPU kernel on CPU, for tests)
     int8  weight-only: int8 weights with one scale per output channel, activations stay in the
           model dtype; the matmul dequantizes (CPU: `torch._weight_int8pack_mm`; CUDA: a Triton
-          kernel reading the int8 weight directly for small batches, the decode case, and
+          kernel reading the int8 weight directly for up to 32 rows (decode, short questions), and
           `x @ q.T * scale` through cuBLAS for long prefills) -- for GPUs without FP8 (Ampere, Orin)
 
 Both keep half the bytes of bf16 per weight. Scales are absmax / 448 (fp8) or absmax / 127 (int8)
@@ -35,8 +35,9 @@ PART_PATTERNS = {
     "llm": re.compile(r"^model\.language_model\.layers\.\d+\."),
     "vision": re.compile(r"^model\.visual\.blocks\.\d+\."),
 }
-# Small batches (decode steps, short question tails) go through the Triton int8 kernel on CUDA.
-TRITON_MAX_ROWS = 16
+# Small batches (decode steps, question tails up to FastDecoder's 32-token bucket) go through the
+# Triton int8 kernel on CUDA; it reads the weight once per 16 rows, cuBLAS's path dequantizes it.
+TRITON_MAX_ROWS = 32
 
 
 class QuantizationUnsupported(ValueError):

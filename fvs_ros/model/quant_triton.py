@@ -1,10 +1,11 @@
-"""Triton kernel for int8 weight-only matmuls of a few rows (decode steps): y = x @ (q * scale).T.
+"""Triton kernels for the 8-bit paths (quant.py): int8 weight-only matmuls of a few rows (decode
+steps, short questions), y = x @ (q * scale).T, and fp8's per-token activation quantization.
 
 cuBLAS has no bf16 x int8 GEMM, and dequantizing the weight first writes and reads a bf16 copy
 (5 bytes moved per weight instead of 2), which makes decode slower than bf16. This kernel reads
 each int8 weight once, converts it in registers and accumulates in float32, so a decode step
-moves about half the bytes of bf16. Each program computes a BLOCK_N slice of the output for all
-(<= 16) rows; the output scale is applied once at the end. Imported only where Triton is
+moves about half the bytes of bf16. Each program computes a BLOCK_N slice of the output for 16
+rows; the output scale is applied once at the end. Imported only where Triton is
 installed (the CUDA machines); quant.py falls back to cuBLAS without it.
 """
 
@@ -34,7 +35,7 @@ def _int8_wo_kernel(
     BLOCK_K: tl.constexpr,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -56,13 +57,14 @@ def _int8_wo_kernel(
 
 
 def int8_weight_only_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M <= 16, K] (bf16/fp16), q [N, K] int8 (contiguous), scale [N] float32 -> [M, N] in x's dtype."""
+    """x [M, K] (bf16/fp16), q [N, K] int8 (contiguous), scale [N] float32 -> [M, N] in x's dtype.
+    Each 16 rows of x read the weight once more: meant for M up to a few dozen (quant.TRITON_MAX_ROWS)."""
     x = x.contiguous()
     m, k = x.shape
     n = q.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n = 32 if n >= 8192 else 16  # enough programs to keep every SM reading for the small layers
-    _int8_wo_kernel[(triton.cdiv(n, block_n),)](
+    _int8_wo_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M))](
         x, q, scale, y, m, n, k, x.stride(0), q.stride(0), y.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=256, num_warps=4,
     )  # fmt: skip
