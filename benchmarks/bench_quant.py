@@ -313,7 +313,8 @@ def main(argv=None):
     ap.add_argument("--engine-frames", type=int, default=300, help="frames into memory before questions")
     ap.add_argument("--realtime-s", type=float, default=3.0, help="engine: seconds of 30 fps camera first")
     ap.add_argument("--ask-reps", type=int, default=10)
-    ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--engines", default="bf16,fp8,int8", help="modes whose engine peak is measured")
+    ap.add_argument("--no-vit", action="store_true", help="skip the ViT rows")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting engine runs after this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
@@ -335,8 +336,10 @@ def main(argv=None):
     bf16, inputs = llm_figures(model, device, args.tiny, "bf16", args.reps)
     tokens = greedy_tokens(model, inputs, ANSWER_TOKENS)
     ref = forced_logits(model, inputs, tokens)
-    RESULTS["vit"] = guarded("vit", vit_figures, model, device, args.tiny, 10)
-    if not args.no_engine:
+    engines = set(args.engines.split(","))
+    if not args.no_vit:
+        RESULTS["vit"] = guarded("vit", vit_figures, model, device, args.tiny, 10)
+    if "bf16" in engines:
         bf16["engine"] = guarded(
             "bf16 engine", engine_figures, model, device, args.tiny, "bf16", args, shapes
         )
@@ -370,7 +373,7 @@ def main(argv=None):
         res["llm"] = (
             guarded(f"{mode} llm", llm_figures, model, device, args.tiny, mode, args.reps) or [None]
         )[0]
-        if not args.no_engine and bg.time_left() > 60:
+        if mode in engines and bg.time_left() > 60:
             res["engine"] = guarded(
                 f"{mode} engine", engine_figures, model, device, args.tiny, mode, args, shapes
             )
