@@ -8,7 +8,7 @@
 See docs/model.md.
 """
 
-from .budget import BudgetCheck, MemoryBudget
+from .budget import BudgetCheck, BudgetExceeded, MemoryBudget
 from .checkpoint import ModelLoadError, map_weight_name
 from .video_lm import (
     FrameFeatures,
@@ -22,6 +22,7 @@ from .video_lm import (
 
 __all__ = [
     "BudgetCheck",
+    "BudgetExceeded",
     "MemoryBudget",
     "FrameFeatures",
     "Generation",

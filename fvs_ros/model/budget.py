@@ -45,6 +45,10 @@ QUESTION_BUCKET = 256  # FastDecoder's largest question bucket (fast_decode.DEFA
 CAPACITY_ALIGN = 512  # fast_decode.CAPACITY_ALIGN
 
 
+class BudgetExceeded(ModelLoadError):
+    """The configuration's memory budget is over the limit: the model is fine, the settings too large."""
+
+
 @dataclass(frozen=True)
 class BudgetCheck:
     """What load_model checks the budget for (StreamEngine settings), and against what."""
@@ -150,7 +154,7 @@ def checkpoint_shapes(ckpt_dir: Path) -> dict[str, list[int]]:
 
 
 def check(budget: MemoryBudget, device: torch.device, max_gib: float) -> str:
-    """The limit the budget was checked against, as text; ModelLoadError when it does not fit.
+    """The limit the budget was checked against, as text; BudgetExceeded when it does not fit.
 
     max_gib 0: the device's free memory (CUDA: the driver's count; CPU: MemAvailable); otherwise
     that many GiB, or the free memory where less is free."""
@@ -163,7 +167,7 @@ def check(budget: MemoryBudget, device: torch.device, max_gib: float) -> str:
     source = f"max_gpu_memory {max_gib:g} GiB" if max_gib > 0 else "free memory"
     where = f"{source} on {device}: {gib(limit)}"
     if budget.total > limit:
-        raise ModelLoadError(
+        raise BudgetExceeded(
             f"this configuration needs about {budget.describe()}, but {where}; "
             "use weights int8 or fp8, fewer dam_frames / csm_slots, a smaller model, "
             "or raise max_gpu_memory"

@@ -47,7 +47,7 @@ from fvs_ros.engine.grounding import DETAIL, EvidenceItem
 from fvs_ros.engine.settings import engine_config, memory_config, watch_config
 from fvs_ros.engine.thumbnails import encode_jpeg
 from fvs_ros.engine.watch import Watcher, WatchError, WatchResult
-from fvs_ros.model import ModelLoadError, resolve_device_dtype
+from fvs_ros.model import BudgetExceeded, ModelLoadError, resolve_device_dtype
 from fvs_ros.msg import Evidence, SceneSummary, WatchEvaluation, WatchEvent
 from fvs_ros.ros import diagnostics, params
 from fvs_ros.ros.ask_action import MAX_GOALS, AskStreamServer
@@ -182,6 +182,9 @@ class FvsNode(LifecycleNode):
                 watcher=watcher,
                 on_watch=self._publish_watch,
             )
+        except BudgetExceeded as e:  # the model is fine; these settings need more memory than allowed
+            self.get_logger().error(f"configure failed: {e}")
+            return FAILURE
         except ModelLoadError as e:
             self.get_logger().error(f"cannot load model '{p['model']}': {e} -- {TINY_MODEL_HINT}")
             return FAILURE

@@ -228,7 +228,7 @@ def test_configure_checks_weights_and_the_memory_budget(node, client):
     assert client.set_parameter("weights", "int8").successful
     assert client.set_parameter("max_gpu_memory", 0.001).successful  # ~1 MiB: less than the tiny model needs
     assert not client.change_state(Transition.TRANSITION_CONFIGURE)
-    assert "this configuration needs about weights" in node.text()
+    assert "configure failed: this configuration needs about weights" in node.text()
     assert "but max_gpu_memory 0.001 GiB on cpu: 1.0 MiB" in node.text()
     assert client.set_parameter("max_gpu_memory", 0.0).successful
     assert client.change_state(Transition.TRANSITION_CONFIGURE)
