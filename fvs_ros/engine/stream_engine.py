@@ -1235,7 +1235,8 @@ def open_engine(
     device / dtype / weights: as load_model; 'auto' = CUDA in bfloat16 when available, else CPU in
     float32. Before loading, the memory this engine will take is estimated for these settings,
     printed to `log` and checked against max_gpu_memory (GiB; 0 = the device's free memory): a
-    configuration that does not fit raises ModelLoadError (docs/model.md, "Memory budget")."""
+    configuration that does not fit raises BudgetExceeded, a ModelLoadError (docs/model.md, "Memory
+    budget")."""
     from fvs_ros.model import load_model
 
     config = config or EngineConfig()

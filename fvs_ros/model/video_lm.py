@@ -120,6 +120,7 @@ class VideoLM:
         # 8-bit linear layers (quant.py): "bf16" when there are none
         self.weights = next((m.mode for m in model.modules() if isinstance(m, quant.QuantLinear)), "bf16")
         self.quantize_s = 0.0  # load_model: seconds spent quantizing while reading the checkpoint
+        self.budget: MemoryBudget | None = None  # load_model(budget=): the estimate checked at load
         vision = model.config.vision_config
         self.feature_dim = vision.hidden_size if self.model_type == QWEN2_5_VL else vision.embed_dim
         self.vision_end_id = model.config.vision_end_token_id
@@ -600,7 +601,8 @@ def load_model(
     weights: "bf16" (the checkpoint's numerics, in `dtype`), "fp8" or "int8": the LLM's linear
     layers quantized while the checkpoint is read (quant.py); lm.quantize_s says how long that took.
     budget: before any weight is read, estimate the device memory of that configuration
-    (budget.py), print it to budget.log, and refuse with ModelLoadError when it does not fit;
+    (budget.py), print it to budget.log, and refuse with BudgetExceeded (a ModelLoadError) when it
+    does not fit;
     lm.budget keeps the estimate.
     fast_decode: answer() through FastDecoder (static KV cache, CUDA graphs); None = on CUDA only.
     fast_vision: streamed frames through FastVision (packed attention, CUDA graphs); None = on CUDA only.
