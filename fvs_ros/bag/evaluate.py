@@ -48,11 +48,16 @@ def _node_params(params_file: Optional[str]) -> dict:
     return values
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def make_engine(args, watch=None) -> tuple[object, dict]:
     """Load the model and start an engine set up like the node (offline mode); `watch`: an
     OfflineWatch whose conditions the engine evaluates."""
     from fvs_ros.engine import StreamEngine
     from fvs_ros.engine.settings import engine_config, memory_config
+    from fvs_ros.engine.stream_engine import budget_check
     from fvs_ros.model import load_model, resolve_device_dtype
 
     p = _node_params(args.params)
@@ -85,13 +90,16 @@ def make_engine(args, watch=None) -> tuple[object, dict]:
     except (TypeError, ValueError) as e:
         raise SystemExit(f"evaluate: error: parameters: {e}") from None
     t0 = time.perf_counter()
-    lm = load_model(p["model"], dtype=dtype, device=device)
+    weights = p.get("weights", "bf16")
+    check = budget_check(config, memory, float(p.get("max_gpu_memory", 0.0)), _stderr)
+    lm = load_model(p["model"], dtype=dtype, device=device, weights=weights, budget=check)
     watcher, on_watch = (watch.watcher, watch.on_watch) if watch is not None else (None, None)
     engine = StreamEngine(lm, memory, config, watcher=watcher, on_watch=on_watch).start()
     settings = {
         "model": str(p["model"]),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "weights": weights,
         "memory_fps": config.sample_fps,
         "frames_per_slot": config.frames_per_slot,
         "csm_slots": memory.csm_slots,

@@ -24,7 +24,9 @@ import numpy as np
 
 from fvs_ros.engine import Answer, EngineConfig, EngineError, StreamEngine
 from fvs_ros.engine.settings import engine_config, memory_config
+from fvs_ros.engine.stream_engine import budget_check
 from fvs_ros.model import ModelLoadError, load_model
+from fvs_ros.model.quant import WEIGHT_MODES
 from fvs_ros.model.video_lm import DTYPE_NAMES
 
 
@@ -175,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU"
     )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_MODES,
+        default="bf16",
+        help="LLM linear layers: bf16 (the checkpoint's numerics), fp8 (Ada/Hopper GPUs), int8 (weight-only)",
+    )
+    p.add_argument(
+        "--max-gpu-memory",
+        type=float,
+        default=0.0,
+        help="GiB the engine may take, checked before loading (0: the device's free memory)",
+    )
     p.add_argument("--summary", action="store_true", help="print a scene summary at the end")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer")
     return p
@@ -190,12 +204,18 @@ def main(argv=None) -> int:
         },
         answer_timeout_s=args.timeout,
     )
+    sizes = {"csm_slots": args.csm_slots, "dam_frames": args.dam_frames}
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    check = budget_check(config, {k: v for k, v in sizes.items() if v is not None}, args.max_gpu_memory, log)
     try:
-        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+        lm = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights, budget=check)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    memory = memory_config({"csm_slots": args.csm_slots, "dam_frames": args.dam_frames}, lm.memory_defaults)
+    memory = memory_config(sizes, lm.memory_defaults)
     out = _Printer(args.json)
     print(
         f"memory: slots of {config.frames_per_slot} frame(s), {memory.csm_slots} CSM slots, "

@@ -1223,20 +1223,45 @@ def open_engine(
     *,
     device="auto",
     dtype="auto",
+    weights: str = "bf16",
+    max_gpu_memory: float = 0.0,
+    log: Optional[Callable[[str], None]] = None,
     on_summary: Optional[Callable[[Answer], None]] = None,
     watcher: Optional[Watcher] = None,
     on_watch: Optional[Callable[[WatchResult], None]] = None,
 ) -> StreamEngine:
     """Load a checkpoint (load_model; raises ModelLoadError) and return a started engine.
 
-    device / dtype: as load_model; 'auto' = CUDA in bfloat16 when available, else CPU in float32."""
+    device / dtype / weights: as load_model; 'auto' = CUDA in bfloat16 when available, else CPU in
+    float32. Before loading, the memory this engine will take is estimated for these settings,
+    printed to `log` and checked against max_gpu_memory (GiB; 0 = the device's free memory): a
+    configuration that does not fit raises BudgetExceeded, a ModelLoadError (docs/model.md, "Memory
+    budget")."""
     from fvs_ros.model import load_model
 
-    lm = load_model(model_source, dtype=dtype, device=device)
+    config = config or EngineConfig()
+    check = budget_check(config, memory_config, max_gpu_memory, log)
+    lm = load_model(model_source, dtype=dtype, device=device, weights=weights, budget=check)
     engine = StreamEngine(
         lm, memory_config, config, on_summary=on_summary, watcher=watcher, on_watch=on_watch
     )
     return engine.start()
+
+
+def budget_check(config: EngineConfig, memory, max_gpu_memory: float, log):
+    """What load_model checks an engine of `config` against (memory: a MemoryConfig, MemoryConfig
+    fields over the checkpoint's defaults, or None for the defaults)."""
+    from fvs_ros.model import BudgetCheck
+
+    return BudgetCheck(
+        memory,
+        config.max_new_tokens_limit,
+        config.system_prompt,
+        config.prefill_chunk_tokens,
+        config.max_batch,
+        max_gpu_memory,
+        log,
+    )
 
 
 def _fit(frame: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

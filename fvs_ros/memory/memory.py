@@ -173,6 +173,22 @@ class FlashMemory:
         )
         return state + self._bank.nbytes() + self._snapshot.nbytes
 
+    @staticmethod
+    def full_nbytes(config: MemoryConfig, nl: int, nf: int, c: int, dtype: torch.dtype) -> int:
+        """What nbytes() reaches once a bounded bank is full, for Nl / Nf tokens of C features per slot
+        in `dtype` (the full-resolution features' dtype): computed before any frame arrives (the
+        model's memory budget). The snapshot's small per-slot metadata are counted too, as in nbytes."""
+        if config.bank_capacity is None:
+            raise ValueError("an unbounded bank (bank_capacity None) grows with the stream: no full size")
+        k, d, rows = config.csm_slots, nl * c, config.bank_capacity + 1  # + the bank's discard row
+        f32, f64, i64 = 4, 8, 8
+        clusters = d * f32 + k * d * f32 + k * k * f64 + 3 * k * f64 + 2 * k * f64  # reference + Clusters
+        bank = rows * (d * f32 + f64 + nf * c * dtype.itemsize + i64 + f64) + k * rows * f64
+        csm = k * (nl * c * f32 + i64 + f64 + f64 + 2 * f64 + i64 + f64)  # features, weights, times,
+        # stamps, spans, nearest slots and stamps
+        dam = config.dam_frames * (nf * c * dtype.itemsize + i64 + f64)
+        return clusters + bank + csm + dam + config.bank_capacity * i64  # + bank_slots
+
     # ---- writer --------------------------------------------------------------------------
     def update(
         self,

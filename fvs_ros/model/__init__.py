@@ -8,6 +8,7 @@
 See docs/model.md.
 """
 
+from .budget import BudgetCheck, BudgetExceeded, MemoryBudget
 from .checkpoint import ModelLoadError, map_weight_name
 from .video_lm import (
     FrameFeatures,
@@ -20,6 +21,9 @@ from .video_lm import (
 )
 
 __all__ = [
+    "BudgetCheck",
+    "BudgetExceeded",
+    "MemoryBudget",
     "FrameFeatures",
     "Generation",
     "MemoryPrefix",

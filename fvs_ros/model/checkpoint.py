@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
+
+from . import quant
 
 FLASH_VSTREAM = "flash_vstream_qwen2_vl"
 QWEN2_VL = "qwen2_vl"
@@ -187,10 +190,20 @@ def expected_parameters(model: torch.nn.Module) -> tuple[set[str], set[str]]:
     return set(model.state_dict()) - tied, tied
 
 
-def build_model(ckpt: CheckpointConfig, ckpt_dir: Path, dtype: torch.dtype, device: torch.device):
+def build_model(
+    ckpt: CheckpointConfig,
+    ckpt_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: str = "bf16",
+    parts: tuple[str, ...] = ("llm",),
+):
     """Build the transformers model on the meta device and assign the checkpoint's tensors.
 
-    Fails on missing or unexpected tensor names and on weights that do not fit the device.
+    weights "fp8" / "int8": the parts' linear layers (quant.py) are quantized as their tensors
+    are read, one at a time, so the device never holds more than one layer in `dtype` beside the
+    8-bit ones. Returns (model, seconds spent quantizing). Fails on missing or unexpected tensor
+    names and on weights that do not fit the device.
     """
     _, model_cls = ARCHITECTURES[ckpt.model_type]
     with torch.device("meta"):
@@ -206,16 +219,29 @@ def build_model(ckpt: CheckpointConfig, ckpt_dir: Path, dtype: torch.dtype, devi
             f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
             f"{[mapped[u] for u in unexpected[:3]]}"
         )
-    check_fits(names, dtype, device, ckpt_dir)
+    quantized = {f"{name}.weight" for name in quant.targets(model, weights, parts)}
+    check_fits(names, dtype, device, ckpt_dir, quantized, weights)
+    quantize_s = 0.0
     try:
-        state = {}
+        state, eight_bit = {}, {}
         for file in sorted(set(names.values())):
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in f.keys():
-                    if map_weight_name(name) in required:
-                        state[map_weight_name(name)] = f.get_tensor(name).to(dtype)
+                    mapped = map_weight_name(name)
+                    if mapped in quantized:
+                        t0 = time.perf_counter()
+                        eight_bit[mapped.removesuffix(".weight")] = quant.quantize_weight(
+                            f.get_tensor(name), weights
+                        )
+                        quantize_s += time.perf_counter() - t0
+                    elif mapped in required:
+                        state[mapped] = f.get_tensor(name).to(dtype)
         model.load_state_dict(state, strict=False, assign=True)
         del state
+        for name, (q, scale) in eight_bit.items():
+            quant.replace_module(
+                model, name, quant.QuantLinear(q, scale, model.get_submodule(name).bias, dtype)
+            )
         if tied:
             model.lm_head.weight = model.get_input_embeddings().weight
         materialize_buffers(model, device)
@@ -225,7 +251,9 @@ def build_model(ckpt: CheckpointConfig, ckpt_dir: Path, dtype: torch.dtype, devi
         raise ModelLoadError(
             f"{ckpt_dir}: weights do not fit on {device} in {dtype} (out of memory)"
         ) from None
-    return model.eval().requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # quantize_s covers the GPU work
+    return model.eval().requires_grad_(False), quantize_s
 
 
 def is_out_of_memory(err: Exception) -> bool:
@@ -250,18 +278,45 @@ def materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
                 setattr(module, name, buffer)
 
 
-def check_fits(names: dict[str, Path], dtype: torch.dtype, device: torch.device, ckpt_dir: Path) -> None:
+def check_fits(
+    names: dict[str, Path],
+    dtype: torch.dtype,
+    device: torch.device,
+    ckpt_dir: Path,
+    quantized: set[str] = frozenset(),
+    weights: str = "bf16",
+) -> None:
     """Fail early, with sizes, when the weights cannot fit the device's free memory."""
-    need = 0
-    for file in sorted(set(names.values())):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                need += _numel(f.get_slice(name).get_shape()) * dtype.itemsize
+    need = weight_bytes(tensor_shapes(names), dtype, quantized, weights)
     free = free_memory(device)
     if free is not None and need > free:
         raise ModelLoadError(
-            f"{ckpt_dir}: weights need {_gib(need)} in {dtype} but {device} has {_gib(free)} free"
+            f"{ckpt_dir}: weights need {_gib(need)} in {dtype} (weights {weights}) "
+            f"but {device} has {_gib(free)} free"
         )
+
+
+def tensor_shapes(names: dict[str, Path]) -> dict[str, list[int]]:
+    """Parameter name (mapped) -> shape of the checkpoint's tensor, from the safetensors headers."""
+    shapes = {}
+    for file in sorted(set(names.values())):
+        with safe_open(file, framework="pt") as f:
+            shapes.update({map_weight_name(name): f.get_slice(name).get_shape() for name in f.keys()})
+    return shapes
+
+
+def weight_bytes(
+    shapes: dict[str, list[int]], dtype: torch.dtype, quantized: set[str] = frozenset(), weights: str = "bf16"
+) -> int:
+    """Bytes the tensors take once loaded: `dtype`, or for the names in `quantized` 8 bits per weight
+    plus the scales QuantLinear keeps per output row (float32, and int8's copy in `dtype`)."""
+    total = 0
+    for name, shape in shapes.items():
+        if name in quantized:
+            total += _numel(shape) + shape[0] * (4 + quant.scale_copy_bytes(weights, dtype))
+        else:
+            total += _numel(shape) * dtype.itemsize
+    return total
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -30,7 +30,10 @@ import torch
 from transformers import AutoTokenizer, DynamicCache
 from transformers.vision_utils import get_vision_window_index
 
-from . import evidence
+from fvs_ros.memory import MemoryConfig
+
+from . import budget, evidence, quant
+from .budget import BudgetCheck, MemoryBudget
 from .checkpoint import QWEN2_5_VL, CheckpointConfig, ModelLoadError, build_model, read_config, resolve_source
 from .conditions import ConditionScorer, ConditionScores
 from .evidence import BlockAttention, MemoryLayout, QueryRecorder, block_attention, memory_layout
@@ -114,6 +117,10 @@ class VideoLM:
         self.lm_head = model.lm_head
         self.device = self.lm_head.weight.device
         self.dtype = self.lm_head.weight.dtype
+        # 8-bit linear layers (quant.py): "bf16" when there are none
+        self.weights = next((m.mode for m in model.modules() if isinstance(m, quant.QuantLinear)), "bf16")
+        self.quantize_s = 0.0  # load_model: seconds spent quantizing while reading the checkpoint
+        self.budget: MemoryBudget | None = None  # load_model(budget=): the estimate checked at load
         vision = model.config.vision_config
         self.feature_dim = vision.hidden_size if self.model_type == QWEN2_5_VL else vision.embed_dim
         self.vision_end_id = model.config.vision_end_token_id
@@ -585,10 +592,18 @@ def load_model(
     max_pixels: int = MAX_PIXELS,
     fast_decode: bool | None = None,
     fast_vision: bool | None = None,
+    weights: str = "bf16",
+    budget: BudgetCheck | None = None,
 ) -> VideoLM:
     """Load a Flash-VStream-Qwen2-VL, Qwen2-VL or Qwen2.5-VL checkpoint (hub id or local directory).
 
     device and dtype: objects, names or 'auto' (resolve_device_dtype).
+    weights: "bf16" (the checkpoint's numerics, in `dtype`), "fp8" or "int8": the LLM's linear
+    layers quantized while the checkpoint is read (quant.py); lm.quantize_s says how long that took.
+    budget: before any weight is read, estimate the device memory of that configuration
+    (budget.py), print it to budget.log, and refuse with BudgetExceeded (a ModelLoadError) when it
+    does not fit;
+    lm.budget keeps the estimate.
     fast_decode: answer() through FastDecoder (static KV cache, CUDA graphs); None = on CUDA only.
     fast_vision: streamed frames through FastVision (packed attention, CUDA graphs); None = on CUDA only.
 
@@ -600,8 +615,15 @@ def load_model(
             "this transformers version is too old: fvs_ros.model needs the 5.x `cache=` LLM API"
         )
     device, dtype = resolve_device_dtype(device, dtype)
+    try:
+        quant.check_mode(weights, device, dtype)
+    except quant.QuantizationUnsupported as err:
+        raise ModelLoadError(str(err)) from None
     ckpt_dir = resolve_source(source)
     checkpoint = read_config(ckpt_dir)
+    estimate = None
+    if budget is not None:
+        estimate = check_budget(ckpt_dir, checkpoint, device, dtype, weights, max_pixels, budget)
     try:
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, config=checkpoint.hf_config)
     except Exception as err:
@@ -610,13 +632,55 @@ def load_model(
         chat = chat_format(ckpt_dir, tokenizer)
     except Exception as err:  # template syntax or layout: either way the prompt cannot be built
         raise ModelLoadError(f"{ckpt_dir}: unusable chat template: {err}") from None
-    model = build_model(checkpoint, ckpt_dir, dtype, device)
+    model, quantize_s = build_model(checkpoint, ckpt_dir, dtype, device, weights)
     on_cuda = device.type == "cuda"
     fast_decode = on_cuda if fast_decode is None else fast_decode
     fast_vision = on_cuda if fast_vision is None else fast_vision
-    return VideoLM(
+    lm = VideoLM(
         model, tokenizer, chat, checkpoint, ckpt_dir, min_pixels, max_pixels, fast_decode, fast_vision
     )
+    lm.quantize_s, lm.budget = quantize_s, estimate
+    if budget is not None and budget.log is not None and weights != "bf16":
+        budget.log(
+            f"weights {weights}: {quant.quantized_layers(model)} linear layers quantized in "
+            f"{quantize_s:.2f} s"
+        )
+    return lm
+
+
+def check_budget(
+    ckpt_dir: Path,
+    checkpoint: CheckpointConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    weights: str,
+    max_pixels: int,
+    request: BudgetCheck,
+) -> MemoryBudget:
+    """The configuration's memory budget, printed to request.log; ModelLoadError when it does not fit."""
+    memory = request.memory
+    if not isinstance(memory, MemoryConfig):
+        memory = MemoryConfig(**{**checkpoint.memory_defaults, **dict(memory or {})})
+    try:
+        estimate = budget.estimate(
+            budget.checkpoint_shapes(ckpt_dir),
+            checkpoint,
+            dtype,
+            weights,
+            memory,
+            max_pixels=max_pixels,
+            max_new_tokens=request.max_new_tokens,
+            system_prompt=request.system_prompt,
+            chunk_tokens=request.chunk_tokens,
+            vit_batch=request.vit_batch,
+            fast_decode=device.type == "cuda",
+        )
+    except ValueError as err:  # an unbounded bank has no size
+        raise ModelLoadError(f"memory budget: {err}") from None
+    log = request.log or (lambda line: None)
+    log(f"memory budget on {device}: {estimate.describe()}")
+    log(f"checked against {budget.check(estimate, device, request.max_gib)}: fits")
+    return estimate
 
 
 def _text_model_forward():

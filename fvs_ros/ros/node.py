@@ -47,7 +47,7 @@ from fvs_ros.engine.grounding import DETAIL, EvidenceItem
 from fvs_ros.engine.settings import engine_config, memory_config, watch_config
 from fvs_ros.engine.thumbnails import encode_jpeg
 from fvs_ros.engine.watch import Watcher, WatchError, WatchResult
-from fvs_ros.model import ModelLoadError, resolve_device_dtype
+from fvs_ros.model import BudgetExceeded, ModelLoadError, resolve_device_dtype
 from fvs_ros.msg import Evidence, SceneSummary, WatchEvaluation, WatchEvent
 from fvs_ros.ros import diagnostics, params
 from fvs_ros.ros.ask_action import MAX_GOALS, AskStreamServer
@@ -164,7 +164,9 @@ class FvsNode(LifecycleNode):
                 "then configure again"
             )
             return FAILURE
-        self.get_logger().info(f"loading model '{p['model']}' (device {p['device']}, dtype {p['dtype']})")
+        self.get_logger().info(
+            f"loading model '{p['model']}' (device {p['device']}, dtype {p['dtype']}, weights {p['weights']})"
+        )
         t0 = time.perf_counter()
         try:
             self._engine = open_engine(
@@ -173,10 +175,16 @@ class FvsNode(LifecycleNode):
                 config,
                 device=p["device"],
                 dtype=p["dtype"],
+                weights=p["weights"],
+                max_gpu_memory=p["max_gpu_memory"],
+                log=self.get_logger().info,
                 on_summary=self._publish_summary,
                 watcher=watcher,
                 on_watch=self._publish_watch,
             )
+        except BudgetExceeded as e:  # the model is fine; these settings need more memory than allowed
+            self.get_logger().error(f"configure failed: {e}")
+            return FAILURE
         except ModelLoadError as e:
             self.get_logger().error(f"cannot load model '{p['model']}': {e} -- {TINY_MODEL_HINT}")
             return FAILURE

@@ -129,6 +129,22 @@ SPECS = {
         "Model dtype; auto = bfloat16 on CUDA, float32 on CPU.",
         choices=("auto", "bfloat16", "float16", "float32"),
     ),
+    "weights": Spec(
+        str,
+        CONFIGURE,
+        "Weights of the language model's linear layers: bf16 = the checkpoint's numerics (in dtype); "
+        "fp8 = e4m3 weights and per-token activation scales (GPUs with FP8 tensor cores: Ada, Hopper); "
+        "int8 = 8-bit weight-only (any GPU, CPU). Quantized at configure from the checkpoint; 8-bit "
+        "weights are not the numerics the checkpoint was evaluated with.",
+        choices=("bf16", "fp8", "int8"),
+    ),
+    "max_gpu_memory": Spec(
+        float,
+        CONFIGURE,
+        "GiB of device memory this node may take; configure estimates weights, memory, prefix KV "
+        "and activations first and refuses a configuration over it. 0 = the device's free memory.",
+        range=(0.0, 4096.0),
+    ),
     "csm_slots": Spec(int, CONFIGURE, "Context synopsis memory size (k-means centroids).", range=(1, 1024)),
     "dam_frames": Spec(
         int,

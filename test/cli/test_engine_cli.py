@@ -65,7 +65,9 @@ def test_questions_at_stream_times_see_the_video_up_to_then(ckpt, video, capsys,
     assert [a["last_stamp"] for a in answers] == last and all(a["error"] is None for a in answers)
     fps = 1 if layout else 2
     assert {a["frames_per_slot"] for a in answers} == {fps}
-    assert out.err.startswith(f"memory: slots of {fps} frame(s)")
+    lines = out.err.splitlines()
+    assert lines[0].startswith("memory budget on cpu: weights") and lines[1].startswith("checked against")
+    assert lines[2].startswith(f"memory: slots of {fps} frame(s)")
     stats = json.loads(out.err.splitlines()[-1])["stats"]
     assert (stats["frames_in"], stats["frames_into_memory"], stats["errors"]) == (40, 4, 0)
 
@@ -102,3 +104,14 @@ def test_bad_arguments_are_reported(ckpt, video, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot open video"):
         main([str(tmp_path / "missing.mp4"), "--model", str(ckpt)])
+
+
+def test_weights_and_memory_budget_options(ckpt, video, capsys):
+    """--weights int8 quantizes at load (and says so); a --max-gpu-memory below the budget refuses
+    before loading, with the sizes, and exits 2."""
+    assert main([str(video), "--model", str(ckpt), "--end", "1", "--weights", "int8"]) == 0
+    err = capsys.readouterr().err
+    assert "(int8, float32)" in err and "linear layers quantized in" in err
+    assert main([str(video), "--model", str(ckpt), "--max-gpu-memory", "0.0001"]) == 2
+    err = capsys.readouterr().err
+    assert "error: this configuration needs about weights" in err and "max_gpu_memory 0.0001 GiB" in err

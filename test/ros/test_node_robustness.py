@@ -217,6 +217,27 @@ def test_contradicting_parameters_fail_configure_with_the_reason(node, client):
     assert client.wait_ready() and client.ask().success
 
 
+def test_configure_checks_weights_and_the_memory_budget(node, client):
+    """Issue 22: a configuration over max_gpu_memory was learned from an out-of-memory error. Now
+    configure prints the budget before loading and refuses with the sizes; an unknown weights mode
+    is refused when set; int8 weights load (quantized at configure, time logged) and answer."""
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+    assert client.change_state(Transition.TRANSITION_CLEANUP)
+    refused = client.set_parameter("weights", "int4")
+    assert not refused.successful and refused.reason == "'int4' is not one of bf16, fp8, int8"
+    assert client.set_parameter("weights", "int8").successful
+    assert client.set_parameter("max_gpu_memory", 0.001).successful  # ~1 MiB: less than the tiny model needs
+    assert not client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert "configure failed: this configuration needs about weights" in node.text()
+    assert "but max_gpu_memory 0.001 GiB on cpu: 1.0 MiB" in node.text()
+    assert client.set_parameter("max_gpu_memory", 0.0).successful
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert "memory budget on cpu: weights" in node.text() and "(int8, float32)" in node.text()
+    assert "linear layers quantized in" in node.text()
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert client.wait_ready() and client.ask().success
+
+
 def test_the_shutdown_transition_ends_the_process(node, client, memory_dir):
     assert client.change_state(Transition.TRANSITION_ACTIVE_SHUTDOWN)
     assert node.proc.wait(30) == 0, node.text()
