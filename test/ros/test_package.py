@@ -30,6 +30,7 @@ ROSDEP_KEYS = {
 # Libraries with no rosdep key, installed from requirements-model.txt: import name -> pip name.
 PIP_ONLY = {
     "torch": "torch",
+    "triton": "torch",  # optional GPU kernels (model/quant_triton.py): CUDA builds of torch bring it
     "transformers": "transformers",
     "huggingface_hub": "huggingface_hub",
     "safetensors": "safetensors",
