@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the node")
     parser.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    parser.add_argument(
+        "--camera",
+        action="append",
+        default=[],
+        help="add/remove/list on this camera only (repeatable; default: every camera)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="watch a condition")
     add.add_argument("condition", help="e.g. 'a person is at the door'")
@@ -158,7 +164,7 @@ def run(args=None) -> int:
         if not wait_for_service(node, client, options.wait):
             print(f"service {service} is not available (waited {options.wait:g} s)", file=sys.stderr)
             return EXIT_UNREACHABLE
-        request = Watch.Request(command=options.command)
+        request = Watch.Request(command=options.command, cameras=options.camera)
         if options.command == "add":
             request.condition, request.threshold, request.name = (
                 options.condition,

@@ -118,8 +118,13 @@ class EngineHost:
             return list(self._scheduler.waiting), list(self._scheduler.running)
 
 
-def open_host(model_source, *, device="auto", dtype="auto", aging_s: float = 1.0) -> EngineHost:
-    """Load a checkpoint once (load_model; raises ModelLoadError) for streams opened with open_stream()."""
+def open_host(
+    model_source, *, device="auto", dtype="auto", weights: str = "bf16", budget=None, aging_s: float = 1.0
+) -> EngineHost:
+    """Load a checkpoint once (load_model; raises ModelLoadError, BudgetExceeded) for streams opened
+    with open_stream(). budget: load_model's BudgetCheck (stream_engine.budget_check), which
+    estimates the model and one stream: each further camera's memory and prefix come on top."""
     from fvs_ros.model import load_model
 
-    return EngineHost(load_model(model_source, dtype=dtype, device=device), aging_s=aging_s)
+    lm = load_model(model_source, dtype=dtype, device=device, weights=weights, budget=budget)
+    return EngineHost(lm, aging_s=aging_s)
