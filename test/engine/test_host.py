@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from support.engines import LONG, wait_for
 
-from fvs_ros.engine import EngineConfig, EngineHost, QuestionError, StreamEngine
+from fvs_ros.engine import EngineConfig, EngineHost, FrameError, QuestionError, StreamEngine
 from fvs_ros.engine.scheduler import Priority
 from fvs_ros.model import load_model
 from fvs_ros.model.several_videos import prefill_videos
@@ -114,6 +114,26 @@ def test_question_about_two_cameras_then_one(lm, engines):
     assert streams["front"].ask("What is on the table?").text == alone.text
     with pytest.raises(QuestionError):
         host.ask_several([streams["front"]], "What is on the table?")
+
+
+def test_one_cameras_bad_frames_and_reset_never_touch_the_other(lm, engines):
+    host = EngineHost(lm)
+    front, wrist = (host.open_stream(n, config=EngineConfig(**CONFIG)).start() for n in ("front", "wrist"))
+    engines += [front, wrist]
+    fed(front, frames(7, 4))
+    before = front.ask("What is on the table?")
+    for bad in (np.zeros((H, W), np.uint8), np.zeros((H, W, 3), np.float32), "frame"):
+        with pytest.raises(FrameError):
+            wrist.add_frame(bad, 1.0)
+    fed(wrist, frames(8, 2))
+    wrist.reset()
+    assert (
+        wrist.stats().frames_seen == 0 and wrist.stats().frames_rejected == 0
+    )  # reset restarts its counters
+    s = front.stats()
+    assert s.frames_rejected == 0 and s.frames_into_memory == 4 and s.frames_seen == 4
+    after = front.ask("What is on the table?")
+    assert (after.text, after.last_stamp, after.frames_seen) == (before.text, before.last_stamp, 4)
 
 
 def test_concurrent_questions_and_frames_of_two_cameras(lm, engines):
