@@ -58,7 +58,10 @@ def ask_several(
     if not timeout > 0:
         raise QuestionError(f"timeout must be > 0 seconds, got {timeout}")
     t0, deadline = time.perf_counter(), time.monotonic() + timeout
-    stopped = lambda: (cancel is not None and cancel.is_set()) or time.monotonic() > deadline  # noqa: E731
+
+    def stopped() -> bool:
+        return (cancel is not None and cancel.is_set()) or time.monotonic() > deadline
+
     for s in streams:
         if not s.stats().running:
             raise EngineError(f"camera {s.name!r} is not running")

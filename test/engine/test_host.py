@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from support.engines import LONG, wait_for
 
-from fvs_ros.engine import EngineConfig, EngineHost, FrameError, QuestionError, StreamEngine
+from fvs_ros.engine import AnswerCancelled, EngineConfig, EngineHost, FrameError, QuestionError, StreamEngine
 from fvs_ros.engine.scheduler import Priority
 from fvs_ros.model import load_model
 from fvs_ros.model.several_videos import prefill_videos
@@ -114,6 +114,15 @@ def test_question_about_two_cameras_then_one(lm, engines):
     assert streams["front"].ask("What is on the table?").text == alone.text
     with pytest.raises(QuestionError):
         host.ask_several([streams["front"]], "What is on the table?")
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(AnswerCancelled):
+        host.ask_several([streams["front"], streams["wrist"]], "What is on the table?", cancel=cancel)
+    tokens = []
+    streamed = host.ask_several(
+        [streams["front"], streams["wrist"]], "What is on the table?", on_token=tokens.append
+    )
+    assert "".join(tokens) == streamed.text == both.text
 
 
 def test_one_cameras_bad_frames_and_reset_never_touch_the_other(lm, engines):
