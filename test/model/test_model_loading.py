@@ -238,3 +238,46 @@ def test_device_and_dtype_by_name_or_auto():
         resolve_device_dtype("cpu", "int8")
     with pytest.raises(ModelLoadError, match="unknown device"):
         resolve_device_dtype("gpu7", "auto")
+
+
+def shard_checkpoint(ckpt: Path, names: dict) -> None:
+    """Split model.safetensors into the shards `names` gives (shard name -> tensor predicate), with
+    an index naming them."""
+    weights = load_file(ckpt / "model.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    weight_map = {}
+    for shard, wanted in names.items():
+        part = {n: t for n, t in weights.items() if wanted(n)}
+        save_file(part, ckpt / shard)
+        weight_map.update({n: shard for n in part})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    ckpt = copy_checkpoint(OFFICIAL_CKPT, tmp_path / "ckpt")
+    shard_checkpoint(
+        ckpt,
+        {
+            "a.safetensors": lambda n: n.startswith("visual."),
+            "b.safetensors": lambda n: not n.startswith("visual."),
+        },
+    )
+    assert len(load_model(ckpt).model.state_dict()) == 58
+
+
+@pytest.mark.parametrize("escape", ["../../etc/hostname", "/etc/hostname", "link.safetensors"])
+def test_a_shard_outside_the_checkpoint_is_refused(tmp_path, escape):
+    """Issue 24 item 16: an index naming `../../etc/hostname` made the loader open that file. Shard
+    names are file names inside the checkpoint directory; a symlink out of it is refused too."""
+    outside = tmp_path / "outside.safetensors"
+    ckpt = copy_checkpoint(OFFICIAL_CKPT, tmp_path / "ckpt")
+    shard_checkpoint(ckpt, {"a.safetensors": lambda n: True})
+    save_file({"x": torch.zeros(1)}, outside)
+    (ckpt / "link.safetensors").symlink_to(outside)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"]["visual.merger.mlp.2.bias"] = escape
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(ckpt)
+    assert_one_line(err, repr(escape))
+    assert "outside the checkpoint" in str(err.value) or "not a file name" in str(err.value)
