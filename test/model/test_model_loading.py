@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -281,3 +282,42 @@ def test_a_shard_outside_the_checkpoint_is_refused(tmp_path, escape):
         load_model(ckpt)
     assert_one_line(err, repr(escape))
     assert "outside the checkpoint" in str(err.value) or "not a file name" in str(err.value)
+
+
+LOOPING = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # 1e10 steps
+
+
+def test_a_chat_template_that_never_ends_fails_the_load_instead_of_hanging(tmp_path):
+    """Issue 24 item 11: a template looping 1e10 times (each range() within jinja's sandbox limit)
+    hung configure for good. Rendering has a step budget; past it the load fails, saying why."""
+    ckpt = copy_checkpoint(OFFICIAL_CKPT, tmp_path / "ckpt")
+    template = json.loads((ckpt / "chat_template.json").read_text())
+    template["chat_template"] = LOOPING + template["chat_template"]
+    (ckpt / "chat_template.json").write_text(json.dumps(template))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(ckpt)
+    assert_one_line(err, "unusable chat template", "did not finish within")
+
+
+def test_the_render_budget_works_off_the_main_thread():
+    """Configure runs on an executor thread, where no signal can interrupt a render."""
+    from fvs_ros.model.prompt import TemplateTooLong, render_bounded
+
+    def spin():
+        n = 0
+        while True:
+            n += 1
+
+    outcome = []
+
+    def run():
+        try:
+            render_bounded(spin, budget=10_000)
+        except TemplateTooLong as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive() and len(outcome) == 1
+    assert render_bounded(lambda: "ok", budget=10) == "ok"
