@@ -9,6 +9,7 @@ tests all drive this class. Design and threading are described in docs/engine.md
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -24,6 +25,7 @@ from typing import Callable, Optional, Protocol
 import numpy as np
 import torch
 
+from fvs_ros.engine.clock import STAMP_LIMIT_S, Placement, StreamClock, legacy_state
 from fvs_ros.engine.grounding import EvidenceItem, evidence_items
 from fvs_ros.engine.memory_view import MemoryView, render_memory_view
 from fvs_ros.engine.persistence import SavedStateError, read_saved, write_saved
@@ -88,7 +90,9 @@ class EngineConfig:
     queue_size: int = 32  # sampled frames waiting for the ViT, whole slots; the oldest slot is dropped
     max_batch: int = 16  # frames encoded per ViT call (whatever is queued, whole slots, at least one)
     max_frame_side: int = 8192  # larger frames are rejected (FrameError)
-    max_stamp_backstep_s: float = 1.0  # older stamps by up to this: out of order, rejected; more: a jump back
+    # How far a frame's stamp may run ahead of its source clock's previous frame beyond the time it
+    # took to arrive, and still continue that clock (fvs_ros/engine/clock.py).
+    stamp_slack_s: float = 1.0
     max_question_chars: int = 2000
     max_new_tokens: int = 128  # default answer length
     max_new_tokens_limit: int = 1024  # largest max_new_tokens a caller may ask for
@@ -132,7 +136,7 @@ class EngineConfig:
             "max_prefix_lag_s",
             "prefill_chunk_tokens",
             "prefix_yield_budget_s",
-            "max_stamp_backstep_s",
+            "stamp_slack_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -178,7 +182,7 @@ class EngineStats:
     queue_depth: int  # slots waiting for the ViT
     frame_size: Optional[tuple[int, int]]  # (H, W) ViT input size every frame is resized to (see add_frame)
     frame_size_changes: int  # frames whose size differed from the previous frame's
-    stamp_jumps: int  # jumps back in stamps the stream clock continued across (see add_frame)
+    stamp_jumps: int  # frames whose stamp went back: a new source clock (clock.py), counted
     memory_version: int
     frames_seen: int  # frames in the current memory snapshot (its slots x frames_per_slot)
     last_update_time: Optional[float]  # time.time() of the last memory update
@@ -197,6 +201,7 @@ class EngineStats:
     errors: int  # caught in the workers (model errors, CUDA OOM, ...)
     last_error: Optional[str]
     device_memory_bytes: Optional[int]  # torch.cuda.memory_allocated on CUDA, else None
+    stamp_note: Optional[str] = None  # what the latest stamp jump was (stamp_jumps)
 
 
 @dataclass
@@ -208,6 +213,7 @@ class _Counters:
     frames_into_memory: int = 0
     frame_size_changes: int = 0
     stamp_jumps: int = 0
+    stamp_note: Optional[str] = None
     last_update_time: Optional[float] = None
     last_update_s: Optional[float] = None
     last_batch_size: int = 0
@@ -243,6 +249,7 @@ class _Counters:
         state = {**_Counters().frame_state(), **(state or {})}
         for k in self._FRAME_FIELDS:
             setattr(self, k, state[k])
+        self.frame_size_note = self.stamp_note = None
 
     @classmethod
     def check_saved(cls, state) -> dict:
@@ -378,8 +385,10 @@ class StreamEngine:
         )
         self._summarized: Optional[Published] = None
         self._last_summary_t = time.monotonic()
+        self._clock = StreamClock(self.config.stamp_slack_s)  # stream time <-> frame stamps
         self._reset_stream_state()
         self._size_logged_at = -math.inf  # time.monotonic() of the last frame-size-change log line
+        self._jump_logged_at = -math.inf  # ... and of the last stamp-jump line
         self._busy = False
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = False
@@ -465,24 +474,26 @@ class StreamEngine:
         to the last complete slot). Never blocks: a full queue drops its oldest slot. Raises
         FrameError on bad input.
 
-        Stamps: one older than the previous frame's by at most max_stamp_backstep_s is out of order
-        (FrameError); an older one is a jump back of the source's clock (a replay restarting, a
-        camera clock reset): the stream clock carries on from the previous frame and later frames
-        keep their spacing (stamp_jumps, logged). Sizes: the model's size rule (lm.frame_size:
+        Stamps: the stream clock (fvs_ros/engine/clock.py) gives each frame a stream time that never
+        decreases (sampling and memory order use it); a stamp that goes back starts a new source
+        clock (stamp_jumps, logged); no stamp blocks the stream. Reported stamps are always the
+        frames' own (stamp_of). Sizes: the model's size rule (lm.frame_size:
         multiples of 56 within its pixel budget) applied to the first frame gives the stream's
         input size, and every frame is resized straight to it, whatever its own size (memory holds
         one input size until reset); a size change is counted and logged.
         """
         frame_stamp = self._counting_rejects(self._check_frame, frame, stamp)
         with self._lock:
-            t = self._admit(frame_stamp)
+            p = self._admit(frame_stamp)
+            t = p.time
             self._follow_size(frame.shape[0], frame.shape[1])
-            self._commit_stamp(frame_stamp, t)
+            self._commit_stamp(p)
             self._counters.frames_in += 1
             if not self._due(t):
                 self._counters.frames_skipped += 1
                 return False
             self._advance(t)
+            self._clock.record(p)
             fitted = _fit(frame, self._frame_hw)
             self._slot.append((frame.copy() if fitted is frame else fitted, t))
             if len(self._slot) == self.config.frames_per_slot:
@@ -500,10 +511,10 @@ class StreamEngine:
         nothing changes until add_frame(). Raises FrameError for a bad or out-of-order stamp."""
         frame_stamp = self._counting_rejects(_check_stamp_value, stamp)
         with self._lock:
-            t = self._admit(frame_stamp)
-            if self._due(t):
+            p = self._admit(frame_stamp)
+            if self._due(p.time):
                 return True
-            self._commit_stamp(frame_stamp, t)
+            self._commit_stamp(p)
             self._counters.frames_in += 1
             self._counters.frames_skipped += 1
         return False
@@ -540,36 +551,31 @@ class StreamEngine:
             raise FrameError(f"frame {h}x{w} exceeds max_frame_side={self.config.max_frame_side}")
         return _check_stamp_value(stamp)
 
-    def _admit(self, stamp: float) -> float:
-        """Stream time of a frame stamped `stamp` (nothing changes yet); FrameError if out of order."""
+    def _admit(self, stamp: float) -> Placement:
+        """Where a frame stamped `stamp` lands on the stream clock (nothing changes yet)."""
         if self._stopping:
             raise EngineError("engine is shut down")
-        t, last = stamp + self._stamp_offset, self._last_stamp
-        if last is None or t >= last:
-            return t
-        if last - t <= self.config.max_stamp_backstep_s:
-            self._counters.frames_rejected += 1
-            raise FrameError(
-                f"stamp {stamp:.3f} s is older than the previous frame's {last - self._stamp_offset:.3f} s "
-                f"(out of order); a jump back of more than {self.config.max_stamp_backstep_s:g} s "
-                f"continues the stream"
-            )
-        return last  # a jump back: the stream clock carries on from the previous frame
+        return self._clock.place(stamp)
 
-    def _commit_stamp(self, stamp: float, t: float):
-        """The stream is now at `t` (from _admit for `stamp`)."""
-        if t != stamp + self._stamp_offset:
+    def _commit_stamp(self, p: Placement):
+        """The stream is now at the frame placed as `p`; a jump is counted and logged (one line per
+        5 s: a source whose stamps always go back would flood the log)."""
+        if p.jump:
             self._counters.stamp_jumps += 1
-            log.warning(
-                "frame stamps jumped back by %.3f s (from %.3f to %.3f s): the stream clock carries on "
-                "from %.3f s, later frames keep their spacing",
-                t - self._stamp_offset - stamp,
-                t - self._stamp_offset,
-                stamp,
-                t,
+            self._counters.stamp_note = (
+                f"frame stamp {p.stamp:.3f} s went back: a new source clock continues the stream "
+                f"({self._counters.stamp_jumps} jumps); reported stamps stay the frames' own"
             )
-            self._stamp_offset = t - stamp
-        self._last_stamp = t
+            now = time.monotonic()
+            if now - self._jump_logged_at >= 5.0:
+                self._jump_logged_at = now
+                log.warning("%s", self._counters.stamp_note)
+        self._clock.commit(p)
+
+    def stamp_of(self, t: Optional[float]) -> Optional[float]:
+        """The frame stamp a stream time of the memory (a snapshot's stamps) stands for (clock.py)."""
+        with self._lock:
+            return self._clock.stamp_of(t)
 
     def _due(self, t: float) -> bool:
         """Memory sampling by stream time: a frame is taken when the next sampling instant is reached."""
@@ -620,10 +626,9 @@ class StreamEngine:
     def _reset_stream_state(self):
         self._queue.clear()
         self._slot: list = []  # sampled frames of the slot being filled: dropped by reset/load, not saved
-        self._last_stamp: Optional[float] = None  # stream time of the newest frame
-        self._stamp_offset = 0.0  # stream time = frame stamp + this (changes at a jump back)
+        self._clock.reset()
         self._next_due: Optional[float] = None
-        self._source_hw: Optional[tuple[int, int]] = None  # the latest frame's size
+        self._source_hw: Optional[tuple[int, int]] = None  # the latest frame's size ...
         self._frame_hw: Optional[tuple[int, int]] = None  # the model input size every frame is resized to
 
     # ----------------------------------------------------------------- frame worker
@@ -859,7 +864,7 @@ class StreamEngine:
         src, count = p.source, self.config.evidence_frames
 
         def ground(shares):  # an event's evidence: the blocks its condition attended to most
-            return evidence_items(shares, src.snapshot, count, self._thumbs)
+            return self._own_stamps(evidence_items(shares, src.snapshot, count, self._thumbs))
 
         try:
             with self._prefixes.gpu_busy("answer"):  # the builder pauses between chunks meanwhile
@@ -867,7 +872,7 @@ class StreamEngine:
                     self.lm,
                     p.prefix,
                     (src.epoch, src.snapshot.version),
-                    stamp=_opt_float(src.snapshot.last_stamp),
+                    stamp=self.stamp_of(src.snapshot.last_stamp),
                     frames_seen=int(src.snapshot.frames_seen) * self.config.frames_per_slot,
                     memory_updated_at=src.updated_at,
                     sync=self._sync,
@@ -992,8 +997,8 @@ class StreamEngine:
         grounding = {}
         if gen.attention is not None:
             grounding = dict(
-                evidence=evidence_items(
-                    gen.attention.shares(), snap, self.config.evidence_frames, self._thumbs
+                evidence=self._own_stamps(
+                    evidence_items(gen.attention.shares(), snap, self.config.evidence_frames, self._thumbs)
                 ),
                 memory_attention=gen.attention.memory_fraction,
                 evidence_s=gen.attention.seconds,
@@ -1003,8 +1008,8 @@ class StreamEngine:
             text=gen.text,
             frames_seen=int(snap.frames_seen) * fps,
             frames_in_memory=int(len(snap.csm_weights)),
-            first_stamp=_opt_float(pub.first_stamp),
-            last_stamp=_opt_float(snap.last_stamp),
+            first_stamp=self.stamp_of(pub.first_stamp),
+            last_stamp=self.stamp_of(snap.last_stamp),
             ttft_s=t_gen - req.submitted + gen.ttft_s,
             total_s=time.perf_counter() - req.submitted,
             num_tokens=len(gen.token_ids),
@@ -1014,9 +1019,17 @@ class StreamEngine:
             **grounding,
         )
 
+    def _own_stamps(self, items) -> tuple[EvidenceItem, ...]:
+        """Evidence items with the frames' own stamps (they are computed on stream time)."""
+        with self._lock:
+            of = self._clock.stamp_of
+            return tuple(
+                dataclasses.replace(i, stamp=of(i.stamp), span=(of(i.span[0]), of(i.span[1]))) for i in items
+            )
+
     def _received_stamp(self) -> Optional[float]:
         with self._lock:
-            return self._last_stamp
+            return self._clock.last
 
     @staticmethod
     def _memory_lag(req: _Request, snap: MemorySnapshot) -> Optional[float]:
@@ -1077,8 +1090,7 @@ class StreamEngine:
                     "first_stamp": self._published.first_stamp,
                     "source_size": self._source_hw,
                     "frame_size": self._frame_hw,
-                    "last_stamp": self._last_stamp,
-                    "stamp_offset": self._stamp_offset,
+                    "clock": self._clock.state(),
                     "next_due": self._next_due,
                     "counters": self._counters.frame_state(),
                     "extra": dict(extra or {}),
@@ -1123,8 +1135,8 @@ class StreamEngine:
             if self._thumbs is not None:  # the loaded memory's frames: no thumbnails (not saved)
                 self._thumbs.clear()
             self._source_hw, self._frame_hw = state["source_size"], state["frame_size"]
-            self._last_stamp, self._next_due = state["last_stamp"], state["next_due"]
-            self._stamp_offset = state["stamp_offset"]
+            self._clock.restore(state["clock"])
+            self._next_due = state["next_due"]
             self._counters.reset_frames(state["counters"])
             snap = memory.snapshot()
             first = state["first_stamp"] if state["first_stamp"] is not None else snap.first_stamp
@@ -1149,6 +1161,18 @@ class StreamEngine:
                     f"cannot restore {path}: its memory holds frames of input size {size[1]}x{size[0]}, "
                     f"which this model resizes to {model_size} (another model or pixel budget)"
                 )
+        for name in ("first_stamp", "last_stamp"):
+            value = getattr(snap, name)
+            if value is not None and not abs(value) < STAMP_LIMIT_S:
+                raise SavedStateError(
+                    f"cannot restore {path}: its memory's {name} {value:g} s is no stream time"
+                )
+        last = state["clock"]["last"]
+        if snap.last_stamp is not None and (last is None or last < snap.last_stamp):
+            raise SavedStateError(
+                f"cannot restore {path}: its clock ({last}) is behind its memory's newest stamp "
+                f"({snap.last_stamp}); new frames could never enter that memory"
+            )
         channels = getattr(self.lm, "feature_dim", None)
         if snap.frames_seen and channels is not None and snap.csm_features.shape[-1] != channels:
             raise SavedStateError(
@@ -1274,12 +1298,9 @@ def _fit(frame: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def _check_stamp_value(stamp) -> float:
     try:
-        stamp = float(stamp)
-    except (TypeError, ValueError):
-        raise FrameError(f"stamp must be a number of seconds, got {stamp!r}") from None
-    if not math.isfinite(stamp):
-        raise FrameError(f"stamp must be finite, got {stamp}")
-    return stamp
+        return StreamClock.check(stamp)
+    except ValueError as e:
+        raise FrameError(str(e)) from None
 
 
 def _check_number(name: str, value, optional: bool = False):
@@ -1287,6 +1308,15 @@ def _check_number(name: str, value, optional: bool = False):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number{' or null' if optional else ''}, got {value!r}")
+
+
+def _check_stamp(name: str, value):
+    """A saved stream time: null, or a finite number within the range a stamp holds (clock.py)."""
+    _check_number(name, value, optional=True)
+    if value is not None and abs(value) >= STAMP_LIMIT_S:
+        raise ValueError(
+            f"{name} {value:g} s is outside +-2^31 s, the range a ROS time (int32 seconds) holds"
+        )
 
 
 def _check_size(name: str, value) -> Optional[tuple[int, int]]:
@@ -1309,8 +1339,6 @@ def _checked_index(index: dict) -> dict:
     state = {
         "source_size": _check_size("source_size", index.get("source_size")),
         "frame_size": _check_size("frame_size", index.get("frame_size")),
-        "stamp_offset": index.get("stamp_offset", 0.0),
-        "last_stamp": index.get("last_stamp"),
         "next_due": index.get("next_due"),
         "counters": _Counters.check_saved(index.get("counters", {})),
         "frames_per_slot": index.get("frames_per_slot", 1),  # saved before slots had a layout: one frame
@@ -1319,11 +1347,18 @@ def _checked_index(index: dict) -> dict:
     }
     if (state["source_size"] is None) != (state["frame_size"] is None):
         raise ValueError("source_size and frame_size must both be set or both null")
-    _check_number("stamp_offset", state["stamp_offset"])
     if state["frames_per_slot"] not in (1, 2):
         raise ValueError(f"frames_per_slot must be 1 or 2, got {state['frames_per_slot']!r}")
-    for name in ("last_stamp", "next_due", "first_stamp"):
-        _check_number(name, state[name], optional=True)
+    for name in ("next_due", "first_stamp"):
+        _check_stamp(name, state[name])
+    if "clock" in index:
+        state["clock"] = StreamClock.checked_state(index["clock"])
+    else:  # saved before the stream clock: one stamp offset
+        _check_stamp("last_stamp", index.get("last_stamp"))
+        _check_number("stamp_offset", index.get("stamp_offset", 0.0))
+        state["clock"] = StreamClock.checked_state(
+            legacy_state(index.get("last_stamp"), index.get("stamp_offset", 0.0))
+        )
     if not isinstance(state["extra"], dict):
         raise ValueError(f"extra must be an object, got {state['extra']!r}")
     return state
