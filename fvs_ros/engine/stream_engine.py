@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -32,6 +33,7 @@ from fvs_ros.engine.persistence import SavedStateError, read_saved, write_saved
 from fvs_ros.engine.prefix import MemoryPrefix, Prefix, PrefixCache, PrefixModel, Published
 from fvs_ros.engine.thumbnails import ThumbnailStore, thumbnail
 from fvs_ros.engine.watch import Watcher, WatchError, WatchResult, WatchRunner
+from fvs_ros.engine.workers import WorkerWatch
 from fvs_ros.memory import FlashMemory, MemoryConfig, MemoryFileError, MemorySnapshot
 from fvs_ros.model.preprocess import resize_frames
 from fvs_ros.model.prompt import DEFAULT_SYSTEM_PROMPT
@@ -202,6 +204,9 @@ class EngineStats:
     last_error: Optional[str]
     device_memory_bytes: Optional[int]  # torch.cuda.memory_allocated on CUDA, else None
     stamp_note: Optional[str] = None  # what the latest stamp jump was (stamp_jumps)
+    # A worker thread that died ('the LLM worker stopped: ...'); the engine then refuses questions
+    # with this reason and `running` is False. None while every worker runs.
+    worker_failure: Optional[str] = None
 
 
 @dataclass
@@ -391,6 +396,7 @@ class StreamEngine:
         self._jump_logged_at = -math.inf  # ... and of the last stamp-jump line
         self._busy = False
         self._threads: list[threading.Thread] = []
+        self._workers = WorkerWatch(self._worker_died)
         self._started = self._stopping = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -413,14 +419,27 @@ class StreamEngine:
                 frames_per_slot=self.config.frames_per_slot,
             )
         self._threads = [
-            threading.Thread(target=self._frame_loop, name="fvs-frame-worker", daemon=True),
-            threading.Thread(target=self._llm_loop, name="fvs-llm-worker", daemon=True),
+            self._workers.thread("frame worker", self._frame_loop),
+            self._workers.thread("LLM worker", self._llm_loop),
         ]
         for t in self._threads:
             t.start()
         if self.config.prefix_cache:
-            self._prefixes.start()
+            self._prefixes.start(self._workers.thread)
         return self
+
+    def _worker_died(self, reason: str):
+        """A worker thread ended on an error its loop did not catch (WorkerWatch): the requests
+        waiting fail with the reason, and so does every later one (_submit)."""
+        with self._llm_cv:
+            pending, self._requests = self._requests, []
+            self._llm_cv.notify_all()
+        self._prefixes.wake()  # a question waiting for a prefix gives up (its abandon() sees it)
+        for _, _, req in pending:
+            self._finish(req, error=EngineError(reason))
+        with self._lock:
+            self._counters.errors += 1
+            self._counters.last_error = reason
 
     def _check_context(self):
         """ValueError when the system prompt, a full memory, a question of max_question_chars (one token
@@ -639,10 +658,14 @@ class StreamEngine:
                 taken = self._take_batch()
                 if taken is None:
                     return
-                self._encode_batch(*taken)
-                with self._lock:
-                    self._busy = False
-                    self._idle_cv.notify_all()
+                try:
+                    self._encode_batch(*taken)
+                except Exception as e:  # noqa: BLE001 - one failed batch, not the worker
+                    self._record_error("frame worker", e)
+                finally:
+                    with self._lock:
+                        self._busy = False
+                        self._idle_cv.notify_all()
 
     def _take_batch(self):
         with self._lock:
@@ -791,6 +814,8 @@ class StreamEngine:
         with self._llm_cv:
             if not self._started or self._stopping:
                 raise EngineError("engine is not running (call start(); engines stop at shutdown())")
+            if self._workers.failure is not None:
+                raise EngineError(f"the engine cannot answer: {self._workers.failure}")
             heapq.heappush(self._requests, (priority, next(self._seq), req))
             self._llm_cv.notify_all()
         self._prefixes.wake()  # a summary waiting for a prefix gives way to this request
@@ -834,24 +859,32 @@ class StreamEngine:
                 job = self._next_llm_job()
                 if job is None:
                     return
-                job()
+                run, req = job
+                try:
+                    run()
+                except Exception as e:  # noqa: BLE001 - the job fails with its reason, the loop goes on
+                    if req is not None:
+                        error = EngineError(f"the request failed: {type(e).__name__}: {e}")
+                        error.__cause__ = e
+                        self._finish(req, error=error)
+                    self._record_error("LLM worker", e)
 
-    def _next_llm_job(self) -> Optional[Callable[[], None]]:
-        """Queued requests first (questions before summarize() calls), then the watched conditions on a
-        new prefix, then the periodic summary."""
+    def _next_llm_job(self) -> Optional[tuple[Callable[[], None], Optional[_Request]]]:
+        """(job, its request or None): queued requests first (questions before summarize() calls),
+        then the watched conditions on a new prefix, then the periodic summary."""
         with self._llm_cv:
             while not self._stopping:
                 while self._requests:
                     _, _, req = heapq.heappop(self._requests)
                     if not req.stopped():
-                        return lambda: self._serve(req)
+                        return functools.partial(self._serve, req), req
                 p = self._prefixes.current
                 if p is not None and p.source.epoch == self._published.epoch:
                     if self._watch.due((p.source.epoch, p.source.snapshot.version)):
-                        return lambda: self._evaluate_watch(p)
+                        return functools.partial(self._evaluate_watch, p), None
                 wait_summary = self._summary_wait()
                 if wait_summary == 0:
-                    return self._auto_summary
+                    return self._auto_summary, None
                 self._llm_cv.wait(wait_summary)
             return None
 
@@ -905,7 +938,7 @@ class StreamEngine:
                 req,
                 error=AnswerCancelled("cancelled")
                 if asked
-                else EngineError("engine shut down before answering"),
+                else EngineError(self._workers.failure or "engine shut down before answering"),
             )
             return
         except Exception as e:  # noqa: BLE001
@@ -922,7 +955,7 @@ class StreamEngine:
         """End a request once: nothing if its asker already timed out (counted there), else hand over
         the answer or the error and count it (a shutdown's error counts nowhere)."""
         with self._lock:
-            if req.cancelled:
+            if req.cancelled or req.done.is_set():
                 return
             c = self._counters
             if answer is not None:
@@ -976,7 +1009,13 @@ class StreamEngine:
         kw = {"evidence": True} if req.evidence and self.config.evidence_frames else {}
         if self.config.prefix_cache:
             got = self._prefixes.get(
-                pub, lambda: req.stopped() or self._stopping or (req.preemptible and bool(self._requests))
+                pub,
+                lambda: (
+                    req.stopped()
+                    or self._stopping
+                    or self._workers.failure is not None
+                    or (req.preemptible and bool(self._requests))
+                ),
             )
             if got is None:
                 raise _Cancelled
@@ -1197,7 +1236,8 @@ class StreamEngine:
         c["last_prefill_s"] = self._prefixes.last_build_s
         mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         return EngineStats(
-            running=self._started and not self._stopping,
+            running=self._started and not self._stopping and self._workers.failure is None,
+            worker_failure=self._workers.failure,
             queue_depth=queue_depth,
             frame_size=frame_hw,
             memory_version=int(pub.snapshot.version),
