@@ -92,6 +92,9 @@ class EngineConfig:
     queue_size: int = 32  # sampled frames waiting for the ViT, whole slots; the oldest slot is dropped
     max_batch: int = 16  # frames encoded per ViT call (whatever is queued, whole slots, at least one)
     max_frame_side: int = 8192  # larger frames are rejected (FrameError)
+    # Smaller sides are rejected (FrameError): below one merged ViT patch (28 px) a frame holds no
+    # picture, only a blur the model's resize would spread over its whole input.
+    min_frame_side: int = 28
     # How far a frame's stamp may run ahead of its source clock's previous frame beyond the time it
     # took to arrive, and still continue that clock (fvs_ros/engine/clock.py).
     stamp_slack_s: float = 1.0
@@ -119,6 +122,7 @@ class EngineConfig:
             "queue_size",
             "max_batch",
             "max_frame_side",
+            "min_frame_side",
             "max_question_chars",
             "max_new_tokens",
             "max_new_tokens_limit",
@@ -184,6 +188,9 @@ class EngineStats:
     queue_depth: int  # slots waiting for the ViT
     frame_size: Optional[tuple[int, int]]  # (H, W) ViT input size every frame is resized to (see add_frame)
     frame_size_changes: int  # frames whose size differed from the previous frame's
+    # Frames resized to the memory's input size although the model's size for them differs (the
+    # memory holds one input size until reset); frame_size_note says which sizes (None: none yet).
+    frame_size_mismatches: int
     stamp_jumps: int  # frames whose stamp went back: a new source clock (clock.py), counted
     memory_version: int
     frames_seen: int  # frames in the current memory snapshot (its slots x frames_per_slot)
@@ -203,6 +210,7 @@ class EngineStats:
     errors: int  # caught in the workers (model errors, CUDA OOM, ...)
     last_error: Optional[str]
     device_memory_bytes: Optional[int]  # torch.cuda.memory_allocated on CUDA, else None
+    frame_size_note: Optional[str] = None
     stamp_note: Optional[str] = None  # what the latest stamp jump was (stamp_jumps)
     # A worker thread that died ('the LLM worker stopped: ...'); the engine then refuses questions
     # with this reason and `running` is False. None while every worker runs.
@@ -217,7 +225,9 @@ class _Counters:
     frames_dropped: int = 0
     frames_into_memory: int = 0
     frame_size_changes: int = 0
+    frame_size_mismatches: int = 0
     stamp_jumps: int = 0
+    frame_size_note: Optional[str] = None
     stamp_note: Optional[str] = None
     last_update_time: Optional[float] = None
     last_update_s: Optional[float] = None
@@ -240,6 +250,7 @@ class _Counters:
         "frames_dropped",
         "frames_into_memory",
         "frame_size_changes",
+        "frame_size_mismatches",
         "stamp_jumps",
         "last_update_time",
         "last_update_s",
@@ -568,6 +579,11 @@ class StreamEngine:
             raise FrameError(f"frame is empty: {frame.shape}")
         if max(h, w) > self.config.max_frame_side:
             raise FrameError(f"frame {h}x{w} exceeds max_frame_side={self.config.max_frame_side}")
+        if min(h, w) < self.config.min_frame_side:
+            raise FrameError(
+                f"frame {w}x{h} has a side below min_frame_side={self.config.min_frame_side} px: "
+                "too small to hold a picture"
+            )
         return _check_stamp_value(stamp)
 
     def _admit(self, stamp: float) -> Placement:
@@ -609,38 +625,47 @@ class StreamEngine:
         self._next_due = due if due > t else t + period
 
     def _follow_size(self, h: int, w: int):
-        """Keep the stream's model input size (_frame_hw) for a frame of h x w; count and log changes."""
-        if (h, w) == self._source_hw:
-            return
-        try:
-            size = tuple(int(v) for v in self.lm.frame_size(h, w))
-        except Exception as e:
-            self._counters.frames_rejected += 1
-            raise FrameError(f"frame {h}x{w} cannot be used by the model: {e}") from e
-        old = self._source_hw
-        if self._frame_hw is None:
-            self._frame_hw = size
-        if old is not None:
-            self._counters.frame_size_changes += 1
-            now = time.monotonic()
-            if now - self._size_logged_at >= 5.0:  # a source alternating sizes: one line per 5 s
-                self._size_logged_at = now
-                log.warning(
-                    "frame size changed from %dx%d to %dx%d (%d changes so far): frames are resized to "
-                    "the stream's model input %dx%d%s",
-                    old[1],
-                    old[0],
-                    w,
-                    h,
-                    self._counters.frame_size_changes,
-                    self._frame_hw[1],
-                    self._frame_hw[0],
-                    ""
-                    if size == self._frame_hw
-                    else f" (the model's size for {w}x{h} would be "
-                    f"{size[1]}x{size[0]}; memory keeps one input size until reset)",
-                )
-        self._source_hw = (h, w)
+        """Keep the stream's model input size (_frame_hw) for a frame of h x w.
+
+        The size follows the frames' own (the model's size rule) while nothing of the stream is in
+        memory or being encoded (frames waiting at the old size are resized to the new one); once the
+        memory holds frames it keeps their input size until reset, and a frame whose own model size
+        differs is resized to it, counted in frame_size_mismatches with a note of the sizes."""
+        if (h, w) != self._source_hw:
+            try:
+                size = tuple(int(v) for v in self.lm.frame_size(h, w))
+            except Exception as e:
+                self._counters.frames_rejected += 1
+                raise FrameError(f"frame {h}x{w} cannot be used by the model: {e}") from e
+            old, self._source_hw, self._source_model_hw = self._source_hw, (h, w), size
+            if size != self._frame_hw and not self._published.snapshot.frames_seen and not self._busy:
+                self._frame_hw = size  # frames waiting at the old size follow it
+                self._slot = [(_fit(f, size), t) for f, t in self._slot]
+                for i, slot in enumerate(self._queue):
+                    self._queue[i] = [(_fit(f, size), t) for f, t in slot]
+            if old is not None:
+                self._counters.frame_size_changes += 1
+                now = time.monotonic()
+                if now - self._size_logged_at >= 5.0:  # a source alternating sizes: one line per 5 s
+                    self._size_logged_at = now
+                    log.warning(
+                        "frame size changed from %dx%d to %dx%d (%d changes so far): frames are resized "
+                        "to the stream's model input %dx%d",
+                        old[1],
+                        old[0],
+                        w,
+                        h,
+                        self._counters.frame_size_changes,
+                        self._frame_hw[1],
+                        self._frame_hw[0],
+                    )
+        if self._source_model_hw != self._frame_hw:
+            c, (mh, mw), (fh, fw) = self._counters, self._source_model_hw, self._frame_hw
+            c.frame_size_mismatches += 1
+            c.frame_size_note = (
+                f"frames of {w}x{h} are resized to the memory's input {fw}x{fh} (their own model size is "
+                f"{mw}x{mh}; the memory holds one input size until reset)"
+            )
 
     def _reset_stream_state(self):
         self._queue.clear()
@@ -648,6 +673,7 @@ class StreamEngine:
         self._clock.reset()
         self._next_due: Optional[float] = None
         self._source_hw: Optional[tuple[int, int]] = None  # the latest frame's size ...
+        self._source_model_hw: Optional[tuple[int, int]] = None  # ... and the model's size for it
         self._frame_hw: Optional[tuple[int, int]] = None  # the model input size every frame is resized to
 
     # ----------------------------------------------------------------- frame worker
@@ -1174,6 +1200,7 @@ class StreamEngine:
             if self._thumbs is not None:  # the loaded memory's frames: no thumbnails (not saved)
                 self._thumbs.clear()
             self._source_hw, self._frame_hw = state["source_size"], state["frame_size"]
+            self._source_model_hw = self._frame_hw
             self._clock.restore(state["clock"])
             self._next_due = state["next_due"]
             self._counters.reset_frames(state["counters"])
