@@ -74,7 +74,14 @@ class AnswerTimeout(EngineError, TimeoutError):
 
 
 class AnswerCancelled(EngineError):
-    """The asker cancelled the request (ask(cancel=...)); generation stopped at the next token."""
+    """The asker cancelled the request (ask(cancel=...)); generation stopped at the next token.
+
+    `partial`: the answer as far as it was generated (text, num_tokens: the pieces streamed to
+    on_token so far, and the memory it was computed from), None if it had not started."""
+
+    def __init__(self, message: str = "cancelled", partial: Optional["Answer"] = None):
+        super().__init__(message)
+        self.partial = partial
 
 
 class _Cancelled(Exception):
@@ -333,7 +340,8 @@ class _Request:
     received_stamp: Optional[float] = None  # newest frame stamp received when the request arrived
     evidence: bool = False  # measure the answer's evidence (questions, not summaries)
     cancel: Optional[threading.Event] = None  # the asker's ask(cancel=...): set = stop at the next token
-    pieces: list = field(default_factory=list)  # text generated so far: what a timeout returns
+    source: Optional[Published] = None  # the memory the generation runs on, once it started
+    pieces: list = field(default_factory=list)  # text generated so far: what a timeout or cancel returns
 
     def stopped(self) -> bool:
         """Nobody wants the result any more: timed out, or cancelled by the asker."""
@@ -854,7 +862,7 @@ class StreamEngine:
             if req.cancelled:
                 self._prefixes.wake()  # a wait for a prefix on its behalf ends
                 if asked:
-                    raise AnswerCancelled("cancelled")
+                    raise AnswerCancelled("cancelled", self._partial(req))
                 pieces = list(req.pieces)
                 raise AnswerTimeout(
                     f"no answer within {timeout:.3g} s; the request was cancelled"
@@ -865,6 +873,26 @@ class StreamEngine:
         if req.error is not None:
             raise req.error
         return req.answer
+
+    def _partial(self, req: _Request) -> Optional[Answer]:
+        """What a cancelled request had generated, and from which memory (None: not started)."""
+        pub = req.source
+        if pub is None:
+            return None
+        pieces, snap = list(req.pieces), pub.snapshot
+        dt = time.perf_counter() - req.submitted
+        return Answer(
+            text="".join(pieces),
+            frames_seen=int(snap.frames_seen) * self.config.frames_per_slot,
+            frames_in_memory=int(len(snap.csm_weights)),
+            first_stamp=self.stamp_of(pub.first_stamp),
+            last_stamp=self.stamp_of(snap.last_stamp),
+            ttft_s=dt,
+            total_s=dt,
+            num_tokens=len(pieces),
+            frames_per_slot=self.config.frames_per_slot,
+            memory_lag_s=self._memory_lag(req, snap),
+        )
 
     @staticmethod
     def _wait(req: _Request, timeout: float, cancel: Optional[threading.Event]) -> bool:
@@ -1046,13 +1074,13 @@ class StreamEngine:
             if got is None:
                 raise _Cancelled
             prefix, hit = got
-            pub = prefix.source
+            pub = req.source = prefix.source
             snap = pub.snapshot
             t_gen = time.perf_counter()
             with self._prefixes.gpu_busy("answer"):
                 gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token, **kw)
         else:
-            hit = False
+            hit, req.source = False, pub
             t_gen = time.perf_counter()
             gen = self.lm.answer_uncached(
                 snap, req.prompt, req.max_new_tokens, self.config.system_prompt, on_token=on_token, **kw

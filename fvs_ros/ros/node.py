@@ -412,6 +412,9 @@ class FvsNode(LifecycleNode):
                 cancel=cancel,
             )
         except AnswerCancelled as e:
+            if e.partial is not None:  # what was generated, from which memory
+                frame_id = self._intake.frame_id if self._intake is not None else ""
+                _fill_answer(response, e.partial, frame_id, False)
             response.success, response.error, cancelled = False, str(e), True
             self.get_logger().info(f"ask {_preview(request.question)} cancelled")
         except AnswerTimeout as e:  # what was generated goes back, marked as cut short
