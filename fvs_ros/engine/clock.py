@@ -9,7 +9,8 @@ Every frame has two times:
 A source clock is an offset (stream time = stamp + offset) and the stamp and arrival of its latest
 frame. A frame continues the recent source clock it fits: its stamp is not older than that clock's
 latest and has not run ahead of it by more than the arrival time since, plus `slack_s`; of several,
-the one giving the earliest stream time. A frame that fits none:
+the one giving the earliest stream time (a clock left behind the stream, because another one
+leapt ahead meanwhile, goes on from where the stream is). A frame that fits none:
 - stamped after the current clock's latest (a pause, or a replay faster than real time): the
   current clock goes on, and the stream time leaps with the stamps;
 - stamped before it (a camera clock restarting, one frame delivered late, a second publisher with
@@ -95,15 +96,17 @@ class StreamClock:
             for s in self._sources
             if s.stamp <= stamp <= s.stamp + max(0.0, arrival - s.arrival) + self.slack_s
         ]
+        here = self._last + max(0.0, arrival - self._last_arrival)  # where the stream is now
         if fits:
             source = min(fits, key=lambda s: stamp + s.offset)
-            return Placement(stamp, max(stamp + source.offset, self._last), arrival, source, False)
+            t = stamp + source.offset
+            # Behind the stream (another clock leapt ahead meanwhile): this clock goes on from here.
+            return Placement(stamp, t if t >= self._last else here, arrival, source, False)
         current = self._sources[0]
         t = stamp + current.offset
         if stamp >= current.stamp and t < STAMP_LIMIT_S:
             return Placement(stamp, t, arrival, current, False)
-        t = self._last + max(0.0, arrival - self._last_arrival)
-        return Placement(stamp, t, arrival, None, True)
+        return Placement(stamp, here, arrival, None, True)
 
     def commit(self, p: Placement) -> None:
         """The stream is now at the frame placed as `p`."""
@@ -112,7 +115,7 @@ class StreamClock:
             source = _Source(p.time - p.stamp, p.stamp, p.arrival)
         else:
             self._sources.remove(source)
-            source.stamp, source.arrival = p.stamp, p.arrival
+            source.offset, source.stamp, source.arrival = p.time - p.stamp, p.stamp, p.arrival
         self._sources = [source, *self._sources][:MAX_SOURCES]
         self._last, self._last_arrival = p.time, p.arrival
 

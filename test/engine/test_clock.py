@@ -86,6 +86,15 @@ def test_two_publishers_with_different_clocks_each_keep_their_pace():
     assert times[-1] - times[0] == pytest.approx(300 * PERIOD, abs=0.1)
 
 
+def test_after_one_frame_stamped_far_ahead_the_camera_keeps_its_pace():
+    """A frame restamped with the wall clock among a camera's 1000 s clock leaps the stream ahead
+    (it continues the current clock); the camera's next frames must not stand still behind it."""
+    stamps = [1000.0 + i * PERIOD for i in range(5)] + [WALL] + [1000.0 + (6 + i) * PERIOD for i in range(60)]
+    clock, times = run(stamps)
+    assert_monotone_and_own_stamps(clock, times, stamps)
+    assert times[-1] - times[6] == pytest.approx(59 * PERIOD)  # at the camera's pace after the leap
+
+
 def test_a_replay_faster_than_real_time_keeps_its_stamps_and_gaps():
     """Offline (video CLI, bag evaluation): frames arrive in ms, their stamps 2 s apart or after a
     60 s gap; stream time is their stamps."""
