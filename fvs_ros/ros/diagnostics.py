@@ -43,7 +43,7 @@ class Health:
             self._samples.append((now, counters.received, dropped, counters.restamped))
             received = lost = restamped = 0
         if stopped:
-            return DiagnosticStatus.ERROR, "engine stopped"
+            return DiagnosticStatus.ERROR, f"engine stopped: {problems[0]}" if problems else "engine stopped"
         if received >= ERROR_MIN_FRAMES and lost == received:
             return DiagnosticStatus.ERROR, f"all {received} frames of the last {WINDOW_S:g} s were dropped"
         if lost or restamped:

@@ -612,7 +612,15 @@ class FvsNode(LifecycleNode):
         counters = intake.counters if intake is not None else IntakeCounters(**self._intake_state)
         memory_problem = self._memory_file.problem if self._memory_file is not None else ""
         problems = [
-            x for x in (s.last_error, memory_problem, self._callback_problem, intake and intake.problem) if x
+            x
+            for x in (
+                s.worker_failure,
+                s.last_error,
+                memory_problem,
+                self._callback_problem,
+                intake and intake.problem,
+            )
+            if x
         ]
         level, message = self._health.level(counters, not s.running, problems)
         slots, csm_slots = len(engine.snapshot().csm_weights), engine.memory_config.csm_slots
@@ -678,15 +686,25 @@ class FvsNode(LifecycleNode):
 
 
 class _RosLogHandler(logging.Handler):
-    """Forwards the engine's Python logging (warnings and errors) to the node's ROS logger."""
+    """Forwards the engine's Python logging (warnings and errors) to the node's ROS logger.
+
+    rclpy keys a logger's state by the calling line and refuses a second severity from the same
+    line ("Logger severity cannot be changed between calls"), so each severity has a call of its
+    own. Like every logging handler, emit never raises into the thread that logged (a worker)."""
 
     def __init__(self, logger):
         super().__init__(logging.WARNING)
         self.ros_logger = logger
 
     def emit(self, record):
-        level = self.ros_logger.error if record.levelno >= logging.ERROR else self.ros_logger.warning
-        level(f"{record.name}: {record.getMessage()}")
+        try:
+            text = f"{record.name}: {record.getMessage()}"
+            if record.levelno >= logging.ERROR:
+                self.ros_logger.error(text)
+            else:
+                self.ros_logger.warning(text)
+        except Exception:  # noqa: BLE001 - logging's contract: report on stderr, go on
+            self.handleError(record)
 
 
 def _check_request(request: Ask.Request, max_chars: int):
@@ -746,10 +764,20 @@ def _lag(answer: Answer) -> float:
 
 
 def _time_msg(seconds: Optional[float]) -> Time:
+    """builtin_interfaces/Time of `seconds` (None or 0: zero), the one conversion every stamp the
+    node sends goes through. ValueError for a value Time cannot hold (int32 sec, nanosec < 1e9):
+    a message must never reach serialization with one (it would fail in the executor, unanswered)."""
     if not seconds:
         return Time()
+    if not math.isfinite(seconds):
+        raise ValueError(f"stamp {seconds} s is not a time")
     sec = math.floor(seconds)
-    return Time(sec=sec, nanosec=min(int(round((seconds - sec) * 1e9)), 999_999_999))
+    nanosec = int(round((seconds - sec) * 1e9))
+    if nanosec >= 1_000_000_000:
+        sec, nanosec = sec + 1, nanosec - 1_000_000_000
+    if not -(2**31) <= sec < 2**31:
+        raise ValueError(f"stamp {seconds:g} s is outside what builtin_interfaces/Time holds (int32 seconds)")
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def _rss_bytes() -> int:
