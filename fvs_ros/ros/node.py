@@ -34,6 +34,7 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -142,6 +143,10 @@ class FvsNode(LifecycleNode):
         self._memory_file: Optional[MemoryFile] = None  # from memory_file at activate; None: off
         self._intake_state: dict = {}  # intake counters restored with memory_file, or kept across deactivate
         self._health = diagnostics.Health()
+        self._stamp_news, self._size_news = diagnostics.Recent(), diagnostics.Recent()
+        # Housekeeping timers run on the steady clock: with use_sim_time and no /clock the node
+        # clock stands still, and /diagnostics and the periodic save must not stop with it.
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._log_handler = _RosLogHandler(self.get_logger())
         logging.getLogger("fvs_ros").addHandler(self._log_handler)
 
@@ -204,7 +209,10 @@ class FvsNode(LifecycleNode):
         self._scores_pub = self.create_lifecycle_publisher(WatchEvaluation, "~/watch_scores", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(
-            p["diagnostics_period_s"], self._publish_diagnostics, callback_group=self._misc_group
+            p["diagnostics_period_s"],
+            self._publish_diagnostics,
+            callback_group=self._misc_group,
+            clock=self._steady,
         )
         self._fvs_services = [
             self.create_service(
@@ -237,6 +245,7 @@ class FvsNode(LifecycleNode):
                 max(1.0, p["memory_view_period_s"]),
                 self._publish_memory_view,
                 callback_group=self._misc_group,
+                clock=self._steady,
             )
         self.get_logger().info(
             f"model loaded in {time.perf_counter() - t0:.1f} s; memory slots of {config.frames_per_slot} "
@@ -292,7 +301,7 @@ class FvsNode(LifecycleNode):
             )
         if self._memory_file is not None and p["save_period_s"] > 0:
             self._save_timer = self.create_timer(
-                p["save_period_s"], self._periodic_save, callback_group=self._misc_group
+                p["save_period_s"], self._periodic_save, callback_group=self._misc_group, clock=self._steady
             )
         self.get_logger().info(
             f"watching {self._image_sub.topic_name} ({msg_type.__name__}, {p['reliability']}, "
@@ -598,7 +607,11 @@ class FvsNode(LifecycleNode):
         self._view_version = version
         msg = Image(height=view.image.shape[0], width=view.image.shape[1], encoding="rgb8")
         msg.step, msg.data = view.image.shape[1] * 3, view.image.tobytes()
-        msg.header.stamp = _time_msg(snap.last_stamp) if snap.frames_seen else self.get_clock().now().to_msg()
+        msg.header.stamp = (
+            _time_msg(engine.stamp_of(snap.last_stamp))
+            if snap.frames_seen
+            else self.get_clock().now().to_msg()
+        )
         msg.header.frame_id = self._intake.frame_id if self._intake is not None else ""
         self._view_pub.publish(msg)
 
@@ -619,6 +632,9 @@ class FvsNode(LifecycleNode):
                 memory_problem,
                 self._callback_problem,
                 intake and intake.problem,
+                self._stamp_news.problem(s.stamp_jumps, s.stamp_note),
+                self._size_news.problem(s.frame_size_mismatches, s.frame_size_note),
+                self._clock_problem(),
             )
             if x
         ]
@@ -641,6 +657,7 @@ class FvsNode(LifecycleNode):
             "frames_per_slot": engine.config.frames_per_slot,
             "frame_size": "n/a" if s.frame_size is None else f"{s.frame_size[1]}x{s.frame_size[0]}",
             "frame_size_changes": s.frame_size_changes,
+            "frame_size_mismatches": s.frame_size_mismatches,
             "stamp_jumps": s.stamp_jumps,
             "queue_depth": s.queue_depth,
             "memory_slots_used": f"{slots}/{csm_slots}",
@@ -672,6 +689,15 @@ class FvsNode(LifecycleNode):
         )
         self._diag_pub.publish(
             DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status])
+        )
+
+    def _clock_problem(self) -> str:
+        """Why stamps cannot be checked against the node clock: it reads 0 (use_sim_time, no /clock)."""
+        if self._state != "active" or self.get_clock().now().nanoseconds:
+            return ""
+        return (
+            "the node clock reads 0 (use_sim_time without /clock?): frame stamps are not checked "
+            "against it and unstamped frames cannot be stamped"
         )
 
     def note_escaped(self, error: BaseException):
