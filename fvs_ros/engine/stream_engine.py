@@ -990,7 +990,7 @@ class StreamEngine:
             asked = req.cancel is not None and req.cancel.is_set()
             self._finish(
                 req,
-                error=AnswerCancelled("cancelled")
+                error=AnswerCancelled("cancelled", self._partial(req))
                 if asked
                 else EngineError(self._workers.failure or "engine shut down before answering"),
             )
