@@ -628,13 +628,13 @@ class FvsNode(LifecycleNode):
             x
             for x in (
                 s.worker_failure,
+                self._clock_problem(),
                 s.last_error,
                 memory_problem,
                 self._callback_problem,
                 intake and intake.problem,
                 self._stamp_news.problem(s.stamp_jumps, s.stamp_note),
                 self._size_news.problem(s.frame_size_mismatches, s.frame_size_note),
-                self._clock_problem(),
             )
             if x
         ]
