@@ -195,8 +195,8 @@ class EngineStats:
     queue_depth: int  # slots waiting for the ViT
     frame_size: Optional[tuple[int, int]]  # (H, W) ViT input size every frame is resized to (see add_frame)
     frame_size_changes: int  # frames whose size differed from the previous frame's
-    # Frames resized to the memory's input size although the model's size for them differs (the
-    # memory holds one input size until reset); frame_size_note says which sizes (None: none yet).
+    # Frames given to add_frame whose own model size differs from the memory's input size (the
+    # memory holds one until reset; sampled ones are resized to it); frame_size_note names them.
     frame_size_mismatches: int
     stamp_jumps: int  # frames whose stamp went back: a new source clock (clock.py), counted
     memory_version: int
@@ -1457,7 +1457,3 @@ def _checked_index(index: dict) -> dict:
     if not isinstance(state["extra"], dict):
         raise ValueError(f"extra must be an object, got {state['extra']!r}")
     return state
-
-
-def _opt_float(x) -> Optional[float]:
-    return None if x is None else float(x)
