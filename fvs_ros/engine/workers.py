@@ -29,7 +29,9 @@ class WorkerWatch:
 
     def thread(self, name: str, loop: Callable[[], None]) -> threading.Thread:
         """A daemon thread running `loop`; an exception that ends it is recorded, not lost."""
-        return threading.Thread(target=self._run, args=(name, loop), name=f"fvs-{name}", daemon=True)
+        return threading.Thread(
+            target=self._run, args=(name, loop), name=f"fvs-{name.lower().replace(' ', '-')}", daemon=True
+        )
 
     def _run(self, name: str, loop: Callable[[], None]) -> None:
         try:
