@@ -10,9 +10,10 @@ A source clock is an offset (stream time = stamp + offset) and the stamp and arr
 frame. A frame continues the recent source clock it fits: its stamp is not older than that clock's
 latest and has not run ahead of it by more than the arrival time since, plus `slack_s`; of several,
 the one giving the earliest stream time (a clock left behind the stream, because another one
-leapt ahead meanwhile, goes on from where the stream is). A frame that fits none:
-- stamped after the current clock's latest (a pause, or a replay faster than real time): the
-  current clock goes on, and the stream time leaps with the stamps;
+leapt ahead meanwhile, goes on from where the stream is: a jump, counted). A frame that fits none:
+- stamped after the current clock's latest (a pause, a replay faster than real time, one frame
+  restamped with another clock): the stream time leaps with the stamps, on a clock of its own
+  with the current clock's offset, so the current clock's frames still fit it afterwards;
 - stamped before it (a camera clock restarting, one frame delivered late, a second publisher with
   another clock, stamps running backwards): a new source clock starts where the stream is, plus
   the arrival time since the previous frame (a jump, counted). The previous clocks stay known, so
@@ -49,7 +50,7 @@ class Placement:
     time: float  # stream time
     arrival: float
     source: Optional[_Source]  # the clock it continues; None: a new one
-    jump: bool  # it started a new source clock (its stamp went back)
+    jump: bool  # its stamp went back (a new source clock) or its clock was left behind the stream
 
 
 class StreamClock:
@@ -100,12 +101,14 @@ class StreamClock:
         if fits:
             source = min(fits, key=lambda s: stamp + s.offset)
             t = stamp + source.offset
+            if t >= self._last:
+                return Placement(stamp, t, arrival, source, False)
             # Behind the stream (another clock leapt ahead meanwhile): this clock goes on from here.
-            return Placement(stamp, t if t >= self._last else here, arrival, source, False)
+            return Placement(stamp, here, arrival, source, True)
         current = self._sources[0]
         t = stamp + current.offset
-        if stamp >= current.stamp and t < STAMP_LIMIT_S:
-            return Placement(stamp, t, arrival, current, False)
+        if stamp >= current.stamp and t < STAMP_LIMIT_S:  # a leap: a clock of its own, the current offset
+            return Placement(stamp, t, arrival, None, False)
         return Placement(stamp, here, arrival, None, True)
 
     def commit(self, p: Placement) -> None:

@@ -198,7 +198,7 @@ class EngineStats:
     # Frames given to add_frame whose own model size differs from the memory's input size (the
     # memory holds one until reset; sampled ones are resized to it); frame_size_note names them.
     frame_size_mismatches: int
-    stamp_jumps: int  # frames whose stamp went back: a new source clock (clock.py), counted
+    stamp_jumps: int  # frames that did not continue their clock (went back, or left behind): clock.py
     memory_version: int
     frames_seen: int  # frames in the current memory snapshot (its slots x frames_per_slot)
     last_update_time: Optional[float]  # time.time() of the last memory update
@@ -606,8 +606,9 @@ class StreamEngine:
         if p.jump:
             self._counters.stamp_jumps += 1
             self._counters.stamp_note = (
-                f"frame stamp {p.stamp:.3f} s went back: a new source clock continues the stream "
-                f"({self._counters.stamp_jumps} jumps); reported stamps stay the frames' own"
+                f"frame stamp {p.stamp:.3f} s does not continue its clock (it went back, or another "
+                f"clock leapt ahead): the stream goes on from where it is ({self._counters.stamp_jumps} "
+                "jumps); reported stamps stay the frames' own"
             )
             now = time.monotonic()
             if now - self._jump_logged_at >= 5.0:

@@ -9,11 +9,11 @@ own thread (SubscriptionThread): the lifecycle node's MultiThreadedExecutor rebu
 all of its services and timers for every message. Otherwise the lifecycle node subscribes and rclpy
 deserializes every message first (the path before issue 15, kept to compare).
 
-Stamps: zero, negative, more than `max_stamp_ahead_s` ahead of the node clock, or with nanosec
->= 1e9 (no valid time) are not trusted: the frame is restamped with the node clock when it arrived
-(counted in `frames_restamped`), so a camera with a broken clock still feeds memory and one frame
-stamped years ahead cannot move the stream clock. Everything else (out of order, jumps back, two
-clocks) is the engine's stream clock (fvs_ros/engine/clock.py).
+Stamps: zero, negative, or more than `max_stamp_ahead_s` ahead of the node clock are not trusted:
+the frame is restamped with the node clock when it arrived (counted in `frames_restamped`), so a
+camera with a broken clock still feeds memory and one frame stamped years ahead cannot move the
+stream clock. Everything else (out of order, jumps back, two clocks, a nanosec >= 1e9 read as the
+seconds it says) is the engine's stream clock (fvs_ros/engine/clock.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ class ImageView:
 
     stamp: float
     frame_id: str
-    nanosec: int = 0  # the stamp's nanosec field (valid below 1e9)
     height: int = 0
     width: int = 0
     encoding: str = ""
@@ -88,14 +87,14 @@ class _Cdr:
 def parse_image(buf, compressed: bool) -> ImageView:
     """Read a serialized sensor_msgs/Image (or CompressedImage) without copying its pixel data."""
     r = _Cdr(buf)
-    sec, nanosec = r.i32(), r.u32()
-    stamp, frame_id = sec + nanosec * 1e-9, r.string()
+    stamp = r.i32() + r.u32() * 1e-9
+    frame_id = r.string()
     if compressed:
         fmt = r.string()
-        return ImageView(stamp, frame_id, nanosec, format=fmt, data=r.octets())
+        return ImageView(stamp, frame_id, format=fmt, data=r.octets())
     height, width, encoding = r.u32(), r.u32(), r.string()
     is_bigendian, step = r.u8(), r.u32()
-    return ImageView(stamp, frame_id, nanosec, height, width, encoding, is_bigendian, step, data=r.octets())
+    return ImageView(stamp, frame_id, height, width, encoding, is_bigendian, step, data=r.octets())
 
 
 @dataclass
@@ -186,25 +185,21 @@ class ImageIntake:
             self.logger.error(f"image callback failed: {self.problem}", throttle_duration_sec=5.0)
 
     def _stamp(self, msg) -> float:
-        if isinstance(msg, ImageView):
-            stamp, nanosec = msg.stamp, msg.nanosec
-        else:
-            stamp, nanosec = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, msg.header.stamp.nanosec
-        now = self.now()
-        if nanosec >= 1_000_000_000:  # no valid time: read as seconds it would move the stream up to 4 s
-            why = f"has nanosec {nanosec} (a valid time has nanosec < 1e9)"
-        elif stamp > 0 and (now <= 0 or stamp <= now + self.max_stamp_ahead_s):
-            return stamp
-        elif stamp == 0:  # the usual "not stamped", not worth a warning
-            return now
-        else:
-            why = f"is {'not positive' if stamp < 0 else 'ahead of the clock'}"
-        self.counters.restamped += 1
-        self.problem = (
-            f"stamp {stamp:.3f} s {why} (now {now:.3f} s, max_stamp_ahead_s {self.max_stamp_ahead_s:g}): "
-            "restamped with the clock"
+        stamp = (
+            msg.stamp
+            if isinstance(msg, ImageView)
+            else msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         )
-        self.logger.warning(self.problem, throttle_duration_sec=5.0)
+        now = self.now()
+        if stamp > 0 and (now <= 0 or stamp <= now + self.max_stamp_ahead_s):
+            return stamp
+        if stamp != 0:  # zero: the usual "not stamped", not worth a warning
+            self.counters.restamped += 1
+            self.problem = (
+                f"stamp {stamp:.3f} s is {'not positive' if stamp < 0 else 'ahead of the clock'} "
+                f"(now {now:.3f} s, max_stamp_ahead_s {self.max_stamp_ahead_s:g}): restamped with the clock"
+            )
+            self.logger.warning(self.problem, throttle_duration_sec=5.0)
         return now
 
     def _decode(self, msg):

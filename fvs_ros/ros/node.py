@@ -629,12 +629,12 @@ class FvsNode(LifecycleNode):
             for x in (
                 s.worker_failure,
                 self._clock_problem(),
+                self._stamp_news.problem(s.stamp_jumps, s.stamp_note),  # happening now: before older ones
+                self._size_news.problem(s.frame_size_mismatches, s.frame_size_note),
                 s.last_error,
                 memory_problem,
                 self._callback_problem,
                 intake and intake.problem,
-                self._stamp_news.problem(s.stamp_jumps, s.stamp_note),
-                self._size_news.problem(s.frame_size_mismatches, s.frame_size_note),
             )
             if x
         ]

@@ -21,17 +21,20 @@ class Arrivals:
         return self.t
 
 
-def run(stamps, arrival_step=PERIOD):
+def run(stamps, arrival_step=PERIOD, jumps=None):
     """Place and commit each stamp, recording every frame (as if all entered memory): the clock,
-    the stream times and the stamps reported back for them."""
+    the stream times and the stamps reported back for them; `jumps` collects the indices of the
+    frames that started a new clock because their stamp went back."""
     arrivals = Arrivals()
     clock = StreamClock(1.0, now=arrivals)
     times = []
-    for stamp in stamps:
+    for i, stamp in enumerate(stamps):
         p = clock.place(stamp)
         clock.commit(p)
         clock.record(p)
         times.append(p.time)
+        if p.jump and jumps is not None:
+            jumps.append(i)
         arrivals.t += arrival_step
     return clock, times
 
@@ -90,9 +93,12 @@ def test_after_one_frame_stamped_far_ahead_the_camera_keeps_its_pace():
     """A frame restamped with the wall clock among a camera's 1000 s clock leaps the stream ahead
     (it continues the current clock); the camera's next frames must not stand still behind it."""
     stamps = [1000.0 + i * PERIOD for i in range(5)] + [WALL] + [1000.0 + (6 + i) * PERIOD for i in range(60)]
-    clock, times = run(stamps)
+    jumps = []
+    clock, times = run(stamps, jumps=jumps)
     assert_monotone_and_own_stamps(clock, times, stamps)
     assert times[-1] - times[6] == pytest.approx(59 * PERIOD)  # at the camera's pace after the leap
+    assert jumps == [6]  # the camera's first frame after it goes on from where the stream is
+    assert clock.state()["source"][1] == stamps[-1]  # the camera's clock is the one saved
 
 
 def test_a_replay_faster_than_real_time_keeps_its_stamps_and_gaps():
