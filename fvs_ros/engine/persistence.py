@@ -15,7 +15,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from fvs_ros.common.files import TMP_PREFIX, atomic_write, fsync_dir
 from fvs_ros.engine.watch import WATCH_FILE
@@ -33,15 +33,51 @@ class NothingSaved(FileNotFoundError):
     """No saved memory at that path (nothing to restore: not an error)."""
 
 
+class _WriteErrors:
+    """A binary file that remembers the first OSError its write() raised. A serializer that catches
+    it and raises its own error instead (torch.save: "[enforce fail at inline_container.cc]
+    unexpected pos") would otherwise hide the reason, such as "No space left on device"."""
+
+    def __init__(self, file):
+        self._file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def _reporting_os_errors(write: Callable) -> Callable:
+    """`write(file)` whose failure is the OSError the file raised, if the file raised one."""
+
+    def wrapped(file):
+        recorder = _WriteErrors(file)
+        try:
+            write(recorder)
+        except Exception as e:
+            if recorder.error is not None and e is not recorder.error:
+                raise recorder.error from e
+            raise
+
+    return wrapped
+
+
 def write_saved(path: Path, write_memory: Callable, index: dict) -> Path:
     """Save into directory `path`: a new memory file through `write_memory(file)`, then the index
-    (`index` plus the memory file's name) that commits it; older memory files go last."""
+    (`index` plus the memory file's name) that commits it; older memory files go last. A write the
+    file system refuses raises its OSError (ENOSPC: "No space left on device")."""
     path = Path(path)
     if not path.is_dir():
         path.mkdir(parents=True, exist_ok=True)
         fsync_dir(path.parent)
     name = f"memory-{time.time_ns()}.pt"
-    atomic_write(path / name, write_memory)
+    atomic_write(path / name, _reporting_os_errors(write_memory))
     atomic_write(path / INDEX, lambda f: f.write(json.dumps({**index, "memory_file": name}, indent=1)), "w")
     for old in path.iterdir():
         if old.name != name and (_MEMORY_NAME.fullmatch(old.name) or old.name.startswith(TMP_PREFIX)):

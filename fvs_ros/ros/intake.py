@@ -12,7 +12,8 @@ deserializes every message first (the path before issue 15, kept to compare).
 Stamps: zero, negative, or more than `max_stamp_ahead_s` ahead of the node clock are not trusted:
 the frame is restamped with the node clock when it arrived (counted in `frames_restamped`), so a
 camera with a broken clock still feeds memory and one frame stamped years ahead cannot move the
-stream clock. Everything else (out of order, jumps back) is the engine's (StreamEngine.add_frame).
+stream clock. Everything else (out of order, jumps back, two clocks, a nanosec >= 1e9 read as the
+seconds it says) is the engine's stream clock (fvs_ros/engine/clock.py).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class IntakeCounters:
     unsupported: int = 0
     malformed: int = 0
     restamped: int = 0
-    rejected: int = 0  # refused by the engine (FrameError: out of order, unusable size)
+    rejected: int = 0  # refused by the engine (FrameError: unusable size or stamp)
     failed: int = 0  # an unexpected error while handling the message (a bug: logged with its reason)
 
     @classmethod

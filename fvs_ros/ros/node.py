@@ -34,6 +34,7 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -142,6 +143,10 @@ class FvsNode(LifecycleNode):
         self._memory_file: Optional[MemoryFile] = None  # from memory_file at activate; None: off
         self._intake_state: dict = {}  # intake counters restored with memory_file, or kept across deactivate
         self._health = diagnostics.Health()
+        self._stamp_news, self._size_news = diagnostics.Recent(), diagnostics.Recent()
+        # Housekeeping timers run on the steady clock: with use_sim_time and no /clock the node
+        # clock stands still, and /diagnostics and the periodic save must not stop with it.
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._log_handler = _RosLogHandler(self.get_logger())
         logging.getLogger("fvs_ros").addHandler(self._log_handler)
 
@@ -204,7 +209,10 @@ class FvsNode(LifecycleNode):
         self._scores_pub = self.create_lifecycle_publisher(WatchEvaluation, "~/watch_scores", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(
-            p["diagnostics_period_s"], self._publish_diagnostics, callback_group=self._misc_group
+            p["diagnostics_period_s"],
+            self._publish_diagnostics,
+            callback_group=self._misc_group,
+            clock=self._steady,
         )
         self._fvs_services = [
             self.create_service(
@@ -237,6 +245,7 @@ class FvsNode(LifecycleNode):
                 max(1.0, p["memory_view_period_s"]),
                 self._publish_memory_view,
                 callback_group=self._misc_group,
+                clock=self._steady,
             )
         self.get_logger().info(
             f"model loaded in {time.perf_counter() - t0:.1f} s; memory slots of {config.frames_per_slot} "
@@ -292,7 +301,7 @@ class FvsNode(LifecycleNode):
             )
         if self._memory_file is not None and p["save_period_s"] > 0:
             self._save_timer = self.create_timer(
-                p["save_period_s"], self._periodic_save, callback_group=self._misc_group
+                p["save_period_s"], self._periodic_save, callback_group=self._misc_group, clock=self._steady
             )
         self.get_logger().info(
             f"watching {self._image_sub.topic_name} ({msg_type.__name__}, {p['reliability']}, "
@@ -412,6 +421,9 @@ class FvsNode(LifecycleNode):
                 cancel=cancel,
             )
         except AnswerCancelled as e:
+            if e.partial is not None:  # what was generated, from which memory
+                frame_id = self._intake.frame_id if self._intake is not None else ""
+                _fill_answer(response, e.partial, frame_id, False)
             response.success, response.error, cancelled = False, str(e), True
             self.get_logger().info(f"ask {_preview(request.question)} cancelled")
         except AnswerTimeout as e:  # what was generated goes back, marked as cut short
@@ -595,7 +607,11 @@ class FvsNode(LifecycleNode):
         self._view_version = version
         msg = Image(height=view.image.shape[0], width=view.image.shape[1], encoding="rgb8")
         msg.step, msg.data = view.image.shape[1] * 3, view.image.tobytes()
-        msg.header.stamp = _time_msg(snap.last_stamp) if snap.frames_seen else self.get_clock().now().to_msg()
+        msg.header.stamp = (
+            _time_msg(engine.stamp_of(snap.last_stamp))
+            if snap.frames_seen
+            else self.get_clock().now().to_msg()
+        )
         msg.header.frame_id = self._intake.frame_id if self._intake is not None else ""
         self._view_pub.publish(msg)
 
@@ -609,7 +625,18 @@ class FvsNode(LifecycleNode):
         counters = intake.counters if intake is not None else IntakeCounters(**self._intake_state)
         memory_problem = self._memory_file.problem if self._memory_file is not None else ""
         problems = [
-            x for x in (s.last_error, memory_problem, self._callback_problem, intake and intake.problem) if x
+            x
+            for x in (
+                s.worker_failure,
+                self._clock_problem(),
+                self._stamp_news.problem(s.stamp_jumps, s.stamp_note),  # happening now: before older ones
+                self._size_news.problem(s.frame_size_mismatches, s.frame_size_note),
+                s.last_error,
+                memory_problem,
+                self._callback_problem,
+                intake and intake.problem,
+            )
+            if x
         ]
         level, message = self._health.level(counters, not s.running, problems)
         slots, csm_slots = len(engine.snapshot().csm_weights), engine.memory_config.csm_slots
@@ -630,6 +657,7 @@ class FvsNode(LifecycleNode):
             "frames_per_slot": engine.config.frames_per_slot,
             "frame_size": "n/a" if s.frame_size is None else f"{s.frame_size[1]}x{s.frame_size[0]}",
             "frame_size_changes": s.frame_size_changes,
+            "frame_size_mismatches": s.frame_size_mismatches,
             "stamp_jumps": s.stamp_jumps,
             "queue_depth": s.queue_depth,
             "memory_slots_used": f"{slots}/{csm_slots}",
@@ -663,6 +691,15 @@ class FvsNode(LifecycleNode):
             DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status])
         )
 
+    def _clock_problem(self) -> str:
+        """Why stamps cannot be checked against the node clock: it reads 0 (use_sim_time, no /clock)."""
+        if self._state != "active" or self.get_clock().now().nanoseconds:
+            return ""
+        return (
+            "the node clock reads 0 (use_sim_time without /clock?): frame stamps are not checked "
+            "against it and unstamped frames cannot be stamped"
+        )
+
     def note_escaped(self, error: BaseException):
         """Count and log an exception that escaped into the executor (main() keeps spinning)."""
         self._callback_errors += 1
@@ -675,15 +712,25 @@ class FvsNode(LifecycleNode):
 
 
 class _RosLogHandler(logging.Handler):
-    """Forwards the engine's Python logging (warnings and errors) to the node's ROS logger."""
+    """Forwards the engine's Python logging (warnings and errors) to the node's ROS logger.
+
+    rclpy keys a logger's state by the calling line and refuses a second severity from the same
+    line ("Logger severity cannot be changed between calls"), so each severity has a call of its
+    own. Like every logging handler, emit never raises into the thread that logged (a worker)."""
 
     def __init__(self, logger):
         super().__init__(logging.WARNING)
         self.ros_logger = logger
 
     def emit(self, record):
-        level = self.ros_logger.error if record.levelno >= logging.ERROR else self.ros_logger.warning
-        level(f"{record.name}: {record.getMessage()}")
+        try:
+            text = f"{record.name}: {record.getMessage()}"
+            if record.levelno >= logging.ERROR:
+                self.ros_logger.error(text)
+            else:
+                self.ros_logger.warning(text)
+        except Exception:  # noqa: BLE001 - logging's contract: report on stderr, go on
+            self.handleError(record)
 
 
 def _check_request(request: Ask.Request, max_chars: int):
@@ -743,10 +790,20 @@ def _lag(answer: Answer) -> float:
 
 
 def _time_msg(seconds: Optional[float]) -> Time:
+    """builtin_interfaces/Time of `seconds` (None or 0: zero), the one conversion every stamp the
+    node sends goes through. ValueError for a value Time cannot hold (int32 sec, nanosec < 1e9):
+    a message must never reach serialization with one (it would fail in the executor, unanswered)."""
     if not seconds:
         return Time()
+    if not math.isfinite(seconds):
+        raise ValueError(f"stamp {seconds} s is not a time")
     sec = math.floor(seconds)
-    return Time(sec=sec, nanosec=min(int(round((seconds - sec) * 1e9)), 999_999_999))
+    nanosec = int(round((seconds - sec) * 1e9))
+    if nanosec >= 1_000_000_000:
+        sec, nanosec = sec + 1, nanosec - 1_000_000_000
+    if not -(2**31) <= sec < 2**31:
+        raise ValueError(f"stamp {seconds:g} s is outside what builtin_interfaces/Time holds (int32 seconds)")
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def _rss_bytes() -> int:

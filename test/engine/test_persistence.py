@@ -5,6 +5,7 @@ over DDS)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import test_engine
 
+from fvs_ros.common import files
 from fvs_ros.common.files import move_aside
 from fvs_ros.engine import EngineConfig
 from fvs_ros.engine.persistence import NothingSaved, SavedStateError, read_saved
@@ -107,9 +109,13 @@ def _rewrite_index(path: Path, **changes):
         ({"source_size": "640x480"}, "source_size must be null or"),
         ({"frame_size": [112, -1]}, "frame_size must be null or"),
         ({"frame_size": None}, "both be set or both null"),
-        ({"last_stamp": "late"}, "last_stamp must be a finite number"),
+        ({"clock.last": "late"}, "clock.last must be a finite number"),
+        ({"clock.last": 1e300}, "clock.last 1e\\+300 s is outside"),  # issue 24 item 8b: finite, absurd
+        ({"clock.source": [0.0, 1e300]}, "clock.source stamp 1e\\+300 s is outside"),
+        ({"clock.offsets": [[0.0, None]]}, "clock.offsets offset must be a finite number"),
+        ({"clock.last": 0.0}, "its clock \\(0.0\\) is behind its memory's newest stamp"),
+        ({"first_stamp": 1e300}, "first_stamp 1e\\+300 s is outside"),
         ({"next_due": True}, "next_due must be a finite number"),
-        ({"stamp_offset": None}, "stamp_offset must be a finite number"),
         ({"counters": [1, 2]}, "counters must be an object"),
         ({"counters.frames_in": "10"}, "counters.frames_in must be an integer"),
         ({"counters.frames_in": -3}, "counters.frames_in must be an integer"),
@@ -182,8 +188,10 @@ def test_format_1_saves_still_load(lm, make_engine, saved):
     """The layout before crash-safe saves: memory.pt beside an engine.json that does not name it."""
     index, memory_file = read_saved(saved)
     memory_file.rename(saved / "memory.pt")
-    del index["memory_file"], index["stamp_offset"], index["extra"]
+    del index["memory_file"], index["clock"], index["extra"]
     index["counters"].pop("stamp_jumps")
+    index["counters"].pop("frame_size_mismatches")
+    index["last_stamp"] = 0.5  # format 1 and 2 saved the stream time and one offset
     (saved / "engine.json").write_text(json.dumps({**index, "format": 1}))
     eng = make_engine(lm, ONE)
     assert eng.load(saved) == {} and eng.snapshot().frames_seen == 6
@@ -208,3 +216,83 @@ def test_a_memory_of_another_input_size_is_refused(lm, make_engine, saved):
     _rewrite_index(saved, frame_size=[100, 100])  # not a size this model's rule produces
     with pytest.raises(SavedStateError, match="resizes to"):
         make_engine(lm, ONE).load(saved)
+
+
+@pytest.mark.parametrize("changes", [{"last_stamp": 1e300}, {"stamp_offset": -1e300}])
+def test_a_save_from_before_the_stream_clock_with_an_absurd_stamp_is_refused(lm, make_engine, saved, changes):
+    """Issue 24 item 8b: an engine.json whose last_stamp was 1e300 passed the check (it is finite),
+    was restored, and the next answer could not be serialized: the worker died. A range rule
+    (what a ROS time holds) refuses it at restore."""
+    index = json.loads((saved / "engine.json").read_text())
+    del index["clock"]
+    index.update({"last_stamp": 0.5, "stamp_offset": 0.0, **changes})
+    (saved / "engine.json").write_text(json.dumps(index))
+    eng = make_engine(lm, ONE)
+    with pytest.raises(SavedStateError, match="outside"):
+        eng.load(saved)
+    del index[next(iter(changes))]
+    (saved / "engine.json").write_text(json.dumps({**index, "last_stamp": 0.5}))
+    assert eng.load(saved) == {"frames_received": 9} and eng.snapshot().frames_seen == 6
+
+
+ENOSPC_TEXT = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+
+def test_a_save_on_a_full_file_system_says_no_space_left_simulated(lm, make_engine, saved, monkeypatch):
+    """Issue 24 item 17: a full disk was reported as torch's "[enforce fail at inline_container.cc]
+    unexpected pos". Simulated: the memory file's write() raises a real OSError(ENOSPC) once 4 KiB
+    are written (test_a_save_on_a_full_tmpfs... checks a real full file system where it can mount)."""
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file, self.written = file, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, ENOSPC_TEXT)
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    def opener(path, mode="r", *args, **kw):
+        f = real_open(path, mode, *args, **kw)
+        return FullDisk(f) if "b" in mode and Path(path).name.startswith(".tmp-memory") else f
+
+    monkeypatch.setattr(files, "open", opener, raising=False)
+    eng = make_engine(lm, ONE)
+    eng.load(saved)
+    with pytest.raises(OSError) as err:
+        eng.save(saved)
+    assert err.value.errno == errno.ENOSPC and ENOSPC_TEXT in str(err.value)
+    monkeypatch.undo()
+    assert make_engine(lm, ONE).load(saved) == {"frames_received": 9}  # the previous save is intact
+
+
+def test_a_save_on_a_full_tmpfs_says_no_space_left(lm, make_engine, saved, tmp_path):
+    """The same on a real full file system: a 64 KiB tmpfs (needs the right to mount: root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs here ({result.stderr.decode().strip()}); the simulated test covers it"
+        )
+    try:
+        eng = make_engine(lm, ONE)
+        eng.load(saved)
+        with pytest.raises(OSError) as err:
+            eng.save(mount / "memory")
+        assert err.value.errno == errno.ENOSPC and ENOSPC_TEXT in str(err.value)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

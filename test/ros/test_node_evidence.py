@@ -175,6 +175,14 @@ def test_cancelled_goal_ends_early_and_frees_the_model(fed, client):
     assert r.status == GoalStatus.STATUS_CANCELED
     assert not r.result.success and r.result.error == "cancelled"
     assert r.result.answer.startswith(feedback[1].text) and len(feedback) < LONG
+    # issue 24 item 17: the result says how far it got and from which memory (it said 0 and 0)
+    n = r.result.num_tokens
+    assert n >= 2 and (r.result.frames_seen, r.result.frames_in_memory) == (
+        full.frames_seen,
+        full.frames_in_memory,
+    )
+    assert seconds(r.result.last_frame_stamp) == seconds(full.last_frame_stamp)
+    assert wait_until(lambda: len(feedback) >= n, 30) and feedback[n - 1].text == r.result.answer
     after = client.ask("What is on the table?", max_new_tokens=4)
     assert after.success
     # a generation still running would hold the model for most of `full` before this one starts

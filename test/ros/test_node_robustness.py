@@ -183,14 +183,14 @@ def test_unreadable_memory_is_moved_aside_and_never_overwritten(node, client, me
     before = seen(client)
     assert client.change_state(Transition.TRANSITION_DEACTIVATE)
     index = json.loads((memory_dir / "engine.json").read_text())
-    index["last_stamp"] = "yesterday"
+    index["clock"]["last"] = "yesterday"
     (memory_dir / "engine.json").write_text(json.dumps(index))
     damaged = {p.name: p.read_bytes() for p in memory_dir.iterdir()}
     assert client.change_state(Transition.TRANSITION_ACTIVATE)
     asides = list(memory_dir.parent.glob("memory.unreadable-*"))
     assert len(asides) == 1 and {p.name: p.read_bytes() for p in asides[0].iterdir()} == damaged
     assert (
-        "last_stamp must be a finite number" in node.text() and f"moved aside to {asides[0]}" in node.text()
+        "clock.last must be a finite number" in node.text() and f"moved aside to {asides[0]}" in node.text()
     )
     d = diag(client)
     assert "moved aside" in d["memory_file_problem"] and d["level"] == bytes([1]), d
