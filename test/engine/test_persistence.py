@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,27 @@ def test_a_memory_of_another_input_size_is_refused(lm, make_engine, saved):
     _rewrite_index(saved, frame_size=[100, 100])  # not a size this model's rule produces
     with pytest.raises(SavedStateError, match="resizes to"):
         make_engine(lm, ONE).load(saved)
+
+
+def test_a_save_never_writes_through_a_planted_symlink(lm, make_engine, saved, tmp_path, monkeypatch):
+    """Issue 24 item 9: the temporary file had a predictable name (.tmp-<file>.<pid>) opened with
+    open(..., "w"): a symlink planted there made the save overwrite the file it points to. Links at
+    the old name, at a random-looking one, at the random name the writer draws first (forced) and
+    at engine.json itself: the linked file is untouched and engine.json is a regular file."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    planted = [f".tmp-engine.json.{os.getpid()}", ".tmp-engine.json.k3j9x2ab", ".tmp-engine.json.drawn"]
+    for name in planted:
+        (saved / name).symlink_to(victim)
+    (saved / "engine.json").unlink()
+    (saved / "engine.json").symlink_to(victim)
+    names = iter(["drawn", "fresh1", "fresh2", "fresh3"])
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: names)  # collide with a planted link
+    eng = make_engine(lm, ONE)
+    feed(eng, 2)
+    eng.flush()
+    eng.save(saved)
+    assert victim.read_text() == "precious"
+    index = saved / "engine.json"
+    assert index.is_file() and not index.is_symlink() and json.loads(index.read_text())["format"] == 2
+    assert make_engine(lm, ONE).load(saved) == {} and not list(saved.glob(".tmp-engine.json.fresh*"))
