@@ -53,6 +53,7 @@ from fvs_ros.ros import diagnostics, params
 from fvs_ros.ros.ask_action import MAX_GOALS, AskStreamServer
 from fvs_ros.ros.intake import ImageIntake, IntakeCounters, SubscriptionThread
 from fvs_ros.ros.memory_file import MemoryFile
+from fvs_ros.ros.qos import SERVICE_QOS
 from fvs_ros.srv import Ask, Watch
 
 SUCCESS, FAILURE, ERROR = (
@@ -68,8 +69,6 @@ TINY_MODEL_HINT = (
 # Executor threads: every admitted question blocks one while it waits for the engine; the rest
 # serve images, housekeeping, lifecycle and immediate refusals ("busy") of further questions.
 EXECUTOR_THREADS = params.SPECS["max_pending_questions"].range[1] + 4 + MAX_GOALS  # + ~/ask_stream goals
-# Requests a service keeps until a thread takes them (the default of 10 lost bursts of 20).
-SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=256, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def _transition(func):
