@@ -17,8 +17,15 @@ import test_engine
 
 from fvs_ros.common.files import move_aside
 from fvs_ros.engine import EngineConfig
-from fvs_ros.engine.persistence import NothingSaved, SavedStateError, read_saved
-from fvs_ros.engine.watch import Watcher
+from fvs_ros.engine.persistence import (
+    MARKER,
+    ForeignPath,
+    NothingSaved,
+    SavedStateError,
+    check_ours,
+    read_saved,
+)
+from fvs_ros.engine.watch import Watcher, WatchError
 from fvs_ros.memory import MemoryConfig
 
 ckpts, lm, make_engine = test_engine.ckpts, test_engine.lm, test_engine.make_engine  # shared fixtures
@@ -40,7 +47,7 @@ def saved(lm, make_engine, tmp_path):
 def test_save_writes_one_memory_file_named_by_the_index_and_load_returns_extra(lm, make_engine, saved):
     index, memory_file = read_saved(saved)
     assert index["format"] == 2 and memory_file.name == index["memory_file"]
-    assert sorted(p.name for p in saved.iterdir()) == sorted(["engine.json", memory_file.name])
+    assert sorted(p.name for p in saved.iterdir()) == sorted([MARKER, "engine.json", memory_file.name])
     eng = make_engine(lm, ONE)
     assert eng.load(saved) == {"frames_received": 9} and eng.snapshot().frames_seen == 6
     feed(eng, 2, t0=10.0)
@@ -142,9 +149,7 @@ def test_engine_json_with_wrong_fields_is_refused_and_the_engine_keeps_its_memor
     assert eng.snapshot().frames_seen == 4 and eng.stats().errors == 0
 
 
-@pytest.mark.parametrize(
-    "damage", ["empty index", "truncated index", "no index", "garbage memory", "empty memory"]
-)
+@pytest.mark.parametrize("damage", ["empty index", "truncated index", "garbage memory", "empty memory"])
 def test_unreadable_saves_raise_saved_state_error(lm, make_engine, saved, damage):
     index, memory_file = read_saved(saved)
     text = (saved / "engine.json").read_text()
@@ -152,8 +157,6 @@ def test_unreadable_saves_raise_saved_state_error(lm, make_engine, saved, damage
         (saved / "engine.json").write_text("")
     elif damage == "truncated index":
         (saved / "engine.json").write_text(text[: len(text) // 2])
-    elif damage == "no index":
-        (saved / "engine.json").unlink()
     elif damage == "garbage memory":
         memory_file.write_bytes(b"\x00garbage" * 100)
     else:
@@ -233,3 +236,59 @@ def test_a_save_never_writes_through_a_planted_symlink(lm, make_engine, saved, t
     index = saved / "engine.json"
     assert index.is_file() and not index.is_symlink() and json.loads(index.read_text())["format"] == 2
     assert make_engine(lm, ONE).load(saved) == {} and not list(saved.glob(".tmp-engine.json.fresh*"))
+
+
+def test_memory_file_of_someone_else_is_never_read_moved_or_written(lm, make_engine, tmp_path):
+    """Issue 24 item 10: a directory holding no save of ours (or a plain file) was moved aside and
+    replaced. Now load and save refuse it (ForeignPath naming it) and leave every byte as it was."""
+    foreign = tmp_path / "etc"
+    foreign.mkdir()
+    (foreign / "hostname").write_text("robot\n")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("my notes")
+    eng = make_engine(lm, ONE)
+    feed(eng, 2)
+    eng.flush()
+    for path in (foreign, plain):
+        with pytest.raises(ForeignPath, match=str(path)):
+            eng.load(path)
+        with pytest.raises(ForeignPath, match="leaves it as it is"):
+            eng.save(path)
+        with pytest.raises(WatchError, match="leaves it as it is"):
+            Watcher(directory=path).add("a dog is on the sofa", 0.5)
+    assert sorted(p.name for p in foreign.iterdir()) == ["hostname"]
+    assert (foreign / "hostname").read_text() == "robot\n" and plain.read_text() == "my notes"
+
+
+def test_what_is_ours(lm, make_engine, saved, tmp_path):
+    """Ours: a missing path, an empty directory, one with the marker, or (saved before the marker)
+    one with an engine.json or watch.json of our formats; nothing else."""
+    check_ours(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    check_ours(tmp_path / "empty")
+    assert (saved / MARKER).is_file()  # every save claims its directory
+    check_ours(saved)
+    (saved / MARKER).unlink()
+    check_ours(saved)  # an older save: engine.json of ours
+    (saved / "engine.json").write_text("{broken")
+    with pytest.raises(ForeignPath, match=f"add an empty {MARKER}"):
+        check_ours(saved)
+    legacy = tmp_path / "conditions"
+    legacy.mkdir()
+    (legacy / "watch.json").write_text(json.dumps({"format": 1, "conditions": []}))
+    check_ours(legacy)
+
+
+def test_conditions_without_a_memory_save_are_nothing_saved_not_unreadable(lm, make_engine, tmp_path):
+    """Issue 24 item 15b: a directory holding only watch.json (conditions added before the first
+    memory save) raised SavedStateError, and the node moved it aside with the conditions. engine.json
+    is the commit point: without it a directory of ours holds no memory yet."""
+    memory = tmp_path / "memory"
+    Watcher(directory=memory).add("a dog is on the sofa", 0.5)
+    assert sorted(p.name for p in memory.iterdir()) == [MARKER, "watch.json"]
+    with pytest.raises(NothingSaved):
+        make_engine(lm, ONE).load(memory)
+    (memory / "memory-1.pt").write_bytes(b"a first save killed before its commit")
+    with pytest.raises(NothingSaved):
+        make_engine(lm, ONE).load(memory)
+    assert Watcher(directory=memory).load() == 1

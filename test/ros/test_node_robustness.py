@@ -21,7 +21,8 @@ from support.dds import image_msg, wait_until
 from support.fvs_client import FPS, Client, frame, latest_diagnostics
 from support.node_process import NodeProcess
 
-from fvs_ros.srv import Ask
+from fvs_ros.ros.qos import CLIENT_QOS
+from fvs_ros.srv import Ask, Watch
 
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
 pytestmark = pytest.mark.random_order(disabled=True)
@@ -273,3 +274,82 @@ def test_sigkill_loses_at_most_the_save_period(tiny_model, tmp_path):
             assert second.stop() == 0
     finally:
         own.close()
+
+
+def own_node(name):
+    """(parameters, Client) for a node of its own name and image topic (see the SIGKILL test)."""
+    topic = f"/{name}/image_raw"
+    return {**NODE_PARAMETERS, "image_topic": topic}, Client(name=name, image_topic=topic)
+
+
+def test_a_memory_file_the_node_did_not_write_fails_configure_and_is_left_untouched(tiny_model, tmp_path):
+    """Issue 24 item 10: memory_file naming a directory with no save in it (memory_file:=/etc) or a
+    plain file was renamed to <name>.unreadable-<time> and replaced by the node's own directory."""
+    foreign, plain = tmp_path / "etc", tmp_path / "notes.txt"
+    foreign.mkdir()
+    (foreign / "hostname").write_text("robot\n")
+    plain.write_text("my notes")
+    params, own = own_node("fvs_foreign")
+    try:
+        proc = NodeProcess(
+            tmp_path / "node.log", name="fvs_foreign", model=tiny_model, memory_file=foreign, **params
+        )
+        try:
+            started = wait_until(
+                lambda: any(m in proc.text() for m in ("configure failed", "watching /")), 600, 0.5
+            )
+            assert started, proc.text()
+            assert f"configure failed: memory_file {foreign} holds no memory of fvs_ros" in proc.text()
+            assert own.state() == "unconfigured"
+            assert own.set_parameter("memory_file", str(plain)).successful
+            assert not own.change_state(Transition.TRANSITION_CONFIGURE)
+            assert f"memory_file {plain} is a file, not a memory directory" in proc.text()
+            assert own.set_parameter("memory_file", str(tmp_path / "fresh")).successful
+            assert own.change_state(Transition.TRANSITION_CONFIGURE)
+            assert own.change_state(Transition.TRANSITION_ACTIVATE)
+            assert own.wait_ready(), proc.text()
+        finally:
+            assert proc.stop() == 0
+    finally:
+        own.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["etc", "fresh", "node.log", "notes.txt"]
+    assert [p.name for p in foreign.iterdir()] == ["hostname"] and (
+        foreign / "hostname"
+    ).read_text() == "robot\n"
+    assert plain.read_text() == "my notes" and (tmp_path / "fresh" / "engine.json").is_file()
+
+
+def test_conditions_added_before_the_first_save_survive_sigkill(tiny_model, tmp_path):
+    """Issue 24 item 15b: conditions added before the first memory save live alone in watch.json;
+    after a SIGKILL in that window the next start moved the whole directory aside and watched nothing."""
+    memory = tmp_path / "memory"
+    params, own = own_node("fvs_conditions")  # save_period_s 0: no memory save before the kill
+    own.clients["/fvs_conditions/watch"] = own.node.create_client(
+        Watch, "/fvs_conditions/watch", qos_profile=CLIENT_QOS
+    )
+    try:
+        proc = NodeProcess(
+            tmp_path / "first.log", name="fvs_conditions", model=tiny_model, memory_file=memory, **params
+        )
+        try:
+            assert own.wait_ready(600), proc.text()
+            assert own.call("watch", Watch.Request(command="list"), resend=2.0).success  # matched
+            added = own.call("watch", Watch.Request(command="add", condition="a door is open", name="door"))
+            assert added.success and added.names == ["door"], added.error
+            assert not (memory / "engine.json").exists()  # conditions, no memory yet
+        finally:
+            proc.proc.kill()
+            proc.proc.wait()
+        second = NodeProcess(
+            tmp_path / "second.log", name="fvs_conditions", model=tiny_model, memory_file=memory, **params
+        )
+        try:
+            assert own.wait_ready(600), second.text()
+            listed = own.call("watch", Watch.Request(command="list"), resend=2.0)
+            assert listed.names == ["door"], second.text()
+            assert "1 watched condition(s) restored" in second.text() and "moved aside" not in second.text()
+        finally:
+            assert second.stop() == 0
+    finally:
+        own.close()
+    assert not list(tmp_path.glob("memory.unreadable-*"))
