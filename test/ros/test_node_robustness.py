@@ -9,6 +9,7 @@ pytest-random-order keeps that order (the stress script shuffles the other modul
 """
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +238,26 @@ def test_configure_checks_weights_and_the_memory_budget(node, client):
     assert "linear layers quantized in" in node.text()
     assert client.change_state(Transition.TRANSITION_ACTIVATE)
     assert client.wait_ready() and client.ask().success
+
+
+def test_parameters_that_cannot_work_are_refused_when_set(node, client):
+    """Issue 24 item 16: image_topic '' or 'a b' was accepted (activate then failed and the node
+    dropped to unconfigured), memory_fps 1e-300 too (memory never filled)."""
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)  # activate-time parameters may change
+    for value in ("", "a b", "image_raw/"):
+        result = client.set_parameter("image_topic", value)
+        assert not result.successful and "is not a valid ROS topic name" in result.reason, (value, result)
+    assert client.change_state(Transition.TRANSITION_CLEANUP)  # configure-time ones too
+    for name, value in (("memory_fps", 1e-300), ("save_period_s", 1e-300), ("summary_period_s", 1e-9)):
+        result = client.set_parameter(name, value)
+        assert not result.successful and "too small to work" in result.reason, (name, result)
+    for name in ("memory_fps", "save_period_s", "max_stamp_ahead_s"):
+        for value in (math.nan, math.inf):
+            assert not client.set_parameter(name, value).successful, (name, value)
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert client.wait_ready() and client.ask().success
+    assert client.state() == "active"
 
 
 def test_the_shutdown_transition_ends_the_process(node, client, memory_dir):
