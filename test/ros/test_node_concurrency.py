@@ -36,9 +36,9 @@ def memory(tiny_model, tmp_path_factory):
         return eng.save(tmp_path_factory.mktemp("concurrency") / "memory")
 
 
-def ask_at_once(tmp_path, clients: int, count: int) -> list[dict]:
+def ask_at_once(tmp_path, clients: int, count: int, take_after: float = 0.0) -> list[dict]:
     """`clients` processes (test/support/ask_once.py) each sending `count` questions at the same
-    moment; each one's report (its replies) once all have ended."""
+    moment (and taking replies `take_after` s later); each one's report once all have ended."""
     ready, start = tmp_path / "ready", tmp_path / "start"
     ready.mkdir()
     procs = []
@@ -55,6 +55,7 @@ def ask_at_once(tmp_path, clients: int, count: int) -> list[dict]:
                         f"--count={count}",
                         f"--timeout={ANSWER_TIMEOUT_S}",
                         f"--wait={CLIENT_BUDGET_S}",
+                        f"--take-after={take_after}",
                     ],
                     stdout=subprocess.PIPE,
                     stderr=open(tmp_path / f"client{i}.log", "w"),
@@ -126,10 +127,11 @@ def test_10_clients_asking_20_at_once_each_get_all_20_replies(tiny_model, memory
     counted 164 busy refusals, the clients received 160). The node sent them all: each client's
     reply history (rclpy's default keeps 10) dropped the busy replies beyond 10 that arrived together
     (measured with depth 10: 84 of 100 replies; depth 100: 100 of 100). The project's clients keep
-    every reply (fvs_ros.ros.qos.CLIENT_QOS)."""
+    every reply (fvs_ros.ros.qos.CLIENT_QOS). Each client here takes its replies only 10 s after
+    sending, when its ~18 busy refusals have all arrived: a history of 10 keeps 10 of them."""
     node = node_process(tmp_path, tiny_model, memory)
     try:
-        reports = ask_at_once(tmp_path, clients=10, count=20)
+        reports = ask_at_once(tmp_path, clients=10, count=20, take_after=10.0)
     finally:
         assert node.stop() == 0, node.text()
     answered, busy = check_replies(reports, node.text(), 200)

@@ -2,10 +2,13 @@
 signal (a file), ask COUNT questions at once, print the replies as one JSON line.
 
     python test/support/ask_once.py READY_DIR START_FILE QUESTION [--count N] [--timeout S] [--wait S]
+                                    [--take-after S]
 
 Writes READY_DIR/<pid> once the service answered a ping (an empty question, refused at once:
 see fvs_ros.cli.ask.wait_for_answers), so the test can start every client's questions at the
-same moment by creating START_FILE. The client keeps every reply (fvs_ros.ros.qos.CLIENT_QOS).
+same moment by creating START_FILE. The client keeps every reply (fvs_ros.ros.qos.CLIENT_QOS);
+--take-after makes it a client busy with other work, which takes its replies only that many
+seconds after sending (the immediate busy refusals have all arrived by then).
 """
 
 import argparse
@@ -29,6 +32,7 @@ def main():
     parser.add_argument("--count", type=int, default=1, help="questions sent at once")
     parser.add_argument("--timeout", type=float, default=60.0, help="timeout_s of each question")
     parser.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the service")
+    parser.add_argument("--take-after", type=float, default=0.0, help="seconds before taking any reply")
     args = parser.parse_args()
     rclpy.init()
     node = rclpy.create_node(f"ask_once_{os.getpid()}")
@@ -47,6 +51,7 @@ def main():
             )
             for i in range(args.count)
         ]
+        time.sleep(args.take_after)  # replies arriving meanwhile wait in the client's reply history
         deadline = time.monotonic() + args.timeout + 30.0  # the node answers each within its timeout_s
         while not all(f.done() for f in futures) and time.monotonic() < deadline:
             rclpy.spin_once(node, timeout_sec=0.1)
