@@ -266,7 +266,7 @@ def test_the_shutdown_transition_ends_the_process(node, client, memory_dir):
     assert f"memory saved to {memory_dir}" in node.text()
 
 
-def test_sigkill_loses_at_most_the_save_period(tiny_model, tmp_path):
+def test_sigkill_loses_at_most_the_save_period(tiny_model, tmp_path, client):
     """Issue 15 case 7: every frame since the last save was lost on SIGKILL (no periodic save).
     Its nodes have a name and image topic of their own, so the module's node cannot answer for them."""
     memory = tmp_path / "periodic"
@@ -298,12 +298,15 @@ def test_sigkill_loses_at_most_the_save_period(tiny_model, tmp_path):
 
 
 def own_node(name):
-    """(parameters, Client) for a node of its own name and image topic (see the SIGKILL test)."""
+    """(parameters, Client) for a node of its own name and image topic (see the SIGKILL test); the
+    tests using it take the `client` fixture for its rclpy session, so each also runs alone."""
     topic = f"/{name}/image_raw"
     return {**NODE_PARAMETERS, "image_topic": topic}, Client(name=name, image_topic=topic)
 
 
-def test_a_memory_file_the_node_did_not_write_fails_configure_and_is_left_untouched(tiny_model, tmp_path):
+def test_a_memory_file_the_node_did_not_write_fails_configure_and_is_left_untouched(
+    tiny_model, tmp_path, client
+):
     """Issue 24 item 10: memory_file naming a directory with no save in it (memory_file:=/etc) or a
     plain file was renamed to <name>.unreadable-<time> and replaced by the node's own directory."""
     foreign, plain = tmp_path / "etc", tmp_path / "notes.txt"
@@ -340,7 +343,7 @@ def test_a_memory_file_the_node_did_not_write_fails_configure_and_is_left_untouc
     assert plain.read_text() == "my notes" and (tmp_path / "fresh" / "engine.json").is_file()
 
 
-def test_conditions_added_before_the_first_save_survive_sigkill(tiny_model, tmp_path):
+def test_conditions_added_before_the_first_save_survive_sigkill(tiny_model, tmp_path, client):
     """Issue 24 item 15b: conditions added before the first memory save live alone in watch.json;
     after a SIGKILL in that window the next start moved the whole directory aside and watched nothing."""
     memory = tmp_path / "memory"
