@@ -45,6 +45,7 @@ from std_srvs.srv import Trigger
 
 from fvs_ros.engine import Answer, AnswerCancelled, AnswerTimeout, EngineError, QuestionError, open_engine
 from fvs_ros.engine.grounding import DETAIL, EvidenceItem
+from fvs_ros.engine.persistence import ForeignPath
 from fvs_ros.engine.settings import engine_config, memory_config, watch_config
 from fvs_ros.engine.thumbnails import encode_jpeg
 from fvs_ros.engine.watch import Watcher, WatchError, WatchResult
@@ -53,7 +54,8 @@ from fvs_ros.msg import Evidence, SceneSummary, WatchEvaluation, WatchEvent
 from fvs_ros.ros import diagnostics, params
 from fvs_ros.ros.ask_action import MAX_GOALS, AskStreamServer
 from fvs_ros.ros.intake import ImageIntake, IntakeCounters, SubscriptionThread
-from fvs_ros.ros.memory_file import MemoryFile
+from fvs_ros.ros.memory_file import MemoryFile, check_memory_file
+from fvs_ros.ros.qos import SERVICE_QOS
 from fvs_ros.srv import Ask, Watch
 
 SUCCESS, FAILURE, ERROR = (
@@ -69,8 +71,6 @@ TINY_MODEL_HINT = (
 # Executor threads: every admitted question blocks one while it waits for the engine; the rest
 # serve images, housekeeping, lifecycle and immediate refusals ("busy") of further questions.
 EXECUTOR_THREADS = params.SPECS["max_pending_questions"].range[1] + 4 + MAX_GOALS  # + ~/ask_stream goals
-# Requests a service keeps until a thread takes them (the default of 10 lost bursts of 20).
-SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=256, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def _transition(func):
@@ -157,6 +157,7 @@ class FvsNode(LifecycleNode):
         try:
             p = params.read(self)
             params.check_together(p)
+            check_memory_file(p["memory_file"])  # applied at activate; refused early, and again there
             memory, config, watcher = memory_config(p), engine_config(p), watch_config(p)
         except ValueError as e:
             self.get_logger().error(f"configure failed: {e}")
@@ -259,7 +260,12 @@ class FvsNode(LifecycleNode):
         p = self._p = params.read(self)  # configure-time values cannot have changed since
         self._memory_file = MemoryFile(p["memory_file"], self.get_logger()) if p["memory_file"] else None
         if self._memory_file is not None:
-            extra = self._memory_file.restore(self._engine)
+            try:
+                extra = self._memory_file.restore(self._engine)
+            except ForeignPath as e:
+                self.get_logger().error(f"activate failed: {e}")
+                self._memory_file = None
+                return FAILURE
             if "intake" in extra:
                 self._intake_state = IntakeCounters.from_saved(extra["intake"])
         self._restore_conditions(p["memory_file"])

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,15 @@ import test_engine
 from fvs_ros.common import files
 from fvs_ros.common.files import move_aside
 from fvs_ros.engine import EngineConfig
-from fvs_ros.engine.persistence import NothingSaved, SavedStateError, read_saved
-from fvs_ros.engine.watch import Watcher
+from fvs_ros.engine.persistence import (
+    MARKER,
+    ForeignPath,
+    NothingSaved,
+    SavedStateError,
+    check_ours,
+    read_saved,
+)
+from fvs_ros.engine.watch import Watcher, WatchError
 from fvs_ros.memory import MemoryConfig
 
 ckpts, lm, make_engine = test_engine.ckpts, test_engine.lm, test_engine.make_engine  # shared fixtures
@@ -41,7 +49,7 @@ def saved(lm, make_engine, tmp_path):
 def test_save_writes_one_memory_file_named_by_the_index_and_load_returns_extra(lm, make_engine, saved):
     index, memory_file = read_saved(saved)
     assert index["format"] == 2 and memory_file.name == index["memory_file"]
-    assert sorted(p.name for p in saved.iterdir()) == sorted(["engine.json", memory_file.name])
+    assert sorted(p.name for p in saved.iterdir()) == sorted([MARKER, "engine.json", memory_file.name])
     eng = make_engine(lm, ONE)
     assert eng.load(saved) == {"frames_received": 9} and eng.snapshot().frames_seen == 6
     feed(eng, 2, t0=10.0)
@@ -147,9 +155,7 @@ def test_engine_json_with_wrong_fields_is_refused_and_the_engine_keeps_its_memor
     assert eng.snapshot().frames_seen == 4 and eng.stats().errors == 0
 
 
-@pytest.mark.parametrize(
-    "damage", ["empty index", "truncated index", "no index", "garbage memory", "empty memory"]
-)
+@pytest.mark.parametrize("damage", ["empty index", "truncated index", "garbage memory", "empty memory"])
 def test_unreadable_saves_raise_saved_state_error(lm, make_engine, saved, damage):
     index, memory_file = read_saved(saved)
     text = (saved / "engine.json").read_text()
@@ -157,8 +163,6 @@ def test_unreadable_saves_raise_saved_state_error(lm, make_engine, saved, damage
         (saved / "engine.json").write_text("")
     elif damage == "truncated index":
         (saved / "engine.json").write_text(text[: len(text) // 2])
-    elif damage == "no index":
-        (saved / "engine.json").unlink()
     elif damage == "garbage memory":
         memory_file.write_bytes(b"\x00garbage" * 100)
     else:
@@ -242,7 +246,7 @@ def test_a_save_on_a_full_file_system_says_no_space_left_simulated(lm, make_engi
     """Issue 24 item 17: a full disk was reported as torch's "[enforce fail at inline_container.cc]
     unexpected pos". Simulated: the memory file's write() raises a real OSError(ENOSPC) once 4 KiB
     are written (test_a_save_on_a_full_tmpfs... checks a real full file system where it can mount)."""
-    real_open = open
+    real_fdopen = os.fdopen
 
     class FullDisk:
         def __init__(self, file):
@@ -263,11 +267,12 @@ def test_a_save_on_a_full_file_system_says_no_space_left_simulated(lm, make_engi
         def __exit__(self, *exc):
             self.file.close()
 
-    def opener(path, mode="r", *args, **kw):
-        f = real_open(path, mode, *args, **kw)
-        return FullDisk(f) if "b" in mode and Path(path).name.startswith(".tmp-memory") else f
+    def opener(fd, mode="r", *args, **kw):
+        f = real_fdopen(fd, mode, *args, **kw)
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name  # atomic_write's temporary file
+        return FullDisk(f) if "b" in mode and name.startswith(".tmp-memory") else f
 
-    monkeypatch.setattr(files, "open", opener, raising=False)
+    monkeypatch.setattr(files.os, "fdopen", opener)
     eng = make_engine(lm, ONE)
     eng.load(saved)
     with pytest.raises(OSError) as err:
@@ -296,3 +301,83 @@ def test_a_save_on_a_full_tmpfs_says_no_space_left(lm, make_engine, saved, tmp_p
         assert err.value.errno == errno.ENOSPC and ENOSPC_TEXT in str(err.value)
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_save_never_writes_through_a_planted_symlink(lm, make_engine, saved, tmp_path, monkeypatch):
+    """Issue 24 item 9: the temporary file had a predictable name (.tmp-<file>.<pid>) opened with
+    open(..., "w"): a symlink planted there made the save overwrite the file it points to. Links at
+    the old name, at a random-looking one, at the random name the writer draws first (forced) and
+    at engine.json itself: the linked file is untouched and engine.json is a regular file."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    planted = [f".tmp-engine.json.{os.getpid()}", ".tmp-engine.json.k3j9x2ab", ".tmp-engine.json.drawn"]
+    for name in planted:
+        (saved / name).symlink_to(victim)
+    (saved / "engine.json").unlink()
+    (saved / "engine.json").symlink_to(victim)
+    names = iter(["drawn", "fresh1", "fresh2", "fresh3"])
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: names)  # collide with a planted link
+    eng = make_engine(lm, ONE)
+    feed(eng, 2)
+    eng.flush()
+    eng.save(saved)
+    assert victim.read_text() == "precious"
+    index = saved / "engine.json"
+    assert index.is_file() and not index.is_symlink() and json.loads(index.read_text())["format"] == 2
+    assert make_engine(lm, ONE).load(saved) == {} and not list(saved.glob(".tmp-engine.json.fresh*"))
+
+
+def test_memory_file_of_someone_else_is_never_read_moved_or_written(lm, make_engine, tmp_path):
+    """Issue 24 item 10: a directory holding no save of ours (or a plain file) was moved aside and
+    replaced. Now load and save refuse it (ForeignPath naming it) and leave every byte as it was."""
+    foreign = tmp_path / "etc"
+    foreign.mkdir()
+    (foreign / "hostname").write_text("robot\n")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("my notes")
+    eng = make_engine(lm, ONE)
+    feed(eng, 2)
+    eng.flush()
+    for path in (foreign, plain):
+        with pytest.raises(ForeignPath, match=str(path)):
+            eng.load(path)
+        with pytest.raises(ForeignPath, match="leaves it as it is"):
+            eng.save(path)
+        with pytest.raises(WatchError, match="leaves it as it is"):
+            Watcher(directory=path).add("a dog is on the sofa", 0.5)
+    assert sorted(p.name for p in foreign.iterdir()) == ["hostname"]
+    assert (foreign / "hostname").read_text() == "robot\n" and plain.read_text() == "my notes"
+
+
+def test_what_is_ours(lm, make_engine, saved, tmp_path):
+    """Ours: a missing path, an empty directory, one with the marker, or (saved before the marker)
+    one with an engine.json or watch.json of our formats; nothing else."""
+    check_ours(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    check_ours(tmp_path / "empty")
+    assert (saved / MARKER).is_file()  # every save claims its directory
+    check_ours(saved)
+    (saved / MARKER).unlink()
+    check_ours(saved)  # an older save: engine.json of ours
+    (saved / "engine.json").write_text("{broken")
+    with pytest.raises(ForeignPath, match=f"add an empty {MARKER}"):
+        check_ours(saved)
+    legacy = tmp_path / "conditions"
+    legacy.mkdir()
+    (legacy / "watch.json").write_text(json.dumps({"format": 1, "conditions": []}))
+    check_ours(legacy)
+
+
+def test_conditions_without_a_memory_save_are_nothing_saved_not_unreadable(lm, make_engine, tmp_path):
+    """Issue 24 item 15b: a directory holding only watch.json (conditions added before the first
+    memory save) raised SavedStateError, and the node moved it aside with the conditions. engine.json
+    is the commit point: without it a directory of ours holds no memory yet."""
+    memory = tmp_path / "memory"
+    Watcher(directory=memory).add("a dog is on the sofa", 0.5)
+    assert sorted(p.name for p in memory.iterdir()) == [MARKER, "watch.json"]
+    with pytest.raises(NothingSaved):
+        make_engine(lm, ONE).load(memory)
+    (memory / "memory-1.pt").write_bytes(b"a first save killed before its commit")
+    with pytest.raises(NothingSaved):
+        make_engine(lm, ONE).load(memory)
+    assert Watcher(directory=memory).load() == 1

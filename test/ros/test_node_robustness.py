@@ -9,6 +9,7 @@ pytest-random-order keeps that order (the stress script shuffles the other modul
 """
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from support.dds import image_msg, wait_until
 from support.fvs_client import FPS, Client, frame, latest_diagnostics
 from support.node_process import NodeProcess
 
-from fvs_ros.srv import Ask
+from fvs_ros.ros.qos import CLIENT_QOS
+from fvs_ros.srv import Ask, Watch
 
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
 pytestmark = pytest.mark.random_order(disabled=True)
@@ -238,13 +240,33 @@ def test_configure_checks_weights_and_the_memory_budget(node, client):
     assert client.wait_ready() and client.ask().success
 
 
+def test_parameters_that_cannot_work_are_refused_when_set(node, client):
+    """Issue 24 item 16: image_topic '' or 'a b' was accepted (activate then failed and the node
+    dropped to unconfigured), memory_fps 1e-300 too (memory never filled)."""
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)  # activate-time parameters may change
+    for value in ("", "a b", "image_raw/"):
+        result = client.set_parameter("image_topic", value)
+        assert not result.successful and "is not a valid ROS topic name" in result.reason, (value, result)
+    assert client.change_state(Transition.TRANSITION_CLEANUP)  # configure-time ones too
+    for name, value in (("memory_fps", 1e-300), ("save_period_s", 1e-300), ("summary_period_s", 1e-9)):
+        result = client.set_parameter(name, value)
+        assert not result.successful and "too small to work" in result.reason, (name, result)
+    for name in ("memory_fps", "save_period_s", "max_stamp_ahead_s"):
+        for value in (math.nan, math.inf):
+            assert not client.set_parameter(name, value).successful, (name, value)
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert client.wait_ready() and client.ask().success
+    assert client.state() == "active"
+
+
 def test_the_shutdown_transition_ends_the_process(node, client, memory_dir):
     assert client.change_state(Transition.TRANSITION_ACTIVE_SHUTDOWN)
     assert node.proc.wait(30) == 0, node.text()
     assert f"memory saved to {memory_dir}" in node.text()
 
 
-def test_sigkill_loses_at_most_the_save_period(tiny_model, tmp_path):
+def test_sigkill_loses_at_most_the_save_period(tiny_model, tmp_path, client):
     """Issue 15 case 7: every frame since the last save was lost on SIGKILL (no periodic save).
     Its nodes have a name and image topic of their own, so the module's node cannot answer for them."""
     memory = tmp_path / "periodic"
@@ -273,3 +295,85 @@ def test_sigkill_loses_at_most_the_save_period(tiny_model, tmp_path):
             assert second.stop() == 0
     finally:
         own.close()
+
+
+def own_node(name):
+    """(parameters, Client) for a node of its own name and image topic (see the SIGKILL test); the
+    tests using it take the `client` fixture for its rclpy session, so each also runs alone."""
+    topic = f"/{name}/image_raw"
+    return {**NODE_PARAMETERS, "image_topic": topic}, Client(name=name, image_topic=topic)
+
+
+def test_a_memory_file_the_node_did_not_write_fails_configure_and_is_left_untouched(
+    tiny_model, tmp_path, client
+):
+    """Issue 24 item 10: memory_file naming a directory with no save in it (memory_file:=/etc) or a
+    plain file was renamed to <name>.unreadable-<time> and replaced by the node's own directory."""
+    foreign, plain = tmp_path / "etc", tmp_path / "notes.txt"
+    foreign.mkdir()
+    (foreign / "hostname").write_text("robot\n")
+    plain.write_text("my notes")
+    params, own = own_node("fvs_foreign")
+    try:
+        proc = NodeProcess(
+            tmp_path / "node.log", name="fvs_foreign", model=tiny_model, memory_file=foreign, **params
+        )
+        try:
+            started = wait_until(
+                lambda: any(m in proc.text() for m in ("configure failed", "watching /")), 600, 0.5
+            )
+            assert started, proc.text()
+            assert f"configure failed: memory_file {foreign} holds no memory of fvs_ros" in proc.text()
+            assert own.state() == "unconfigured"
+            assert own.set_parameter("memory_file", str(plain)).successful
+            assert not own.change_state(Transition.TRANSITION_CONFIGURE)
+            assert f"memory_file {plain} is a file, not a memory directory" in proc.text()
+            assert own.set_parameter("memory_file", str(tmp_path / "fresh")).successful
+            assert own.change_state(Transition.TRANSITION_CONFIGURE)
+            assert own.change_state(Transition.TRANSITION_ACTIVATE)
+            assert own.wait_ready(), proc.text()
+        finally:
+            assert proc.stop() == 0
+    finally:
+        own.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["etc", "fresh", "node.log", "notes.txt"]
+    assert [p.name for p in foreign.iterdir()] == ["hostname"] and (
+        foreign / "hostname"
+    ).read_text() == "robot\n"
+    assert plain.read_text() == "my notes" and (tmp_path / "fresh" / "engine.json").is_file()
+
+
+def test_conditions_added_before_the_first_save_survive_sigkill(tiny_model, tmp_path, client):
+    """Issue 24 item 15b: conditions added before the first memory save live alone in watch.json;
+    after a SIGKILL in that window the next start moved the whole directory aside and watched nothing."""
+    memory = tmp_path / "memory"
+    params, own = own_node("fvs_conditions")  # save_period_s 0: no memory save before the kill
+    own.clients["/fvs_conditions/watch"] = own.node.create_client(
+        Watch, "/fvs_conditions/watch", qos_profile=CLIENT_QOS
+    )
+    try:
+        proc = NodeProcess(
+            tmp_path / "first.log", name="fvs_conditions", model=tiny_model, memory_file=memory, **params
+        )
+        try:
+            assert own.wait_ready(600), proc.text()
+            assert own.call("watch", Watch.Request(command="list"), resend=2.0).success  # matched
+            added = own.call("watch", Watch.Request(command="add", condition="a door is open", name="door"))
+            assert added.success and added.names == ["door"], added.error
+            assert not (memory / "engine.json").exists()  # conditions, no memory yet
+        finally:
+            proc.proc.kill()
+            proc.proc.wait()
+        second = NodeProcess(
+            tmp_path / "second.log", name="fvs_conditions", model=tiny_model, memory_file=memory, **params
+        )
+        try:
+            assert own.wait_ready(600), second.text()
+            listed = own.call("watch", Watch.Request(command="list"), resend=2.0)
+            assert listed.names == ["door"], second.text()
+            assert "1 watched condition(s) restored" in second.text() and "moved aside" not in second.text()
+        finally:
+            assert second.stop() == 0
+    finally:
+        own.close()
+    assert not list(tmp_path.glob("memory.unreadable-*"))

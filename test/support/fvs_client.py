@@ -15,6 +15,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from fvs_ros.msg import SceneSummary
+from fvs_ros.ros.qos import CLIENT_QOS
 from fvs_ros.srv import Ask
 
 from .dds import ClientNode, image_msg, to_stamp, wait_until
@@ -41,7 +42,9 @@ class Client(ClientNode):
         self.node.create_subscription(SceneSummary, f"{self.prefix}/scene_summary", self.summaries.append, 10)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
         self.clients = {
-            f"{self.prefix}/{service}": self.node.create_client(srv_type, f"{self.prefix}/{service}")
+            f"{self.prefix}/{service}": self.node.create_client(
+                srv_type, f"{self.prefix}/{service}", qos_profile=CLIENT_QOS
+            )
             for service, srv_type in [
                 ("ask", Ask),
                 ("reset", Trigger),
