@@ -210,12 +210,15 @@ def test_float32_graphs_give_eager_logits(models, case):
 
 def test_uncached_prompt_through_the_fast_path(models, case):
     """No prefix: the whole prompt prefilled through the static cache (FlashAttention, beyond the
-    graph buckets), then graphed decode steps."""
+    graph buckets), then graphed decode steps. The graphs are captured by reserve(), as
+    VideoLM.warm_up does (a fresh decoder captures them with its first bucketed tail only:
+    H100 run, benchmarks/gpu_notes.md)."""
     (llm32, head32), (llm16, head16) = models
     embeds, positions, _, _, _, questions = case
     n, q_embeds, q_pos, nxt, forced = questions[0]
     full, full_pos = torch.cat([embeds, q_embeds], dim=1), torch.cat([positions, q_pos], dim=2)
     fast = FastDecoder(llm16, head16)
+    fast.reserve(prefix_tokens=full.shape[1], max_new_tokens=STEPS)
     got = fast.generate(*cast(llm16, full), full_pos, nxt, 0, force_tokens=forced, collect_logits=True)
     assert not got.graphed and fast.decode_replays == STEPS - 1
     truth = eager_forced_logits(llm32, head32, full, full_pos, nxt, None, forced)
