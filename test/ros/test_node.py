@@ -328,20 +328,18 @@ def test_flood_keeps_memory_bounded_and_ask_responsive(node, client):
         assert client.call("reset", Trigger.Request()).success
 
 
-def fvs_nodes(client) -> int:
-    """Nodes named /fvs in the graph: NodeProcess's `-r __node:=fvs` renames every node of the
-    process, so the bare intake node of raw_intake (fvs_intake) shows as a second /fvs."""
-    return sum(n == ("fvs", "/") for n in client.node.get_node_names_and_namespaces())
+def image_subscribers(client) -> set[str]:
+    """Names of the nodes subscribed to /image_raw."""
+    return {info.node_name for info in client.node.get_subscriptions_info_by_topic("/image_raw")}
 
 
 def test_raw_intake_false_deserializes_on_the_node_itself(node, client):
-    """raw_intake: false (docs/node.md): the lifecycle node subscribes itself (no intake node of its
-    own) and rclpy deserializes every image; each one is counted and taken into memory with its
-    stamp."""
-    assert wait_until(lambda: fvs_nodes(client) == 2, 30), fvs_nodes(client)  # raw_intake: true
+    """raw_intake: false (docs/node.md): the lifecycle node subscribes itself (no fvs_intake node)
+    and rclpy deserializes every image; each one is counted and taken into memory with its stamp."""
+    assert wait_until(lambda: image_subscribers(client) == {"fvs_intake"}, 30), image_subscribers(client)
     client.reactivate(raw_intake=False)
     try:
-        assert wait_until(lambda: fvs_nodes(client) == 1, 30), fvs_nodes(client)
+        assert wait_until(lambda: image_subscribers(client) == {"fvs"}, 30), image_subscribers(client)
         before = latest_diagnostics(client)
         response = feed(client, raw_frames(client, 4))
         assert seconds(response.last_frame_stamp) == pytest.approx(client.stamp)  # the newest frame
@@ -350,7 +348,7 @@ def test_raw_intake_false_deserializes_on_the_node_itself(node, client):
             assert int(d[key]) - int(before[key]) == 4, (key, before, d)
     finally:
         client.reactivate(raw_intake=True)
-    assert wait_until(lambda: fvs_nodes(client) == 2, 30), fvs_nodes(client)
+    assert wait_until(lambda: image_subscribers(client) == {"fvs_intake"}, 30), image_subscribers(client)
 
 
 def test_memory_view_at_most_once_a_second_while_memory_changes(node, client):
