@@ -352,6 +352,7 @@ class FastDecoder:
         self._queries: dict[int, torch.Tensor] = {}
         self._qbase: torch.Tensor | None = None  # [1] long: cache slot of the prompt's last token
         self._graphs: dict[int, _Graph] = {}  # bucket -> prefill graph; 1 -> decode graph under key 0
+        self.decode_replays = 0  # decode steps run by replaying the decode graph (all time)
         self._pool = None
         self._prefix_ref = None  # the prefix KV now in slots [0, P) (strong ref: identity stays unique)
         self._prefix_len = 0
@@ -939,6 +940,7 @@ class FastDecoder:
                 if force is not None:
                     g.inputs["token"].fill_(feed)
                 g.graph.replay()
+                self.decode_replays += 1
                 token = int(g.inputs["token"])
                 logits = g.outputs["logits"]
             else:

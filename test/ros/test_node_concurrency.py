@@ -14,8 +14,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.executors import SingleThreadedExecutor
 from support.dds import wait_until
 from support.engines import feed
 from support.node_process import ROOT, NodeProcess
@@ -36,7 +40,7 @@ def memory(tiny_model, tmp_path_factory):
         return eng.save(tmp_path_factory.mktemp("concurrency") / "memory")
 
 
-def ask_at_once(tmp_path, clients: int, count: int, take_after: float = 0.0) -> list[dict]:
+def ask_at_once(tmp_path, clients: int, count: int, take_after: float = 0.0, tokens: int = 2) -> list[dict]:
     """`clients` processes (test/support/ask_once.py) each sending `count` questions at the same
     moment (and taking replies `take_after` s later); each one's report once all have ended."""
     ready, start = tmp_path / "ready", tmp_path / "start"
@@ -56,6 +60,7 @@ def ask_at_once(tmp_path, clients: int, count: int, take_after: float = 0.0) -> 
                         f"--timeout={ANSWER_TIMEOUT_S}",
                         f"--wait={CLIENT_BUDGET_S}",
                         f"--take-after={take_after}",
+                        f"--max-new-tokens={tokens}",
                     ],
                     stdout=subprocess.PIPE,
                     stderr=open(tmp_path / f"client{i}.log", "w"),
@@ -86,25 +91,51 @@ def ask_at_once(tmp_path, clients: int, count: int, take_after: float = 0.0) -> 
             p.wait()
 
 
-def node_process(tmp_path, tiny_model, memory) -> NodeProcess:
+def node_process(tmp_path, tiny_model, memory, limit: int = 20, tokens: int = 8) -> NodeProcess:
     return NodeProcess(
         tmp_path / "node.log",
         model=tiny_model,
         memory_file=memory,
-        max_pending_questions=20,
-        max_new_tokens=8,
+        max_pending_questions=limit,
+        max_new_tokens=tokens,
     )
 
 
-def check_replies(reports, node_log: str, expected: int) -> tuple[list, list]:
+def fvs_diagnostics(timeout: float = 120.0) -> dict:
+    """The key/values of the first /diagnostics status of the node fvs heard from now on, by an
+    rclpy context of this process (after the clients are gone: 2 participants in the domain)."""
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = rclpy.create_node("concurrency_diagnostics", context=context)
+        heard = []
+        node.create_subscription(
+            DiagnosticArray,
+            "/diagnostics",
+            lambda msg: heard.extend(s for s in msg.status if s.name.startswith("fvs")),
+            10,
+        )
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(node)
+        deadline = time.monotonic() + timeout
+        while not heard and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.5)
+        assert heard, f"no /diagnostics from fvs within {timeout} s"
+        return {kv.key: kv.value for kv in heard[0].values}
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+def check_replies(reports, node_log: str, expected: int, limit: int = 20) -> tuple[list, list]:
     """Every request got a reply: answered ones (with the 8-frame memory) and busy refusals."""
     assert all(r["outcome"] == "reply" for r in reports), [r for r in reports if r["outcome"] != "reply"]
     replies = [reply for r in reports for reply in r["replies"]]
     assert len(replies) == expected
     answered = [r for r in replies if r["success"]]
     busy = [r for r in replies if not r["success"]]
-    assert all("busy" in r["error"] and "max_pending_questions is 20" in r["error"] for r in busy), busy
-    assert len(answered) >= 20  # the first 20 to arrive are all admitted and answered
+    reason = f"questions are already waiting (max_pending_questions is {limit})"
+    assert all(r["error"].startswith("busy: ") and reason in r["error"] for r in busy), busy
+    assert len(answered) >= limit  # the first `limit` to arrive are all admitted and answered
     assert all(r["frames_seen"] == 8 for r in answered)
     assert sum(" frames, ttft " in line for line in node_log.splitlines()) == len(answered)
     return answered, busy
@@ -112,14 +143,21 @@ def check_replies(reports, node_log: str, expected: int) -> tuple[list, list]:
 
 def test_50_clients_in_separate_processes_each_get_an_answer_or_a_busy_error(tiny_model, memory, tmp_path):
     """Issue 15 case 5: of 20 questions at once, 9 never got a reply. 50 processes ask at the same
-    moment; max_pending_questions is 20: every one gets a reply, an answer or 'busy'."""
-    node = node_process(tmp_path, tiny_model, memory)
+    moment; max_pending_questions is 2 and each answer may run 256 tokens: every client gets a
+    reply, the first 2 to arrive are answered, questions that arrive while 2 wait are refused with
+    the 'busy' reason, and /diagnostics' questions_refused_busy counts exactly those refusals."""
+    limit, tokens = 2, 256  # an answer takes far longer than 50 questions take to arrive
+    node = node_process(tmp_path, tiny_model, memory, limit=limit, tokens=tokens)
     try:
-        reports = ask_at_once(tmp_path, clients=50, count=1)
+        reports = ask_at_once(tmp_path, clients=50, count=1, tokens=tokens)
+        counters = fvs_diagnostics()
     finally:
         assert node.stop() == 0, node.text()
-    answered, busy = check_replies(reports, node.text(), 50)
+    answered, busy = check_replies(reports, node.text(), 50, limit=limit)
     print(f"50 clients at once: {len(answered)} answered, {len(busy)} busy")
+    assert busy, f"no question refused: {[r['tokens'] for r in answered]} tokens per answer"
+    assert int(counters["questions_refused_busy"]) == len(busy), counters
+    assert int(counters["questions_answered"]) == len(answered), counters
 
 
 def test_10_clients_asking_20_at_once_each_get_all_20_replies(tiny_model, memory, tmp_path):

@@ -54,9 +54,9 @@ def checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "flash_vstream")
 
 
-@pytest.fixture(scope="module")
-def planted(checkpoint):
-    """(condition, threshold, expected events as (slot index, rising), reference probabilities)."""
+def reference_by_condition(checkpoint) -> dict[str, list[float]]:
+    """P(yes) of every candidate condition on each memory state of the scene (one per slot), by a
+    plain forward: this process runs the stream through its own engine."""
     lm = load_model(checkpoint)
     engine = StreamEngine(lm, MemoryConfig(**MEMORY), EngineConfig(sample_fps=0)).start()
     snaps, t = [], START
@@ -69,7 +69,13 @@ def planted(checkpoint):
             snaps.append(engine.snapshot())
     finally:
         engine.shutdown()
-    by_condition = {c: [scene.reference_probability(lm, s, c) for s in snaps] for c in scene.CANDIDATES}
+    return {c: [scene.reference_probability(lm, s, c) for s in snaps] for c in scene.CANDIDATES}
+
+
+@pytest.fixture(scope="module")
+def planted(checkpoint):
+    """(condition, threshold, expected events as (slot index, rising), reference probabilities)."""
+    by_condition = reference_by_condition(checkpoint)
     condition, threshold, _ = scene.plant(by_condition, HYSTERESIS)
     threshold = float(np.float32(threshold))  # as the float32 field of Watch.srv carries it
     events = scene.expected_events(by_condition[condition], threshold, HYSTERESIS)
@@ -118,7 +124,7 @@ def memory_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("memory") / "saved"
 
 
-def start_node(checkpoint, memory_dir, log_path, client) -> NodeProcess:
+def start_node(checkpoint, memory_dir, log_path, client, hysteresis=HYSTERESIS) -> NodeProcess:
     node = NodeProcess(
         log_path,
         model=checkpoint,
@@ -130,7 +136,7 @@ def start_node(checkpoint, memory_dir, log_path, client) -> NodeProcess:
         prefix_refresh_s=0.0,
         max_prefix_lag_s=0.0,
         watch_max_conditions=3,
-        watch_hysteresis=HYSTERESIS,
+        watch_hysteresis=hysteresis,
         watch_event_images=True,
         **MEMORY,
     )
@@ -180,6 +186,22 @@ def test_events_over_dds_at_the_planted_scene_change(node, client, planted):
     condition, threshold, expected, reference = planted
     added = client.watch(command="add", condition=condition, threshold=threshold, name="planted")
     assert added.success, added.error
+    stamps = stream_and_check_events(node, client, "planted", threshold, expected, reference)
+    for e in client.events:
+        i = e.frames_seen // 2 - 1
+        assert e.name == "planted" and e.condition == condition and e.threshold == pytest.approx(threshold)
+        assert e.probability == pytest.approx(reference[i], abs=1e-4)
+        assert seconds(e.header.stamp) == pytest.approx(stamps[i]) and e.header.frame_id == "test_camera"
+        assert 0 < e.latency_s < 60
+        assert_evidence_of_received_frames(e, sent=START + 0.5 * np.arange(2 * len(stamps)))
+    shared_state["active"] = expected[-1][1]
+
+
+def stream_and_check_events(node, client, name, threshold, expected, reference) -> list[float]:
+    """Publish the scene slot by slot, each once the node has evaluated the memory before it; every
+    memory state's P(yes) of the only watched condition `name` (~/watch_scores) must be the plain
+    forward's `reference`, the states they report must change exactly at `expected` (slot index,
+    rising), and ~/events must carry exactly those changes. Returns the slots' stamps."""
     stamps, t = [], START
     for i, slot in enumerate(scene.slots()):
         for f in slot:
@@ -191,20 +213,17 @@ def test_events_over_dds_at_the_planted_scene_change(node, client, planted):
     by_frames = {s.frames_seen: s for s in client.scores}
     for i, p in enumerate(reference):  # every memory state was evaluated, as the plain forward says
         score = by_frames[2 * (i + 1)]
-        assert score.names == ["planted"] and score.probabilities[0] == pytest.approx(p, abs=1e-4)
+        assert score.names == [name] and score.probabilities[0] == pytest.approx(p, abs=1e-4)
         assert seconds(score.header.stamp) == pytest.approx(stamps[i])
-    assert wait_until(lambda: len(client.events) >= len(expected), 10)
-    time.sleep(0.5)  # nothing more arrives
+    # the states every evaluation reported follow the rule, and the events are exactly their
+    # changes: all evaluations are in, so no other event can still come
+    active = [bool(by_frames[2 * (i + 1)].active[0]) for i in range(len(reference))]
+    changes = [(i, a) for i, a in enumerate(active) if a != (active[i - 1] if i else False)]
+    assert changes == expected, (changes, expected, [round(p, 4) for p in reference], threshold)
+    assert wait_until(lambda: len(client.events) >= len(expected), 60)
     got = [(e.frames_seen // 2 - 1, e.rising) for e in client.events]
     assert got == expected, (got, expected, [round(p, 4) for p in reference], threshold)
-    for e in client.events:
-        i = e.frames_seen // 2 - 1
-        assert e.name == "planted" and e.condition == condition and e.threshold == pytest.approx(threshold)
-        assert e.probability == pytest.approx(reference[i], abs=1e-4)
-        assert seconds(e.header.stamp) == pytest.approx(stamps[i]) and e.header.frame_id == "test_camera"
-        assert 0 < e.latency_s < 60
-        assert_evidence_of_received_frames(e, sent=START + 0.5 * np.arange(2 * len(stamps)))
-    shared_state["active"] = expected[-1][1]
+    return stamps
 
 
 def assert_evidence_of_received_frames(event, sent):

@@ -3,6 +3,7 @@ signal (a file), ask COUNT questions at once, print the replies as one JSON line
 
     python test/support/ask_once.py READY_DIR START_FILE QUESTION [--count N] [--timeout S] [--wait S]
                                     [--take-after S]
+                                    [--max-new-tokens N]
 
 Writes READY_DIR/<pid> once the service answered a ping (an empty question, refused at once:
 see fvs_ros.cli.ask.wait_for_answers), so the test can start every client's questions at the
@@ -33,6 +34,7 @@ def main():
     parser.add_argument("--timeout", type=float, default=60.0, help="timeout_s of each question")
     parser.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the service")
     parser.add_argument("--take-after", type=float, default=0.0, help="seconds before taking any reply")
+    parser.add_argument("--max-new-tokens", type=int, default=2, help="max_new_tokens of each question")
     args = parser.parse_args()
     rclpy.init()
     node = rclpy.create_node(f"ask_once_{os.getpid()}")
@@ -47,7 +49,11 @@ def main():
             time.sleep(0.01)
         futures = [
             client.call_async(
-                Ask.Request(question=f"{args.question} ({i})", max_new_tokens=2, timeout_s=args.timeout)
+                Ask.Request(
+                    question=f"{args.question} ({i})",
+                    max_new_tokens=args.max_new_tokens,
+                    timeout_s=args.timeout,
+                )
             )
             for i in range(args.count)
         ]
@@ -59,7 +65,12 @@ def main():
             if f.done():
                 r = f.result()
                 reply["replies"].append(
-                    {"success": r.success, "error": r.error, "frames_seen": r.frames_seen}
+                    {
+                        "success": r.success,
+                        "error": r.error,
+                        "frames_seen": r.frames_seen,
+                        "tokens": r.num_tokens,
+                    }
                 )
         reply["outcome"] = "reply" if len(reply["replies"]) == args.count else "no reply"
     finally:

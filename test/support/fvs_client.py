@@ -160,6 +160,24 @@ class Client(ClientNode):
         ), "the node's image subscription did not match"
 
 
+OUTCOMES = (  # what becomes of a frame the node received: exactly one of these (docs/node.md)
+    "frames_unsupported",
+    "frames_malformed",
+    "frames_failed",
+    "frames_rejected",
+    "frames_skipped_by_sampling",
+    "frames_dropped",
+    "frames_into_memory",
+)
+
+
+def frames_unaccounted(before: dict, after: dict) -> int:
+    """Frames received between two /diagnostics statuses that no outcome counted: once the queue is
+    empty, 0, or 1 (the first frame of a two-frame slot waiting for its second)."""
+    received = int(after["frames_received"]) - int(before["frames_received"])
+    return received - sum(int(after[k]) - int(before[k]) for k in OUTCOMES)
+
+
 def latest_diagnostics(client, timeout=10.0):
     """The first diagnostics status published after this call."""
     count = len(client.diagnostics)
