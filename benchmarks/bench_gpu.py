@@ -462,9 +462,10 @@ def bench_cuda(fn, device, reps=50, warmup=5):
 @torch.inference_mode()
 def check_fused_kernels(device, dtype, hidden, inter, rows=(1, 30, 4096)):
     """The Triton kernels against the reference ops (fused_ops.REFERENCE: transformers' numerics) on
-    fresh random inputs of the model's widths. Tolerance: one rounding step of `dtype` at the
-    reference value (both round at the same places; a float32 mean summed in another order can flip
-    one rounding), i.e. |got - want| <= ulp(want)."""
+    fresh random inputs of the model's widths. Both round at the same points; a float32 mean summed
+    in another order (or Triton's exp) can flip one rounding of the normalised value, which the
+    weight (|w| < 2 here) carries into the output: |got - want| <= 2 ulp(want), on a small share of
+    the elements."""
     from fvs_ros.model import fused_ops
 
     if fused_ops.TRITON is None or fused_ops.triton_usable(device, dtype) is not None:
@@ -494,12 +495,12 @@ def check_fused_kernels(device, dtype, hidden, inter, rows=(1, 30, 4096)):
             worst = max(worst, float(err.max()))
             flipped += int((gf != wf).sum())
             total += gf.numel()
-    ok = worst <= 1.0
+    ok = worst <= 2.0 and flipped <= 0.01 * total
     row(
         "fused kernels (Triton) vs reference ops: largest difference in ulps of the reference / "
         "elements differing",
         f"{worst:.2f} ulp / {flipped} of {total} -> {verdict(ok)}",
-        "tolerance 1 ulp (one rounding step: same rounding points, float32 sums in another order)",
+        "tolerance 2 ulp on at most 1% of the elements (one flipped rounding, scaled by the weight)",
     )
     return {"worst_ulp": worst, "differing": flipped, "elements": total, "ok": ok}
 
@@ -1544,8 +1545,10 @@ def section_freshness(model, device, tiny, args):
     from fvs_ros.engine.settings import defaults_file, read_params_file
 
     node_lag = float(read_params_file(defaults_file())["max_prefix_lag_s"])
-    for variant in args.fresh_variants:
-        static, budget, fused = FRESH_VARIANTS[variant]
+    for variant in args.fresh_variants:  # "new@2048": variant new with rebuild chunks of 2048 tokens
+        kind, _, chunk = variant.partition("@")
+        chunk = int(chunk) if chunk else args.prefill_chunk
+        static, budget, fused = FRESH_VARIANTS[kind]
         lm.static_prefill = static
         lm.fast.set_fused(fused if device.type == "cuda" or fused == "off" else "reference")
         res = out.setdefault(variant, {})
@@ -1566,14 +1569,14 @@ def section_freshness(model, device, tiny, args):
                     settle=settle,
                     seconds=args.fresh_s,
                     seed=k,
-                    chunk=args.prefill_chunk,
+                    chunk=chunk,
                 )
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 res[name] = {"error": f"{type(e).__name__}: {e}"}
                 continue
-            if "rebuild_s" not in res and not args.skip_rebuild_timing:
-                time_rebuild_variants(lm, r, res, variant, device)
+            if "rebuild_s" not in res and not args.skip_rebuild_timing and variant == kind:
+                time_rebuild_variants(lm, r, res, kind, device)
             r.pop("snapshot")
             res[name] = r
             lag, ttft = r["memory_lag_s"], r["ttft_ms"]
@@ -1790,7 +1793,7 @@ def main(argv=None):
     ap.add_argument(
         "--fresh-variants",
         default="old,unfused,new",
-        help="freshness: old (eager prefill), unfused, new (fused)",
+        help="freshness: old (eager prefill), unfused, new (fused); NAME@N: rebuild chunks of N tokens",
     )
     ap.add_argument(
         "--fresh-scenarios", default="", help="freshness: scenario numbers to run, e.g. 0,1 (default: all)"
