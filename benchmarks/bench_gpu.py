@@ -1645,13 +1645,14 @@ def section_watch(model, device, tiny, args):
             def packed(e=e, p=p, lengths=lengths, prefix=prefix, evidence=evidence):
                 return fast.packed_logits(e, p, lengths, prefix_kv=prefix, prefix_len=P, evidence=evidence)
 
-            t = bench_cuda(packed, device, reps=20 if tiny else 50, warmup=3)
+            reps = 20 if tiny else 50
+            t = bench_cuda(packed, device, reps=reps, warmup=3)
             key = f"gpu_ms_{n}" + ("_evidence" if evidence is not None else "")
             out[key] = 1e3 * t
             row(
                 f"watch: {n:2d} condition(s), one packed prefill on the prefix"
                 + (", evidence on" if evidence is not None else "")
-                + " (CUDA-event span around the eager call, median of 50: launch-bound, not kernel time)",
+                + f" (CUDA-event span around the eager call, median of {reps}: launch-bound, not kernels)",
                 f"{1e3 * t:.1f} ms",
                 "per memory update" + (" (mass copied to the host)" if evidence is not None else ""),
             )

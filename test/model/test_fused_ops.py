@@ -110,6 +110,31 @@ def _drain(steps):
             return done.value
 
 
+@torch.inference_mode()
+def test_set_fused_switches_the_loop(model):
+    """set_fused changes the path of the next forward (the bench compares both in one process) and
+    refuses a mode the device cannot run, keeping the path it had."""
+    llm, lm_head = model
+    embeds, positions, next_pos = multimodal_prompt(llm)
+    prefix = eager_prefill(llm, embeds, positions)
+    fast = FastDecoder(llm, lm_head, buckets=(4, 8), fused="reference")
+    qe, qp = question(llm, 3, next_pos, 5)
+    want = fast.generate(
+        qe, qp, next_pos + 3, 6, prefix_kv=prefix, prefix_len=embeds.shape[1], collect_logits=True
+    )
+    fast.set_fused("off")
+    assert fast.fused_ops is None and fast.fused_reason == "off"
+    got = fast.generate(
+        qe, qp, next_pos + 3, 6, prefix_kv=prefix, prefix_len=embeds.shape[1], collect_logits=True
+    )
+    assert got.tokens == want.tokens and all(
+        torch.equal(a, b) for a, b in zip(got.logits, want.logits, strict=True)
+    )
+    with pytest.raises(ValueError, match="cannot run"):
+        fast.set_fused("triton")
+    assert fast.fused_ops is None  # unchanged
+
+
 def test_selection_on_cpu(model):
     llm, lm_head = model
     cpu = torch.device("cpu")
