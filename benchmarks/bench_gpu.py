@@ -1324,11 +1324,14 @@ FRESH_VARIANTS = {  # name -> (VideoLM.static_prefill, EngineConfig.prefix_yield
 }
 
 
-def fresh_scenario(lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds, seed, chunk=None):
+def fresh_scenario(
+    lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds, seed, chunk=None, min_questions=0
+):
     """Fill memory with 150 frames (1 s of stream time apart) as fast as it absorbs them, then a 30 fps
     camera stamped in wall time while questions come `gaps` (lo, hi) seconds apart. settle: wait for the
     prefix of the filled memory (plus 2 s of camera) before the first question; else ask right away.
-    chunk: prefill_chunk_tokens (None: the node's default)."""
+    chunk: prefill_chunk_tokens (None: the node's default). Questions go on past `seconds` until
+    there are min_questions (a p95/p99 needs 30)."""
     from fvs_ros.engine import EngineError, StreamEngine
     from fvs_ros.engine.settings import defaults_file, engine_config, memory_config, read_params_file
 
@@ -1396,7 +1399,7 @@ def fresh_scenario(lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds
             time.sleep(2.0)
         rng = np.random.default_rng(seed)
         answers, t_end = [], time.perf_counter() + seconds
-        while time.perf_counter() < t_end and time_left() > 30:
+        while (time.perf_counter() < t_end or len(answers) < min_questions) and time_left() > 30:
             answers.append(eng.ask("What is happening now?", max_new_tokens=16))
             time.sleep(float(rng.uniform(*gaps)))
         stop.set()
@@ -1568,6 +1571,7 @@ def section_freshness(model, device, tiny, args):
                     gaps=gaps,
                     settle=settle,
                     seconds=args.fresh_s,
+                    min_questions=args.fresh_min_questions,
                     seed=k,
                     chunk=chunk,
                 )
@@ -1806,6 +1810,9 @@ def main(argv=None):
         help="freshness: prefill_chunk_tokens (default: the node's)",
     )
     ap.add_argument("--skip-rebuild-timing", action="store_true", help="freshness: no rebuild timing rows")
+    ap.add_argument(
+        "--fresh-min-questions", type=int, default=0, help="freshness: ask past --fresh-s until this many"
+    )
     ap.add_argument(
         "--rebuild-attn-variants",
         action="store_true",
