@@ -9,8 +9,12 @@ Sections
           10.8k-token prefix): SDPA + boolean mask vs FlashAttention varlen (split counts).
 - llm:    memory prefix of 10,800 visual tokens (30 DAM frames x 240 + 60 CSM slots x 60):
           eager transformers vs fvs_ros.model.fast_decode (static cache + CUDA graphs):
+          fused kernels and, beside them, transformers' layers (fast_unfused);
           TTFT of a 30-token question on the cached prefix (p50/p99), full-prefill TTFT (no
           prefix cache, the paper's way), decode tokens/s, greedy-token equality, peak memory.
+- rebuild: the 10.8k-token memory prefix built by FastDecoder with the fused small kernels
+          (fused_ops.py) and with transformers' layers, one pass and in chunks of --rebuild-chunks,
+          interleaved; kernel time by kind; the kernels against the reference ops; K/V agreement.
 - vit:    ViT frames/s at 336x560, full + low resolution (960 + 240 ViT tokens a slot), batched;
           FastVision in both slot layouts (a frame per slot; two frames per slot, the trained one).
 - engine: the real StreamEngine (fvs_ros.engine.stream_engine + fvs_ros.model.VideoLM + fvs_ros.memory) on a
