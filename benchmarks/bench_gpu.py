@@ -9,8 +9,12 @@ Sections
           10.8k-token prefix): SDPA + boolean mask vs FlashAttention varlen (split counts).
 - llm:    memory prefix of 10,800 visual tokens (30 DAM frames x 240 + 60 CSM slots x 60):
           eager transformers vs fvs_ros.model.fast_decode (static cache + CUDA graphs):
+          fused kernels and, beside them, transformers' layers (fast_unfused);
           TTFT of a 30-token question on the cached prefix (p50/p99), full-prefill TTFT (no
           prefix cache, the paper's way), decode tokens/s, greedy-token equality, peak memory.
+- rebuild: the 10.8k-token memory prefix built by FastDecoder with the fused small kernels
+          (fused_ops.py) and with transformers' layers, one pass and in chunks of --rebuild-chunks,
+          interleaved; kernel time by kind; the kernels against the reference ops; K/V agreement.
 - vit:    ViT frames/s at 336x560, full + low resolution (960 + 240 ViT tokens a slot), batched;
           FastVision in both slot layouts (a frame per slot; two frames per slot, the trained one).
 - engine: the real StreamEngine (fvs_ros.engine.stream_engine + fvs_ros.model.VideoLM + fvs_ros.memory) on a
@@ -132,6 +136,34 @@ def row(metric, value, target=""):
 
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs, dtype=float), q)) if len(xs) else float("nan")
+
+
+MIN_TAIL_SAMPLES = 30  # fewer samples than this: a p95/p99 would be the maximum, so it is printed as one
+
+
+def tail(xs, q, fmt=".1f"):
+    """'p{q} v' over at least MIN_TAIL_SAMPLES samples, else 'max of N v' (issue 25)."""
+    if len(xs) >= MIN_TAIL_SAMPLES:
+        return f"p{q} {pct(xs, q):{fmt}}"
+    return f"max of {len(xs)} {max(xs, default=float('nan')):{fmt}}"
+
+
+def dist(xs, fmt=".1f", q=99):
+    """'p50 a / p99 b (N)' or 'p50 a / max of N b': the sample count is always said."""
+    n = "" if len(xs) < MIN_TAIL_SAMPLES else f" ({len(xs)} samples)"
+    return f"p50 {pct(xs, 50):{fmt}} / {tail(xs, q, fmt)}{n}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+BASELINE = (
+    "baseline = this project's StreamEngine with three switches off (prefix_cache off: a full prefill "
+    "per question; an unbounded frame bank; eager transformers decoding and ViT); not the official "
+    "Flash-VStream code, whose real-time path also copies the whole frame bank between CPU and GPU "
+    "on every update"
+)
 
 
 def sync(device):
@@ -258,6 +290,9 @@ def ulp(x: float, dtype: torch.dtype) -> float:
     return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - mant)
 
 
+_EAGER_REFS: dict = {}
+
+
 def check_tokens(fast, llm, lm_head, qe, qp, next_pos, n, prefix, P, dtype, label, res, strict):
     """Greedy equality with the eager transformers path (DynamicCache + SDPA, as VideoLM.answer).
 
@@ -268,7 +303,10 @@ def check_tokens(fast, llm, lm_head, qe, qp, next_pos, n, prefix, P, dtype, labe
     if its logit error is within 2x that noise (+1e-3) and every differing prediction sits at an
     eager top-2 gap below the logit difference measured at that step.
     """
-    ref, gaps, tops, ref_logits = eager_tokens_with_gaps(llm, lm_head, qe, qp, next_pos, n, prefix)
+    key = (id(prefix), id(qe), n)  # the eager references, computed once for every fast variant
+    if key not in _EAGER_REFS:
+        _EAGER_REFS[key] = eager_tokens_with_gaps(llm, lm_head, qe, qp, next_pos, n, prefix)
+    ref, gaps, tops, ref_logits = _EAGER_REFS[key]
     free = fast.generate(qe, qp, next_pos, n, prefix_kv=prefix, prefix_len=P).tokens
     got = fast.generate(
         qe, qp, next_pos, n, prefix_kv=prefix, prefix_len=P, force_tokens=ref, collect_logits=True
@@ -282,14 +320,21 @@ def check_tokens(fast, llm, lm_head, qe, qp, next_pos, n, prefix, P, dtype, labe
             f"= {gaps[first] / ulp(tops[first], dtype):.1f} ulp)"
         )
     )
-    row(f"{label} greedy tokens vs eager ({n}): free-running", verdict, "must be identical" if strict else "")
+    row(
+        f"{label} greedy tokens vs eager ({n}): free-running",
+        verdict
+        + (f" -> {'PASS' if free == ref else 'FAIL'}" if strict else " (reported; bf16 verdict below)"),
+        "float32: must be identical" if strict else "",
+    )
     res.update(greedy_equal=free == ref, first_diff=first, eager_gap_median=float(np.median(gaps)))
     if strict:
         return free == ref
     fast_logits = torch.stack(got.logits)
-    other, _, _, math_logits = eager_tokens_with_gaps(
-        llm, lm_head, qe, qp, next_pos, n, prefix, force=ref, attn="eager"
-    )
+    if key + ("math",) not in _EAGER_REFS:
+        _EAGER_REFS[key + ("math",)] = eager_tokens_with_gaps(
+            llm, lm_head, qe, qp, next_pos, n, prefix, force=ref, attn="eager"
+        )
+    other, _, _, math_logits = _EAGER_REFS[key + ("math",)]
 
     def rel(a):
         return ((a - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)).tolist()
@@ -314,7 +359,7 @@ def check_tokens(fast, llm, lm_head, qe, qp, next_pos, n, prefix, P, dtype, labe
         f"{label} teacher-forced vs eager-SDPA ({n} steps): logit rel.err median / differing tokens",
         f"fast {r_fast:.2e} / {len(mism)};  eager-math attention {r_ref:.2e} / {len(mism_ref)}  -> "
         + ("PASS" if ok else f"FAIL (unexplained {unexplained})"),
-        "fast within eager-vs-eager noise",
+        "tolerance: median rel.err <= 2x eager-vs-eager + 1e-3, every differing token at an eager near-tie",
     )
     return ok
 
@@ -387,7 +432,10 @@ def section_attn(device, tiny):
             err = float((out.float() - ref).norm() / ref.norm())
             t = bench_cuda(call, device, reps=100)
             res[f"q{q_len}_{name}"] = {"us": t * 1e6, "rel_err_vs_sdpa": err}
-            log(f"  q={q_len:3d} {name:16s} {t * 1e6:8.1f} us/layer   rel.err vs sdpa {err:.1e}")
+            log(
+                f"  q={q_len:3d} {name:16s} {t * 1e6:8.1f} us/layer (CUDA-event span, median of 100)   "
+                f"rel.err vs sdpa {err:.1e} -> {verdict(err <= 1e-2)} (tolerance 1e-2: bf16 operands)"
+            )
     fd._local.ctx = None
     RESULTS["attn"] = res
 
@@ -410,6 +458,145 @@ def bench_cuda(fn, device, reps=50, warmup=5):
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return float(np.median(times))
+
+
+# ---------------------------------------------------------------------- fused kernels, rebuild
+
+
+@torch.inference_mode()
+def check_fused_kernels(device, dtype, hidden, inter, rows=(1, 30, 4096)):
+    """The Triton kernels against the reference ops (fused_ops.REFERENCE: transformers' numerics) on
+    fresh random inputs of the model's widths. Both round at the same points; a float32 mean summed
+    in another order (or Triton's exp) can flip one rounding of the normalised value, which the
+    weight (|w| < 2 here) carries into the output: |got - want| <= 2 ulp(want), on a small share of
+    the elements."""
+    from fvs_ros.model import fused_ops
+
+    if fused_ops.TRITON is None or fused_ops.triton_usable(device, dtype) is not None:
+        row("fused kernels vs reference ops", "not run: " + str(fused_ops.triton_usable(device, dtype)))
+        return None
+    tri, ref = fused_ops.TRITON, fused_ops.REFERENCE
+    mant = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[dtype]
+    worst, flipped, total = 0.0, 0, 0
+    g = torch.Generator(device=device).manual_seed(5)
+    for n in rows:
+        x = torch.randn(n, hidden, device=device, generator=g).mul_(3).to(dtype)
+        r = torch.randn(n, hidden, device=device, generator=g).to(dtype)
+        w = (torch.randn(hidden, device=device, generator=g) * 0.3 + 1).to(dtype)
+        gate = torch.randn(n, inter, device=device, generator=g).mul_(4).to(dtype)
+        up = torch.randn(n, inter, device=device, generator=g).to(dtype)
+        pairs = [
+            (tri.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6)),
+            *zip(tri.add_rms_norm(x, r, w, 1e-6), ref.add_rms_norm(x, r, w, 1e-6), strict=True),
+            (tri.silu_mul(gate, up), ref.silu_mul(gate, up)),
+        ]
+        for got, want in pairs:
+            gf, wf = got.float(), want.float()
+            ulp_w = torch.exp2(torch.floor(torch.log2(wf.abs().clamp_min(2.0**-100))) - mant)
+            err = (gf - wf).abs() / ulp_w
+            if not torch.isfinite(gf).all():
+                worst = math.inf
+            worst = max(worst, float(err.max()))
+            flipped += int((gf != wf).sum())
+            total += gf.numel()
+    ok = worst <= 2.0 and flipped <= 0.01 * total
+    row(
+        "fused kernels (Triton) vs reference ops: largest difference in ulps of the reference / "
+        "elements differing",
+        f"{worst:.2f} ulp / {flipped} of {total} -> {verdict(ok)}",
+        "tolerance 2 ulp on at most 1% of the elements (one flipped rounding, scaled by the weight)",
+    )
+    return {"worst_ulp": worst, "differing": flipped, "elements": total, "ok": ok}
+
+
+def time_prefill(fast, embeds, positions, chunk, device, reps):
+    """Wall seconds of FastDecoder.prefill_steps as the engine's builder runs it (a sync after every
+    chunk), `reps` times."""
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        for _ in fast.prefill_steps(embeds, positions, chunk):
+            sync(device)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+@torch.inference_mode()
+def section_rebuild(model, device, tiny, args):
+    """The memory prefix rebuild (10,821 tokens) with the fused kernels and with transformers' layers,
+    one pass and in the engine's chunk sizes, interleaved in one run; kernel time by kind; the two
+    prefixes' K/V compared."""
+    log("\n== rebuild: 10.8k-token memory prefix, fused kernels vs transformers' layers ==")
+    llm, lm_head = model.model.language_model, model.lm_head
+    dtype = lm_head.weight.dtype
+    out = RESULTS.setdefault("rebuild", {})
+    out["kernel_check"] = check_fused_kernels(
+        device, dtype, llm.config.hidden_size, llm.config.intermediate_size
+    )
+    embeds, positions, _ = prompt(llm, tiny, device, dtype)
+    fused = "auto" if device.type == "cuda" else "reference"
+    fast = FastDecoder(llm, lm_head, fused=fused)
+    modes = {"fused": fused, "unfused": "off"}
+    kv = {}
+    for name, mode in modes.items():
+        fast.set_fused(mode)
+        out.setdefault(name, {})["path"] = fast.fused_reason
+        kv[name] = _drain_prefill(fast.prefill_steps(embeds, positions, None))
+        sync(device)
+    err = max(
+        float((a.float() - b.float()).norm() / b.float().norm())
+        for (ka, va), (kb, vb) in zip(kv["fused"], kv["unfused"], strict=True)
+        for a, b in ((ka, kb), (va, vb))
+    )
+    out["kv_rel_err"] = err
+    tol = 1e-2 if dtype != torch.float32 else 1e-5
+    row(
+        "rebuild: prefix K/V, fused vs transformers' layers, worst layer ||diff|| / ||ref||",
+        f"{err:.2e} -> {verdict(err <= tol)}",
+        f"tolerance {tol:g} ({'bf16 operands: 1e-3..1e-2' if tol > 1e-5 else 'float32'}, "
+        "28 layers of rounding flips)",
+    )
+    del kv
+    chunks = [None, *args.rebuild_chunks]
+    reps = 1 if tiny else args.rebuild_reps
+    for chunk in chunks:  # interleaved: both paths see the same machine state
+        for name, mode in modes.items():
+            fast.set_fused(mode)
+            t = time_prefill(fast, embeds, positions, chunk, device, reps)
+            out[name][str(chunk)] = t
+        label = "one pass" if chunk is None else f"chunks of {chunk}"
+        f_ms, u_ms = (1e3 * float(np.median(out[n][str(chunk)])) for n in modes)
+        row(
+            f"rebuild, {label} (wall, sync per chunk as the builder; median of {reps})",
+            f"fused {f_ms:.0f} ms, transformers' layers {u_ms:.0f} ms ({f_ms / u_ms:.2f}x)",
+            "target <= 260 ms one pass, <= 290 ms as the engine runs it (issue 22)",
+        )
+    if device.type == "cuda":
+        for name, mode in modes.items():
+            fast.set_fused(mode)
+
+            def one_pass(fast=fast):
+                _drain_prefill(fast.prefill_steps(embeds, positions, None))
+
+            prof = kernel_time_by_kind(one_pass, device)
+            out[name]["kernels_s"] = prof
+            wall = prof.pop("wall")
+            row(
+                f"rebuild one pass, {name}: GPU kernel time by kind (wall {1e3 * wall:.0f} ms)",
+                kinds_text(prof),
+            )
+    del fast
+    gc.collect()
+
+
+def _drain_prefill(steps):
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 # ---------------------------------------------------------------------- LLM
@@ -444,9 +631,10 @@ def section_llm(model, device, tiny, args):
     def q(seed):
         return question(llm, q_len, next_pos, seed, device)
 
-    # eager TTFT on the cached prefix
+    # eager TTFT on the cached prefix (one warm-up question first, as for the fast path below)
     reps = args.reps
     ttft_eager = []
+    eager_generate(llm, lm_head, *q(reps), next_pos + q_len, 1, prefix_kv=prefix)
     for i in range(reps):
         qe, qp = q(i)
         sync(device)
@@ -454,10 +642,7 @@ def section_llm(model, device, tiny, args):
         eager_generate(llm, lm_head, qe, qp, next_pos + q_len, 1, prefix_kv=prefix)
         ttft_eager.append(time.perf_counter() - t0)
     out["eager_ttft_ms"] = [1e3 * t for t in ttft_eager]
-    row(
-        "TTFT eager, cached prefix p50/p99",
-        f"{1e3 * pct(ttft_eager[1:], 50):.1f} / {1e3 * pct(ttft_eager[1:], 99):.1f} ms",
-    )
+    row("TTFT eager, cached prefix (wall)", dist([1e3 * t for t in ttft_eager]) + " ms")
 
     # eager decode
     n_eager = 8 if tiny else 33
@@ -490,8 +675,12 @@ def section_llm(model, device, tiny, args):
     out["eager_full_prefill_ttft_ms"] = 1e3 * float(np.median(ttft_full))
     row("TTFT eager, full prefill (no prefix cache)", f"{out['eager_full_prefill_ttft_ms']:.0f} ms")
 
-    # fast path
-    variants = [dict(name="fast", attention="auto", splits=args.splits[0])]
+    # fast path: fused small kernels (fused_ops.py) and, beside it, the transformers layers it replaces
+    fused = "auto" if device.type == "cuda" else "reference"  # CPU dry run: the fused loop, torch ops
+    variants = [
+        dict(name="fast", attention="auto", splits=args.splits[0], fused=fused),
+        dict(name="fast_unfused", attention="auto", splits=args.splits[0], fused="off"),
+    ]
     if args.fast_variants and device.type == "cuda":
         variants += [dict(name=f"fast_splits{sp}", attention="auto", splits=sp) for sp in args.splits[1:]]
         variants += [dict(name="fast_sdpa", attention="sdpa", splits=0)] if args.sdpa_variant else []
@@ -500,7 +689,9 @@ def section_llm(model, device, tiny, args):
         name = var["name"]
         try:
             t0 = time.perf_counter()
-            fast = FastDecoder(llm, lm_head, attention=var["attention"], splits=var["splits"])
+            fast = FastDecoder(
+                llm, lm_head, attention=var["attention"], splits=var["splits"], fused=var.get("fused", "off")
+            )
             fast.reserve(P, max_new_tokens=256)
             sync(device)
             setup = time.perf_counter() - t0
@@ -513,9 +704,10 @@ def section_llm(model, device, tiny, args):
                 split_check_error=fast.split_check_error,
                 cache_gib=gib(fast.cache_bytes),
                 setup_s=setup,
+                fused=fast.fused_reason,
             )
             log(
-                f"  [{name}] attention={fast.attention} splits={fast.splits} "
+                f"  [{name}] fused={fast.fused_reason} attention={fast.attention} splits={fast.splits} "
                 f"(check err {fast.split_check_error}) "
                 f"graphs={fast.graphs} capacity={fast.capacity} cache {gib(fast.cache_bytes):.2f} GiB, "
                 f"setup+capture {setup:.2f} s"
@@ -535,8 +727,9 @@ def section_llm(model, device, tiny, args):
                 res,
                 strict=dtype == torch.float32,
             )
-            # TTFT on the cached prefix (prefix already in the static cache)
+            # TTFT on the cached prefix (prefix already in the static cache; one warm-up question)
             ttft = []
+            fast.generate(*q(reps), next_pos + q_len, 1, prefix_kv=prefix, prefix_len=P)
             for i in range(reps):
                 qe_i, qp_i = q(i)
                 sync(device)
@@ -545,29 +738,37 @@ def section_llm(model, device, tiny, args):
                 ttft.append(time.perf_counter() - t0)
             res["ttft_ms"] = [1e3 * t for t in ttft]
             row(
-                f"[{name}] TTFT, cached prefix p50/p99",
-                f"{1e3 * pct(ttft, 50):.2f} / {1e3 * pct(ttft, 99):.2f} ms",
-                "target <= 25 / 100 ms",
+                f"[{name}] TTFT, prefix already in the static cache (wall)",
+                dist(res["ttft_ms"], ".2f") + " ms",
+                "target p50 <= 9 ms (issue 22)",
             )
-            # TTFT right after a prefix change (includes copying the new prefix into the static cache)
+            # TTFT right after a prefix change: copying the new prefix into the static cache included,
+            # as the eager figure includes reading its DynamicCache (the like-for-like fast figure)
             sw = []
-            for _ in range(5):
+            for i in range(reps):
                 alt = tuple((k.clone(), v.clone()) for k, v in prefix)
+                qe_i, qp_i = q(i)
                 sync(device)
                 t0 = time.perf_counter()
-                fast.generate(qe, qp, next_pos + q_len, 1, prefix_kv=alt, prefix_len=P)
+                fast.generate(qe_i, qp_i, next_pos + q_len, 1, prefix_kv=alt, prefix_len=P)
                 sw.append(time.perf_counter() - t0)
                 del alt
-            res["ttft_new_prefix_ms"] = 1e3 * float(np.median(sw))
-            row(f"[{name}] TTFT, first question on a new prefix", f"{res['ttft_new_prefix_ms']:.2f} ms")
-            # decode speed
-            n_dec = 16 if tiny else 129
-            g = fast.generate(qe, qp, next_pos + q_len, n_dec, prefix_kv=prefix, prefix_len=P)
-            res["decode_tok_s"] = (len(g.tokens) - 1) / max(g.total_s - g.ttft_s, 1e-9)
+            res["ttft_new_prefix_ms"] = [1e3 * t for t in sw]
             row(
-                f"[{name}] decode",
+                f"[{name}] TTFT, first question on a new prefix (prefix copy included; wall)",
+                dist(res["ttft_new_prefix_ms"], ".2f") + " ms",
+            )
+            # decode speed: wall time of the decode steps of a 129-token answer, median of 3 answers
+            n_dec = 16 if tiny else 129
+            rates = []
+            for _ in range(3):
+                g = fast.generate(qe, qp, next_pos + q_len, n_dec, prefix_kv=prefix, prefix_len=P)
+                rates.append((len(g.tokens) - 1) / max(g.total_s - g.ttft_s, 1e-9))
+            res["decode_tok_s"] = float(np.median(rates))
+            row(
+                f"[{name}] decode, 10.8k context (wall, median of 3 answers of {n_dec} tokens)",
                 f"{res['decode_tok_s']:.1f} tok/s ({1e3 / res['decode_tok_s']:.2f} ms/token)",
-                "target >= 100 tok/s",
+                "target >= 140 tok/s (issue 22)",
             )
             if fast.graphs:  # GPU time of one graph replay (no host work): the floor of the numbers above
                 b = next(b for b in fast.buckets if b >= q_len)
@@ -575,7 +776,8 @@ def section_llm(model, device, tiny, args):
                 fast._graphs[0].inputs["slot"].fill_(P + q_len)
                 res["replay_decode_ms"] = 1e3 * bench_cuda(fast._graphs[0].graph.replay, device, reps=30)
                 row(
-                    f"[{name}] graph replay GPU time: question prefill ({b}) / decode step",
+                    f"[{name}] CUDA-event span of one graph replay, median of 30: question prefill ({b}) "
+                    "/ decode step",
                     f"{res[f'replay_prefill{b}_ms']:.2f} / {res['replay_decode_ms']:.2f} ms",
                 )
             # full prefill through the fast path (no prefix cache); the SDPA variant would need a ~1 GB mask
@@ -638,8 +840,8 @@ def section_evidence(model, device, tiny, args):
     for key in ("off", "on"):
         out[f"ttft_evidence_{key}_ms"] = [1e3 * t for t in ttft[key]]
         row(
-            f"TTFT, cached prefix, evidence {key} p50/p99",
-            f"{1e3 * pct(ttft[key][1:], 50):.2f} / {1e3 * pct(ttft[key][1:], 99):.2f} ms",
+            f"TTFT, cached prefix, evidence {key} (wall; first question dropped as warm-up)",
+            dist(out[f"ttft_evidence_{key}_ms"][1:], ".2f") + " ms",
         )
     qe, qp = q(0)
     for n in (1, 32, 128) if not tiny else (1, 8):
@@ -673,7 +875,8 @@ def section_evidence(model, device, tiny, args):
     out.update(graph_vs_eager_max_abs=err, memory_fraction=float(graphed.block_mass.sum()))
     row(
         "evidence: graphs vs eager forwards, max abs diff of block mass",
-        f"{err:.2e} (memory takes {out['memory_fraction']:.1%} of the attention)",
+        f"{err:.2e} -> {verdict(err <= 1e-3)} (memory takes {out['memory_fraction']:.1%} of the attention)",
+        "tolerance 1e-3: the same kernels in and out of the graphs, masses summed in float32",
     )
     del plain, recording, eager, prefix
     gc.collect()
@@ -782,11 +985,11 @@ def section_vit(model, device, tiny, args):
             "fast_pairs_fps": 2 * b / t_pairs,
         }
         row(
-            f"ViT batch {b:2d} slots (uint8 frames -> features)",
+            f"ViT batch {b:2d} slots (uint8 frames -> features; CUDA-event span, median)",
             f"eager {1e3 * t_eager:.1f} ms ({b / t_eager:.0f} fps), FastVision {1e3 * t_fast:.1f} ms "
             f"({b / t_fast:.0f} fps), ratio {t_fast / t_eager:.2f}; FastVision 2-frame slots "
-            f"{1e3 * t_pairs:.1f} ms ({2 * b / t_pairs:.0f} frames/s)",
-            "target >= 30 fps",
+            f"{1e3 * t_pairs:.1f} ms ({b / t_pairs:.0f} slots/s, {2 * b / t_pairs:.0f} frames/s)",
+            "target >= 300 two-frame slots/s batched (issue 22)",
         )
     if fast is not None and fast.graphs:
         visual.config._attn_implementation = eager_impl
@@ -797,8 +1000,8 @@ def section_vit(model, device, tiny, args):
         res["fast_vs_eager_rel_err"] = err
         row(
             "ViT FastVision vs transformers' forward (3 frames, bf16)",
-            f"relative error {err:.2e}",
-            "bf16 level",
+            f"||diff|| / ||ref|| {err:.2e} -> {verdict(err <= 3e-2)}",
+            "tolerance 3e-2: bf16 operands through 32 blocks (the float32 CPU test agrees to 1e-5)",
         )
     visual.config._attn_implementation = eager_impl
     if device.type == "cuda":
@@ -858,6 +1061,7 @@ def run_engine(
     watcher=None,
     on_watch=None,
     sample_fps=0.0,
+    like_for_like=True,
 ):
     from fvs_ros.engine import EngineConfig, StreamEngine
     from fvs_ros.memory import MemoryConfig
@@ -942,6 +1146,8 @@ def run_engine(
             f"mean batch {res['realtime']['batch_mean']:.1f}",
             "target update p99 <= 33 ms",
         )
+        res["realtime"]["updates"] = len(rt)
+        log(f"    (update {tail([1e3 * u for u in rt], 99)} ms over {len(rt)} updates)")
 
     try:
         while pending or phase["realtime"]:
@@ -978,10 +1184,22 @@ def run_engine(
                 total.append(a.total_s)
                 seen.append(a.frames_seen)
                 time.sleep(float(rng.uniform(0.0, 0.3)))
+            exact = []  # like-for-like with the baseline: every answer on the newest memory
+            if prefix_cache and like_for_like:
+                bound, eng._prefixes.max_lag_s = eng._prefixes.max_lag_s, 0.0
+                try:
+                    for r in range(ask_reps):
+                        exact.append(
+                            eng.ask(f"What is happening at frame {target}? ({r})", max_new_tokens=16).ttft_s
+                        )
+                        time.sleep(float(rng.uniform(0.0, 0.3)))
+                finally:
+                    eng._prefixes.max_lag_s = bound
             asking.clear()
             mark = (time.perf_counter(), eng.stats().frames_into_memory)
             cp = {
                 "ttft_ms": [1e3 * t for t in ttft],
+                "ttft_newest_memory_ms": [1e3 * t for t in exact],
                 "total_ms": [1e3 * t for t in total],
                 "frames_seen": seen,
                 "from_cache": a.from_cache,
@@ -992,12 +1210,17 @@ def run_engine(
                 cp["peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
             res["checkpoints"][target] = cp
             row(
-                f"[{label}] at {target} frames: TTFT p50/p99/max (answer total p50), {len(ttft)} questions",
-                f"{pct(cp['ttft_ms'], 50):.1f} / {pct(cp['ttft_ms'], 99):.1f} / {max(cp['ttft_ms']):.1f} ms "
-                f"({pct(cp['total_ms'], 50):.0f} ms), "
+                f"[{label}] at {target} frames: TTFT (wall; answer total p50), {len(ttft)} questions",
+                f"{dist(cp['ttft_ms'])} ms ({pct(cp['total_ms'], 50):.0f} ms), "
                 f"frames seen {seen[0]}-{seen[-1]}, peak {cp.get('peak_gib', 0):.1f} GiB, "
                 f"allocated {cp.get('allocated_gib', 0):.1f} GiB",
             )
+            if exact:
+                row(
+                    f"[{label}] at {target} frames: TTFT on the newest memory (max_prefix_lag_s 0: "
+                    f"like-for-like with the baseline), {len(exact)} questions",
+                    f"{dist(cp['ttft_newest_memory_ms'])} ms",
+                )
         if "realtime" not in res:
             record_realtime()
         s = eng.stats()
@@ -1010,8 +1233,8 @@ def run_engine(
             )
             row(
                 f"[{label}] frames into memory, saturated ({saturated[1]} frames in {saturated[0]:.0f} s)",
-                f"{res['throughput_fps']:.1f} frames/s, update p50/p99 {res['fast_update_p50_ms']:.0f} / "
-                f"{res['fast_update_p99_ms']:.0f} ms (batches up to {cfg.max_batch}), errors {s.errors}",
+                f"{res['throughput_fps']:.1f} frames/s, update {dist([1e3 * u for u in fast_upd], '.0f')} ms "
+                f"(batches up to {cfg.max_batch}), errors {s.errors}",
                 "target >= 30 fps",
             )
         res["errors"], res["last_error"] = s.errors, s.last_error
@@ -1048,8 +1271,8 @@ def section_engine(model, device, tiny, args):
                 prefix_cache=False,
                 bank_capacity=None,
                 checkpoints=args.baseline_frames,
-                realtime_s=min(args.realtime_s, 10),
-                ask_reps=4,
+                realtime_s=args.realtime_s,  # the same stream length and question count as ours
+                ask_reps=args.ask_reps,
                 frames_per_slot=args.frames_per_slot,
             )
         except Exception as e:  # noqa: BLE001
@@ -1078,28 +1301,41 @@ def section_engine(model, device, tiny, args):
     del ours
     gc.collect()
     o, b = out.get("ours", {}), out.get("baseline", {})
-    for n in sorted(set(o.get("checkpoints", {})) & set(b.get("checkpoints", {}))):
-        to, tb = pct(o["checkpoints"][n]["ttft_ms"], 50), pct(b["checkpoints"][n]["ttft_ms"], 50)
-        po, pb = o["checkpoints"][n].get("peak_gib", 0), b["checkpoints"][n].get("peak_gib", 0)
+    common = sorted(set(o.get("checkpoints", {})) & set(b.get("checkpoints", {})))
+    if common:
+        log(f"  {BASELINE}")
+    for n in common:
+        co, cb = o["checkpoints"][n], b["checkpoints"][n]
+        to, tb = pct(co["ttft_ms"], 50), pct(cb["ttft_ms"], 50)
+        te = pct(co["ttft_newest_memory_ms"], 50)
+        po, pb = co.get("peak_gib", 0), cb.get("peak_gib", 0)
         row(
-            f"ours/baseline at {n} frames",
-            f"TTFT {to:.1f}/{tb:.1f} ms = {to / tb:.3f}; peak {po:.1f}/{pb:.1f} GiB",
+            f"ours/baseline at {n} frames, TTFT p50 ({len(co['ttft_ms'])} / {len(cb['ttft_ms'])} questions; "
+            "baseline: our engine with prefix cache, bounded bank and fast decode off)",
+            f"prefix within max_prefix_lag_s: {to:.1f}/{tb:.1f} ms = {to / tb:.3f}; on the newest memory "
+            f"(like-for-like): {te:.1f}/{tb:.1f} ms = {te / tb:.3f}; peak {po:.1f}/{pb:.1f} GiB",
         )
 
 
 # ---------------------------------------------------------------------- freshness
 
-FRESH_VARIANTS = {  # name -> (VideoLM.static_prefill, EngineConfig.prefix_yield_budget_s)
-    "old": (False, math.inf),  # eager SDPA+mask prefill, the builder yields to every answer/frame batch
-    "new": (True, 0.2),  # static cache + FlashAttention varlen prefill, yielding bounded per rebuild
+FRESH_VARIANTS = {  # name -> (VideoLM.static_prefill, EngineConfig.prefix_yield_budget_s, FastDecoder fused)
+    # before issue 12: eager SDPA+mask prefill, the builder yields to every answer/frame batch (the
+    # engine's 2 x max_prefix_lag_s serving bound of issue 12 still applies: not the pre-issue-12 code)
+    "old": (False, math.inf, "off"),
+    "unfused": (True, 0.2, "off"),  # static cache prefill, yielding bounded per rebuild (issue 12)
+    "new": (True, 0.2, "auto"),  # the same with the fused small kernels (issue 22)
 }
 
 
-def fresh_scenario(lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds, seed, chunk=None):
+def fresh_scenario(
+    lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds, seed, chunk=None, min_questions=0
+):
     """Fill memory with 150 frames (1 s of stream time apart) as fast as it absorbs them, then a 30 fps
     camera stamped in wall time while questions come `gaps` (lo, hi) seconds apart. settle: wait for the
     prefix of the filled memory (plus 2 s of camera) before the first question; else ask right away.
-    chunk: prefill_chunk_tokens (None: the node's default)."""
+    chunk: prefill_chunk_tokens (None: the node's default). Questions go on past `seconds` until
+    there are min_questions (a p95/p99 needs 30)."""
     from fvs_ros.engine import EngineError, StreamEngine
     from fvs_ros.engine.settings import defaults_file, engine_config, memory_config, read_params_file
 
@@ -1167,7 +1403,7 @@ def fresh_scenario(lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds
             time.sleep(2.0)
         rng = np.random.default_rng(seed)
         answers, t_end = [], time.perf_counter() + seconds
-        while time.perf_counter() < t_end and time_left() > 30:
+        while (time.perf_counter() < t_end or len(answers) < min_questions) and time_left() > 30:
             answers.append(eng.ask("What is happening now?", max_new_tokens=16))
             time.sleep(float(rng.uniform(*gaps)))
         stop.set()
@@ -1186,6 +1422,7 @@ def fresh_scenario(lm, device, tiny, *, budget_s, max_lag, gaps, settle, seconds
         "ttft_ms": ttft,
         "memory_lag_s": lags,
         "update_p99_ms": pct(upd, 99),
+        "update_ms": upd,
         "absorbed": (st.frames_in, st.frames_into_memory + st.frames_skipped, st.frames_dropped),
         "catch_up_s": catch.get("s"),
         "slot_s": slot_s,
@@ -1262,14 +1499,19 @@ def kinds_text(prof: dict) -> str:
     return ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in sorted(prof.items(), key=lambda kv: -kv[1]))
 
 
+args_attn_variants = [False]  # --rebuild-attn-variants: also time SDPA-only and varlen-only prefix builds
+
+
 def time_rebuild_variants(lm, r, res, variant, device):
     """Rows for the full rebuild of scenario r's memory: one pass and chunked, then a kernel
     profile; the new path once per prefix-build attention (FastDecoder.prefill_attention)."""
-    chunks = [None, 256, 1024, 2048]
+    chunks = [None, 1024, 2048, 4096]
     fast = lm.fast
     kernels = [None]
     if variant == "new" and fast is not None:
-        kernels = ["auto", "sdpa", "flash"] if fast.attention == "flash" else ["auto"]
+        kernels = (
+            ["auto", "sdpa", "flash"] if fast.attention == "flash" and args_attn_variants[0] else ["auto"]
+        )
     chosen = fast.prefill_attention if fast is not None else None
     for attn in kernels:
         label = f"[{variant}]" if attn is None else f"[{variant}, {attn}]"
@@ -1279,10 +1521,10 @@ def time_rebuild_variants(lm, r, res, variant, device):
         key = "rebuild_s" if attn in (None, chosen) else f"rebuild_s_{attn}"
         res[key] = dict(zip(map(str, chunks), times, strict=True))
         row(
-            f"{label} full prefix rebuild, 150-frame memory, one pass / chunks of "
-            f"256, 1024, 2048 (engine: {r['chunk']})",
+            f"{label} full prefix rebuild through VideoLM, 150-frame memory, one pass / chunks of "
+            f"{', '.join(map(str, chunks[1:]))} (engine: {r['chunk']}; wall, median of 3)",
             " / ".join(f"{1e3 * t:.0f}" for t in times) + " ms",
-            "target <= 270 ms",
+            "target <= 260 / 290 ms (one pass / as the engine runs it)",
         )
         if device.type == "cuda":
             prof = profile_rebuild(lm, r["snapshot"], r["system_prompt"], device)
@@ -1310,9 +1552,12 @@ def section_freshness(model, device, tiny, args):
     from fvs_ros.engine.settings import defaults_file, read_params_file
 
     node_lag = float(read_params_file(defaults_file())["max_prefix_lag_s"])
-    for variant in args.fresh_variants:
-        static, budget = FRESH_VARIANTS[variant]
+    for variant in args.fresh_variants:  # "new@2048": variant new with rebuild chunks of 2048 tokens
+        kind, _, chunk = variant.partition("@")
+        chunk = int(chunk) if chunk else args.prefill_chunk
+        static, budget, fused = FRESH_VARIANTS[kind]
         lm.static_prefill = static
+        lm.fast.set_fused(fused if device.type == "cuda" or fused == "off" else "reference")
         res = out.setdefault(variant, {})
         for k, (name, max_lag, gaps, settle) in enumerate(scenarios):
             if args.fresh_scenarios and k not in args.fresh_scenarios:
@@ -1330,15 +1575,16 @@ def section_freshness(model, device, tiny, args):
                     gaps=gaps,
                     settle=settle,
                     seconds=args.fresh_s,
+                    min_questions=args.fresh_min_questions,
                     seed=k,
-                    chunk=args.prefill_chunk,
+                    chunk=chunk,
                 )
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 res[name] = {"error": f"{type(e).__name__}: {e}"}
                 continue
-            if "rebuild_s" not in res and not args.skip_rebuild_timing:
-                time_rebuild_variants(lm, r, res, variant, device)
+            if "rebuild_s" not in res and not args.skip_rebuild_timing and variant == kind:
+                time_rebuild_variants(lm, r, res, kind, device)
             r.pop("snapshot")
             res[name] = r
             lag, ttft = r["memory_lag_s"], r["ttft_ms"]
@@ -1349,14 +1595,14 @@ def section_freshness(model, device, tiny, args):
                 else f", prefix within slot + 1 s {r['catch_up_s']:.2f} s after burst"
             )
             row(
-                f"[{variant}] {name} ({r['questions']} questions)",
-                f"TTFT p50/p99 {pct(ttft, 50):.1f} / {pct(ttft, 99):.1f} ms; memory_lag_s p50/p95/max "
-                f"{pct(lag, 50):.2f} / {pct(lag, 95):.2f} / {max(lag, default=float('nan')):.2f} s; "
-                f"update p99 {r['update_p99_ms']:.1f} ms; absorbed {absorbed}/{fed} "
-                f"(dropped {dropped}){catch}",
+                f"[{variant}] {name} ({r['questions']} questions, {len(r['update_ms'])} updates)",
+                f"TTFT {dist(ttft)} ms; memory_lag_s p50 {pct(lag, 50):.2f} / {tail(lag, 95, '.2f')} / max "
+                f"{max(lag, default=float('nan')):.2f} s; update {tail(r['update_ms'], 99)} ms; "
+                f"absorbed {absorbed}/{fed} (dropped {dropped}){catch}",
                 f"slot {r['slot_s']:.1f} s",
             )
     lm.static_prefill = True
+    lm.fast.set_fused("auto")
 
 
 # ---------------------------------------------------------------------- watch
@@ -1407,14 +1653,16 @@ def section_watch(model, device, tiny, args):
             def packed(e=e, p=p, lengths=lengths, prefix=prefix, evidence=evidence):
                 return fast.packed_logits(e, p, lengths, prefix_kv=prefix, prefix_len=P, evidence=evidence)
 
-            t = bench_cuda(packed, device, reps=20 if tiny else 50, warmup=3)
+            reps = 20 if tiny else 50
+            t = bench_cuda(packed, device, reps=reps, warmup=3)
             key = f"gpu_ms_{n}" + ("_evidence" if evidence is not None else "")
             out[key] = 1e3 * t
             row(
                 f"watch: {n:2d} condition(s), one packed prefill on the prefix"
-                + (", evidence on" if evidence is not None else ""),
+                + (", evidence on" if evidence is not None else "")
+                + f" (CUDA-event span around the eager call, median of {reps}: launch-bound, not kernels)",
                 f"{1e3 * t:.1f} ms",
-                "GPU time per update" + (" (mass copied to the host)" if evidence is not None else ""),
+                "per memory update" + (" (mass copied to the host)" if evidence is not None else ""),
             )
             if device.type == "cuda" and evidence is None:
                 prof = kernel_time_by_kind(packed, device)
@@ -1434,17 +1682,21 @@ def section_watch(model, device, tiny, args):
         prefix_len=P,
         evidence=layout,
     )
-    worst = 0.0
+    worst = noise = 0.0
     for i, (e, p) in enumerate(tails):
-        want = []
-        eager_generate(llm, lm_head, e, p, next_pos + e.shape[1], 1, prefix_kv=prefix, on_logits=want.append)
-        scale = float(want[0].abs().max())
-        worst = max(worst, float((got[i] - want[0]).abs().max()) / max(scale, 1e-9))
-    out["packed_vs_eager_max_rel"] = worst
+        want = eager_tokens_with_gaps(llm, lm_head, e, p, next_pos + e.shape[1], 1, prefix)[3][0]
+        other = eager_tokens_with_gaps(llm, lm_head, e, p, next_pos + e.shape[1], 1, prefix, attn="eager")[3][
+            0
+        ]
+        scale = max(float(want.abs().max()), 1e-9)
+        worst = max(worst, float((got[i] - want).abs().max()) / scale)
+        noise = max(noise, float((other - want).abs().max()) / scale)
+    out["packed_vs_eager_max_rel"], out["eager_vs_eager_max_rel"] = worst, noise
+    ok = worst <= 2 * noise + 1e-5
     row(
-        "watch: packed vs one eager forward per condition (16 conditions)",
-        f"max |logit diff| / max |logit| {worst:.2e}",
-        "float32 ~1e-6; bf16 ~1e-2",
+        "watch: packed vs one eager forward per condition (16 conditions), max |logit diff| / max |logit|",
+        f"{worst:.2e}; eager SDPA vs eager math attention {noise:.2e} -> {verdict(ok)}",
+        "tolerance: 2x the eager-vs-eager difference (bf16 over a 10.8k prefix; float32 CPU test 1e-6)",
     )
     worst = 0.0
     for i, (e, p) in enumerate(tails):
@@ -1453,8 +1705,8 @@ def section_watch(model, device, tiny, args):
     out["evidence_packed_vs_alone_max_rel"] = worst
     row(
         "watch: evidence, packed vs each condition alone (one-token answer, 16 conditions)",
-        f"max |mass diff| / max mass {worst:.2e}",
-        "float32 ~1e-6; bf16 ~1e-2",
+        f"max |mass diff| / max mass {worst:.2e} -> {verdict(worst <= 1e-2)}",
+        "tolerance 1e-2: bf16 queries/keys, masses summed in float32 (float32 CPU test 1e-6)",
     )
     del prefix
     gc.collect()
@@ -1487,6 +1739,7 @@ def section_watch(model, device, tiny, args):
         watcher=watcher,
         on_watch=on_watch,
         sample_fps=1.0,
+        like_for_like=False,
     )
     out["engine"] = res
     evals = [r.evaluation_s for r in results]
@@ -1499,16 +1752,15 @@ def section_watch(model, device, tiny, args):
     out["events"] = sum(len(r.events) for r in results)
     row(
         f"watch: 16 conditions on every memory update ({len(evals)} evaluations, {out['events']} events)",
-        f"GPU time p50/p99 {out['evaluation_ms_p50']:.1f} / {out['evaluation_ms_p99']:.1f} ms; "
-        f"event latency (memory update -> on_watch) p50/p99 {out['event_latency_ms_p50']:.0f} / "
-        f"{out['event_latency_ms_p99']:.0f} ms",
+        f"evaluation wall time (shares the GPU) {dist([1e3 * e for e in evals])} ms; "
+        f"event latency (memory update -> on_watch) {dist([1e3 * x for x in latencies], '.0f')} ms",
     )
     if res.get("checkpoints"):
         cp = next(iter(res["checkpoints"].values()))
         row(
-            "watch: question TTFT p50 with 16 conditions watched",
-            f"{pct(cp['ttft_ms'], 50):.1f} ms (p99 {pct(cp['ttft_ms'], 99):.1f})",
-            "target <= 25 ms",
+            "watch: question TTFT with 16 conditions watched (wall)",
+            dist(cp["ttft_ms"]) + " ms",
+            "target p50 <= 25 ms",
         )
 
 
@@ -1519,7 +1771,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (dry run of the code paths; CPU ok)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--sections", default="attn,check,llm,evidence,vit,engine,freshness,watch")
+    ap.add_argument("--sections", default="attn,check,llm,rebuild,evidence,vit,engine,freshness,watch")
+    ap.add_argument("--rebuild-chunks", default="1024,2048,4096", help="rebuild: chunk sizes beside one pass")
+    ap.add_argument("--rebuild-reps", type=int, default=10, help="rebuild: timed rebuilds per path and size")
     ap.add_argument("--reps", type=int, default=40, help="questions timed per TTFT figure")
     ap.add_argument("--splits", default="8,0", help="prefix chunks of the fast path; first is the main one")
     ap.add_argument("--fast-variants", action="store_true", help="also time the other --splits values")
@@ -1545,7 +1799,11 @@ def main(argv=None):
         default=None,
         help="freshness: seconds of questions per scenario (30; --tiny: 3)",
     )
-    ap.add_argument("--fresh-variants", default="old,new", help="freshness: old (eager prefill) and/or new")
+    ap.add_argument(
+        "--fresh-variants",
+        default="old,unfused,new",
+        help="freshness: old (eager prefill), unfused, new (fused); NAME@N: rebuild chunks of N tokens",
+    )
     ap.add_argument(
         "--fresh-scenarios", default="", help="freshness: scenario numbers to run, e.g. 0,1 (default: all)"
     )
@@ -1556,6 +1814,14 @@ def main(argv=None):
         help="freshness: prefill_chunk_tokens (default: the node's)",
     )
     ap.add_argument("--skip-rebuild-timing", action="store_true", help="freshness: no rebuild timing rows")
+    ap.add_argument(
+        "--fresh-min-questions", type=int, default=0, help="freshness: ask past --fresh-s until this many"
+    )
+    ap.add_argument(
+        "--rebuild-attn-variants",
+        action="store_true",
+        help="freshness: also time SDPA-only / varlen-only builds",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -1565,6 +1831,8 @@ def main(argv=None):
         ints(args.baseline_frames),
     )
     args.splits = ints(args.splits)
+    args.rebuild_chunks = ints(args.rebuild_chunks)
+    args_attn_variants[0] = args.rebuild_attn_variants
     args.fresh_variants = [v for v in args.fresh_variants.split(",") if v]
     args.fresh_scenarios = {int(v) for v in args.fresh_scenarios.split(",") if v}
     args.fresh_s = args.fresh_s if args.fresh_s is not None else (3.0 if args.tiny else 30.0)
@@ -1596,10 +1864,11 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             RESULTS.setdefault("check_fp32", {})["error"] = f"{type(e).__name__}: {e}"
-    if any(s in sections for s in ("llm", "evidence", "vit", "engine", "freshness", "watch")):
+    if any(s in sections for s in ("llm", "rebuild", "evidence", "vit", "engine", "freshness", "watch")):
         model = build_model(args.tiny, device, dtype)
     for name, fn in (
         ("llm", section_llm),
+        ("rebuild", section_rebuild),
         ("evidence", section_evidence),
         ("vit", section_vit),
         ("engine", section_engine),

@@ -1,12 +1,38 @@
 """Fixtures shared by test modules: engines shut down after a test, the tiny random model of the
-node tests and their client of the node."""
+node tests and their client of the node; the `cuda` marker's rules (pytest.ini)."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from support.dds import rclpy_session
-from support.fvs_client import Client
+
+
+def _selects_cuda_only(config) -> bool:
+    return config.getoption("markexpr", "").strip() == "cuda"
+
+
+def pytest_ignore_collect(collection_path: Path, config):
+    """With `-m cuda` only modules that hold cuda tests are imported: the GPU machine has torch and
+    transformers but no ROS, and the other modules may import rclpy at the top."""
+    if _selects_cuda_only(config) and collection_path.is_file() and collection_path.suffix == ".py":
+        if collection_path.name.startswith("test_"):
+            return "pytest.mark.cuda" not in collection_path.read_text()
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """cuda tests skip, saying why, where torch sees no CUDA device (CI: 2 cores, no GPU)."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in marked:
+        item.add_marker(skip)
 
 
 @pytest.fixture
@@ -34,4 +60,7 @@ def tiny_model(tmp_path_factory):
 def client():
     """The module's Client of the node /fvs (support/fvs_client.py); a module with a client of
     its own (test_node_watch, test_node_evidence, test_node_freshness) defines this fixture."""
+    from support.dds import rclpy_session
+    from support.fvs_client import Client
+
     yield from rclpy_session(Client)

@@ -30,6 +30,7 @@ from fvs_ros.bag.bagio import BagFrame, ImageBag
 from fvs_ros.bag.images import COMPRESSED, stamp_from_cdr
 from fvs_ros.bag.questions import Question
 from fvs_ros.bag.report import stats
+from fvs_ros.ros.qos import CLIENT_QOS
 
 EPS = 1e-6
 DIAG_SUFFIX = "Flash-VStream memory"  # the node's /diagnostics status name ends with this
@@ -259,7 +260,7 @@ class _Asker:
 
         self.Ask = Ask
         self.opts = opts
-        self.client = session.node.create_client(Ask, service)
+        self.client = session.node.create_client(Ask, service, qos_profile=CLIENT_QOS)
         self.service = service
         self.pending: list[_Pending] = []
         self.lock = threading.Lock()

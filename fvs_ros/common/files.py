@@ -1,9 +1,11 @@
-"""Crash-safe files (no ROS, no torch): written to a temporary name, fsynced and renamed, the
-directory fsynced after each rename; and a path moved aside, never overwritten."""
+"""Crash-safe files (no ROS, no torch): written to a temporary file created exclusively under a
+random name, fsynced and renamed, the directory fsynced after each rename; and a path moved aside,
+never overwritten."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -12,17 +14,23 @@ TMP_PREFIX = ".tmp-"
 
 
 def atomic_write(path: Path, write: Callable, mode: str = "wb") -> None:
-    """Write `path` through `write(file)` to a temporary name, fsync, rename, fsync the directory."""
+    """Write `path` through `write(file)` to a temporary file, fsync, rename, fsync the directory.
+
+    The temporary file is created by tempfile.mkstemp in the same directory: a random name opened
+    with O_CREAT | O_EXCL | O_NOFOLLOW, so nothing planted in the directory (a symlink at a name the
+    writer might pick) is ever written through. The rename replaces the directory entry at `path`,
+    a symlink there included, so `path` is always a regular file of ours afterwards. The file is
+    readable by its owner only (mkstemp's mode 0600)."""
     path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
     try:
-        with open(tmp, mode) as f:
+        with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 

@@ -113,8 +113,12 @@ class PrefixCache:
 
     # ----------------------------------------------------------------- engine -> cache
 
-    def start(self):
-        self._thread = threading.Thread(target=self._loop, name="fvs-prefix-builder", daemon=True)
+    def start(self, thread: Optional[Callable[[str, Callable[[], None]], threading.Thread]] = None):
+        """Start the builder thread; `thread(name, loop)` makes it (the engine's WorkerWatch)."""
+        if thread is None:
+            self._thread = threading.Thread(target=self._loop, name="fvs-prefix-builder", daemon=True)
+        else:
+            self._thread = thread("prefix builder", self._loop)
         self._thread.start()
 
     def stop(self):

@@ -9,6 +9,8 @@ tests all drive this class. Design and threading are described in docs/engine.md
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -24,6 +26,7 @@ from typing import Callable, Optional, Protocol
 import numpy as np
 import torch
 
+from fvs_ros.engine.clock import STAMP_LIMIT_S, Placement, StreamClock, legacy_state
 from fvs_ros.engine.grounding import EvidenceItem, evidence_items
 from fvs_ros.engine.host import EngineHost
 from fvs_ros.engine.memory_view import MemoryView, render_memory_view
@@ -32,6 +35,7 @@ from fvs_ros.engine.prefix import MemoryPrefix, Prefix, PrefixCache, PrefixModel
 from fvs_ros.engine.scheduler import Priority
 from fvs_ros.engine.thumbnails import ThumbnailStore, thumbnail
 from fvs_ros.engine.watch import Watcher, WatchError, WatchResult, WatchRunner
+from fvs_ros.engine.workers import WorkerWatch
 from fvs_ros.memory import FlashMemory, MemoryConfig, MemoryFileError, MemorySnapshot
 from fvs_ros.model.preprocess import resize_frames
 from fvs_ros.model.prompt import DEFAULT_SYSTEM_PROMPT
@@ -72,7 +76,14 @@ class AnswerTimeout(EngineError, TimeoutError):
 
 
 class AnswerCancelled(EngineError):
-    """The asker cancelled the request (ask(cancel=...)); generation stopped at the next token."""
+    """The asker cancelled the request (ask(cancel=...)); generation stopped at the next token.
+
+    `partial`: the answer as far as it was generated (text, num_tokens: the pieces streamed to
+    on_token so far, and the memory it was computed from), None if it had not started."""
+
+    def __init__(self, message: str = "cancelled", partial: Optional["Answer"] = None):
+        super().__init__(message)
+        self.partial = partial
 
 
 class _Cancelled(Exception):
@@ -90,7 +101,12 @@ class EngineConfig:
     queue_size: int = 32  # sampled frames waiting for the ViT, whole slots; the oldest slot is dropped
     max_batch: int = 16  # frames encoded per ViT call (whatever is queued, whole slots, at least one)
     max_frame_side: int = 8192  # larger frames are rejected (FrameError)
-    max_stamp_backstep_s: float = 1.0  # older stamps by up to this: out of order, rejected; more: a jump back
+    # Smaller sides are rejected (FrameError): below one merged ViT patch (28 px) a frame holds no
+    # picture, only a blur the model's resize would spread over its whole input.
+    min_frame_side: int = 28
+    # How far a frame's stamp may run ahead of its source clock's previous frame beyond the time it
+    # took to arrive, and still continue that clock (fvs_ros/engine/clock.py).
+    stamp_slack_s: float = 1.0
     max_question_chars: int = 2000
     max_new_tokens: int = 128  # default answer length
     max_new_tokens_limit: int = 1024  # largest max_new_tokens a caller may ask for
@@ -115,6 +131,7 @@ class EngineConfig:
             "queue_size",
             "max_batch",
             "max_frame_side",
+            "min_frame_side",
             "max_question_chars",
             "max_new_tokens",
             "max_new_tokens_limit",
@@ -134,7 +151,7 @@ class EngineConfig:
             "max_prefix_lag_s",
             "prefill_chunk_tokens",
             "prefix_yield_budget_s",
-            "max_stamp_backstep_s",
+            "stamp_slack_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -180,7 +197,10 @@ class EngineStats:
     queue_depth: int  # slots waiting for the ViT
     frame_size: Optional[tuple[int, int]]  # (H, W) ViT input size every frame is resized to (see add_frame)
     frame_size_changes: int  # frames whose size differed from the previous frame's
-    stamp_jumps: int  # jumps back in stamps the stream clock continued across (see add_frame)
+    # Frames given to add_frame whose own model size differs from the memory's input size (the
+    # memory holds one until reset; sampled ones are resized to it); frame_size_note names them.
+    frame_size_mismatches: int
+    stamp_jumps: int  # frames that did not continue their clock (went back, or left behind): clock.py
     memory_version: int
     frames_seen: int  # frames in the current memory snapshot (its slots x frames_per_slot)
     last_update_time: Optional[float]  # time.time() of the last memory update
@@ -199,6 +219,11 @@ class EngineStats:
     errors: int  # caught in the workers (model errors, CUDA OOM, ...)
     last_error: Optional[str]
     device_memory_bytes: Optional[int]  # torch.cuda.memory_allocated on CUDA, else None
+    frame_size_note: Optional[str] = None
+    stamp_note: Optional[str] = None  # what the latest stamp jump was (stamp_jumps)
+    # A worker thread that died ('the LLM worker stopped: ...'); the engine then refuses questions
+    # with this reason and `running` is False. None while every worker runs.
+    worker_failure: Optional[str] = None
 
 
 @dataclass
@@ -209,7 +234,10 @@ class _Counters:
     frames_dropped: int = 0
     frames_into_memory: int = 0
     frame_size_changes: int = 0
+    frame_size_mismatches: int = 0
     stamp_jumps: int = 0
+    frame_size_note: Optional[str] = None
+    stamp_note: Optional[str] = None
     last_update_time: Optional[float] = None
     last_update_s: Optional[float] = None
     last_batch_size: int = 0
@@ -231,6 +259,7 @@ class _Counters:
         "frames_dropped",
         "frames_into_memory",
         "frame_size_changes",
+        "frame_size_mismatches",
         "stamp_jumps",
         "last_update_time",
         "last_update_s",
@@ -245,6 +274,7 @@ class _Counters:
         state = {**_Counters().frame_state(), **(state or {})}
         for k in self._FRAME_FIELDS:
             setattr(self, k, state[k])
+        self.frame_size_note = self.stamp_note = None
 
     @classmethod
     def check_saved(cls, state) -> dict:
@@ -312,7 +342,8 @@ class _Request:
     received_stamp: Optional[float] = None  # newest frame stamp received when the request arrived
     evidence: bool = False  # measure the answer's evidence (questions, not summaries)
     cancel: Optional[threading.Event] = None  # the asker's ask(cancel=...): set = stop at the next token
-    pieces: list = field(default_factory=list)  # text generated so far: what a timeout returns
+    source: Optional[Published] = None  # the memory the generation runs on, once it started
+    pieces: list = field(default_factory=list)  # text generated so far: what a timeout or cancel returns
     priority: int = _QUESTION  # _QUESTION or _SUMMARY (its queue order, and its GPU job class)
 
     def stopped(self) -> bool:
@@ -392,10 +423,13 @@ class StreamEngine:
         )
         self._summarized: Optional[Published] = None
         self._last_summary_t = time.monotonic()
+        self._clock = StreamClock(self.config.stamp_slack_s)  # stream time <-> frame stamps
         self._reset_stream_state()
         self._size_logged_at = -math.inf  # time.monotonic() of the last frame-size-change log line
+        self._jump_logged_at = -math.inf  # ... and of the last stamp-jump line
         self._busy = False
         self._threads: list[threading.Thread] = []
+        self._workers = WorkerWatch(self._worker_died)
         self._started = self._stopping = False
         self.host.register(name, self)
 
@@ -419,14 +453,27 @@ class StreamEngine:
                 self.config.frames_per_slot,
             )
         self._threads = [
-            threading.Thread(target=self._frame_loop, name="fvs-frame-worker", daemon=True),
-            threading.Thread(target=self._llm_loop, name="fvs-llm-worker", daemon=True),
+            self._workers.thread("frame worker", self._frame_loop),
+            self._workers.thread("LLM worker", self._llm_loop),
         ]
         for t in self._threads:
             t.start()
         if self.config.prefix_cache:
-            self._prefixes.start()
+            self._prefixes.start(self._workers.thread)
         return self
+
+    def _worker_died(self, reason: str):
+        """A worker thread ended on an error its loop did not catch (WorkerWatch): the requests
+        waiting fail with the reason, and so does every later one (_submit)."""
+        with self._llm_cv:
+            pending, self._requests = self._requests, []
+            self._llm_cv.notify_all()
+        self._prefixes.wake()  # a question waiting for a prefix gives up (its abandon() sees it)
+        for _, _, req in pending:
+            self._finish(req, error=EngineError(reason))
+        with self._lock:
+            self._counters.errors += 1
+            self._counters.last_error = reason
 
     def _check_context(self):
         """ValueError when the system prompt, a full memory, a question of max_question_chars (one token
@@ -481,24 +528,26 @@ class StreamEngine:
         to the last complete slot). Never blocks: a full queue drops its oldest slot. Raises
         FrameError on bad input.
 
-        Stamps: one older than the previous frame's by at most max_stamp_backstep_s is out of order
-        (FrameError); an older one is a jump back of the source's clock (a replay restarting, a
-        camera clock reset): the stream clock carries on from the previous frame and later frames
-        keep their spacing (stamp_jumps, logged). Sizes: the model's size rule (lm.frame_size:
+        Stamps: the stream clock (fvs_ros/engine/clock.py) gives each frame a stream time that never
+        decreases (sampling and memory order use it); a stamp that goes back starts a new source
+        clock (stamp_jumps, logged); no stamp blocks the stream. Reported stamps are always the
+        frames' own (stamp_of). Sizes: the model's size rule (lm.frame_size:
         multiples of 56 within its pixel budget) applied to the first frame gives the stream's
         input size, and every frame is resized straight to it, whatever its own size (memory holds
         one input size until reset); a size change is counted and logged.
         """
         frame_stamp = self._counting_rejects(self._check_frame, frame, stamp)
         with self._lock:
-            t = self._admit(frame_stamp)
+            p = self._admit(frame_stamp)
+            t = p.time
             self._follow_size(frame.shape[0], frame.shape[1])
-            self._commit_stamp(frame_stamp, t)
+            self._commit_stamp(p)
             self._counters.frames_in += 1
             if not self._due(t):
                 self._counters.frames_skipped += 1
                 return False
             self._advance(t)
+            self._clock.record(p)
             fitted = _fit(frame, self._frame_hw)
             self._slot.append((frame.copy() if fitted is frame else fitted, t))
             if len(self._slot) == self.config.frames_per_slot:
@@ -516,10 +565,10 @@ class StreamEngine:
         nothing changes until add_frame(). Raises FrameError for a bad or out-of-order stamp."""
         frame_stamp = self._counting_rejects(_check_stamp_value, stamp)
         with self._lock:
-            t = self._admit(frame_stamp)
-            if self._due(t):
+            p = self._admit(frame_stamp)
+            if self._due(p.time):
                 return True
-            self._commit_stamp(frame_stamp, t)
+            self._commit_stamp(p)
             self._counters.frames_in += 1
             self._counters.frames_skipped += 1
         return False
@@ -554,38 +603,39 @@ class StreamEngine:
             raise FrameError(f"frame is empty: {frame.shape}")
         if max(h, w) > self.config.max_frame_side:
             raise FrameError(f"frame {h}x{w} exceeds max_frame_side={self.config.max_frame_side}")
+        if min(h, w) < self.config.min_frame_side:
+            raise FrameError(
+                f"frame {w}x{h} has a side below min_frame_side={self.config.min_frame_side} px: "
+                "too small to hold a picture"
+            )
         return _check_stamp_value(stamp)
 
-    def _admit(self, stamp: float) -> float:
-        """Stream time of a frame stamped `stamp` (nothing changes yet); FrameError if out of order."""
+    def _admit(self, stamp: float) -> Placement:
+        """Where a frame stamped `stamp` lands on the stream clock (nothing changes yet)."""
         if self._stopping:
             raise EngineError("engine is shut down")
-        t, last = stamp + self._stamp_offset, self._last_stamp
-        if last is None or t >= last:
-            return t
-        if last - t <= self.config.max_stamp_backstep_s:
-            self._counters.frames_rejected += 1
-            raise FrameError(
-                f"stamp {stamp:.3f} s is older than the previous frame's {last - self._stamp_offset:.3f} s "
-                f"(out of order); a jump back of more than {self.config.max_stamp_backstep_s:g} s "
-                f"continues the stream"
-            )
-        return last  # a jump back: the stream clock carries on from the previous frame
+        return self._clock.place(stamp)
 
-    def _commit_stamp(self, stamp: float, t: float):
-        """The stream is now at `t` (from _admit for `stamp`)."""
-        if t != stamp + self._stamp_offset:
+    def _commit_stamp(self, p: Placement):
+        """The stream is now at the frame placed as `p`; a jump is counted and logged (one line per
+        5 s: a source whose stamps always go back would flood the log)."""
+        if p.jump:
             self._counters.stamp_jumps += 1
-            log.warning(
-                "frame stamps jumped back by %.3f s (from %.3f to %.3f s): the stream clock carries on "
-                "from %.3f s, later frames keep their spacing",
-                t - self._stamp_offset - stamp,
-                t - self._stamp_offset,
-                stamp,
-                t,
+            self._counters.stamp_note = (
+                f"frame stamp {p.stamp:.3f} s does not continue its clock (it went back, or another "
+                f"clock leapt ahead): the stream goes on from where it is ({self._counters.stamp_jumps} "
+                "jumps); reported stamps stay the frames' own"
             )
-            self._stamp_offset = t - stamp
-        self._last_stamp = t
+            now = time.monotonic()
+            if now - self._jump_logged_at >= 5.0:
+                self._jump_logged_at = now
+                log.warning("%s", self._counters.stamp_note)
+        self._clock.commit(p)
+
+    def stamp_of(self, t: Optional[float]) -> Optional[float]:
+        """The frame stamp a stream time of the memory (a snapshot's stamps) stands for (clock.py)."""
+        with self._lock:
+            return self._clock.stamp_of(t)
 
     def _due(self, t: float) -> bool:
         """Memory sampling by stream time: a frame is taken when the next sampling instant is reached."""
@@ -600,46 +650,55 @@ class StreamEngine:
         self._next_due = due if due > t else t + period
 
     def _follow_size(self, h: int, w: int):
-        """Keep the stream's model input size (_frame_hw) for a frame of h x w; count and log changes."""
-        if (h, w) == self._source_hw:
-            return
-        try:
-            size = tuple(int(v) for v in self.lm.frame_size(h, w))
-        except Exception as e:
-            self._counters.frames_rejected += 1
-            raise FrameError(f"frame {h}x{w} cannot be used by the model: {e}") from e
-        old = self._source_hw
-        if self._frame_hw is None:
-            self._frame_hw = size
-        if old is not None:
-            self._counters.frame_size_changes += 1
-            now = time.monotonic()
-            if now - self._size_logged_at >= 5.0:  # a source alternating sizes: one line per 5 s
-                self._size_logged_at = now
-                log.warning(
-                    "frame size changed from %dx%d to %dx%d (%d changes so far): frames are resized to "
-                    "the stream's model input %dx%d%s",
-                    old[1],
-                    old[0],
-                    w,
-                    h,
-                    self._counters.frame_size_changes,
-                    self._frame_hw[1],
-                    self._frame_hw[0],
-                    ""
-                    if size == self._frame_hw
-                    else f" (the model's size for {w}x{h} would be "
-                    f"{size[1]}x{size[0]}; memory keeps one input size until reset)",
-                )
-        self._source_hw = (h, w)
+        """Keep the stream's model input size (_frame_hw) for a frame of h x w.
+
+        The size follows the frames' own (the model's size rule) while nothing of the stream is in
+        memory or being encoded (frames waiting at the old size are resized to the new one); once the
+        memory holds frames it keeps their input size until reset, and a frame whose own model size
+        differs is resized to it, counted in frame_size_mismatches with a note of the sizes."""
+        if (h, w) != self._source_hw:
+            try:
+                size = tuple(int(v) for v in self.lm.frame_size(h, w))
+            except Exception as e:
+                self._counters.frames_rejected += 1
+                raise FrameError(f"frame {h}x{w} cannot be used by the model: {e}") from e
+            old, self._source_hw, self._source_model_hw = self._source_hw, (h, w), size
+            if size != self._frame_hw and not self._published.snapshot.frames_seen and not self._busy:
+                self._frame_hw = size  # frames waiting at the old size follow it
+                self._slot = [(_fit(f, size), t) for f, t in self._slot]
+                for i, slot in enumerate(self._queue):
+                    self._queue[i] = [(_fit(f, size), t) for f, t in slot]
+            if old is not None:
+                self._counters.frame_size_changes += 1
+                now = time.monotonic()
+                if now - self._size_logged_at >= 5.0:  # a source alternating sizes: one line per 5 s
+                    self._size_logged_at = now
+                    log.warning(
+                        "frame size changed from %dx%d to %dx%d (%d changes so far): frames are resized "
+                        "to the stream's model input %dx%d",
+                        old[1],
+                        old[0],
+                        w,
+                        h,
+                        self._counters.frame_size_changes,
+                        self._frame_hw[1],
+                        self._frame_hw[0],
+                    )
+        if self._source_model_hw != self._frame_hw:
+            c, (mh, mw), (fh, fw) = self._counters, self._source_model_hw, self._frame_hw
+            c.frame_size_mismatches += 1
+            c.frame_size_note = (
+                f"frames of {w}x{h} are resized to the memory's input {fw}x{fh} (their own model size is "
+                f"{mw}x{mh}; the memory holds one input size until reset)"
+            )
 
     def _reset_stream_state(self):
         self._queue.clear()
         self._slot: list = []  # sampled frames of the slot being filled: dropped by reset/load, not saved
-        self._last_stamp: Optional[float] = None  # stream time of the newest frame
-        self._stamp_offset = 0.0  # stream time = frame stamp + this (changes at a jump back)
+        self._clock.reset()
         self._next_due: Optional[float] = None
-        self._source_hw: Optional[tuple[int, int]] = None  # the latest frame's size
+        self._source_hw: Optional[tuple[int, int]] = None  # the latest frame's size ...
+        self._source_model_hw: Optional[tuple[int, int]] = None  # ... and the model's size for it
         self._frame_hw: Optional[tuple[int, int]] = None  # the model input size every frame is resized to
 
     # ----------------------------------------------------------------- frame worker
@@ -650,10 +709,14 @@ class StreamEngine:
                 taken = self._take_batch()
                 if taken is None:
                     return
-                self._encode_batch(*taken)
-                with self._lock:
-                    self._busy = False
-                    self._idle_cv.notify_all()
+                try:
+                    self._encode_batch(*taken)
+                except Exception as e:  # noqa: BLE001 - one failed batch, not the worker
+                    self._record_error("frame worker", e)
+                finally:
+                    with self._lock:
+                        self._busy = False
+                        self._idle_cv.notify_all()
 
     def _take_batch(self):
         with self._lock:
@@ -803,6 +866,8 @@ class StreamEngine:
         with self._llm_cv:
             if not self._started or self._stopping:
                 raise EngineError("engine is not running (call start(); engines stop at shutdown())")
+            if self._workers.failure is not None:
+                raise EngineError(f"the engine cannot answer: {self._workers.failure}")
             heapq.heappush(self._requests, (priority, next(self._seq), req))
             self._llm_cv.notify_all()
         self._prefixes.wake()  # a summary waiting for a prefix gives way to this request
@@ -815,7 +880,7 @@ class StreamEngine:
             if req.cancelled:
                 self._prefixes.wake()  # a wait for a prefix on its behalf ends
                 if asked:
-                    raise AnswerCancelled("cancelled")
+                    raise AnswerCancelled("cancelled", self._partial(req))
                 pieces = list(req.pieces)
                 raise AnswerTimeout(
                     f"no answer within {timeout:.3g} s; the request was cancelled"
@@ -826,6 +891,26 @@ class StreamEngine:
         if req.error is not None:
             raise req.error
         return req.answer
+
+    def _partial(self, req: _Request) -> Optional[Answer]:
+        """What a cancelled request had generated, and from which memory (None: not started)."""
+        pub = req.source
+        if pub is None:
+            return None
+        pieces, snap = list(req.pieces), pub.snapshot
+        dt = time.perf_counter() - req.submitted
+        return Answer(
+            text="".join(pieces),
+            frames_seen=int(snap.frames_seen) * self.config.frames_per_slot,
+            frames_in_memory=int(len(snap.csm_weights)),
+            first_stamp=self.stamp_of(pub.first_stamp),
+            last_stamp=self.stamp_of(snap.last_stamp),
+            ttft_s=dt,
+            total_s=dt,
+            num_tokens=len(pieces),
+            frames_per_slot=self.config.frames_per_slot,
+            memory_lag_s=self._memory_lag(req, snap),
+        )
 
     @staticmethod
     def _wait(req: _Request, timeout: float, cancel: Optional[threading.Event]) -> bool:
@@ -846,24 +931,32 @@ class StreamEngine:
                 job = self._next_llm_job()
                 if job is None:
                     return
-                job()
+                run, req = job
+                try:
+                    run()
+                except Exception as e:  # noqa: BLE001 - the job fails with its reason, the loop goes on
+                    if req is not None:
+                        error = EngineError(f"the request failed: {type(e).__name__}: {e}")
+                        error.__cause__ = e
+                        self._finish(req, error=error)
+                    self._record_error("LLM worker", e)
 
-    def _next_llm_job(self) -> Optional[Callable[[], None]]:
-        """Queued requests first (questions before summarize() calls), then the watched conditions on a
-        new prefix, then the periodic summary."""
+    def _next_llm_job(self) -> Optional[tuple[Callable[[], None], Optional[_Request]]]:
+        """(job, its request or None): queued requests first (questions before summarize() calls),
+        then the watched conditions on a new prefix, then the periodic summary."""
         with self._llm_cv:
             while not self._stopping:
                 while self._requests:
                     _, _, req = heapq.heappop(self._requests)
                     if not req.stopped():
-                        return lambda: self._serve(req)
+                        return functools.partial(self._serve, req), req
                 p = self._prefixes.current
                 if p is not None and p.source.epoch == self._published.epoch:
                     if self._watch.due((p.source.epoch, p.source.snapshot.version)):
-                        return lambda: self._evaluate_watch(p)
+                        return functools.partial(self._evaluate_watch, p), None
                 wait_summary = self._summary_wait()
                 if wait_summary == 0:
-                    return self._auto_summary
+                    return self._auto_summary, None
                 self._llm_cv.wait(wait_summary)
             return None
 
@@ -876,7 +969,7 @@ class StreamEngine:
         src, count = p.source, self.config.evidence_frames
 
         def ground(shares):  # an event's evidence: the blocks its condition attended to most
-            return evidence_items(shares, src.snapshot, count, self._thumbs)
+            return self._own_stamps(evidence_items(shares, src.snapshot, count, self._thumbs))
 
         try:
             # the builder pauses between chunks meanwhile
@@ -885,7 +978,7 @@ class StreamEngine:
                     self.lm,
                     p.prefix,
                     (src.epoch, src.snapshot.version),
-                    stamp=_opt_float(src.snapshot.last_stamp),
+                    stamp=self.stamp_of(src.snapshot.last_stamp),
                     frames_seen=int(src.snapshot.frames_seen) * self.config.frames_per_slot,
                     memory_updated_at=src.updated_at,
                     sync=self._sync,
@@ -916,9 +1009,9 @@ class StreamEngine:
             asked = req.cancel is not None and req.cancel.is_set()
             self._finish(
                 req,
-                error=AnswerCancelled("cancelled")
+                error=AnswerCancelled("cancelled", self._partial(req))
                 if asked
-                else EngineError("engine shut down before answering"),
+                else EngineError(self._workers.failure or "engine shut down before answering"),
             )
             return
         except Exception as e:  # noqa: BLE001
@@ -935,7 +1028,7 @@ class StreamEngine:
         """End a request once: nothing if its asker already timed out (counted there), else hand over
         the answer or the error and count it (a shutdown's error counts nowhere)."""
         with self._lock:
-            if req.cancelled:
+            if req.cancelled or req.done.is_set():
                 return
             c = self._counters
             if answer is not None:
@@ -991,18 +1084,24 @@ class StreamEngine:
         gpu = self.host.gpu(self.name, Priority.SUMMARY if req.priority == _SUMMARY else Priority.QUESTION)
         if self.config.prefix_cache:
             got = self._prefixes.get(
-                pub, lambda: req.stopped() or self._stopping or (req.preemptible and bool(self._requests))
+                pub,
+                lambda: (
+                    req.stopped()
+                    or self._stopping
+                    or self._workers.failure is not None
+                    or (req.preemptible and bool(self._requests))
+                ),
             )
             if got is None:
                 raise _Cancelled
             prefix, hit = got
-            pub = prefix.source
+            pub = req.source = prefix.source
             snap = pub.snapshot
             t_gen = time.perf_counter()
             with self._prefixes.gpu_busy("answer"), gpu:
                 gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token, **kw)
         else:
-            hit = False
+            hit, req.source = False, pub
             t_gen = time.perf_counter()
             with gpu:
                 gen = self.lm.answer_uncached(
@@ -1013,8 +1112,8 @@ class StreamEngine:
         grounding = {}
         if gen.attention is not None:
             grounding = dict(
-                evidence=evidence_items(
-                    gen.attention.shares(), snap, self.config.evidence_frames, self._thumbs
+                evidence=self._own_stamps(
+                    evidence_items(gen.attention.shares(), snap, self.config.evidence_frames, self._thumbs)
                 ),
                 memory_attention=gen.attention.memory_fraction,
                 evidence_s=gen.attention.seconds,
@@ -1024,8 +1123,8 @@ class StreamEngine:
             text=gen.text,
             frames_seen=int(snap.frames_seen) * fps,
             frames_in_memory=int(len(snap.csm_weights)),
-            first_stamp=_opt_float(pub.first_stamp),
-            last_stamp=_opt_float(snap.last_stamp),
+            first_stamp=self.stamp_of(pub.first_stamp),
+            last_stamp=self.stamp_of(snap.last_stamp),
             ttft_s=t_gen - req.submitted + gen.ttft_s,
             total_s=time.perf_counter() - req.submitted,
             num_tokens=len(gen.token_ids),
@@ -1035,9 +1134,17 @@ class StreamEngine:
             **grounding,
         )
 
+    def _own_stamps(self, items) -> tuple[EvidenceItem, ...]:
+        """Evidence items with the frames' own stamps (they are computed on stream time)."""
+        with self._lock:
+            of = self._clock.stamp_of
+            return tuple(
+                dataclasses.replace(i, stamp=of(i.stamp), span=(of(i.span[0]), of(i.span[1]))) for i in items
+            )
+
     def _received_stamp(self) -> Optional[float]:
         with self._lock:
-            return self._last_stamp
+            return self._clock.last
 
     @staticmethod
     def _memory_lag(req: _Request, snap: MemorySnapshot) -> Optional[float]:
@@ -1098,8 +1205,7 @@ class StreamEngine:
                     "first_stamp": self._published.first_stamp,
                     "source_size": self._source_hw,
                     "frame_size": self._frame_hw,
-                    "last_stamp": self._last_stamp,
-                    "stamp_offset": self._stamp_offset,
+                    "clock": self._clock.state(),
                     "next_due": self._next_due,
                     "counters": self._counters.frame_state(),
                     "extra": dict(extra or {}),
@@ -1144,8 +1250,9 @@ class StreamEngine:
             if self._thumbs is not None:  # the loaded memory's frames: no thumbnails (not saved)
                 self._thumbs.clear()
             self._source_hw, self._frame_hw = state["source_size"], state["frame_size"]
-            self._last_stamp, self._next_due = state["last_stamp"], state["next_due"]
-            self._stamp_offset = state["stamp_offset"]
+            self._source_model_hw = self._frame_hw
+            self._clock.restore(state["clock"])
+            self._next_due = state["next_due"]
             self._counters.reset_frames(state["counters"])
             snap = memory.snapshot()
             first = state["first_stamp"] if state["first_stamp"] is not None else snap.first_stamp
@@ -1170,6 +1277,18 @@ class StreamEngine:
                     f"cannot restore {path}: its memory holds frames of input size {size[1]}x{size[0]}, "
                     f"which this model resizes to {model_size} (another model or pixel budget)"
                 )
+        for name in ("first_stamp", "last_stamp"):
+            value = getattr(snap, name)
+            if value is not None and not abs(value) < STAMP_LIMIT_S:
+                raise SavedStateError(
+                    f"cannot restore {path}: its memory's {name} {value:g} s is no stream time"
+                )
+        last = state["clock"]["last"]
+        if snap.last_stamp is not None and (last is None or last < snap.last_stamp):
+            raise SavedStateError(
+                f"cannot restore {path}: its clock ({last}) is behind its memory's newest stamp "
+                f"({snap.last_stamp}); new frames could never enter that memory"
+            )
         channels = getattr(self.lm, "feature_dim", None)
         if snap.frames_seen and channels is not None and snap.csm_features.shape[-1] != channels:
             raise SavedStateError(
@@ -1194,7 +1313,8 @@ class StreamEngine:
         c["last_prefill_s"] = self._prefixes.last_build_s
         mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         return EngineStats(
-            running=self._started and not self._stopping,
+            running=self._started and not self._stopping and self._workers.failure is None,
+            worker_failure=self._workers.failure,
             queue_depth=queue_depth,
             frame_size=frame_hw,
             memory_version=int(pub.snapshot.version),
@@ -1295,12 +1415,9 @@ def _fit(frame: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def _check_stamp_value(stamp) -> float:
     try:
-        stamp = float(stamp)
-    except (TypeError, ValueError):
-        raise FrameError(f"stamp must be a number of seconds, got {stamp!r}") from None
-    if not math.isfinite(stamp):
-        raise FrameError(f"stamp must be finite, got {stamp}")
-    return stamp
+        return StreamClock.check(stamp)
+    except ValueError as e:
+        raise FrameError(str(e)) from None
 
 
 def _check_number(name: str, value, optional: bool = False):
@@ -1308,6 +1425,15 @@ def _check_number(name: str, value, optional: bool = False):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number{' or null' if optional else ''}, got {value!r}")
+
+
+def _check_stamp(name: str, value):
+    """A saved stream time: null, or a finite number within the range a stamp holds (clock.py)."""
+    _check_number(name, value, optional=True)
+    if value is not None and abs(value) >= STAMP_LIMIT_S:
+        raise ValueError(
+            f"{name} {value:g} s is outside +-2^31 s, the range a ROS time (int32 seconds) holds"
+        )
 
 
 def _check_size(name: str, value) -> Optional[tuple[int, int]]:
@@ -1330,8 +1456,6 @@ def _checked_index(index: dict) -> dict:
     state = {
         "source_size": _check_size("source_size", index.get("source_size")),
         "frame_size": _check_size("frame_size", index.get("frame_size")),
-        "stamp_offset": index.get("stamp_offset", 0.0),
-        "last_stamp": index.get("last_stamp"),
         "next_due": index.get("next_due"),
         "counters": _Counters.check_saved(index.get("counters", {})),
         "frames_per_slot": index.get("frames_per_slot", 1),  # saved before slots had a layout: one frame
@@ -1340,15 +1464,18 @@ def _checked_index(index: dict) -> dict:
     }
     if (state["source_size"] is None) != (state["frame_size"] is None):
         raise ValueError("source_size and frame_size must both be set or both null")
-    _check_number("stamp_offset", state["stamp_offset"])
     if state["frames_per_slot"] not in (1, 2):
         raise ValueError(f"frames_per_slot must be 1 or 2, got {state['frames_per_slot']!r}")
-    for name in ("last_stamp", "next_due", "first_stamp"):
-        _check_number(name, state[name], optional=True)
+    for name in ("next_due", "first_stamp"):
+        _check_stamp(name, state[name])
+    if "clock" in index:
+        state["clock"] = StreamClock.checked_state(index["clock"])
+    else:  # saved before the stream clock: one stamp offset
+        _check_stamp("last_stamp", index.get("last_stamp"))
+        _check_number("stamp_offset", index.get("stamp_offset", 0.0))
+        state["clock"] = StreamClock.checked_state(
+            legacy_state(index.get("last_stamp"), index.get("stamp_offset", 0.0))
+        )
     if not isinstance(state["extra"], dict):
         raise ValueError(f"extra must be an object, got {state['extra']!r}")
     return state
-
-
-def _opt_float(x) -> Optional[float]:
-    return None if x is None else float(x)

@@ -15,7 +15,9 @@ risen.) A condition already true when it is added rises at its first evaluation.
 
 Persistence: with a directory (the node's memory_file), every change (add, remove, a rise or a
 fall) rewrites `watch.json` there crash-safely (temporary file, fsync, rename, directory
-fsync): after a crash the file holds the state before or after the change, never a mix. On
+fsync): after a crash the file holds the state before or after the change, never a mix. The
+directory is claimed first (fvs_ros.engine.persistence.claim): a directory created for the
+conditions alone is a memory directory of ours, restored as "conditions, no memory". On
 restart the conditions come back with their active flags, so a condition that was true does
 not rise again unless it fell meanwhile.
 """
@@ -34,10 +36,10 @@ from typing import Callable, Optional, Sequence
 
 from fvs_ros.common.files import atomic_write
 from fvs_ros.engine.grounding import EvidenceItem
+from fvs_ros.engine.persistence import WATCH_FILE, ForeignPath, claim
 
 log = logging.getLogger(__name__)
 
-WATCH_FILE = "watch.json"
 MAX_CONDITION_CHARS = 300  # a condition is one short statement; its prompt joins 15 others in a prefill
 _FORMAT = 1
 
@@ -160,7 +162,10 @@ class Watcher:
             if events and self.path is not None:
                 try:
                     self._write(self._states)
-                except OSError as e:  # the events still go out; the file keeps the state before them
+                except (
+                    OSError,
+                    ForeignPath,
+                ) as e:  # the events still go out; the file keeps the state before them
                     log.error("cannot save the watched conditions' states to %s: %s", self.path, e)
         return events
 
@@ -245,7 +250,7 @@ class Watcher:
         if self.path is not None:
             try:
                 self._write(states)
-            except OSError as e:
+            except (OSError, ForeignPath) as e:
                 raise WatchError(f"cannot save the conditions to {self.path}: {e}") from e
         self._states = states
 
@@ -258,7 +263,7 @@ class Watcher:
                 for s in states.values()
             ],
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        claim(self.path.parent)  # a memory directory of ours (persistence.py), or ForeignPath
         atomic_write(self.path, lambda f: f.write(json.dumps(data, indent=1)), "w")
 
 

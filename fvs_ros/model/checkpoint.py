@@ -162,17 +162,38 @@ def weight_files(ckpt_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint (single file or sharded with an index)."""
     index = ckpt_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (ckpt_dir / s).is_file()]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelLoadError(f"{index} is not a shard index with a weight_map: {err}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise ModelLoadError(f"{index}: weight_map must map tensor names to shard file names")
+        shards = [shard_path(ckpt_dir, s) for s in sorted(set(weight_map.values()))]
+        missing = [s.name for s in shards if not s.is_file()]
         if missing:
             raise ModelLoadError(
                 f"{ckpt_dir}: weight shards listed in the index are missing: {', '.join(missing)}"
             )
-        return [ckpt_dir / s for s in shards]
+        return shards
     single = ckpt_dir / "model.safetensors"
     if single.is_file():
         return [single]
     raise ModelLoadError(f"{ckpt_dir} has no model.safetensors (only safetensors weights are supported)")
+
+
+def shard_path(ckpt_dir: Path, name: str) -> Path:
+    """The shard file `name` of a checkpoint index: a file directly inside the checkpoint directory.
+
+    A name with a directory part, or one that resolves (symlinks followed) outside the directory,
+    is refused: an index must not make the loader open files elsewhere (`../../etc/hostname`)."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ModelLoadError(
+            f"{ckpt_dir}: shard {name!r} in the index is not a file name inside the checkpoint"
+        )
+    path = ckpt_dir / name
+    if path.exists() and path.resolve().parent != ckpt_dir.resolve():
+        raise ModelLoadError(f"{ckpt_dir}: shard {name!r} in the index resolves outside the checkpoint")
+    return path
 
 
 def checkpoint_tensor_names(files: list[Path]) -> dict[str, Path]:

@@ -35,6 +35,11 @@ prefix (causal, no mask: on an H100 PyTorch's kernel takes half the time of our 
 where the flash op runs, the varlen kernel for later chunks (SDPA with a mask there was no
 faster and held the GPU longer; benchmarks/gpu_notes.md runs 13-14).
 
+The layers run through transformers' forwards, or (``fused``, the default "auto" on CUDA with
+Triton) through a loop of our own that calls the same attention and linear modules and fuses the
+memory-bound steps between them: RMSNorm, residual add + the next RMSNorm, SiLU-and-multiply
+(fused_ops.py; docs/model.md "Fused small kernels").
+
 Positions are given by the caller as 3-row (t, h, w) multimodal position ids (the model never
 computes them); generated tokens take the next text position on all three axes.
 
@@ -76,6 +81,7 @@ from transformers import AttentionInterface, DynamicCache
 from fvs_ros.common.cuda_graph import capture
 
 from .evidence import MemoryLayout, block_attention
+from .fused_ops import select_ops
 
 ATTN_NAME = "fvs_static_cache"
 DEFAULT_BUCKETS = (8, 16, 32, 64, 128, 256)
@@ -259,6 +265,12 @@ class _StaticKV:
         return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
 
 
+def _cache_arg(forward) -> str:
+    """The name a transformers forward takes its KV cache by (renamed across transformers 5.x)."""
+    params = inspect.signature(forward).parameters
+    return next((n for n in ("cache", "past_key_values", "past_key_value") if n in params), "past_key_values")
+
+
 def flash_available(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
     """PyTorch's FlashAttention varlen op can run here (CUDA sm80+, bf16/fp16)."""
     if device.type != "cuda" or not hasattr(torch.ops.aten, "_flash_attention_forward"):
@@ -299,6 +311,7 @@ class FastDecoder:
         flash_splits: int | None = None,
         record_layers: Sequence[int] = (),
         prefill_attention: str = "auto",
+        fused: str = "auto",
     ):
         self.llm, self.lm_head = llm, lm_head
         self.config = llm.config
@@ -335,14 +348,12 @@ class FastDecoder:
         self._flash_kwargs = {}
         if flash_splits is not None and "num_splits" in schema:
             self._flash_kwargs["num_splits"] = int(flash_splits)
-        self._cache_kw = (
-            "cache"
-            if "cache" in inspect.signature(type(self.layers[0]).forward).parameters
-            else "past_key_values"
-        )
+        self._cache_kw = _cache_arg(type(self.layers[0]).forward)
         self._attn_configs = list(
             {id(layer.self_attn.config): layer.self_attn.config for layer in self.layers}.values()
         )
+        self._attn_cache_kw = _cache_arg(type(self.layers[0].self_attn).forward)  # the fused loop's call
+        self._graphs: dict[int, _Graph] = {}  # bucket -> prefill graph; 1 -> decode graph under key 0
         self.capacity = 0
         self._kv: _StaticKV | None = None
         # Evidence: each forward keeps the query of its token-choosing row for these layers, in
@@ -351,12 +362,13 @@ class FastDecoder:
         self.record_layers = tuple(sorted({int(i) for i in record_layers}))
         self._queries: dict[int, torch.Tensor] = {}
         self._qbase: torch.Tensor | None = None  # [1] long: cache slot of the prompt's last token
-        self._graphs: dict[int, _Graph] = {}  # bucket -> prefill graph; 1 -> decode graph under key 0
+        self.decode_replays = 0  # decode steps run by replaying the decode graph (all time)
         self._pool = None
         self._prefix_ref = None  # the prefix KV now in slots [0, P) (strong ref: identity stays unique)
         self._prefix_len = 0
         self._lock = threading.Lock()
         self.module_lock = threading.RLock()  # eager forwards of the layers: see _static_attention
+        self.set_fused(fused)
         self.splits = int(splits) if attention == "flash" else 0
         self.split_check_error = None
         if self.splits:
@@ -366,6 +378,30 @@ class FastDecoder:
             self.split_check_error = err
 
     # ------------------------------------------------------------------ setup
+
+    def set_fused(self, mode: str) -> None:
+        """Choose the layer loop (fused_ops.select_ops: "auto", "triton", "reference", "off"); the
+        graphs captured with the other one are dropped (captured again on the next use)."""
+        with self._lock:
+            self.fused_ops, self.fused_reason = select_ops(mode, self.device, self.dtype, self.layers)
+            if self.fused_ops is not None and self.fused_ops.name == "triton":
+                self._compile_fused()
+            self._graphs.clear()
+            self._pool = None
+
+    @torch.inference_mode()
+    def _compile_fused(self) -> None:
+        """Compile the Triton kernels now (the first call compiles: never inside a capture, nor on two
+        threads at once)."""
+        ops, layer = self.fused_ops, self.layers[0]
+        x = torch.randn(2, self.config.hidden_size, device=self.device, dtype=self.dtype)
+        w, eps = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        ops.rms_norm(x, w, eps)
+        ops.add_rms_norm(x, x, w, eps)
+        g = torch.randn(2, layer.mlp.gate_proj.out_features, device=self.device, dtype=self.dtype)
+        ops.silu_mul(g, g)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _check_split(self) -> float:
@@ -548,6 +584,8 @@ class FastDecoder:
         _local.ctx = ctx
         hidden = embeds
         position_embeddings = self.llm.rotary_emb(hidden, positions)
+        if self.fused_ops is not None:
+            return self._run_fused(hidden, position_embeddings, kv, rows)
         cache_kw = {self._cache_kw: kv}
         for layer in self.layers:
             hidden = layer(
@@ -564,6 +602,38 @@ class FastDecoder:
             return None
         hidden = self.llm.norm(hidden.index_select(1, rows))
         return self.lm_head(hidden)[0]
+
+    def _run_fused(self, hidden, position_embeddings, kv: _StaticKV, rows) -> torch.Tensor | None:
+        """_run_layers' math with fused small kernels: each residual add runs inside the next RMSNorm
+        (the next layer's input norm, or the final norm on the chosen rows only), and the MLP's
+        SiLU and multiply are one kernel. A prefix build (rows None) needs only the K/V the layers
+        write, so the last layer's MLP and residual add are skipped."""
+        ops = self.fused_ops
+        attn_kw = {self._attn_cache_kw: kv}
+        residual = None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            norm = layer.input_layernorm
+            if residual is None:
+                x, residual = ops.rms_norm(hidden, norm.weight, norm.variance_epsilon), hidden
+            else:
+                x, residual = ops.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+            hidden = layer.self_attn(
+                hidden_states=x, attention_mask=None, position_embeddings=position_embeddings, **attn_kw
+            )[0]
+            if rows is None and i == last:
+                return None
+            norm = layer.post_attention_layernorm
+            x, residual = ops.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+            mlp = layer.mlp
+            hidden = mlp.down_proj(ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+        if rows is None:
+            return None
+        norm = self.llm.norm
+        x, _ = ops.add_rms_norm(
+            hidden.index_select(1, rows), residual.index_select(1, rows), norm.weight, norm.variance_epsilon
+        )
+        return self.lm_head(x)[0]
 
     # ------------------------------------------------------------------ graphs
 
@@ -939,6 +1009,7 @@ class FastDecoder:
                 if force is not None:
                     g.inputs["token"].fill_(feed)
                 g.graph.replay()
+                self.decode_replays += 1
                 token = int(g.inputs["token"])
                 logits = g.outputs["logits"]
             else:
@@ -965,7 +1036,7 @@ class FastDecoder:
 
 
 def _layer_cache_kw(llm) -> str:
-    return "cache" if "cache" in inspect.signature(type(llm).forward).parameters else "past_key_values"
+    return _cache_arg(type(llm).forward)
 
 
 @torch.inference_mode()

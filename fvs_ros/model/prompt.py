@@ -14,9 +14,13 @@ tokenizing the whole prompt.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+# Python lines a chat template's render may execute (render_bounded); real ones take a few thousand.
+RENDER_STEP_BUDGET = 5_000_000
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # the one default (config/fvs.yaml repeats it)
 VIDEO_PAD = "<|video_pad|>"
 VISION_END = "<|vision_end|>"
@@ -58,8 +62,10 @@ def chat_format(ckpt_dir: Path, tokenizer) -> ChatFormat:
             {"role": "system", "content": _SYSTEM},
             {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": _QUESTION}]},
         ]
-        rendered = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        rendered = render_bounded(
+            lambda: tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
         )
     before_system, rest = _split_once(rendered, _SYSTEM)
     before_memory, rest = _split_once(rest, VIDEO_PAD)
@@ -67,6 +73,42 @@ def chat_format(ckpt_dir: Path, tokenizer) -> ChatFormat:
         raise ValueError(f"chat template does not close the video with {VISION_END}")
     before_question, after_question = _split_once(rest.removeprefix(VISION_END), _QUESTION)
     return ChatFormat(before_system, before_memory, before_question, after_question)
+
+
+class TemplateTooLong(RuntimeError):
+    """A chat template did not finish rendering within its step budget."""
+
+
+def render_bounded(render: Callable[[], str], budget: int = RENDER_STEP_BUDGET) -> str:
+    """render() with at most `budget` Python lines executed while it runs, on the calling thread.
+
+    A checkpoint's chat template is code: jinja's sandbox caps each range() but not nesting, so
+    two nested loops can run 1e10 times and hang the loader. Each line counts (sys.settrace, which
+    is per thread: this works on the node's configure thread, where signals cannot interrupt
+    anything); past the budget, TemplateTooLong ends the render. A real template takes a few
+    thousand lines."""
+    steps = 0
+    over = False
+
+    def trace(frame, event, arg):
+        nonlocal steps, over
+        if over:
+            return None
+        if event == "line":
+            steps += 1
+            if steps > budget:
+                over = True
+                raise TemplateTooLong(
+                    f"rendering did not finish within {budget} steps (a loop that never ends?)"
+                )
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        return render()
+    finally:
+        sys.settrace(previous)
 
 
 def load_chat_template(ckpt_dir: Path, tokenizer) -> str | None:

@@ -83,37 +83,53 @@ FLASH_MEMORY_CONFIG = {  # official names; FlashMemory halves the lengths: 4 CSM
 }
 
 
-def official_config() -> dict:
-    """config.json of an official-format checkpoint (as tiny_ckpt of the fidelity reference)."""
-    vision = {**_QWEN2_VL_VISION, "flash_memory_config": FLASH_MEMORY_CONFIG}
+def official_config(text: dict | None = None, vision: dict | None = None) -> dict:
+    """config.json of an official-format checkpoint (as tiny_ckpt of the fidelity reference);
+    text / vision replace entries of the tiny shape (see build_random)."""
+    vision = {**_QWEN2_VL_VISION, **(vision or {}), "flash_memory_config": FLASH_MEMORY_CONFIG}
     return {
         **_TEXT,
+        **(text or {}),
         "architectures": ["FlashVStreamQwen2VLModel"],
         "model_type": "flash_vstream_qwen2_vl",
         "vision_config": vision,
     }
 
 
-def build_random(fmt: str, seed: int) -> torch.nn.Module:
-    """A randomly initialised transformers model of the tiny shape for `fmt`."""
+def build_random(
+    fmt: str, seed: int, text: dict | None = None, vision: dict | None = None
+) -> torch.nn.Module:
+    """A randomly initialised transformers model of the tiny shape for `fmt`; text / vision replace
+    entries of the LLM / ViT config (a wider random model, e.g. head_dim 128 for the GPU tests)."""
     torch.manual_seed(seed)
+    text = {**_TEXT, **(text or {})}
     if fmt == "qwen2_5_vl":
         config = Qwen2_5_VLConfig.from_dict(
-            {**_TEXT, "model_type": "qwen2_5_vl", "vision_config": _QWEN2_5_VL_VISION}
+            {**text, "model_type": "qwen2_5_vl", "vision_config": {**_QWEN2_5_VL_VISION, **(vision or {})}}
         )
         return Qwen2_5_VLForConditionalGeneration(config)
-    config = Qwen2VLConfig.from_dict({**_TEXT, "model_type": "qwen2_vl", "vision_config": _QWEN2_VL_VISION})
+    config = Qwen2VLConfig.from_dict(
+        {**text, "model_type": "qwen2_vl", "vision_config": {**_QWEN2_VL_VISION, **(vision or {})}}
+    )
     return Qwen2VLForConditionalGeneration(config)
 
 
-def write_tiny_checkpoint(out_dir: str | Path, fmt: str = "flash_vstream", seed: int = 0) -> Path:
-    """Write a tiny random checkpoint of format `fmt` (one of FORMATS) to out_dir; returns out_dir."""
+def write_tiny_checkpoint(
+    out_dir: str | Path,
+    fmt: str = "flash_vstream",
+    seed: int = 0,
+    *,
+    text: dict | None = None,
+    vision: dict | None = None,
+) -> Path:
+    """Write a tiny random checkpoint of format `fmt` (one of FORMATS) to out_dir; returns out_dir.
+    text / vision: config entries replacing the tiny shape's (build_random)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out_dir)
-    build_random(fmt, seed).save_pretrained(out)
+    build_random(fmt, seed, text, vision).save_pretrained(out)
     if fmt == "flash_vstream":
-        (out / "config.json").write_text(json.dumps(official_config(), indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(official_config(text, vision), indent=2) + "\n")
     for file in TOKENIZER_DIR.iterdir():
         if file.suffix in (".json", ".txt"):
             shutil.copyfile(file, out / file.name)

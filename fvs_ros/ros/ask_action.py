@@ -77,8 +77,7 @@ class AskStreamServer:
             self._cancels.pop(key, None)
             with self._lock:
                 self._goals -= 1
-        if cancelled:
-            result.answer, result.num_tokens = "".join(text), len(text)
+        if cancelled:  # answer() filled in what was generated, and from which memory
             result.partial = bool(result.answer)
         try:
             if cancelled and goal.is_cancel_requested:

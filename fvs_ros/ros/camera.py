@@ -16,6 +16,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
 from fvs_ros.engine import StreamEngine
+from fvs_ros.engine.persistence import ForeignPath
 from fvs_ros.engine.watch import Watcher, WatchError
 from fvs_ros.ros import diagnostics
 from fvs_ros.ros.intake import ImageIntake, IntakeCounters, SubscriptionThread
@@ -37,6 +38,7 @@ class Camera:
         self.memory_file: Optional[MemoryFile] = None  # from memory_file at activate; None: off
         self.intake_state: dict = {}  # intake counters restored with memory_file, or kept across deactivate
         self.health = diagnostics.Health()
+        self.stamp_news, self.size_news = diagnostics.Recent(), diagnostics.Recent()  # WARN while recent
         self.view_pub = None  # ~/memory_view (one camera) or ~/<name>/memory_view
         self.view_version = None  # memory version of the last view published
 
@@ -60,7 +62,11 @@ class Camera:
         logger = node.get_logger()
         self.memory_file = MemoryFile(path, logger) if path else None
         if self.memory_file is not None:
-            extra = self.memory_file.restore(self.engine)
+            try:
+                extra = self.memory_file.restore(self.engine)
+            except ForeignPath:  # not ours: never read, moved aside or written (the node fails activate)
+                self.memory_file = None
+                raise
             if "intake" in extra:
                 self.intake_state = IntakeCounters.from_saved(extra["intake"])
         self.restore_conditions(path, logger)  # merged with those added since configure

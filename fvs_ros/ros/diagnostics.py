@@ -2,9 +2,11 @@
 says whether frames are being lost now (not whether one ever was).
 
 Level: WARN while any frame was dropped (unsupported, malformed, refused by the engine, failed) or
-restamped within the last WINDOW_S seconds, or after an engine or callback error, or when the
-memory file could not be restored; ERROR when the engine stopped, or when at least
-ERROR_MIN_FRAMES frames arrived within WINDOW_S and none of them was usable (the node is blind).
+restamped within the last WINDOW_S seconds, or while stamps jumped or frames were resized to the
+memory's input size within it (Recent), or after an engine or callback error, or when the memory
+file could not be restored, or while the node clock reads 0; ERROR when the engine stopped (a
+worker thread that died says why), or when at least ERROR_MIN_FRAMES frames arrived within
+WINDOW_S and none of them was usable (the node is blind).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Health:
             self._samples.append((now, counters.received, dropped, counters.restamped))
             received = lost = restamped = 0
         if stopped:
-            return DiagnosticStatus.ERROR, "engine stopped"
+            return DiagnosticStatus.ERROR, f"engine stopped: {problems[0]}" if problems else "engine stopped"
         if received >= ERROR_MIN_FRAMES and lost == received:
             return DiagnosticStatus.ERROR, f"all {received} frames of the last {WINDOW_S:g} s were dropped"
         if lost or restamped:
@@ -53,6 +55,21 @@ class Health:
         if problems:
             return DiagnosticStatus.WARN, problems[0]
         return DiagnosticStatus.OK, ""
+
+
+class Recent:
+    """A counter's note while the counter rose within the last WINDOW_S seconds (e.g. stamp jumps):
+    a WARN that says what happened and clears once it stops happening."""
+
+    def __init__(self):
+        self._count, self._at = 0, -float("inf")
+
+    def problem(self, count: int, note: Optional[str]) -> str:
+        now = time.monotonic()
+        if count > self._count:
+            self._at = now
+        self._count = count
+        return (note or "") if now - self._at <= WINDOW_S else ""
 
 
 def status(name: str, hardware_id: str, level: bytes, message: str, values: dict) -> DiagnosticStatus:

@@ -4,17 +4,22 @@ Everything is converted here with numpy/OpenCV (no cv_bridge: PyPI's, ROS 1's, i
 cannot convert 16-bit, YUV or Bayer images, and fails on big-endian ones under NumPy 2).
 Raw images honour `step` (padded rows) and `is_bigendian`. Compressed images are JPEG or PNG,
 recognised by their magic bytes; their size is read from the header (PNG IHDR, JPEG SOF) and
-checked against `max_pixels` before anything is decoded, so a small file declaring a huge
-image costs nothing. Messages only need the fields (duck typing): rclpy messages, rosbags
+checked against `max_pixels` before anything is decoded. A small file declaring a huge image
+costs nothing: a PNG too short for its declared size is refused unread, and a JPEG is decoded
+(libjpeg-turbo through simplejpeg) at the DCT scale the model's input size needs and refused on
+any decoder warning (data missing from the picture). Strings a sender controls (encoding,
+format) are cut short in messages. Messages only need the fields (duck typing): rclpy messages, rosbags
 messages and fvs_ros.ros.intake's zero-copy views all work.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Callable, Optional
 
 import cv2
 import numpy as np
+import simplejpeg
 
 
 class ImageError(ValueError):
@@ -30,6 +35,16 @@ class MalformedImage(ImageError):
 
 
 MAX_PIXELS = 8192 * 8192  # default size limit (pixels) of one image, raw or compressed
+SHOWN_CHARS = 64  # an encoding or format string is shown (logs, errors) up to this many characters
+Target = Callable[[int, int], tuple[int, int]]  # (height, width) -> the (height, width) it becomes
+
+
+def shown(text: str) -> str:
+    """`text` quoted for a message, cut to SHOWN_CHARS: a sender's string never floods a log."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
+
 
 # encoding -> (bytes per pixel, numpy dtype, channels, OpenCV conversion to RGB or None)
 _PACKED = {
@@ -75,7 +90,7 @@ def image_to_rgb(msg, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     encoding = msg.encoding
     if encoding not in _PACKED and encoding not in _PLANAR:
         raise UnsupportedEncoding(
-            f"encoding '{encoding}' is not supported (supported: {', '.join(SUPPORTED_ENCODINGS)})"
+            f"encoding {shown(encoding)} is not supported (supported: {', '.join(SUPPORTED_ENCODINGS)})"
         )
     _check_size(msg.width, msg.height, max_pixels)
     if encoding in _PLANAR:
@@ -95,36 +110,71 @@ def image_to_rgb(msg, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(pixels), code)
 
 
-def compressed_to_rgb(msg, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def compressed_to_rgb(msg, max_pixels: int = MAX_PIXELS, target: Optional[Target] = None) -> np.ndarray:
     """Decode a sensor_msgs/CompressedImage (JPEG or PNG) to an HxWx3 RGB uint8 array.
 
-    The image size is read from the header and checked before decoding."""
+    The declared size is read from the header and checked before decoding: against `max_pixels`,
+    and, for PNG, against what its data can hold (deflate packs at most ~1032 bytes into one, so a
+    few bytes declaring a huge image are refused unread). A JPEG is decoded at the smallest DCT
+    scale (libjpeg-turbo's n/8) that is still at least `target(height, width)` on both sides (the
+    size the caller resizes to: the model's input size), so its cost follows what the model needs,
+    not what the header claims; any libjpeg warning (premature end of data, a corrupt segment:
+    data missing from the picture) refuses it, never returning a partly grey frame."""
     data = np.frombuffer(msg.data, np.uint8)
+    fmt = shown(msg.format)
     if data.size == 0:
-        raise MalformedImage(f"compressed image ('{msg.format}') has no data")
+        raise MalformedImage(f"compressed image ({fmt}) has no data")
     try:
         width, height = compressed_size(data)
     except MalformedImage as e:
-        raise MalformedImage(
-            f"compressed image ('{msg.format}', {data.size} bytes) does not decode: {e}"
-        ) from None
+        raise MalformedImage(f"compressed image ({fmt}, {data.size} bytes) does not decode: {e}") from None
     _check_size(width, height, max_pixels)
+    if data[0] == 0xFF:
+        return _decode_jpeg(data, width, height, target, fmt)
+    need = _png_min_bytes(data, width, height)
+    if data.size < need:
+        raise MalformedImage(
+            f"compressed image ({fmt}) declares a {width}x{height} PNG in {data.size} bytes; "
+            f"a complete one needs at least {need}"
+        )
     try:
         image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     except cv2.error as e:
-        raise MalformedImage(
-            f"compressed image ('{msg.format}', {data.size} bytes) does not decode: {e}"
-        ) from None
+        raise MalformedImage(f"compressed image ({fmt}, {data.size} bytes) does not decode: {e}") from None
     if image is None:
-        raise MalformedImage(f"compressed image ('{msg.format}', {data.size} bytes) does not decode")
+        raise MalformedImage(f"compressed image ({fmt}, {data.size} bytes) does not decode")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _decode_jpeg(data: np.ndarray, width: int, height: int, target: Optional[Target], fmt: str) -> np.ndarray:
+    min_h = min_w = 0
+    if target is not None:
+        try:
+            min_h, min_w = (int(v) for v in target(height, width))
+        except Exception:  # noqa: BLE001 - no size the model can use: decode in full, the caller refuses it
+            min_h = min_w = 0
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=True)
+    except ValueError as e:
+        raise MalformedImage(f"compressed image ({fmt}, {data.size} bytes) does not decode: {e}") from None
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+_DEFLATE_MAX_RATIO = 1032  # deflate codes at most 258 bytes in about 2 bits
+
+
+def _png_min_bytes(data: np.ndarray, width: int, height: int) -> int:
+    """Fewest bytes a complete PNG of this IHDR can have: its filtered rows, deflated at best."""
+    depth, colour = int(data[24]), int(data[25])
+    row = 1 + (width * _PNG_CHANNELS.get(colour, 1) * depth + 7) // 8  # filter byte + samples
+    return height * row // _DEFLATE_MAX_RATIO
 
 
 def compressed_size(data) -> tuple[int, int]:
     """(width, height) declared by a PNG or JPEG header, without decoding; MalformedImage otherwise."""
     head = bytes(data[:33])
     if head.startswith(_PNG_MAGIC):
-        if len(head) < 24 or head[12:16] != b"IHDR":
+        if len(head) < 26 or head[12:16] != b"IHDR":
             raise MalformedImage("PNG without an IHDR header")
         return struct.unpack(">II", head[16:24])
     if head.startswith(b"\xff\xd8"):

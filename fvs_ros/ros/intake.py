@@ -12,7 +12,8 @@ deserializes every message first (the path before issue 15, kept to compare).
 Stamps: zero, negative, or more than `max_stamp_ahead_s` ahead of the node clock are not trusted:
 the frame is restamped with the node clock when it arrived (counted in `frames_restamped`), so a
 camera with a broken clock still feeds memory and one frame stamped years ahead cannot move the
-stream clock. Everything else (out of order, jumps back) is the engine's (StreamEngine.add_frame).
+stream clock. Everything else (out of order, jumps back, two clocks, a nanosec >= 1e9 read as the
+seconds it says) is the engine's stream clock (fvs_ros/engine/clock.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ import rclpy
 from rclpy.executors import SingleThreadedExecutor
 
 from fvs_ros.engine import EngineError, FrameError
-from fvs_ros.ros.image import MalformedImage, UnsupportedEncoding, compressed_to_rgb, image_to_rgb
+from fvs_ros.ros.image import (
+    SHOWN_CHARS,
+    MalformedImage,
+    UnsupportedEncoding,
+    compressed_to_rgb,
+    image_to_rgb,
+)
+
+MAX_REPORTED_ENCODINGS = 16  # unsupported encodings logged once each; later ones throttled
 
 
 @dataclass
@@ -104,7 +113,7 @@ class IntakeCounters:
     unsupported: int = 0
     malformed: int = 0
     restamped: int = 0
-    rejected: int = 0  # refused by the engine (FrameError: out of order, unusable size)
+    rejected: int = 0  # refused by the engine (FrameError: unusable size or stamp)
     failed: int = 0  # an unexpected error while handling the message (a bug: logged with its reason)
 
     @classmethod
@@ -163,9 +172,7 @@ class ImageIntake:
         except UnsupportedEncoding as e:
             self.counters.unsupported += 1
             self.problem = str(e)
-            if msg.encoding not in self._reported_encodings:
-                self._reported_encodings.add(msg.encoding)
-                self.logger.error(f"{e}; frames in this encoding are ignored")
+            self._report_unsupported(msg.encoding, e)
         except MalformedImage as e:
             self.counters.malformed += 1
             self.problem = str(e)
@@ -182,6 +189,23 @@ class ImageIntake:
             self.counters.failed += 1
             self.problem = f"internal error: {type(e).__name__}: {e}"
             self.logger.error(f"image callback failed: {self.problem}", throttle_duration_sec=5.0)
+
+    def _report_unsupported(self, encoding: str, error: UnsupportedEncoding):
+        """Log each of the first MAX_REPORTED_ENCODINGS unsupported encodings once; later new ones at
+        most every 5 s. The set remembered is bounded (cut names), so a sender inventing a new
+        encoding per frame costs neither memory nor log volume."""
+        key = encoding[:SHOWN_CHARS]
+        if key in self._reported_encodings:
+            return
+        if len(self._reported_encodings) < MAX_REPORTED_ENCODINGS:
+            self._reported_encodings.add(key)
+            self.logger.error(f"{error}; frames in this encoding are ignored")
+        else:
+            self.logger.error(
+                f"{error}; frames in this encoding are ignored (over {MAX_REPORTED_ENCODINGS} unsupported "
+                "encodings seen: further ones are logged at most every 5 s)",
+                throttle_duration_sec=5.0,
+            )
 
     def _stamp(self, msg) -> float:
         stamp = (
@@ -202,8 +226,8 @@ class ImageIntake:
         return now
 
     def _decode(self, msg):
-        if self.compressed:
-            return compressed_to_rgb(msg, self.max_pixels)
+        if self.compressed:  # a JPEG is decoded no larger than the model's input needs
+            return compressed_to_rgb(msg, self.max_pixels, target=self.engine.lm.frame_size)
         return image_to_rgb(msg, self.max_pixels)
 
 

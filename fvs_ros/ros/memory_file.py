@@ -1,5 +1,7 @@
 """The node's memory_file: restored at activate, saved crash-safe (fvs_ros.engine.persistence through
-StreamEngine.save), and a save that cannot be restored moved aside, never overwritten."""
+StreamEngine.save), and a save that cannot be restored moved aside, never overwritten. A path that
+holds something the node did not write (persistence.check_ours) is refused: configure and activate
+fail with the reason, and the path is left as it is."""
 
 from __future__ import annotations
 
@@ -7,7 +9,16 @@ from pathlib import Path
 from typing import Optional
 
 from fvs_ros.common.files import move_aside
-from fvs_ros.engine.persistence import NothingSaved
+from fvs_ros.engine.persistence import ForeignPath, NothingSaved, check_ours
+
+
+def check_memory_file(path: str) -> None:
+    """ValueError (ForeignPath) naming the path unless memory_file is '' (off) or may be ours."""
+    if path:
+        try:
+            check_ours(Path(path).expanduser())
+        except ForeignPath as e:
+            raise ForeignPath(f"memory_file {e}") from None
 
 
 class MemoryFile:
@@ -21,11 +32,15 @@ class MemoryFile:
         self._saved: Optional[tuple] = None  # (memory version, frames in) of the last save or restore
 
     def restore(self, engine) -> dict:
-        """Load the saved memory into `engine`; the caller's `extra` saved with it ({} if none)."""
+        """Load the saved memory into `engine`; the caller's `extra` saved with it ({} if none).
+
+        Raises ForeignPath (nothing read, moved or written) when the path is not a memory of ours."""
         try:
             extra = engine.load(self.path)
         except NothingSaved:
             return {}
+        except ForeignPath as e:  # checked before anything is read: never moved aside
+            raise ForeignPath(f"memory_file {e}") from None
         except Exception as e:  # noqa: BLE001 - an unreadable file must not keep the camera off
             try:
                 aside = f"moved aside to {move_aside(self.path)}"

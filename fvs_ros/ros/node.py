@@ -34,6 +34,7 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -44,6 +45,7 @@ from std_srvs.srv import Trigger
 
 from fvs_ros.engine import Answer, AnswerCancelled, AnswerTimeout, EngineError, QuestionError, open_host
 from fvs_ros.engine.grounding import DETAIL, EvidenceItem
+from fvs_ros.engine.persistence import ForeignPath
 from fvs_ros.engine.settings import engine_config, memory_config, watch_config
 from fvs_ros.engine.stream_engine import budget_check
 from fvs_ros.engine.thumbnails import encode_jpeg
@@ -53,6 +55,8 @@ from fvs_ros.msg import Evidence, SceneSummary, WatchEvaluation, WatchEvent
 from fvs_ros.ros import diagnostics, params
 from fvs_ros.ros.ask_action import MAX_GOALS, AskStreamServer
 from fvs_ros.ros.camera import Camera
+from fvs_ros.ros.memory_file import check_memory_file
+from fvs_ros.ros.qos import SERVICE_QOS
 from fvs_ros.srv import Ask, Watch
 
 SUCCESS, FAILURE, ERROR = (
@@ -68,8 +72,6 @@ TINY_MODEL_HINT = (
 # Executor threads: every admitted question blocks one while it waits for the engine; the rest
 # serve images, housekeeping, lifecycle and immediate refusals ("busy") of further questions.
 EXECUTOR_THREADS = params.SPECS["max_pending_questions"].range[1] + 4 + MAX_GOALS  # + ~/ask_stream goals
-# Requests a service keeps until a thread takes them (the default of 10 lost bursts of 20).
-SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=256, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def _transition(func):
@@ -137,6 +139,9 @@ class FvsNode(LifecycleNode):
         self._ask_cv = threading.Condition()
         self._busy_refusals = self._callback_errors = 0
         self._callback_problem = ""
+        # Housekeeping timers run on the steady clock: with use_sim_time and no /clock the node
+        # clock stands still, and /diagnostics and the periodic save must not stop with it.
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._log_handler = _RosLogHandler(self.get_logger())
         logging.getLogger("fvs_ros").addHandler(self._log_handler)
 
@@ -147,6 +152,7 @@ class FvsNode(LifecycleNode):
         try:
             p = params.read(self)
             params.check_together(p)
+            check_memory_file(p["memory_file"])  # applied at activate; refused early, and again there
             cameras = params.cameras(self, p)
             memory, config = memory_config(p), engine_config(p)
             watch_config(p)  # checked here; each camera gets its own Watcher below
@@ -200,7 +206,10 @@ class FvsNode(LifecycleNode):
         self._scores_pub = self.create_lifecycle_publisher(WatchEvaluation, "~/watch_scores", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(
-            p["diagnostics_period_s"], self._publish_diagnostics, callback_group=self._misc_group
+            p["diagnostics_period_s"],
+            self._publish_diagnostics,
+            callback_group=self._misc_group,
+            clock=self._steady,
         )
         self._fvs_services = [
             self.create_service(
@@ -236,6 +245,7 @@ class FvsNode(LifecycleNode):
                 max(1.0, p["memory_view_period_s"]),
                 self._publish_memory_view,
                 callback_group=self._misc_group,
+                clock=self._steady,
             )
         names = ", ".join(self._cameras) if len(cameras) > 1 or cameras[0].name else ""
         self.get_logger().info(
@@ -276,10 +286,16 @@ class FvsNode(LifecycleNode):
             return FAILURE
         for cam in self._cameras.values():
             cam.settings = settings[cam.name]
-            self.get_logger().info(cam.activate(self, p, self._image_group))
+            try:
+                self.get_logger().info(cam.activate(self, p, self._image_group))
+            except ForeignPath as e:
+                self.get_logger().error(f"activate failed: {e}")
+                for active in self._cameras.values():
+                    active.deactivate(self)
+                return FAILURE
         if p["memory_file"] and p["save_period_s"] > 0:
             self._save_timer = self.create_timer(
-                p["save_period_s"], self._periodic_save, callback_group=self._misc_group
+                p["save_period_s"], self._periodic_save, callback_group=self._misc_group, clock=self._steady
             )
         self._state = "active"
         return super().on_activate(state)
@@ -395,6 +411,8 @@ class FvsNode(LifecycleNode):
                     cancel=cancel,
                 )
         except AnswerCancelled as e:
+            if e.partial is not None:  # what was generated, from which memory
+                _fill_answer(response, e.partial, cams[0], False)
             response.success, response.error, cancelled = False, str(e), True
             self.get_logger().info(f"ask {_preview(request.question)} cancelled")
         except AnswerTimeout as e:  # what was generated goes back, marked as cut short
@@ -601,7 +619,9 @@ class FvsNode(LifecycleNode):
             msg = Image(height=view.image.shape[0], width=view.image.shape[1], encoding="rgb8")
             msg.step, msg.data = view.image.shape[1] * 3, view.image.tobytes()
             msg.header.stamp = (
-                _time_msg(snap.last_stamp) if snap.frames_seen else self.get_clock().now().to_msg()
+                _time_msg(cam.engine.stamp_of(snap.last_stamp))
+                if snap.frames_seen
+                else self.get_clock().now().to_msg()
             )
             msg.header.frame_id = cam.frame_id
             cam.view_pub.publish(msg)
@@ -621,7 +641,18 @@ class FvsNode(LifecycleNode):
         counters = cam.counters()
         memory_problem = cam.memory_file.problem if cam.memory_file is not None else ""
         problems = [
-            x for x in (s.last_error, memory_problem, self._callback_problem, intake and intake.problem) if x
+            x
+            for x in (
+                s.worker_failure,
+                self._clock_problem(),
+                cam.stamp_news.problem(s.stamp_jumps, s.stamp_note),  # happening now: before older ones
+                cam.size_news.problem(s.frame_size_mismatches, s.frame_size_note),
+                s.last_error,
+                memory_problem,
+                self._callback_problem,
+                intake and intake.problem,
+            )
+            if x
         ]
         level, message = cam.health.level(counters, not s.running, problems)
         slots, csm_slots = len(engine.snapshot().csm_weights), engine.memory_config.csm_slots
@@ -642,6 +673,7 @@ class FvsNode(LifecycleNode):
             "frames_per_slot": engine.config.frames_per_slot,
             "frame_size": "n/a" if s.frame_size is None else f"{s.frame_size[1]}x{s.frame_size[0]}",
             "frame_size_changes": s.frame_size_changes,
+            "frame_size_mismatches": s.frame_size_mismatches,
             "stamp_jumps": s.stamp_jumps,
             "queue_depth": s.queue_depth,
             "memory_slots_used": f"{slots}/{csm_slots}",
@@ -674,6 +706,15 @@ class FvsNode(LifecycleNode):
             values,
         )
 
+    def _clock_problem(self) -> str:
+        """Why stamps cannot be checked against the node clock: it reads 0 (use_sim_time, no /clock)."""
+        if self._state != "active" or self.get_clock().now().nanoseconds:
+            return ""
+        return (
+            "the node clock reads 0 (use_sim_time without /clock?): frame stamps are not checked "
+            "against it and unstamped frames cannot be stamped"
+        )
+
     def note_escaped(self, error: BaseException):
         """Count and log an exception that escaped into the executor (main() keeps spinning)."""
         self._callback_errors += 1
@@ -686,15 +727,25 @@ class FvsNode(LifecycleNode):
 
 
 class _RosLogHandler(logging.Handler):
-    """Forwards the engine's Python logging (warnings and errors) to the node's ROS logger."""
+    """Forwards the engine's Python logging (warnings and errors) to the node's ROS logger.
+
+    rclpy keys a logger's state by the calling line and refuses a second severity from the same
+    line ("Logger severity cannot be changed between calls"), so each severity has a call of its
+    own. Like every logging handler, emit never raises into the thread that logged (a worker)."""
 
     def __init__(self, logger):
         super().__init__(logging.WARNING)
         self.ros_logger = logger
 
     def emit(self, record):
-        level = self.ros_logger.error if record.levelno >= logging.ERROR else self.ros_logger.warning
-        level(f"{record.name}: {record.getMessage()}")
+        try:
+            text = f"{record.name}: {record.getMessage()}"
+            if record.levelno >= logging.ERROR:
+                self.ros_logger.error(text)
+            else:
+                self.ros_logger.warning(text)
+        except Exception:  # noqa: BLE001 - logging's contract: report on stderr, go on
+            self.handleError(record)
 
 
 def _check_request(request: Ask.Request, max_chars: int):
@@ -755,10 +806,20 @@ def _lag(answer: Answer) -> float:
 
 
 def _time_msg(seconds: Optional[float]) -> Time:
+    """builtin_interfaces/Time of `seconds` (None or 0: zero), the one conversion every stamp the
+    node sends goes through. ValueError for a value Time cannot hold (int32 sec, nanosec < 1e9):
+    a message must never reach serialization with one (it would fail in the executor, unanswered)."""
     if not seconds:
         return Time()
+    if not math.isfinite(seconds):
+        raise ValueError(f"stamp {seconds} s is not a time")
     sec = math.floor(seconds)
-    return Time(sec=sec, nanosec=min(int(round((seconds - sec) * 1e9)), 999_999_999))
+    nanosec = int(round((seconds - sec) * 1e9))
+    if nanosec >= 1_000_000_000:
+        sec, nanosec = sec + 1, nanosec - 1_000_000_000
+    if not -(2**31) <= sec < 2**31:
+        raise ValueError(f"stamp {seconds:g} s is outside what builtin_interfaces/Time holds (int32 seconds)")
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def _rss_bytes() -> int:

@@ -21,8 +21,9 @@ from typing import Optional
 
 import yaml
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
-from rclpy.exceptions import ParameterUninitializedException
+from rclpy.exceptions import InvalidTopicNameException, ParameterUninitializedException
 from rclpy.parameter import Parameter
+from rclpy.validate_topic_name import validate_topic_name
 
 from fvs_ros.engine.settings import defaults_file
 
@@ -46,12 +47,20 @@ class Spec:
     description: str
     choices: tuple = ()  # allowed values (strings); an N stands for a number: 'cuda:N'
     range: Optional[tuple] = None  # (min, max), inclusive
+    # 0 has a meaning of its own (off, every frame): a positive value must be at least this, since
+    # a rate or period below it never comes or fires continuously (ranges cannot say "0 or >= x")
+    positive_min: Optional[float] = None
+    topic: bool = False  # a ROS topic name (relative or absolute), checked by rclpy's rule
 
     def descriptor(self, name: str) -> ParameterDescriptor:
         d = ParameterDescriptor(name=name, type=_TYPES[self.type], description=self.description)
         constraints = [f"applies at {self.applies}"]
         if self.choices:
             constraints.append("one of: " + " | ".join(self.choices))
+        if self.positive_min is not None:
+            constraints.append(f"0 or at least {self.positive_min:g}")
+        if self.topic:
+            constraints.append("a valid ROS topic name")
         d.additional_constraints = "; ".join(constraints)
         if self.range is not None and self.type is int:
             d.integer_range = [IntegerRange(from_value=self.range[0], to_value=self.range[1], step=1)]
@@ -63,11 +72,19 @@ class Spec:
 
     def check(self, value) -> Optional[str]:
         """Why `value` is not allowed (ranges are enforced by rclpy itself), or None."""
-        if not self.choices or any(
+        if self.choices and not any(
             re.fullmatch(re.escape(c).replace("N", r"\d+"), str(value)) for c in self.choices
         ):
-            return None
-        return f"'{value}' is not one of {', '.join(self.choices)}"
+            return f"'{value}' is not one of {', '.join(self.choices)}"
+        if self.positive_min is not None and 0 < value < self.positive_min:
+            return f"{value:g} is too small to work: use 0 or a value of at least {self.positive_min:g}"
+        if self.topic:
+            try:
+                validate_topic_name(value)
+            except InvalidTopicNameException as e:  # its first line says why; then the name, a caret
+                why = str(e).splitlines()[0].removeprefix("Invalid topic name: ").rstrip(":")
+                return f"{value!r} is not a valid ROS topic name: {why}"
+        return None
 
 
 SPECS = {
@@ -84,6 +101,7 @@ SPECS = {
         ACTIVATE,
         "Image topic to watch (relative names follow the node namespace); "
         "with image_transport=compressed the node subscribes to <image_topic>/compressed.",
+        topic=True,
     ),
     "image_transport": Spec(
         str,
@@ -130,6 +148,7 @@ SPECS = {
         "While active, save memory_file this often (wall clock) if memory changed: a crash loses "
         "at most this much. 0: only at deactivate, shutdown and ~/save_memory.",
         range=(0.0, 86400.0),
+        positive_min=0.1,
     ),
     # model and memory
     "model": Spec(str, CONFIGURE, "Checkpoint: Hugging Face hub id or local directory."),
@@ -173,6 +192,7 @@ SPECS = {
         CONFIGURE,
         "Frames per second of stream time taken into memory; 0 = every frame.",
         range=(0.0, 240.0),
+        positive_min=0.001,
     ),
     "frames_per_slot": Spec(
         int,
@@ -224,6 +244,7 @@ SPECS = {
         "Publish ~/scene_summary at most this often (wall clock), "
         "when new frames arrived since the last one; 0 = off.",
         range=(0.0, 86400.0),
+        positive_min=0.1,
     ),
     "summary_prompt": Spec(str, CONFIGURE, "Question asked for each scene summary."),
     "evidence_frames": Spec(

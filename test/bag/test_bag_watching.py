@@ -100,7 +100,7 @@ def test_bad_interval_shapes(tmp_path, true):
 
 def test_offline_evaluation_scores_watched_conditions(tmp_path):
     """evaluate --mode offline with conditions: every memory update evaluated, its events scored."""
-    from support.watch_scene import expected_events
+    from support.watch_scene import expected_events, hysteresis_case
 
     from fvs_ros.bag import evaluate
     from fvs_ros.bag.synthetic import write_scene_bag
@@ -144,6 +144,26 @@ def test_offline_evaluation_scores_watched_conditions(tmp_path):
     md = (out / "report.md").read_text()
     assert "## Watched conditions" in md and "| square | 0.000 | 1 | 1 | 0 | 0.20 | 0/1 | - | 0 | 0 |" in md
     assert "- square: rise at 0.20 s, evidence frames at 0.20" in md
+
+    # hysteresis: a threshold inside the range the probabilities took and a watch_hysteresis (from
+    # --params, as the node's) for which the rule gives other events than without hysteresis
+    probabilities = [p for _, p in square["timeline"]]
+    threshold, hysteresis = hysteresis_case(probabilities)
+    entry = {"id": "square", "watch": entries[1]["watch"], "threshold": threshold, "true_during": [[0, 2]]}
+    questions.write_text(json.dumps(entry) + "\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"fvs:\n  ros__parameters:\n    watch_hysteresis: {hysteresis}\n")
+    rc = evaluate.main(
+        [str(bag), str(questions), "--mode", "offline", "--model", str(model), "--out", str(tmp_path / "h")]
+        + ["--memory-fps", "0", "--max-new-tokens", "4", "--device", "cpu", "--params", str(params)]
+    )
+    assert rc == 0
+    watch = json.loads((tmp_path / "h" / "report.json").read_text())["watch"]
+    (c,) = watch["conditions"]
+    assert watch["hysteresis"] == pytest.approx(hysteresis)
+    assert [p for _, p in c["timeline"]] == pytest.approx(probabilities)  # the same memories
+    want = [(c["timeline"][i][0], r) for i, r in expected_events(probabilities, threshold, hysteresis)]
+    assert [(e["time"], e["rising"]) for e in c["events"]] == want
 
 
 def test_live_evaluation_scores_watched_conditions(tmp_path):

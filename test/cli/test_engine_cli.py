@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import cv2
 import numpy as np
 import pytest
 
+from fvs_ros.cli import video as video_cli
 from fvs_ros.cli.video import main, parse_question
+from fvs_ros.engine import StreamEngine
 from fvs_ros.model.tiny import write_tiny_checkpoint
 
 FPS, SECONDS = 10, 4
@@ -72,7 +75,27 @@ def test_questions_at_stream_times_see_the_video_up_to_then(ckpt, video, capsys,
     assert (stats["frames_in"], stats["frames_into_memory"], stats["errors"]) == (40, 4, 0)
 
 
-def test_text_output_and_realtime_pacing(ckpt, video, capsys):
+def test_text_output_and_realtime_pacing(ckpt, video, capsys, monkeypatch):
+    """--realtime feeds each frame no earlier than its video time after the first (whatever the
+    machine's speed: pacing only ever waits) and asks the question once the stream reached it."""
+    fed, asked, started = [], [], []
+    add_frame, ask, run = StreamEngine.add_frame, StreamEngine.ask, video_cli.run
+
+    def timed_run(*args):
+        started.append(time.monotonic())  # before run() reads the clock it paces against
+        return run(*args)
+
+    def timed_add_frame(self, frame, stamp):
+        fed.append((time.monotonic(), stamp))
+        return add_frame(self, frame, stamp)
+
+    def timed_ask(self, question, *args, **kwargs):
+        asked.append((time.monotonic(), question))
+        return ask(self, question, *args, **kwargs)
+
+    monkeypatch.setattr(StreamEngine, "add_frame", timed_add_frame)
+    monkeypatch.setattr(StreamEngine, "ask", timed_ask)
+    monkeypatch.setattr(video_cli, "run", timed_run)
     rc = main(
         [
             str(video),
@@ -93,6 +116,11 @@ def test_text_output_and_realtime_pacing(ckpt, video, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "Q: What colour?" in out and "Q: (summary)" in out and "frames_seen=" in out
     assert "frames_per_slot=2" in out
+    (t0,), stamps = started, [stamp for _, stamp in fed]
+    assert stamps == [i / FPS for i in range(2 * FPS + 1)]  # --end 2: the frames stamped 0 to 2 s
+    assert all(t - t0 >= stamp for t, stamp in fed), [(t - t0, stamp) for t, stamp in fed]
+    t_question = next(t for t, q in asked if q == "What colour?")
+    assert t_question - t0 >= 1.5  # asked once the stream reached its time, 1.5 s
 
 
 def test_bad_arguments_are_reported(ckpt, video, tmp_path, capsys):

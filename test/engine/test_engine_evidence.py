@@ -145,7 +145,7 @@ def test_cancel_stops_generation_at_the_next_token(engine, lm):
         if len(pieces) == 3:
             cancel.set()
 
-    with pytest.raises(AnswerCancelled):
+    with pytest.raises(AnswerCancelled) as err:
         eng.ask(
             "Describe everything in detail.",
             max_new_tokens=1024,
@@ -153,6 +153,11 @@ def test_cancel_stops_generation_at_the_next_token(engine, lm):
             on_token=on_token,
             cancel=cancel,
         )
+    partial = err.value.partial  # issue 24 item 17: what it generated, from which memory
+    assert (partial.text, partial.num_tokens) == ("".join(pieces), 3)
+    assert partial.frames_seen == eng.stats().frames_seen > 0 and partial.last_stamp == eng.stamp_of(
+        eng.snapshot().last_stamp
+    )
     answer = eng.ask(Q, max_new_tokens=4, timeout=60)  # served: the worker is free again
     assert answer.num_tokens >= 1
     cancelled_tokens = model.tokens - answer.num_tokens
@@ -166,6 +171,7 @@ def test_cancel_before_generation_starts(engine):
     feed(eng, 4)
     cancel = threading.Event()
     cancel.set()
-    with pytest.raises(AnswerCancelled):
+    with pytest.raises(AnswerCancelled) as err:
         eng.ask(Q, timeout=60, cancel=cancel)
+    assert err.value.partial is None  # it had not started
     assert eng.ask(Q, max_new_tokens=2, timeout=60).num_tokens >= 1

@@ -161,11 +161,14 @@ def test_a_new_condition_is_evaluated_without_waiting_for_frames(lm):
         engine.flush(30)
         version = engine.snapshot().version
         n = len(results.items)
+        unwatched = engine.ask("What is there?", max_new_tokens=4)
         engine.watcher.add("the room is dark", 0.0)  # threshold 0: true at once
         result = results.wait_for(version, n)
         assert [e.rising for e in result.events] == [True]
-        # an answer is the same with conditions watched
-        assert engine.ask("What is there?", max_new_tokens=4).text
+        # an answer is the same with conditions watched (greedy, same memory)
+        watched = engine.ask("What is there?", max_new_tokens=4)
+        assert watched.frames_seen == unwatched.frames_seen and watched.num_tokens >= 1
+        assert (watched.text, watched.num_tokens) == (unwatched.text, unwatched.num_tokens)
     finally:
         engine.shutdown()
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from fvs_ros.engine.persistence import claim
 from fvs_ros.engine.watch import MAX_CONDITION_CHARS, WATCH_FILE, Condition, Watcher, WatchError
 
 
@@ -171,7 +172,8 @@ def test_file_format(tmp_path):
 
 
 def test_open_moves_an_unreadable_file_aside_and_keeps_what_it_holds(tmp_path):
-    (tmp_path / WATCH_FILE).write_text("{broken")
+    claim(tmp_path)  # a memory directory of the node's (persistence.py) ...
+    (tmp_path / WATCH_FILE).write_text("{broken")  # ... whose conditions file got damaged
     w = Watcher()
     held = w.add("added before", 0.5)
     with pytest.raises(WatchError, match=r"moved aside to watch\.json\.unreadable-.*watching the 1"):

@@ -534,7 +534,7 @@ def test_split_step_capture_failure_absorbs_the_frame_once_on_cpu(monkeypatch, c
     assert [r.levelname for r in caplog.records if "capture failed" in r.getMessage()] == ["WARNING"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu_on_a_clear_stream():
     low, full, stamps = scene_stream(12, 120, scenes=SMALL.csm_slots)
     low = 10 * low  # scenes far apart relative to the noise: no partition decided by rounding
@@ -554,7 +554,7 @@ def cuda_stream(seed: int, n: int):
     return low.cuda(), full.cuda().half(), stamps
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("head_iters", [0, memory_module.HEAD_ITERS])
 def test_cuda_graph_replays_give_the_eager_memory_bit_for_bit(monkeypatch, head_iters):
     """300 frames through a 12-frame bank: every frame after the bank filled (after the capture
@@ -574,7 +574,7 @@ def test_cuda_graph_replays_give_the_eager_memory_bit_for_bit(monkeypatch, head_
     check_invariants(graphed, graphed.snapshot(), full, stamps, SMALL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_graph_is_recaptured_after_reset_and_load(tmp_path):
     """reset() and load() drop the graph; the next frame that finds the bank full captures again."""
     low, full, stamps = cuda_stream(15, 200)
@@ -597,7 +597,7 @@ def test_cuda_graph_is_recaptured_after_reset_and_load(tmp_path):
     assert loaded.graph_replays == 100 - 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.filterwarnings("ignore:The CUDA Graph is empty")
 @pytest.mark.parametrize("stage", ["_start", "_finish"])  # the head graph's capture fails, or the last one's
 def test_cuda_graph_capture_failure_falls_back_to_eager(monkeypatch, caplog, stage):

@@ -4,8 +4,8 @@ The batched path (all conditions packed into one prefill on the prefix) must giv
 condition, the probability of a plain transformers forward over [prefix tokens + that condition's
 prompt] alone, and (evidence) the attention per memory block that transformers' eager attention
 weights give the last token of that prompt alone. CPU, float32: the eager path (block mask
-through transformers) and FastDecoder (static cache, SDPA with the block mask);
-benchmarks/bench_gpu.py checks FlashAttention on CUDA.
+through transformers) and FastDecoder (static cache, SDPA with the block mask); FlashAttention
+on CUDA: test_video_lm_cuda.py (pytest -m cuda).
 """
 
 from types import SimpleNamespace

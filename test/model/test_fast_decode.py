@@ -1,7 +1,7 @@
 """The static-cache fast path (fvs_ros/model/fast_decode.py) gives the eager greedy tokens.
 
 CPU: no CUDA graphs, SDPA with a boolean mask over the static cache. The GPU path (graphs,
-FlashAttention varlen) is checked the same way by benchmarks/bench_gpu.py.
+FlashAttention varlen, chunked prefix builds, evidence): test_fast_decode_cuda.py (pytest -m cuda).
 """
 
 import pytest

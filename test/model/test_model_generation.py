@@ -178,7 +178,15 @@ def test_bfloat16_model_answers_from_float32_memory(tmp_path, frames):
     assert len(lm16.answer(prefix, "What is it?", max_new_tokens=3).token_ids) >= 1
 
 
-def test_warm_up_sizes_the_fast_decoder_for_a_full_memory(lm):
+def test_warm_up_sizes_the_fast_decoder_for_a_full_memory_and_changes_no_result(lm, snapshot, frames):
+    """warm_up pays start-up costs only: the same features and answers after it, and with a
+    FastDecoder a cache already sized for a full memory of 720x1280 frames."""
+    prefix = lm.prefill_memory(snapshot)
+    before = lm.answer(prefix, "What is it?", max_new_tokens=6)
+    feats = lm.encode_frames(frames[:2])
     lm.warm_up(csm_slots=4, dam_frames=2, max_new_tokens=32)  # a 720x1280 frame: 240 DAM, 60 CSM tokens
     if lm.fast is not None:
         assert lm.fast.capacity >= 2 * 240 + 4 * 60 + 32
+    after = lm.answer(prefix, "What is it?", max_new_tokens=6)
+    assert after.token_ids == before.token_ids and len(before.token_ids) >= 1
+    assert torch.equal(lm.encode_frames(frames[:2]).full, feats.full)

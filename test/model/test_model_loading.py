@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -238,3 +239,85 @@ def test_device_and_dtype_by_name_or_auto():
         resolve_device_dtype("cpu", "int8")
     with pytest.raises(ModelLoadError, match="unknown device"):
         resolve_device_dtype("gpu7", "auto")
+
+
+def shard_checkpoint(ckpt: Path, names: dict) -> None:
+    """Split model.safetensors into the shards `names` gives (shard name -> tensor predicate), with
+    an index naming them."""
+    weights = load_file(ckpt / "model.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    weight_map = {}
+    for shard, wanted in names.items():
+        part = {n: t for n, t in weights.items() if wanted(n)}
+        save_file(part, ckpt / shard)
+        weight_map.update({n: shard for n in part})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    ckpt = copy_checkpoint(OFFICIAL_CKPT, tmp_path / "ckpt")
+    shard_checkpoint(
+        ckpt,
+        {
+            "a.safetensors": lambda n: n.startswith("visual."),
+            "b.safetensors": lambda n: not n.startswith("visual."),
+        },
+    )
+    assert len(load_model(ckpt).model.state_dict()) == 58
+
+
+@pytest.mark.parametrize("escape", ["../../etc/hostname", "/etc/hostname", "link.safetensors"])
+def test_a_shard_outside_the_checkpoint_is_refused(tmp_path, escape):
+    """Issue 24 item 16: an index naming `../../etc/hostname` made the loader open that file. Shard
+    names are file names inside the checkpoint directory; a symlink out of it is refused too."""
+    outside = tmp_path / "outside.safetensors"
+    ckpt = copy_checkpoint(OFFICIAL_CKPT, tmp_path / "ckpt")
+    shard_checkpoint(ckpt, {"a.safetensors": lambda n: True})
+    save_file({"x": torch.zeros(1)}, outside)
+    (ckpt / "link.safetensors").symlink_to(outside)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"]["visual.merger.mlp.2.bias"] = escape
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(ckpt)
+    assert_one_line(err, repr(escape))
+    assert "outside the checkpoint" in str(err.value) or "not a file name" in str(err.value)
+
+
+LOOPING = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # 1e10 steps
+
+
+def test_a_chat_template_that_never_ends_fails_the_load_instead_of_hanging(tmp_path):
+    """Issue 24 item 11: a template looping 1e10 times (each range() within jinja's sandbox limit)
+    hung configure for good. Rendering has a step budget; past it the load fails, saying why."""
+    ckpt = copy_checkpoint(OFFICIAL_CKPT, tmp_path / "ckpt")
+    template = json.loads((ckpt / "chat_template.json").read_text())
+    template["chat_template"] = LOOPING + template["chat_template"]
+    (ckpt / "chat_template.json").write_text(json.dumps(template))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(ckpt)
+    assert_one_line(err, "unusable chat template", "did not finish within")
+
+
+def test_the_render_budget_works_off_the_main_thread():
+    """Configure runs on an executor thread, where no signal can interrupt a render."""
+    from fvs_ros.model.prompt import TemplateTooLong, render_bounded
+
+    def spin():
+        n = 0
+        while True:
+            n += 1
+
+    outcome = []
+
+    def run():
+        try:
+            render_bounded(spin, budget=10_000)
+        except TemplateTooLong as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive() and len(outcome) == 1
+    assert render_bounded(lambda: "ok", budget=10) == "ok"

@@ -17,7 +17,7 @@ from lifecycle_msgs.msg import Transition
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from support.dds import wait_until
-from support.fvs_client import latest_diagnostics
+from support.fvs_client import frames_unaccounted, latest_diagnostics
 from support.node_process import NodeProcess
 
 from fvs_ros.ros.image import SUPPORTED_ENCODINGS
@@ -120,9 +120,11 @@ def counter(client, key):
 
 def send_all(client, publisher, messages):
     """Publish in batches, once the node's subscription matched this publisher (a message published
-    before is lost even over RELIABLE); each batch once the node counted every earlier message."""
+    before is lost even over RELIABLE); each batch once the node counted every earlier message.
+    Then the node's counters add up: each message received once, with exactly one outcome."""
     assert wait_until(lambda: publisher.get_subscription_count() >= 1, 30), "the node did not subscribe"
-    received = counter(client, "frames_received")
+    before = latest_diagnostics(client)
+    received = int(before["frames_received"])
     for start in range(0, len(messages), BATCH):
         for msg in messages[start : start + BATCH]:
             publisher.publish(msg)
@@ -130,6 +132,11 @@ def send_all(client, publisher, messages):
         assert wait_until(
             lambda target=target: counter(client, "frames_received") >= target, 30, period=0.05
         ), f"node counted {counter(client, 'frames_received')} of {target} messages"
+    # every message counted once, and each one's outcome counted once (queue empty: all decided)
+    assert wait_until(lambda: latest_diagnostics(client)["queue_depth"] == "0", 60)
+    after = latest_diagnostics(client)
+    assert int(after["frames_received"]) - received == len(messages), (before, after)
+    assert frames_unaccounted(before, after) in (0, 1), (before, after)
 
 
 def check_still_serving(node, client):

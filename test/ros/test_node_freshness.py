@@ -44,7 +44,7 @@ def client(node):
     yield from rclpy_session(lambda: ClientNode("fvs_freshness_client").spin())
 
 
-def _ask(ask, timeout=30.0) -> Ask.Response:
+def _ask(ask, timeout=120.0) -> Ask.Response:
     """One Ask call; a reply lost while DDS matches is sent again."""
     deadline = time.monotonic() + timeout
     assert ask.wait_for_service(timeout_sec=timeout), "no /fvs/ask"
@@ -86,9 +86,15 @@ def test_answers_and_summaries_carry_memory_lag(node, client):
         if seconds(r.last_frame_stamp) >= T0 + 3.0 - 1e-6 or time.monotonic() > deadline:
             break
     assert seconds(r.last_frame_stamp) == pytest.approx(T0 + 3.0), node.text()
-    r = _ask(ask)  # every image has arrived by now (reliable, in order): the newest is T0 + 3.25
-    assert seconds(r.last_frame_stamp) == pytest.approx(T0 + 3.0)
-    assert r.memory_lag_s == pytest.approx(0.25, abs=1e-4)
+    # once the last image (T0 + 3.25, reliable, in order, not sampled into memory) has arrived, the
+    # lag is exactly 0.25 s; until then it is 0 (the newest image received is the memory's last)
+    deadline, lags = time.monotonic() + 60, []
+    while not lags or abs(lags[-1] - 0.25) > 1e-4:
+        assert time.monotonic() < deadline, f"memory_lag_s never 0.25: {lags}"
+        r = _ask(ask)
+        assert seconds(r.last_frame_stamp) == pytest.approx(T0 + 3.0)
+        lags.append(r.memory_lag_s)
+    assert all(min(abs(lag - x) for x in (0.0, 0.25)) < 1e-4 for lag in lags), lags
 
     deadline = time.monotonic() + 30
     while not any(seconds(s.last_frame_stamp) >= T0 + 3.0 - 1e-6 for s in summaries):

@@ -290,3 +290,73 @@ def test_broken_compressed_headers_are_malformed(data, match):
 def test_raw_images_over_the_limit_are_refused():
     with pytest.raises(MalformedImage, match="over the size limit"):
         image_to_rgb(make_image("rgb8", RGB), max_pixels=47)
+
+
+def with_declared_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """The JPEG with its frame header (SOF) rewritten to declare width x height."""
+    data, i = bytearray(jpeg), 2
+    while data[i + 1] not in (0xC0, 0xC2):
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    data[i + 5 : i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_a_tiny_jpeg_declaring_8000x8000_is_refused_without_a_huge_decode():
+    """Issue 24 item 14: ~900 bytes declaring 8000x8000 (under max_image_pixels) were decoded in full
+    (seconds of CPU, +430 MiB) into a grey 8000x8000 frame. Decoded at the model's scale, the
+    missing data is a decoder warning: refused as malformed."""
+    small = cv2.imencode(".jpg", RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8))[1].tobytes()
+    msg = CompressedImage(format="jpeg")
+    msg.data = with_declared_size(small, 8000, 8000)
+    for target in (None, lambda h, w: (448, 448)):
+        with pytest.raises(MalformedImage, match="premature end of data"):
+            compressed_to_rgb(msg, target=target)
+
+
+def test_a_jpeg_missing_data_before_its_end_marker_is_refused():
+    """Cut in its scan, then closed with an end-of-image marker: OpenCV returned it with the missing
+    part grey; libjpeg's warning now refuses it."""
+    full = cv2.imencode(".jpg", cv2.resize(smooth_rgb(), (640, 480)))[1].tobytes()
+    msg = CompressedImage(format="jpeg")
+    msg.data = full[: len(full) // 2] + b"\xff\xd9"
+    with pytest.raises(MalformedImage, match="does not decode: Corrupt JPEG data"):
+        compressed_to_rgb(msg)
+
+
+def test_a_large_jpeg_is_decoded_at_the_scale_the_model_needs():
+    """DCT scaling (libjpeg-turbo's n/8) to the smallest size still at least the target on both
+    sides; no target: full size. The reduced picture is the image, not a crop."""
+    rgb = cv2.resize(smooth_rgb(), (1600, 1200))
+    msg = CompressedImage(format="jpeg")
+    msg.data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+    assert compressed_to_rgb(msg).shape == (1200, 1600, 3)
+    for target in [(336, 448), (140, 196), (150, 200), (1200, 1600)]:
+        out = compressed_to_rgb(msg, target=lambda h, w, t=target: t)
+        assert target[0] <= out.shape[0] < target[0] + 150 and target[1] <= out.shape[1] < target[1] + 200
+        assert out.shape[0] * 4 == out.shape[1] * 3, out.shape  # 1/8 steps keep 4:3 exactly
+        expected = cv2.resize(rgb, out.shape[1::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(out.astype(int) - expected).mean() < 3
+
+
+def test_a_png_too_short_for_its_declared_size_is_refused_unread():
+    """Deflate packs at most ~1032 bytes into one: 8000x8000 RGB needs at least ~186 kB of data."""
+    png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    msg = CompressedImage(format="png")
+    msg.data = png_header(8000, 8000) + png[33:]
+    with pytest.raises(MalformedImage, match=r"declares a 8000x8000 PNG in \d+ bytes; a complete one needs"):
+        compressed_to_rgb(msg)
+    big = cv2.imencode(".png", np.zeros((2000, 2000, 3), np.uint8))[1].tobytes()  # real, highly compressed
+    msg.data = big
+    assert len(big) < 2000 * 2000 * 3 / 500 and compressed_to_rgb(msg).shape == (2000, 2000, 3)
+
+
+def test_long_encoding_and_format_strings_are_cut_in_errors():
+    """Issue 24 item 14b: a 50,000-character encoding was logged in full with every error."""
+    with pytest.raises(UnsupportedEncoding) as raised:
+        image_to_rgb(make_image("x" * 50000, RGB))
+    assert len(str(raised.value)) < 600 and "(50000 characters)" in str(raised.value)
+    msg = CompressedImage(format="f" * 50000)
+    msg.data = b"\x00garbage"
+    with pytest.raises(MalformedImage) as raised:
+        compressed_to_rgb(msg)
+    assert len(str(raised.value)) < 300 and "(50000 characters)" in str(raised.value)

@@ -29,12 +29,13 @@ def eager_attention(llm):
 @torch.inference_mode()
 def reference_mass(lm, snapshot, tokens, rows, layers, question=QUESTION):
     """Mean over layers, heads and the token-choosing rows of the eager attention weights summed
-    over each memory block, from one forward of [prompt + the answer tokens fed back]."""
+    over each memory block, from one forward of [prompt + the answer tokens fed back] (on the
+    model's device; the mass comes back on the CPU)."""
     inputs = lm.prompt_inputs(snapshot, question)
-    fed = tokens[: rows - 1]
-    embeds = torch.cat([inputs.embeds, lm.llm.embed_tokens(torch.tensor(fed, dtype=torch.long))[None]], 1)
+    fed = torch.tensor(tokens[: rows - 1], dtype=torch.long, device=lm.device)
+    embeds = torch.cat([inputs.embeds, lm.llm.embed_tokens(fed)[None]], 1)
     start = inputs.next_position
-    answer_pos = torch.arange(start, start + len(fed)).expand(3, 1, len(fed))
+    answer_pos = torch.arange(start, start + len(fed), device=lm.device).expand(3, 1, len(fed))
     positions = torch.cat([inputs.position_ids, answer_pos], dim=2)
     with eager_attention(lm.llm):
         out = lm.llm(inputs_embeds=embeds, position_ids=positions, output_attentions=True)
@@ -49,5 +50,5 @@ def reference_mass(lm, snapshot, tokens, rows, layers, question=QUESTION):
     for layer in layers:
         weights = out.attentions[layer][0, :, first : first + rows].float()  # [H, rows, L]
         for b in range(len(sizes)):
-            mass[b] += weights[..., edges[b] : edges[b + 1]].sum(-1).mean()
+            mass[b] += float(weights[..., edges[b] : edges[b + 1]].sum(-1).mean())
     return mass / len(layers), memory_layout(snapshot, int(edges[-1]))

@@ -15,6 +15,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from fvs_ros.msg import SceneSummary
+from fvs_ros.ros.qos import CLIENT_QOS
 from fvs_ros.srv import Ask
 
 from .dds import ClientNode, image_msg, to_stamp, wait_until
@@ -41,7 +42,9 @@ class Client(ClientNode):
         self.node.create_subscription(SceneSummary, f"{self.prefix}/scene_summary", self.summaries.append, 10)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
         self.clients = {
-            f"{self.prefix}/{service}": self.node.create_client(srv_type, f"{self.prefix}/{service}")
+            f"{self.prefix}/{service}": self.node.create_client(
+                srv_type, f"{self.prefix}/{service}", qos_profile=CLIENT_QOS
+            )
             for service, srv_type in [
                 ("ask", Ask),
                 ("reset", Trigger),
@@ -155,6 +158,24 @@ class Client(ClientNode):
         assert wait_until(
             lambda: self.raw.get_subscription_count() + self.compressed.get_subscription_count() >= 1, timeout
         ), "the node's image subscription did not match"
+
+
+OUTCOMES = (  # what becomes of a frame the node received: exactly one of these (docs/node.md)
+    "frames_unsupported",
+    "frames_malformed",
+    "frames_failed",
+    "frames_rejected",
+    "frames_skipped_by_sampling",
+    "frames_dropped",
+    "frames_into_memory",
+)
+
+
+def frames_unaccounted(before: dict, after: dict) -> int:
+    """Frames received between two /diagnostics statuses that no outcome counted: once the queue is
+    empty, 0, or 1 (the first frame of a two-frame slot waiting for its second)."""
+    received = int(after["frames_received"]) - int(before["frames_received"])
+    return received - sum(int(after[k]) - int(before[k]) for k in OUTCOMES)
 
 
 def latest_diagnostics(client, timeout=10.0):

@@ -7,6 +7,8 @@ plain transformers forward over the whole prompt (reference_probability); the th
 halfway between the values right before and right after the change, for the condition that
 jumps most there; the expected events follow from the documented hysteresis rule applied to
 those probabilities (expected_events, written here again, not imported from fvs_ros.engine.watch).
+hysteresis_case finds a threshold and a hysteresis for which that rule's events depend on the
+hysteresis, so a test can tell whether a node honours it.
 """
 
 from __future__ import annotations
@@ -74,3 +76,21 @@ def plant(
     events = expected_events(by_condition[condition], threshold, hysteresis)
     assert (k, after > before) in events, (condition, threshold, events)  # the planted crossing
     return condition, threshold, events
+
+
+def hysteresis_case(probabilities, margin: float = 1e-3) -> tuple[float, float]:
+    """(threshold, hysteresis) within the range of `probabilities` for which expected_events gives
+    events, and other events than with no hysteresis (a fall that the margin holds back); no
+    probability lies within `margin` of the threshold or of threshold - hysteresis, so values
+    computed elsewhere to within that margin give the same events."""
+    values = sorted(set(probabilities))
+    spread = values[-1] - values[0]
+    for hysteresis in (spread / 2, spread / 4, spread / 8, spread / 16):
+        for lo, hi in zip(values, values[1:], strict=False):
+            threshold = (lo + hi) / 2
+            if min(abs(p - x) for p in values for x in (threshold, threshold - hysteresis)) < margin:
+                continue
+            events = expected_events(probabilities, threshold, hysteresis)
+            if events and events != expected_events(probabilities, threshold, 0.0):
+                return threshold, hysteresis
+    raise AssertionError(f"no threshold at which hysteresis changes the events: {probabilities}")
