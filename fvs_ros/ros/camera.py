@@ -24,6 +24,14 @@ from fvs_ros.ros.memory_file import MemoryFile
 from fvs_ros.ros.params import CameraSettings
 
 
+def camera_memory_dir(memory_file: str, name: str) -> str:
+    """A camera's memory_file directory: the parameter itself for the unnamed camera, else its
+    subdirectory <memory_file>/<name>, so the parameter is a directory of cameras; '' = off."""
+    if not memory_file or not name:
+        return memory_file
+    return os.path.join(memory_file, name)
+
+
 class Camera:
     """A camera's parts; the node drives them through its lifecycle transitions."""
 
@@ -48,11 +56,8 @@ class Camera:
         return self.intake.frame_id if self.intake is not None else ""
 
     def memory_dir(self, memory_file: str) -> str:
-        """This camera's memory_file directory: the parameter itself for the unnamed camera, else its
-        subdirectory <memory_file>/<name>; '' = off."""
-        if not memory_file or not self.name:
-            return memory_file
-        return os.path.join(memory_file, self.name)
+        """This camera's memory_file directory (camera_memory_dir)."""
+        return camera_memory_dir(memory_file, self.name)
 
     # ------------------------------------------------------------------ activate / deactivate
 

@@ -54,7 +54,7 @@ from fvs_ros.model import BudgetExceeded, ModelLoadError, resolve_device_dtype
 from fvs_ros.msg import Evidence, SceneSummary, WatchEvaluation, WatchEvent
 from fvs_ros.ros import diagnostics, params
 from fvs_ros.ros.ask_action import MAX_GOALS, AskStreamServer
-from fvs_ros.ros.camera import Camera
+from fvs_ros.ros.camera import Camera, camera_memory_dir
 from fvs_ros.ros.memory_file import check_memory_file
 from fvs_ros.ros.qos import SERVICE_QOS
 from fvs_ros.srv import Ask, Watch
@@ -152,8 +152,9 @@ class FvsNode(LifecycleNode):
         try:
             p = params.read(self)
             params.check_together(p)
-            check_memory_file(p["memory_file"])  # applied at activate; refused early, and again there
             cameras = params.cameras(self, p)
+            for cam in cameras:  # applied at activate; refused early, and again there
+                check_memory_file(camera_memory_dir(p["memory_file"], cam.name))
             memory, config = memory_config(p), engine_config(p)
             watch_config(p)  # checked here; each camera gets its own Watcher below
         except ValueError as e:
