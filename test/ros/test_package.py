@@ -38,6 +38,7 @@ PIP_ONLY = {
     "rosbags": "rosbags",
     "mcap": "mcap",
     "mcap_ros2": "mcap-ros2-support",
+    "simplejpeg": "simplejpeg",
     "mcp": "mcp",
     # fvs_mcp imports these parts of the MCP SDK's own stack; pip installs them with mcp
     "mcp_types": "mcp",
