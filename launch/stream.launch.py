@@ -3,6 +3,7 @@
     ros2 launch fvs_ros stream.launch.py image_topic:=/camera/image_raw
     ros2 launch fvs_ros stream.launch.py video:=/path/clip.mp4 model:=/path/to/checkpoint
     ros2 launch fvs_ros stream.launch.py namespace:=robot1 params_file:=/path/my_fvs.yaml
+    ros2 launch fvs_ros stream.launch.py cameras:="[front, wrist]"    # front/image_raw, wrist/image_raw
 
 Every node parameter comes from params_file (default: the installed config/fvs.yaml, which is
 also where the node takes its defaults from). The launch arguments named after a parameter
@@ -27,6 +28,7 @@ PACKAGE = "fvs_ros"
 
 # Launch arguments named after the node parameter they override when not empty.
 PARAMETER_ARGUMENTS = {
+    "cameras": "camera names as a YAML list, e.g. [front, wrist] (each on <name>/image_raw)",
     "image_topic": "image topic to watch",
     "image_transport": "raw | compressed",
     "reliability": "image subscription reliability: best_effort | reliable",
@@ -48,6 +50,16 @@ def _file_parameter(params_file: str, name: str) -> str:
     return ""
 
 
+def _camera_list(text: str) -> list:
+    """The cameras launch argument ("[front, wrist]" or "front,wrist") as a list of names."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list):
+        raise ValueError(f"cameras must be a list of names, e.g. [front, wrist]; got {text!r}")
+    return [str(name).strip() for name in value]
+
+
 def _launch_setup(context):
     def arg(name):
         return LaunchConfiguration(name).perform(context)
@@ -55,6 +67,8 @@ def _launch_setup(context):
     params_file, namespace = arg("params_file"), arg("namespace")
     use_sim_time = arg("use_sim_time").lower() in ("true", "1", "yes")
     overrides = {name: arg(name) for name in PARAMETER_ARGUMENTS if arg(name)}
+    if "cameras" in overrides:  # a list parameter: "[front, wrist]" -> ["front", "wrist"]
+        overrides["cameras"] = _camera_list(overrides["cameras"])
 
     fvs = LifecycleNode(
         package=PACKAGE,
@@ -96,6 +110,15 @@ def _launch_setup(context):
         def setting(name, default):  # the node's value: launch argument, else params file, else default
             return overrides.get(name) or _file_parameter(params_file, name) or default
 
+        # with several cameras the video plays on the first one's topic
+        cameras = [c for c in overrides.get("cameras") or _camera_list(setting("cameras", "[]")) if c]
+        own = f"cameras.{cameras[0]}." if cameras else ""
+        topic = (
+            setting(own + "image_topic", f"{cameras[0]}/image_raw")
+            if cameras
+            else setting("image_topic", "image_raw")
+        )
+
         actions.append(
             Node(
                 package=PACKAGE,
@@ -105,9 +128,9 @@ def _launch_setup(context):
                 parameters=[
                     {
                         "video": "" if video == "synthetic" else video,
-                        "topic": setting("image_topic", "image_raw"),
-                        "transport": setting("image_transport", "raw"),
-                        "reliability": setting("reliability", "best_effort"),
+                        "topic": topic,
+                        "transport": setting(own + "image_transport", setting("image_transport", "raw")),
+                        "reliability": setting(own + "reliability", setting("reliability", "best_effort")),
                         "use_sim_time": use_sim_time,
                     }
                 ],

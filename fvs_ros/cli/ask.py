@@ -145,6 +145,12 @@ def run(args=None) -> int:
     )
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the node's max_new_tokens")
     parser.add_argument(
+        "--camera",
+        action="append",
+        default=[],
+        help="the camera the question is about (the node's cameras parameter; default: its only camera)",
+    )
+    parser.add_argument(
         "--service", default="fvs/ask", help="Ask service name, relative to the namespace (default: fvs/ask)"
     )
     parser.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the service to appear")
@@ -174,6 +180,7 @@ def run(args=None) -> int:
                 timeout_s=options.timeout,
                 max_new_tokens=options.max_new_tokens,
                 want_images=options.images is not None,
+                cameras=options.camera,
             )
         )
         # The node always answers (at the latest when its timeout expires); allow for transport.
@@ -221,6 +228,7 @@ def _ask_stream(node, options) -> int:
         timeout_s=options.timeout,
         max_new_tokens=options.max_new_tokens,
         want_images=options.images is not None,
+        cameras=options.camera,
     )
     if not options.json:
         print(f"Q: {options.question}\nA: ", end="", flush=True)

@@ -50,13 +50,15 @@ def format_conditions(r: Watch.Response) -> str:
     if not r.names:
         return "no conditions watched"
     rows = []
-    for name, text, threshold, active, p in zip(
-        r.names, r.conditions, r.thresholds, r.active, r.probabilities, strict=True
+    cameras = list(r.condition_cameras) or [""] * len(r.names)  # one camera: unnamed
+    for name, text, threshold, active, p, camera in zip(
+        r.names, r.conditions, r.thresholds, r.active, r.probabilities, cameras, strict=True
     ):
         state = "TRUE " if active else "false"
         prob = "  n/a" if math.isnan(p) else f"{p:.3f}"
         label = text if name == text else f"{name}: {text}"
-        rows.append(f"{state} P(yes)={prob} threshold={threshold:.3f}  {label}")
+        where = f"[{camera}] " if camera else ""
+        rows.append(f"{state} P(yes)={prob} threshold={threshold:.3f}  {where}{label}")
     return "\n".join(rows)
 
 
@@ -64,7 +66,8 @@ def format_event(e: WatchEvent) -> str:
     what = "became TRUE " if e.rising else "is false again"
     evidence = ", ".join(f"{_seconds(item.stamp):.3f} ({100 * item.share:.0f}%)" for item in e.evidence)
     return (
-        f"[{_seconds(e.header.stamp):.3f}] {e.name!r} {what} P(yes)={e.probability:.3f} "
+        f"[{_seconds(e.header.stamp):.3f}] {e.camera + ': ' if e.camera else ''}{e.name!r} {what} "
+        f"P(yes)={e.probability:.3f} "
         f"threshold={e.threshold:.3f} frames_seen={e.frames_seen} latency={e.latency_s:.3f} s"
         + (f" evidence at {evidence}" if evidence else "")
     )
@@ -129,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the node")
     parser.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    parser.add_argument(
+        "--camera",
+        action="append",
+        default=[],
+        help="add/remove/list on this camera only (repeatable; default: every camera)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="watch a condition")
     add.add_argument("condition", help="e.g. 'a person is at the door'")
@@ -158,7 +167,7 @@ def run(args=None) -> int:
         if not wait_for_service(node, client, options.wait):
             print(f"service {service} is not available (waited {options.wait:g} s)", file=sys.stderr)
             return EXIT_UNREACHABLE
-        request = Watch.Request(command=options.command)
+        request = Watch.Request(command=options.command, cameras=options.camera)
         if options.command == "add":
             request.condition, request.threshold, request.name = (
                 options.condition,

@@ -1,10 +1,13 @@
 """The streaming engine (no ROS): frames in, Flash Memory updated, questions answered from it.
 
 `StreamEngine` is one camera's pipeline (intake, sampler, frame worker, prefix builder, answers,
-watch, persistence); `open_engine` loads a model and starts one. Parameters -> configs:
+watch, persistence); `open_engine` loads a model and starts one. Several cameras on one model:
+an `EngineHost` (`open_host`) owns the model and the GPU scheduler, `host.open_stream(name)` one
+stream per camera. Parameters -> configs:
 `settings`. The API: docs/engine.md; the threads and contracts: docs/architecture.md.
 """
 
+from .host import EngineHost, open_host
 from .stream_engine import (
     Answer,
     AnswerCancelled,
@@ -19,6 +22,8 @@ from .stream_engine import (
 )
 
 __all__ = [
+    "EngineHost",
+    "open_host",
     "Answer",
     "AnswerCancelled",
     "AnswerTimeout",

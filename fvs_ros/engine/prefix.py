@@ -17,6 +17,7 @@ from typing import Callable, ContextManager, Generator, Optional, Protocol
 
 import torch
 
+from fvs_ros.engine.scheduler import PREFILL, Priority, staleness
 from fvs_ros.memory import MemorySnapshot
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class PrefixCache:
         sync: Callable[[], None],
         on_error: Callable[[str, BaseException], None],
         on_built: Callable[[], None] = lambda: None,
+        gpu: Optional[Callable[[Priority, float, str], ContextManager]] = None,
     ):
         self.lm, self._latest = lm, latest
         self.system_prompt = system_prompt
@@ -93,6 +95,8 @@ class PrefixCache:
         self.yield_budget_s = yield_budget_s
         self._stream, self._sync, self._on_error = stream, sync, on_error
         self._on_built = on_built  # called (outside _cv) after a new prefix is swapped in
+        # gpu(priority, staleness, lane): the host's gate around each chunk (EngineHost.gpu)
+        self._gpu = gpu or (lambda priority, stale, lane: contextlib.nullcontext())
         self._cv = threading.Condition()
         self._prefix: Optional[Prefix] = None  # written by the builder thread, under _cv
         self._building: Optional[Published] = None  # the memory being prefilled (set with the decision)
@@ -273,12 +277,13 @@ class PrefixCache:
         steps = self.lm.prefill_steps(pub.snapshot, self.system_prompt, self.chunk_tokens or None)
         budget = self.yield_budget_s
         while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                self._sync()
-                return done.value
-            self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
+            with self._gpu(*self._job_class(pub), PREFILL):  # one chunk is one GPU job (host.py)
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    self._sync()
+                    return done.value
+                self._sync()  # one chunk at a time: a short GPU queue, and the GIL free while it runs
             with self._cv:  # frames and answers share the GPU with at most one chunk
                 t = time.monotonic()
                 self._cv.wait_for(
@@ -290,6 +295,17 @@ class PrefixCache:
                 budget = max(0.0, budget - (time.monotonic() - t))
                 if self._stopping or self._obsolete(pub):
                     return None
+
+    def _job_class(self, pub: Published) -> tuple[Priority, float]:
+        """The GPU job class of the next chunk of a build of `pub`: a question's when one waits for
+        it, else a background rebuild, as stale as the prefix in service is behind `pub`."""
+        if self._waiting is not None:
+            return Priority.QUESTION, 0.0
+        p = self._prefix
+        if p is None or p.source.epoch != pub.epoch:
+            return Priority.REBUILD, float("inf")
+        lag = pub.snapshot.last_stamp - p.source.snapshot.last_stamp
+        return Priority.REBUILD, staleness(float(lag), self.max_lag_s)
 
     def _obsolete(self, pub: Published) -> bool:
         """A reset/load made `pub` another stream's, or a question waits that its prefix would not serve."""

@@ -28,9 +28,11 @@ import torch
 
 from fvs_ros.engine.clock import STAMP_LIMIT_S, Placement, StreamClock, legacy_state
 from fvs_ros.engine.grounding import EvidenceItem, evidence_items
+from fvs_ros.engine.host import EngineHost
 from fvs_ros.engine.memory_view import MemoryView, render_memory_view
 from fvs_ros.engine.persistence import SavedStateError, read_saved, write_saved
 from fvs_ros.engine.prefix import MemoryPrefix, Prefix, PrefixCache, PrefixModel, Published
+from fvs_ros.engine.scheduler import Priority
 from fvs_ros.engine.thumbnails import ThumbnailStore, thumbnail
 from fvs_ros.engine.watch import Watcher, WatchError, WatchResult, WatchRunner
 from fvs_ros.engine.workers import WorkerWatch
@@ -342,6 +344,7 @@ class _Request:
     cancel: Optional[threading.Event] = None  # the asker's ask(cancel=...): set = stop at the next token
     source: Optional[Published] = None  # the memory the generation runs on, once it started
     pieces: list = field(default_factory=list)  # text generated so far: what a timeout or cancel returns
+    priority: int = _QUESTION  # _QUESTION or _SUMMARY (its queue order, and its GPU job class)
 
     def stopped(self) -> bool:
         """Nobody wants the result any more: timed out, or cancelled by the asker."""
@@ -365,12 +368,22 @@ class StreamEngine:
         on_summary: Optional[Callable[[Answer], None]] = None,
         watcher: Optional[Watcher] = None,
         on_watch: Optional[Callable[[WatchResult], None]] = None,
+        *,
+        host: Optional[EngineHost] = None,
+        name: str = "",
     ):
         """memory_config defaults to the checkpoint's memory size (lm.memory_defaults).
+
+        host: the EngineHost whose model and GPU gate this stream shares with other streams (cameras);
+        None: a host of its own (one camera). name: the stream's name, unique on its host.
 
         watcher: the conditions evaluated on every new memory prefix (fvs_ros/engine/watch.py); each
         evaluation goes to on_watch (LLM worker thread). Without on_watch nothing is evaluated."""
         self.lm = lm
+        self.host = host if host is not None else EngineHost(lm)
+        if self.host.lm is not lm:
+            raise ValueError("a stream must use its host's model")
+        self.name = name
         self.config = config or EngineConfig()
         self.device = torch.device(getattr(lm, "device", "cpu"))
         self.on_summary = on_summary
@@ -406,6 +419,7 @@ class StreamEngine:
             sync=self._sync,
             on_error=self._record_error,
             on_built=self._wake_llm_worker,  # a new prefix may be due a watch evaluation
+            gpu=lambda priority, stale, lane: self.host.gpu(self.name, priority, stale, lane),
         )
         self._summarized: Optional[Published] = None
         self._last_summary_t = time.monotonic()
@@ -417,6 +431,7 @@ class StreamEngine:
         self._threads: list[threading.Thread] = []
         self._workers = WorkerWatch(self._worker_died)
         self._started = self._stopping = False
+        self.host.register(name, self)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -431,11 +446,11 @@ class StreamEngine:
         self._check_context()
         memory = self._memory.config
         with self._worker_stream(priority=-1):  # graphs captured here keep the workers' high priority
-            self.lm.warm_up(
+            self.host.warm_up(
                 memory.csm_slots,
                 memory.dam_frames,
                 self.config.max_new_tokens_limit,
-                frames_per_slot=self.config.frames_per_slot,
+                self.config.frames_per_slot,
             )
         self._threads = [
             self._workers.thread("frame worker", self._frame_loop),
@@ -494,6 +509,7 @@ class StreamEngine:
             t.join()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.host.unregister(self.name, self)
 
     def __enter__(self) -> "StreamEngine":
         return self if self._started else self.start()
@@ -714,7 +730,7 @@ class StreamEngine:
 
     def _encode_batch(self, batch, epoch: int):
         try:
-            with self._prefixes.gpu_busy("frames"):
+            with self._prefixes.gpu_busy("frames"), self.host.gpu(self.name, Priority.FRAMES):
                 self._encode_and_update(batch, epoch)
         finally:
             self._prefixes.memory_changed()
@@ -845,6 +861,7 @@ class StreamEngine:
             received_stamp=self._received_stamp(),
             evidence=evidence,
             cancel=cancel,
+            priority=priority,
         )
         with self._llm_cv:
             if not self._started or self._stopping:
@@ -955,7 +972,8 @@ class StreamEngine:
             return self._own_stamps(evidence_items(shares, src.snapshot, count, self._thumbs))
 
         try:
-            with self._prefixes.gpu_busy("answer"):  # the builder pauses between chunks meanwhile
+            # the builder pauses between chunks meanwhile
+            with self._prefixes.gpu_busy("answer"), self.host.gpu(self.name, Priority.WATCH):
                 result = self._watch.run(
                     self.lm,
                     p.prefix,
@@ -1030,6 +1048,7 @@ class StreamEngine:
             None,
             preemptible=True,
             received_stamp=self._received_stamp(),
+            priority=_SUMMARY,
         )
         try:
             answer = self._generate(req)
@@ -1062,6 +1081,7 @@ class StreamEngine:
                 req.on_token(piece)
 
         kw = {"evidence": True} if req.evidence and self.config.evidence_frames else {}
+        gpu = self.host.gpu(self.name, Priority.SUMMARY if req.priority == _SUMMARY else Priority.QUESTION)
         if self.config.prefix_cache:
             got = self._prefixes.get(
                 pub,
@@ -1078,14 +1098,15 @@ class StreamEngine:
             pub = req.source = prefix.source
             snap = pub.snapshot
             t_gen = time.perf_counter()
-            with self._prefixes.gpu_busy("answer"):
+            with self._prefixes.gpu_busy("answer"), gpu:
                 gen = self.lm.answer(prefix.prefix, req.prompt, req.max_new_tokens, on_token=on_token, **kw)
         else:
             hit, req.source = False, pub
             t_gen = time.perf_counter()
-            gen = self.lm.answer_uncached(
-                snap, req.prompt, req.max_new_tokens, self.config.system_prompt, on_token=on_token, **kw
-            )
+            with gpu:
+                gen = self.lm.answer_uncached(
+                    snap, req.prompt, req.max_new_tokens, self.config.system_prompt, on_token=on_token, **kw
+                )
         if req.stopped():
             raise _Cancelled
         grounding = {}

@@ -324,13 +324,20 @@ class VideoLM:
         """
         with torch.inference_mode():
             embeds, positions, next_position = self._head_inputs(snapshot, system_prompt)
-        total = embeds.shape[1]
-        layout = memory_layout(snapshot, total - 1, self.merge)  # the memory ends before <|vision_end|>
+        layout = memory_layout(snapshot, embeds.shape[1] - 1, self.merge)  # memory ends before <|vision_end|>
+        kv = yield from self.prefill_embeds(embeds, positions, chunk_tokens)
+        return MemoryPrefix(
+            kv, embeds.shape[1], next_position, int(snapshot.version), int(snapshot.frames_seen), layout
+        )
+
+    def prefill_embeds(
+        self, embeds: torch.Tensor, positions: torch.Tensor, chunk_tokens: int | None = None
+    ) -> Generator[None, None, tuple[tuple[torch.Tensor, torch.Tensor], ...]]:
+        """The KV (MemoryPrefix.kv) of a prompt head [1, P, hidden] at positions [3, 1, P], in chunks as
+        prefill_steps: through the FastDecoder's static cache, or the eager forward (the reference)."""
         if self.fast is not None and self.static_prefill:
-            kv = yield from self.fast.prefill_steps(embeds, positions, chunk_tokens)
-            return MemoryPrefix(
-                kv, total, next_position, int(snapshot.version), int(snapshot.frames_seen), layout
-            )
+            return (yield from self.fast.prefill_steps(embeds, positions, chunk_tokens))
+        total = embeds.shape[1]
         cache, step = self._new_cache(), chunk_tokens or total
         for start in range(0, total, step):
             with torch.inference_mode(), self._llm_lock:
@@ -342,10 +349,7 @@ class VideoLM:
                 )
             if start + step < total:
                 yield
-        kv = tuple((layer.keys, layer.values) for layer in cache.layers)
-        return MemoryPrefix(
-            kv, total, next_position, int(snapshot.version), int(snapshot.frames_seen), layout
-        )
+        return tuple((layer.keys, layer.values) for layer in cache.layers)
 
     @torch.inference_mode()
     def answer(

@@ -1,9 +1,10 @@
 """The Flash-VStream perception node: a managed (lifecycle) rclpy node around StreamEngine.
 
-configure: load the model, start the engine, offer ~/ask, ~/ask_stream (action), ~/reset,
+configure: load the model once, start one stream per camera on it (fvs_ros.engine.host; one camera
+           without the cameras parameter), offer ~/ask, ~/ask_stream (action), ~/reset,
            ~/save_memory, publish ~/scene_summary, ~/memory_view and /diagnostics.
-activate:  restore memory_file (the watched conditions already at configure, merged with those
-           added since), subscribe to the camera, save memory_file every save_period_s.
+activate:  restore memory_file per camera (the watched conditions already at configure, merged
+           with those added since), subscribe to each camera, save every save_period_s.
 deactivate: stop intake, save memory_file (questions are refused while inactive).
 cleanup: stop the engine (pending questions fail), withdraw the services.
 shutdown: all of the above from any state; then the process ends.
@@ -26,7 +27,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Optional
 
 import rclpy
@@ -43,18 +43,19 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
-from fvs_ros.engine import Answer, AnswerCancelled, AnswerTimeout, EngineError, QuestionError, open_engine
+from fvs_ros.engine import Answer, AnswerCancelled, AnswerTimeout, EngineError, QuestionError, open_host
 from fvs_ros.engine.grounding import DETAIL, EvidenceItem
 from fvs_ros.engine.persistence import ForeignPath
 from fvs_ros.engine.settings import engine_config, memory_config, watch_config
+from fvs_ros.engine.stream_engine import budget_check
 from fvs_ros.engine.thumbnails import encode_jpeg
 from fvs_ros.engine.watch import Watcher, WatchError, WatchResult
 from fvs_ros.model import BudgetExceeded, ModelLoadError, resolve_device_dtype
 from fvs_ros.msg import Evidence, SceneSummary, WatchEvaluation, WatchEvent
 from fvs_ros.ros import diagnostics, params
 from fvs_ros.ros.ask_action import MAX_GOALS, AskStreamServer
-from fvs_ros.ros.intake import ImageIntake, IntakeCounters, SubscriptionThread
-from fvs_ros.ros.memory_file import MemoryFile, check_memory_file
+from fvs_ros.ros.camera import Camera, camera_memory_dir
+from fvs_ros.ros.memory_file import check_memory_file
 from fvs_ros.ros.qos import SERVICE_QOS
 from fvs_ros.srv import Ask, Watch
 
@@ -114,7 +115,7 @@ def _guarded(func):
 
 
 class FvsNode(LifecycleNode):
-    """Answers questions about everything its camera has seen, from a fixed-size Flash Memory."""
+    """Answers questions about everything its cameras have seen, from a fixed-size Flash Memory each."""
 
     def __init__(self, **kwargs):
         super().__init__("fvs", **kwargs)
@@ -125,25 +126,19 @@ class FvsNode(LifecycleNode):
         self._image_group = MutuallyExclusiveCallbackGroup()
         self._ask_group = ReentrantCallbackGroup()
         self._misc_group = MutuallyExclusiveCallbackGroup()
-        self._engine = None
+        self._host = None  # the EngineHost: the model, shared by the cameras' streams
+        self._cameras: dict[str, Camera] = {}  # by name ('' = the single camera without `cameras`)
         self._p: dict = {}
         self._summary_pub = self._diag_pub = self._diag_timer = self._save_timer = None
         self._events_pub = self._scores_pub = None
-        self._watcher: Optional[Watcher] = None
-        self._view_pub = self._view_timer = None
-        self._view_version = None  # (engine, memory version) of the last memory view published
+        self._view_timer = None
+        self._view_pubs: list = []  # the cameras' ~/memory_view publishers
         self._ask_stream: AskStreamServer | None = None
-        self._image_sub = None
-        self._intake: Optional[ImageIntake] = None
         self._fvs_services: list = []
         self._asking = 0  # questions admitted and not answered yet
         self._ask_cv = threading.Condition()
         self._busy_refusals = self._callback_errors = 0
         self._callback_problem = ""
-        self._memory_file: Optional[MemoryFile] = None  # from memory_file at activate; None: off
-        self._intake_state: dict = {}  # intake counters restored with memory_file, or kept across deactivate
-        self._health = diagnostics.Health()
-        self._stamp_news, self._size_news = diagnostics.Recent(), diagnostics.Recent()
         # Housekeeping timers run on the steady clock: with use_sim_time and no /clock the node
         # clock stands still, and /diagnostics and the periodic save must not stop with it.
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
@@ -157,8 +152,11 @@ class FvsNode(LifecycleNode):
         try:
             p = params.read(self)
             params.check_together(p)
-            check_memory_file(p["memory_file"])  # applied at activate; refused early, and again there
-            memory, config, watcher = memory_config(p), engine_config(p), watch_config(p)
+            cameras = params.cameras(self, p)
+            for cam in cameras:  # applied at activate; refused early, and again there
+                check_memory_file(camera_memory_dir(p["memory_file"], cam.name))
+            memory, config = memory_config(p), engine_config(p)
+            watch_config(p)  # checked here; each camera gets its own Watcher below
         except ValueError as e:
             self.get_logger().error(f"configure failed: {e}")
             return FAILURE
@@ -175,19 +173,15 @@ class FvsNode(LifecycleNode):
         )
         t0 = time.perf_counter()
         try:
-            self._engine = open_engine(
+            self._host = open_host(
                 p["model"],
-                memory,
-                config,
                 device=p["device"],
                 dtype=p["dtype"],
                 weights=p["weights"],
-                max_gpu_memory=p["max_gpu_memory"],
-                log=self.get_logger().info,
-                on_summary=self._publish_summary,
-                watcher=watcher,
-                on_watch=self._publish_watch,
+                budget=budget_check(config, memory, p["max_gpu_memory"], self.get_logger().info),
             )
+            for settings in cameras:
+                self._open_camera(settings, memory, config, watch_config(p))
         except BudgetExceeded as e:  # the model is fine; these settings need more memory than allowed
             self.get_logger().error(f"configure failed: {e}")
             return FAILURE
@@ -196,12 +190,15 @@ class FvsNode(LifecycleNode):
             return FAILURE
         except ValueError as e:  # the parameters do not fit the model (e.g. the prompt its context)
             self.get_logger().error(f"configure failed: {e}")
+            self._close_cameras()
             return FAILURE
         except Exception as e:  # noqa: BLE001 - CUDA OOM, corrupt weights, ...: stay up and unconfigured
             self.get_logger().error(f"loading model '{p['model']}' failed: {type(e).__name__}: {e}")
+            self._close_cameras()
             return FAILURE
-        self._p, self._watcher = p, watcher
-        self._restore_conditions(p["memory_file"])  # ~/watch lists and keeps them before activate
+        self._p = p
+        for cam in self._cameras.values():  # ~/watch lists and keeps them before activate
+            cam.restore_conditions(cam.memory_dir(p["memory_file"]), self.get_logger())
         self._summary_pub = self.create_lifecycle_publisher(SceneSummary, "~/scene_summary", 10)
         events_qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE
@@ -241,78 +238,66 @@ class FvsNode(LifecycleNode):
                 reliability=ReliabilityPolicy.RELIABLE,
                 durability=DurabilityPolicy.TRANSIENT_LOCAL,
             )
-            self._view_pub = self.create_lifecycle_publisher(Image, "~/memory_view", view_qos)
+            for cam in self._cameras.values():
+                topic = f"~/{cam.name}/memory_view" if cam.name else "~/memory_view"
+                cam.view_pub = self.create_lifecycle_publisher(Image, topic, view_qos)
+                self._view_pubs.append(cam.view_pub)
             self._view_timer = self.create_timer(
                 max(1.0, p["memory_view_period_s"]),
                 self._publish_memory_view,
                 callback_group=self._misc_group,
                 clock=self._steady,
             )
+        names = ", ".join(self._cameras) if len(cameras) > 1 or cameras[0].name else ""
         self.get_logger().info(
             f"model loaded in {time.perf_counter() - t0:.1f} s; memory slots of {config.frames_per_slot} "
             f"frame(s) ({'the trained layout' if config.frames_per_slot == 2 else 'one frame per slot'})"
+            + (f"; cameras: {names}" if names else "")
         )
         self._state = "inactive"
         return SUCCESS
 
+    def _open_camera(self, settings: params.CameraSettings, memory, config, watcher: Watcher):
+        """Start one camera's stream on the host's model (the model's warm-up runs once)."""
+        cam = Camera(settings, watcher)
+        cam.engine = self._host.open_stream(
+            settings.name,
+            memory,
+            config,
+            on_summary=lambda answer: self._publish_summary(cam, answer),
+            watcher=watcher,
+            on_watch=lambda result: self._publish_watch(cam, result),
+        )
+        self._cameras[settings.name] = cam
+        cam.engine.start()
+
+    def _close_cameras(self):
+        """Stop every camera's stream (questions still waiting fail) and forget the cameras."""
+        for cam in self._cameras.values():
+            cam.engine.shutdown()
+        self._cameras, self._host = {}, None
+
     @_transition
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         p = self._p = params.read(self)  # configure-time values cannot have changed since
-        self._memory_file = MemoryFile(p["memory_file"], self.get_logger()) if p["memory_file"] else None
-        if self._memory_file is not None:
+        try:  # a camera's topic settings apply at activate
+            settings = {c.name: c for c in params.cameras(self, p)}
+        except ValueError as e:
+            self.get_logger().error(f"activate failed: {e}")
+            return FAILURE
+        for cam in self._cameras.values():
+            cam.settings = settings[cam.name]
             try:
-                extra = self._memory_file.restore(self._engine)
+                self.get_logger().info(cam.activate(self, p, self._image_group))
             except ForeignPath as e:
                 self.get_logger().error(f"activate failed: {e}")
-                self._memory_file = None
+                for active in self._cameras.values():
+                    active.deactivate(self)
                 return FAILURE
-            if "intake" in extra:
-                self._intake_state = IntakeCounters.from_saved(extra["intake"])
-        self._restore_conditions(p["memory_file"])
-        qos = QoSProfile(
-            history=HistoryPolicy.KEEP_LAST,
-            depth=p["qos_depth"],
-            reliability=(
-                ReliabilityPolicy.RELIABLE
-                if p["reliability"] == "reliable"
-                else ReliabilityPolicy.BEST_EFFORT
-            ),
-        )
-        compressed = p["image_transport"] == "compressed"
-        msg_type = CompressedImage if compressed else Image
-        topic = p["image_topic"].rstrip("/") + "/compressed" if compressed else p["image_topic"]
-        self._intake = ImageIntake(
-            self._engine,
-            compressed,
-            now=lambda: self.get_clock().now().nanoseconds * 1e-9,
-            logger=self.get_logger(),
-            max_stamp_ahead_s=p["max_stamp_ahead_s"],
-            max_pixels=p["max_image_pixels"],
-            counters=self._intake_state,
-        )
-        if p["raw_intake"]:
-            self._image_sub = SubscriptionThread(
-                self.context,
-                f"{self.get_name()}_intake",
-                self.get_namespace(),
-                msg_type,
-                self.resolve_topic_name(topic),  # this node's remaps apply; the intake node has none
-                self._intake.on_serialized,
-                qos,
-                True,
-            )
-        else:
-            self._image_sub = self.create_subscription(
-                msg_type, topic, self._intake.on_message, qos, callback_group=self._image_group
-            )
-        if self._memory_file is not None and p["save_period_s"] > 0:
+        if p["memory_file"] and p["save_period_s"] > 0:
             self._save_timer = self.create_timer(
                 p["save_period_s"], self._periodic_save, callback_group=self._misc_group, clock=self._steady
             )
-        self.get_logger().info(
-            f"watching {self._image_sub.topic_name} ({msg_type.__name__}, {p['reliability']}, "
-            f"depth {p['qos_depth']})"
-        )
         self._state = "active"
         return super().on_activate(state)
 
@@ -353,24 +338,17 @@ class FvsNode(LifecycleNode):
         if self._save_timer is not None:
             self.destroy_timer(self._save_timer)
             self._save_timer = None
-        if self._image_sub is not None:
-            if isinstance(self._image_sub, SubscriptionThread):
-                self._image_sub.close()
-            else:
-                self.destroy_subscription(self._image_sub)
-            self._image_sub = None
         self._state = "inactive"
-        if self._intake is not None:
-            self._intake_state = self._intake.state()
-        if self._memory_file is not None:
-            self._memory_file.save(self._engine, self._saved_extra(), flush=True)
+        for cam in self._cameras.values():
+            cam.deactivate(self)
 
     def _release(self):
-        if self._engine is not None:
-            self._engine.shutdown()  # questions still waiting fail now ...
+        if self._cameras:
+            for cam in self._cameras.values():
+                cam.engine.shutdown()  # questions still waiting fail now ...
             with self._ask_cv:  # ... and their callbacks return before the service goes
                 self._ask_cv.wait_for(lambda: self._asking == 0, timeout=10.0)
-            self._engine = None
+            self._close_cameras()
         if self._ask_stream is not None:  # configure creates it again: one server per configured node
             self._ask_stream.destroy()
             self._ask_stream = None
@@ -386,12 +364,13 @@ class FvsNode(LifecycleNode):
             self._summary_pub = self._diag_pub = self._diag_timer = None
         if self._view_timer is not None:
             self.destroy_timer(self._view_timer)
-            self.destroy_lifecycle_publisher(self._view_pub)
-            self._view_pub = self._view_timer = self._view_version = None
-        self._intake, self._intake_state = None, {}
+            self._view_timer = None
+        for pub in self._view_pubs:
+            self.destroy_lifecycle_publisher(pub)
+        self._view_pubs = []
         self._busy_refusals = self._callback_errors = 0
-        self._callback_problem, self._memory_file = "", None
-        self._events_pub = self._scores_pub = self._watcher = None
+        self._callback_problem = ""
+        self._events_pub = self._scores_pub = None
         self._state = "unconfigured"
 
     def _on_set_parameters(self, changes) -> SetParametersResult:
@@ -417,19 +396,24 @@ class FvsNode(LifecycleNode):
             _check_request(request, self._p["max_question_chars"])
             if self._state != "active":
                 raise EngineError(f"the node is {self._state}: questions are answered while it is active")
+            cams = self._cameras_of(request.cameras)
             admitted = self._admit_question()
             limit = self._p["max_new_tokens"]
-            answer = self._engine.ask(
-                request.question,
-                min(request.max_new_tokens or limit, limit),
-                request.timeout_s or None,
-                on_token=on_token,
-                cancel=cancel,
-            )
+            args = (request.question, min(request.max_new_tokens or limit, limit), request.timeout_s or None)
+            if len(cams) == 1:  # from that camera's memory alone, the trained one-video prompt
+                answer = cams[0].engine.ask(*args, on_token=on_token, cancel=cancel)
+            else:  # one prompt, one video block per camera (fvs_ros.engine.several)
+                answer = self._host.ask_several(
+                    [cam.engine for cam in cams],
+                    args[0],
+                    max_new_tokens=args[1],
+                    timeout=args[2],
+                    on_token=on_token,
+                    cancel=cancel,
+                )
         except AnswerCancelled as e:
             if e.partial is not None:  # what was generated, from which memory
-                frame_id = self._intake.frame_id if self._intake is not None else ""
-                _fill_answer(response, e.partial, frame_id, False)
+                _fill_answer(response, e.partial, cams[0], False)
             response.success, response.error, cancelled = False, str(e), True
             self.get_logger().info(f"ask {_preview(request.question)} cancelled")
         except AnswerTimeout as e:  # what was generated goes back, marked as cut short
@@ -447,8 +431,7 @@ class FvsNode(LifecycleNode):
                 f"ask {_preview(request.question)} failed: {e}", throttle_duration_sec=1.0
             )
         else:
-            frame_id = self._intake.frame_id if self._intake is not None else ""
-            _fill_answer(response, answer, frame_id, request.want_images)
+            _fill_answer(response, answer, cams[0], request.want_images)
             self.get_logger().info(
                 f"ask {_preview(request.question)} -> {_preview(answer.text)} "
                 f"({answer.frames_seen} frames, ttft {answer.ttft_s:.3f} s, "
@@ -461,6 +444,21 @@ class FvsNode(LifecycleNode):
                     self._ask_cv.notify_all()
         response.total_time_s = time.perf_counter() - t0
         return cancelled
+
+    def _cameras_of(self, names, error=QuestionError) -> list[Camera]:
+        """The cameras a request names (each once, in order), else all of them; `error` (QuestionError
+        or WatchError: the reply's error) for an unknown name."""
+        unknown = [n for n in names if n not in self._cameras]
+        if unknown:
+            raise error(f"unknown camera {unknown[0]!r}; this node's cameras: {self._camera_list()}")
+        return [self._cameras[n] for n in (dict.fromkeys(names) or self._cameras)]
+
+    def _camera_list(self) -> str:
+        return (
+            ", ".join(repr(n) for n in self._cameras)
+            if any(self._cameras)
+            else "none named (no cameras parameter)"
+        )
 
     def _admit_question(self) -> bool:
         """Count one more waiting question, or refuse it as busy (EngineError) at the limit."""
@@ -477,80 +475,84 @@ class FvsNode(LifecycleNode):
 
     @_guarded
     def _on_reset(self, request, response: Trigger.Response) -> Trigger.Response:
-        forgotten = self._engine.stats().frames_seen
-        self._engine.reset()
-        if self._intake is not None:
-            self._intake.counters = type(self._intake.counters)()
-            self._intake.problem = ""
-        self._intake_state = {}
+        forgotten = sum(cam.reset() for cam in self._cameras.values())
         response.success, response.message = True, f"memory cleared ({forgotten} frames forgotten)"
         self.get_logger().info(response.message)
         return response
 
     @_guarded
     def _on_save_memory(self, request, response: Trigger.Response) -> Trigger.Response:
-        if self._memory_file is None:
+        files = [cam for cam in self._cameras.values() if cam.memory_file is not None]
+        if not files:
             response.success = False
             response.message = (
                 "no memory_file (empty, or the node was not activated with one): nowhere to save"
             )
-        else:
-            response.success, response.message = self._memory_file.save(
-                self._engine, self._saved_extra(), flush=True
-            )
+            return response
+        results = [cam.memory_file.save(cam.engine, cam.saved_extra(), flush=True) for cam in files]
+        response.success = all(ok for ok, _ in results)
+        response.message = "; ".join(message for _, message in results)
         return response
 
     @_guarded
     def _periodic_save(self):
-        """Every save_period_s while active, if memory or the stream changed since the last save."""
-        self._memory_file.save_if_changed(self._engine, self._saved_extra())
-
-    def _saved_extra(self) -> dict:
-        """What the node saves beside the engine's state: its intake counters."""
-        return {"intake": self._intake.state() if self._intake is not None else self._intake_state}
-
-    def _restore_conditions(self, path: str):
-        try:
-            n = self._watcher.open(Path(path).expanduser() if path else None)
-        except (WatchError, OSError) as e:  # a bad file must not keep the node down
-            self.get_logger().error(f"cannot restore watched conditions from {path}: {e}")
-            return
-        if n:
-            self.get_logger().info(f"{n} watched condition(s) restored from {path}")
+        """Every save_period_s while active: each camera whose memory or stream moved on since its save."""
+        for cam in self._cameras.values():
+            if cam.memory_file is not None:
+                cam.memory_file.save_if_changed(cam.engine, cam.saved_extra())
 
     def _on_watch(self, request: Watch.Request, response: Watch.Response) -> Watch.Response:
-        """add / remove / list; a refused request changes nothing and says why."""
+        """add / remove / list, on the cameras named (empty: all); a refused request changes nothing
+        and says why."""
         command = request.command.strip().lower()
         try:
+            cams = self._cameras_of(request.cameras, WatchError)
             if command == Watch.Request.ADD:
-                c = self._watcher.add(request.condition, float(request.threshold), request.name)
+                added = []
+                try:
+                    for cam in cams:
+                        c = cam.watcher.add(request.condition, float(request.threshold), request.name)
+                        added.append(cam)
+                except WatchError:
+                    for cam in added:  # all cameras or none
+                        cam.watcher.remove(c.name)
+                    raise
                 self.get_logger().info(
                     f"watching {c.name!r}: {_preview(c.text)} (threshold {c.threshold:.3f})"
+                    + (f" on {', '.join(cam.name for cam in cams)}" if cams[0].name else "")
                 )
             elif command == Watch.Request.REMOVE:
-                c = self._watcher.remove(request.name.strip())
-                self.get_logger().info(f"stopped watching {c.name!r}")
+                name = request.name.strip()
+                for cam in cams:  # all cameras or none
+                    if name not in {c.name for c in cam.watcher.conditions()}:
+                        cam.watcher.remove(name)  # raises WatchError naming what is watched
+                for cam in cams:
+                    cam.watcher.remove(name)
+                self.get_logger().info(f"stopped watching {name!r}")
             elif command != Watch.Request.LIST:
                 raise WatchError(f"unknown command {request.command!r}: use add, remove or list")
         except WatchError as e:
             response.success, response.error = False, str(e)
             self.get_logger().warning(f"watch {command or '(no command)'} refused: {e}")
+            cams = list(self._cameras.values())
         else:
             response.success = True
-        for state in self._watcher.states():
-            response.names.append(state.condition.name)
-            response.conditions.append(state.condition.text)
-            response.thresholds.append(state.condition.threshold)
-            response.active.append(state.active)
-            response.probabilities.append(math.nan if state.probability is None else state.probability)
+        for cam in cams:
+            for state in cam.watcher.states():
+                response.names.append(state.condition.name)
+                response.conditions.append(state.condition.text)
+                response.thresholds.append(state.condition.threshold)
+                response.active.append(state.active)
+                response.probabilities.append(math.nan if state.probability is None else state.probability)
+                response.condition_cameras.append(cam.name)
         return response
 
     # ------------------------------------------------------------------ outputs
 
-    def _publish_watch(self, result: WatchResult):
+    def _publish_watch(self, cam: Camera, result: WatchResult):
         """Engine callback (LLM worker thread): every evaluation to ~/watch_scores, each rise or fall
         to ~/events with its evidence (and thumbnails with watch_event_images)."""
-        frame_id = self._intake.frame_id if self._intake is not None else ""
+        frame_id = cam.frame_id
         header = Header(stamp=_time_msg(result.stamp), frame_id=frame_id)
         self._scores_pub.publish(
             WatchEvaluation(
@@ -560,12 +562,14 @@ class FvsNode(LifecycleNode):
                 active=[s.active for s in result.states],
                 frames_seen=result.frames_seen,
                 evaluation_time_s=result.evaluation_s,
+                camera=cam.name,
             )
         )
         with_images = self._p["watch_event_images"]
         for event in result.events:
             c = event.condition
             images = [_evidence_image(item, frame_id) for item in event.evidence] if with_images else []
+            evidence = [_evidence_msg(item, cam.name) for item in event.evidence]
             self._events_pub.publish(
                 WatchEvent(
                     header=header,
@@ -576,67 +580,74 @@ class FvsNode(LifecycleNode):
                     rising=event.rising,
                     frames_seen=result.frames_seen,
                     latency_s=time.perf_counter() - result.memory_updated_at,
-                    evidence=[_evidence_msg(item) for item in event.evidence],
+                    evidence=evidence,
                     evidence_images=images,
+                    camera=cam.name,
                 )
             )
             self.get_logger().info(
-                f"event: {c.name!r} {'became true' if event.rising else 'is false again'} "
+                (f"camera {cam.name!r} " if cam.name else "")
+                + f"event: {c.name!r} {'became true' if event.rising else 'is false again'} "
                 f"(P(yes) {event.probability:.3f}, threshold {c.threshold:.3f}, {result.frames_seen} frames)"
             )
 
-    def _publish_summary(self, answer: Answer):
-        """Engine callback (LLM worker thread) with a finished periodic summary (the node is configured)."""
+    def _publish_summary(self, cam: Camera, answer: Answer):
+        """Engine callback (LLM worker thread) with a finished periodic summary of one camera."""
         msg = SceneSummary(
             summary=answer.text,
+            camera=cam.name,
             frames_seen=answer.frames_seen,
-            frames_dropped=self._engine.stats().frames_dropped,
+            frames_dropped=cam.engine.stats().frames_dropped,
             first_frame_stamp=_time_msg(answer.first_stamp),
             last_frame_stamp=_time_msg(answer.last_stamp),
             memory_lag_s=_lag(answer),
             generation_time_s=answer.total_s,
         )
-        frame_id = self._intake.frame_id if self._intake is not None else ""
-        msg.header.stamp, msg.header.frame_id = msg.last_frame_stamp, frame_id
+        msg.header.stamp, msg.header.frame_id = msg.last_frame_stamp, cam.frame_id
         self._summary_pub.publish(msg)
 
     def _publish_memory_view(self):
-        """Timer: the memory as a picture on ~/memory_view when it changed since the last one."""
-        engine = self._engine
-        if engine is None or self._state != "active":
+        """Timer: each camera's memory as a picture on its ~/memory_view when it changed since the last."""
+        if self._state != "active":
             return
-        snap = engine.snapshot()
-        version = (id(engine), snap.version)
-        if version == self._view_version:
-            return
-        view = engine.memory_view()
-        self._view_version = version
-        msg = Image(height=view.image.shape[0], width=view.image.shape[1], encoding="rgb8")
-        msg.step, msg.data = view.image.shape[1] * 3, view.image.tobytes()
-        msg.header.stamp = (
-            _time_msg(engine.stamp_of(snap.last_stamp))
-            if snap.frames_seen
-            else self.get_clock().now().to_msg()
-        )
-        msg.header.frame_id = self._intake.frame_id if self._intake is not None else ""
-        self._view_pub.publish(msg)
+        for cam in list(self._cameras.values()):
+            snap = cam.engine.snapshot()
+            version = (id(cam.engine), snap.version)
+            if version == cam.view_version or cam.view_pub is None:
+                continue
+            view = cam.engine.memory_view()
+            cam.view_version = version
+            msg = Image(height=view.image.shape[0], width=view.image.shape[1], encoding="rgb8")
+            msg.step, msg.data = view.image.shape[1] * 3, view.image.tobytes()
+            msg.header.stamp = (
+                _time_msg(cam.engine.stamp_of(snap.last_stamp))
+                if snap.frames_seen
+                else self.get_clock().now().to_msg()
+            )
+            msg.header.frame_id = cam.frame_id
+            cam.view_pub.publish(msg)
 
     @_guarded
     def _publish_diagnostics(self):
-        engine = self._engine
-        if engine is None:
-            return
+        """One status per camera ('fvs: ...' for the single unnamed camera, 'fvs/<camera>: ...')."""
+        statuses = [self._camera_status(cam) for cam in list(self._cameras.values())]
+        if statuses:
+            self._diag_pub.publish(
+                DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=statuses)
+            )
+
+    def _camera_status(self, cam: Camera):
+        engine, intake = cam.engine, cam.intake
         s = engine.stats()
-        intake = self._intake
-        counters = intake.counters if intake is not None else IntakeCounters(**self._intake_state)
-        memory_problem = self._memory_file.problem if self._memory_file is not None else ""
+        counters = cam.counters()
+        memory_problem = cam.memory_file.problem if cam.memory_file is not None else ""
         problems = [
             x
             for x in (
                 s.worker_failure,
                 self._clock_problem(),
-                self._stamp_news.problem(s.stamp_jumps, s.stamp_note),  # happening now: before older ones
-                self._size_news.problem(s.frame_size_mismatches, s.frame_size_note),
+                cam.stamp_news.problem(s.stamp_jumps, s.stamp_note),  # happening now: before older ones
+                cam.size_news.problem(s.frame_size_mismatches, s.frame_size_note),
                 s.last_error,
                 memory_problem,
                 self._callback_problem,
@@ -644,7 +655,7 @@ class FvsNode(LifecycleNode):
             )
             if x
         ]
-        level, message = self._health.level(counters, not s.running, problems)
+        level, message = cam.health.level(counters, not s.running, problems)
         slots, csm_slots = len(engine.snapshot().csm_weights), engine.memory_config.csm_slots
         device_mem = s.device_memory_bytes
         values = {
@@ -678,7 +689,7 @@ class FvsNode(LifecycleNode):
             "questions_timed_out": s.questions_timed_out,
             "questions_refused_busy": self._busy_refusals,
             "summaries": s.summaries,
-            "watched_conditions": len(self._watcher),
+            "watched_conditions": len(cam.watcher),
             "watch_evaluations": s.watch_evaluations,
             "last_watch_evaluation_s": diagnostics.fmt(s.last_watch_s),
             "errors": s.errors,
@@ -686,15 +697,14 @@ class FvsNode(LifecycleNode):
             "device_memory_mib": "n/a" if device_mem is None else f"{device_mem / 2**20:.0f}",
             "process_rss_mib": f"{_rss_bytes() / 2**20:.0f}",
         }
-        status = diagnostics.status(
-            f"{self.get_name()}: Flash-VStream memory",
+        if cam.name:
+            values["camera"], values["image_topic"] = cam.name, cam.settings.image_topic
+        return diagnostics.status(
+            f"{self.get_name()}{'/' + cam.name if cam.name else ''}: Flash-VStream memory",
             self._p["model"],
             level,
             message or self._state,
             values,
-        )
-        self._diag_pub.publish(
-            DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status])
         )
 
     def _clock_problem(self) -> str:
@@ -755,7 +765,7 @@ def _check_request(request: Ask.Request, max_chars: int):
         raise QuestionError(f"timeout_s must be >= 0 seconds (0: default_timeout_s), got {request.timeout_s}")
 
 
-def _fill_answer(response, answer: Answer, frame_id: str, want_images: bool):
+def _fill_answer(response, answer: Answer, cam: Camera, want_images: bool):
     """An Ask response or action result (the same fields) from an engine Answer."""
     response.success, response.answer = True, answer.text
     response.frames_seen, response.frames_in_memory = answer.frames_seen, answer.frames_in_memory
@@ -764,14 +774,15 @@ def _fill_answer(response, answer: Answer, frame_id: str, want_images: bool):
     response.memory_lag_s = _lag(answer)
     response.time_to_first_token_s = answer.ttft_s
     response.num_tokens = answer.num_tokens
-    response.evidence = [_evidence_msg(item) for item in answer.evidence]
+    response.evidence = [_evidence_msg(item, cam.name) for item in answer.evidence]
     response.memory_attention = answer.memory_attention
     if want_images:
-        response.evidence_images = [_evidence_image(item, frame_id) for item in answer.evidence]
+        response.evidence_images = [_evidence_image(item, cam.frame_id) for item in answer.evidence]
 
 
-def _evidence_msg(item: EvidenceItem) -> Evidence:
+def _evidence_msg(item: EvidenceItem, camera: str) -> Evidence:
     return Evidence(
+        camera=camera,
         kind=Evidence.DETAIL if item.kind == DETAIL else Evidence.CONTEXT,
         stamp=_time_msg(item.stamp),
         share=item.share,

@@ -6,6 +6,10 @@ launch file all agree. Values given on the command line or in another params fil
 those defaults as usual. Each parameter applies at one lifecycle transition: `configure`
 (model, engine) or `activate` (subscription, memory file); it can be changed only while the
 node is in a state before that transition (see `check_change`).
+
+Several cameras: `cameras` names them; each camera's image_topic, image_transport and
+reliability are the parameters `cameras.<name>.<setting>` (CAMERA_SPECS), declared at configure
+for the names `cameras` holds then, empty = derived (`<name>/image_raw`, the node-wide value).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Optional
 
 import yaml
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
-from rclpy.exceptions import InvalidTopicNameException
+from rclpy.exceptions import InvalidTopicNameException, ParameterUninitializedException
+from rclpy.parameter import Parameter
 from rclpy.validate_topic_name import validate_topic_name
 
 from fvs_ros.engine.settings import defaults_file
@@ -29,7 +34,10 @@ _TYPES = {
     int: ParameterType.PARAMETER_INTEGER,
     float: ParameterType.PARAMETER_DOUBLE,
     bool: ParameterType.PARAMETER_BOOL,
+    list: ParameterType.PARAMETER_STRING_ARRAY,  # (lists of strings only)
 }
+# A camera name: it becomes part of parameter names, topic names and a directory name.
+_CAMERA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,13 @@ class Spec:
 
 SPECS = {
     # camera input
+    "cameras": Spec(
+        list,
+        CONFIGURE,
+        "Camera names; each camera gets its own memory on the one model, its image topic "
+        "cameras.<name>.image_topic (default <name>/image_raw), transport and reliability. "
+        "Empty: one camera on image_topic.",
+    ),
     "image_topic": Spec(
         str,
         ACTIVATE,
@@ -290,17 +305,114 @@ def load_defaults(path: Optional[Path] = None) -> dict:
     return {name: SPECS[name].type(value) for name, value in values.items()}
 
 
+# Per camera (cameras.<name>.<setting>): '' = derived from the camera's name / the node-wide value.
+CAMERA_SPECS = {
+    "image_topic": Spec(
+        str,
+        ACTIVATE,
+        "This camera's image topic (relative names follow the node namespace; fully qualified ones, "
+        "e.g. /robot2/front/image_raw, do not); empty: <camera name>/image_raw.",
+    ),
+    "image_transport": Spec(
+        str,
+        ACTIVATE,
+        "This camera's transport; empty: the node's image_transport.",
+        ("", "raw", "compressed"),
+    ),
+    "reliability": Spec(
+        str,
+        ACTIVATE,
+        "This camera's reliability; empty: the node's reliability.",
+        ("", "best_effort", "reliable"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class CameraSettings:
+    """One camera's image input, resolved (no empty values)."""
+
+    name: str  # '' = the single camera of a node without `cameras`
+    image_topic: str
+    image_transport: str
+    reliability: str
+
+
 def declare(node) -> None:
-    """Declare every parameter on `node`, defaults from the YAML file."""
+    """Declare every parameter on `node`, defaults from the YAML file. An empty list is declared
+    by type alone (rclpy would type a [] value as a byte array; ROS params files and `-p x:=[]`
+    leave such a parameter unset): read() takes it as []."""
     defaults = load_defaults()
     node.declare_parameters(
-        "", [(name, defaults[name], spec.descriptor(name)) for name, spec in SPECS.items()]
+        "",
+        [
+            (
+                name,
+                Parameter.Type.STRING_ARRAY if defaults[name] == [] else defaults[name],
+                spec.descriptor(name),
+            )
+            for name, spec in SPECS.items()
+        ],
     )
+
+
+def check_cameras(names) -> list[str]:
+    """The camera names, checked (ValueError: empty, malformed or repeated)."""
+    names = list(names)
+    for name in names:
+        if not _CAMERA_NAME.fullmatch(name):
+            raise ValueError(
+                f"camera name {name!r} must start with a letter and hold only letters, digits and '_' "
+                "(it names parameters, topics and a memory_file subdirectory)"
+            )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"camera names must be unique: {', '.join(repeated)} repeated")
+    return names
+
+
+def cameras(node, values: dict) -> list[CameraSettings]:
+    """The cameras' settings from `values` (read()) and their cameras.<name>.* parameters, which
+    are declared here (with descriptors) if not yet: values given in a params file or on the
+    command line apply. No `cameras`: the single unnamed camera on image_topic."""
+    names = check_cameras(values["cameras"])
+    if not names:
+        return [CameraSettings("", values["image_topic"], values["image_transport"], values["reliability"])]
+    out = []
+    for name in names:
+        own = {}
+        for setting, spec in CAMERA_SPECS.items():
+            full = f"cameras.{name}.{setting}"
+            if not node.has_parameter(full):
+                node.declare_parameter(full, "", spec.descriptor(full))
+            own[setting] = node.get_parameter(full).value
+            error = spec.check(own[setting])
+            if error:
+                raise ValueError(f"parameter {full}: {error}")
+        out.append(
+            CameraSettings(
+                name,
+                own["image_topic"] or f"{name}/image_raw",
+                own["image_transport"] or values["image_transport"],
+                own["reliability"] or values["reliability"],
+            )
+        )
+    return out
+
+
+def _spec(name: str) -> Optional[Spec]:
+    """The Spec of a node parameter or of a camera's (cameras.<name>.<setting>)."""
+    if name in SPECS:
+        return SPECS[name]
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "cameras":
+        return CAMERA_SPECS.get(parts[2])
+    return None
 
 
 def check_change(name: str, value, state: str) -> Optional[str]:
     """Why setting `name` to `value` in lifecycle `state` is refused, or None if allowed."""
-    spec = SPECS.get(name)
+    spec = _spec(name)
     if spec is None:
         return None
     locked = {CONFIGURE: ("inactive", "active"), ACTIVATE: ("active",)}[spec.applies]
@@ -323,9 +435,17 @@ def check_together(values: dict) -> None:
         raise ValueError("summary_prompt is empty while summary_period_s > 0")
 
 
+def _value(node, name: str):
+    try:
+        value = node.get_parameter(name).value
+    except ParameterUninitializedException:  # a list declared empty (see declare)
+        return []
+    return list(value or []) if SPECS[name].type is list else value
+
+
 def read(node) -> dict:
     """Current values of every parameter, checked against their choices."""
-    values = {name: node.get_parameter(name).value for name in SPECS}
+    values = {name: _value(node, name) for name in SPECS}
     for name, value in values.items():
         error = SPECS[name].check(value)
         if error:

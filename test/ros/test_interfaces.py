@@ -66,6 +66,7 @@ def test_generated_types_are_rosidl_types():
         "timeout_s": "float",
         "max_new_tokens": "uint32",
         "want_images": "boolean",
+        "cameras": "sequence<string>",  # issue 20: the cameras a question is about
     }
     response_fields = Ask.Response.get_fields_and_field_types()
     for name in (

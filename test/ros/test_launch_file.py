@@ -176,3 +176,25 @@ def test_video_source_follows_the_reliability_argument(launch_module):
     """Issue 15: with reliability:=reliable the video source still published best effort."""
     *_, video = launch_module._launch_setup(configurations(reliability="reliable", video="synthetic"))
     assert video.kwargs["parameters"][0]["reliability"] == "reliable"
+
+
+def test_cameras_argument_is_a_list_and_the_video_plays_on_the_first_camera(launch_module, tmp_path):
+    """Issue 20: cameras:="[front, wrist]" reaches the node as a list of names; a video source
+    publishes on the first camera's topic (its own setting in the params file, else <name>/image_raw)."""
+    _, node, _, video = launch_module._launch_setup(
+        configurations(cameras="[front, wrist]", video="synthetic")
+    )
+    assert node.kwargs["parameters"][1]["cameras"] == ["front", "wrist"]
+    assert video.kwargs["parameters"][0]["topic"] == "front/image_raw"
+    params_file = tmp_path / "cams.yaml"
+    params_file.write_text(
+        "/**:\n  ros__parameters:\n    cameras: [r2_front]\n"
+        "    cameras.r2_front.image_topic: /robot2/front/image_raw\n"
+        "    cameras.r2_front.image_transport: compressed\n"
+    )
+    *_, video = launch_module._launch_setup(configurations(params_file=str(params_file), video="synthetic"))
+    assert video.kwargs["parameters"][0]["topic"] == "/robot2/front/image_raw"
+    assert video.kwargs["parameters"][0]["transport"] == "compressed"
+    assert launch_module._camera_list("front,wrist") == ["front", "wrist"]
+    with pytest.raises(ValueError, match="list of names"):
+        launch_module._camera_list("{a: 1}")
