@@ -67,6 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fvs_ros.common.steps import drain  # noqa: E402
 from fvs_ros.model.evidence import MemoryLayout, evidence_layers  # noqa: E402
 from fvs_ros.model.fast_decode import FastDecoder, eager_generate, eager_prefill  # noqa: E402
 from fvs_ros.model.tiny import TOKEN_IDS  # noqa: E402
@@ -543,7 +544,7 @@ def section_rebuild(model, device, tiny, args):
     for name, mode in modes.items():
         fast.set_fused(mode)
         out.setdefault(name, {})["path"] = fast.fused_reason
-        kv[name] = _drain_prefill(fast.prefill_steps(embeds, positions, None))
+        kv[name] = drain(fast.prefill_steps(embeds, positions, None))
         sync(device)
     err = max(
         float((a.float() - b.float()).norm() / b.float().norm())
@@ -578,7 +579,7 @@ def section_rebuild(model, device, tiny, args):
             fast.set_fused(mode)
 
             def one_pass(fast=fast):
-                _drain_prefill(fast.prefill_steps(embeds, positions, None))
+                drain(fast.prefill_steps(embeds, positions, None))
 
             prof = kernel_time_by_kind(one_pass, device)
             out[name]["kernels_s"] = prof
@@ -589,14 +590,6 @@ def section_rebuild(model, device, tiny, args):
             )
     del fast
     gc.collect()
-
-
-def _drain_prefill(steps):
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 # ---------------------------------------------------------------------- LLM

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu as bg  # noqa: E402  (the 7B-shaped model, prompt and engine run shared with bench_gpu)
 
+from fvs_ros.common.steps import drain  # noqa: E402
 from fvs_ros.memory import MemoryConfig  # noqa: E402
 from fvs_ros.model import quant  # noqa: E402
 from fvs_ros.model.budget import estimate  # noqa: E402
@@ -57,14 +58,6 @@ def timed(device, fn, reps=3):
     return float(np.median(times)), out
 
 
-def consume(steps):
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
 @torch.inference_mode()
 def llm_figures(model, device, tiny, mode, reps):
     """Rebuild, TTFT, decode of one mode through a FastDecoder built for the current modules."""
@@ -73,12 +66,12 @@ def llm_figures(model, device, tiny, mode, reps):
     fast = FastDecoder(llm, lm_head)
     P = embeds.shape[1]
     fast.reserve(P + 64, DECODE_TOKENS)
-    one, kv = timed(device, lambda: consume(fast.prefill_steps(embeds, positions, None)))
-    chunked, _ = timed(device, lambda: consume(fast.prefill_steps(embeds, positions, 1024)))
+    one, kv = timed(device, lambda: drain(fast.prefill_steps(embeds, positions, None)))
+    chunked, _ = timed(device, lambda: drain(fast.prefill_steps(embeds, positions, 1024)))
     if mode != "bf16" and quant._triton is not None:  # the same rebuild with PyTorch ops only
         kernels, quant._triton = quant._triton, None
         try:
-            plain, _ = timed(device, lambda: consume(fast.prefill_steps(embeds, positions, None)))
+            plain, _ = timed(device, lambda: drain(fast.prefill_steps(embeds, positions, None)))
         finally:
             quant._triton = kernels
         bg.row(f"[{mode}] rebuild one pass without the Triton kernels", f"{1e3 * plain:.1f} ms")

@@ -30,6 +30,7 @@ import torch
 from transformers import AutoTokenizer, DynamicCache
 from transformers.vision_utils import get_vision_window_index
 
+from fvs_ros.common.steps import drain
 from fvs_ros.memory import MemoryConfig
 
 from . import budget, evidence, quant
@@ -301,12 +302,7 @@ class VideoLM:
 
     def prefill_memory(self, snapshot, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> MemoryPrefix:
         """Run the LLM once over [system prompt + <|vision_start|> + memory + <|vision_end|>]."""
-        steps = self.prefill_steps(snapshot, system_prompt)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return drain(self.prefill_steps(snapshot, system_prompt))
 
     def prefill_steps(
         self, snapshot, system_prompt: str = DEFAULT_SYSTEM_PROMPT, chunk_tokens: int | None = None

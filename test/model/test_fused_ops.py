@@ -20,6 +20,7 @@ import torch
 from test_fast_decode import TEXT, VISION, multimodal_prompt, question
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+from fvs_ros.common.steps import drain
 from fvs_ros.model import fused_ops
 from fvs_ros.model.fast_decode import FastDecoder, eager_generate, eager_prefill
 
@@ -75,8 +76,8 @@ def test_fused_loop_gives_transformers_layers_results(dtype):
         prefix = eager_prefill(llm, embeds, positions)
         for chunk in (None, 5):  # one pass, and chunks (a later chunk attends the keys before it)
             kv_plain = list(plain.prefill_steps(embeds, positions, chunk))
-            want = _drain(plain.prefill_steps(embeds, positions, chunk))
-            got = _drain(fused.prefill_steps(embeds, positions, chunk))
+            want = drain(plain.prefill_steps(embeds, positions, chunk))
+            got = drain(fused.prefill_steps(embeds, positions, chunk))
             assert kv_plain == [None] * len(kv_plain)
             for (k0, v0), (k1, v1) in zip(want, got, strict=True):  # the last layer's K/V too
                 assert torch.equal(k0, k1) and torch.equal(v0, v1)
@@ -100,14 +101,6 @@ def test_fused_loop_gives_transformers_layers_results(dtype):
             assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits, strict=True))
             if dtype == torch.float32:
                 assert ref.tokens == eager_generate(llm, lm_head, qe, qp, next_pos + n, 12, prefix_kv=prefix)
-
-
-def _drain(steps):
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 @torch.inference_mode()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fvs_ros.common.steps import drain
 from fvs_ros.model import load_model
 from fvs_ros.model.positions import memory_positions, time_to_position
 from fvs_ros.model.several_videos import prefill_videos, videos_head_inputs, videos_prompt_inputs
@@ -83,13 +84,7 @@ def eager_greedy(lm, embeds, positions, next_position, n):
 
 
 def test_cached_answer_equals_transformers_eager_forward(lm, videos):
-    steps = prefill_videos(lm, videos, chunk_tokens=16)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            prefix = done.value
-            break
+    prefix = drain(prefill_videos(lm, videos, chunk_tokens=16))
     got = lm.answer(prefix, Q, max_new_tokens=12)
     inputs = videos_prompt_inputs(lm, videos, Q)
     assert prefix.num_tokens + got.prompt_tokens == inputs.embeds.shape[1]
